@@ -1,0 +1,83 @@
+"""Per-query-head block budgets, the readable specification.
+
+Each query head takes the chunk's last ``block_size`` queries (fewer if the chunk is shorter)
+against all keys of its KV head at full resolution, causal softmax, sums the probability mass
+per key block and averages it over the queries. Sorting the blocks by mass, the head's budget
+is the number of blocks needed for the cumulative mass to reach ``gamma`` (gamma = 1 means all
+blocks). The count is then floored at ``min_budget_blocks`` and, when ``max_density`` is set,
+capped at ``ceil(max_density * num_k_blocks)``.
+
+Deviation from the paper's text (which average-pools): we sum within a key block so that the
+budget is the exact attention mass the selected blocks cover; for full blocks the two agree
+after normalisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..params import ChunkGeometry
+
+
+def last_block_mass(
+    q: torch.Tensor, k: torch.Tensor, ctx: int, scale: float, block_size: int
+) -> torch.Tensor:
+    """Attention mass per key block of the chunk's last queries.
+
+    Args:
+        q: ``[q_len, Hq, D]``; k: ``[ctx + q_len, Hkv, D]``.
+
+    Returns:
+        ``[Hq, num_k_blocks]`` float32, each row sums to 1.
+    """
+    geo = ChunkGeometry(ctx, q.shape[0], block_size)
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    n_last = min(geo.q_len, block_size)
+    q_last = q[-n_last:].float()  # [n, Hq, D]
+    k_full = k.float().repeat_interleave(num_q_heads // num_kv_heads, dim=1)  # [S, Hq, D]
+    logits = torch.einsum("qhd,khd->hqk", q_last, k_full) * scale
+    q_pos = torch.arange(geo.seq_len - n_last, geo.seq_len, device=q.device)
+    k_pos = torch.arange(geo.seq_len, device=q.device)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)  # [Hq, n, S]
+    mass = torch.zeros(num_q_heads, n_last, geo.num_k_blocks, device=q.device)
+    mass.index_add_(2, k_pos // block_size, probs)
+    return mass.mean(dim=1)
+
+
+def gamma_block_counts(block_mass: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Fewest blocks whose mass reaches ``gamma``: ``[Hq, Kb] -> [Hq]`` int32."""
+    num_k_blocks = block_mass.shape[-1]
+    if gamma >= 1.0:
+        return torch.full(block_mass.shape[:-1], num_k_blocks, dtype=torch.int32, device=block_mass.device)
+    sorted_mass = block_mass.sort(dim=-1, descending=True).values
+    sorted_mass = sorted_mass / sorted_mass.sum(dim=-1, keepdim=True)
+    below = (sorted_mass.cumsum(dim=-1) < gamma).sum(dim=-1) + 1
+    return below.clamp(max=num_k_blocks).to(torch.int32)
+
+
+def limit_budget(
+    counts: torch.Tensor, num_k_blocks: int, min_budget_blocks: int, max_density: float | None
+) -> torch.Tensor:
+    """Apply the minimum budget and the optional density cap; result in ``[1, num_k_blocks]``."""
+    budget = counts.clamp(min=min_budget_blocks)
+    if max_density is not None:
+        budget = budget.clamp(max=max(1, math.ceil(max_density * num_k_blocks)))
+    return budget.clamp(min=1, max=num_k_blocks).to(torch.int32)
+
+
+def head_budgets(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ctx: int,
+    scale: float,
+    block_size: int,
+    gamma: float,
+    min_budget_blocks: int,
+    max_density: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(budget [Hq], gamma_counts [Hq])``, int32 block counts."""
+    num_k_blocks = ChunkGeometry(ctx, q.shape[0], block_size).num_k_blocks
+    counts = gamma_block_counts(last_block_mass(q, k, ctx, scale, block_size), gamma)
+    return limit_budget(counts, num_k_blocks, min_budget_blocks, max_density), counts

@@ -1,0 +1,157 @@
+"""ProxyAttn configuration: a frozen, validated dataclass built from vLLM's ``additional_config``.
+
+Users set it with ``--additional-config '{"proxyattn": {"gamma": 0.9}}'`` or, in a
+``vllm serve --config`` YAML file, under ``additional-config: {proxyattn: {...}}``.
+Every wrong value raises :class:`ProxyAttnConfigError` naming the key, the value and what is
+accepted, so a bad deployment fails at startup and never reaches a kernel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from proxyattn_kernels import ProxyAttnParams
+
+ADDITIONAL_CONFIG_KEY = "proxyattn"
+
+
+class ProxyAttnConfigError(ValueError):
+    """A ProxyAttn setting is invalid; the message says which, why, and what is accepted."""
+
+
+def _fail(key: str, value: Any, accepted: str) -> None:
+    raise ProxyAttnConfigError(
+        f"proxyattn config: {key}={value!r} is invalid; accepted: {accepted}. "
+        f"Fix it in --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": {{\"{key}\": ...}}}}'."
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_int(key: str, value: Any, lo: int, hi: int | None = None) -> None:
+    span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        _fail(key, value, f"an integer {span}")
+
+
+@dataclass(frozen=True)
+class ProxyAttnConfig:
+    """User-facing ProxyAttn settings (defaults follow the paper; see README's config table).
+
+    Attributes:
+        gamma: attention mass each head's budget must cover, in (0, 1]; lower is sparser.
+        stride: sampling stride of the proxy scores (every ``stride``-th position).
+        block_size: selection block size in tokens; a multiple of 16 and of ``stride``.
+        num_proxy_groups: ``"auto"`` (1 when Hq/Hkv <= 4, else one per KV head) or an integer
+            that divides the number of KV heads (per tensor-parallel rank).
+        min_budget_tokens: every head keeps at least this many tokens' worth of blocks per row.
+        sink_blocks: leading key blocks every row keeps.
+        local_blocks: key blocks ending at the diagonal that every row keeps (>= 1).
+        min_sparse_len: requests whose total length is below this run dense.
+        max_density: benchmarking override: cap each head's budget at this fraction of the
+            key blocks (None = no cap).
+        dense_layers: layer indices that always run dense.
+    """
+
+    gamma: float = 0.95
+    stride: int = 4
+    block_size: int = 128
+    num_proxy_groups: int | str = "auto"
+    min_budget_tokens: int = 2048
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    min_sparse_len: int = 8192
+    max_density: float | None = None
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.gamma) or not 0.0 < self.gamma <= 1.0:
+            _fail("gamma", self.gamma, "a number in (0, 1], e.g. 0.95 (default) or 0.90")
+        _check_int("stride", self.stride, 1, 64)
+        if not _is_int(self.block_size) or not 16 <= self.block_size <= 1024 or self.block_size % 16:
+            _fail("block_size", self.block_size, "a multiple of 16 in [16, 1024], e.g. 128 (default)")
+        if self.block_size % self.stride:
+            _fail("stride", self.stride, f"a divisor of block_size={self.block_size}")
+        if self.num_proxy_groups != "auto":
+            _check_int("num_proxy_groups", self.num_proxy_groups, 1)
+        _check_int("min_budget_tokens", self.min_budget_tokens, 0)
+        _check_int("sink_blocks", self.sink_blocks, 0)
+        _check_int("local_blocks", self.local_blocks, 1)
+        _check_int("min_sparse_len", self.min_sparse_len, 0)
+        if self.max_density is not None and (
+            not _is_number(self.max_density) or not 0.0 < self.max_density <= 1.0
+        ):
+            _fail("max_density", self.max_density, "null or a number in (0, 1], e.g. 0.1")
+        layers = self.dense_layers
+        if not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers):
+            _fail("dense_layers", layers, "a list of non-negative layer indices, e.g. [0, 1]")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "gamma", float(self.gamma))
+        if self.max_density is not None:
+            object.__setattr__(self, "max_density", float(self.max_density))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "ProxyAttnConfig":
+        """Build from the ``"proxyattn"`` mapping; unknown keys are an error."""
+        if values is None:
+            return cls()
+        if not isinstance(values, Mapping):
+            _fail(ADDITIONAL_CONFIG_KEY, values, "a mapping of ProxyAttn settings")
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ProxyAttnConfigError(
+                    f"proxyattn config: unknown key {key!r} (value {values[key]!r}); "
+                    f"accepted keys: {', '.join(known)}."
+                )
+        return cls(**values)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "ProxyAttnConfig":
+        """Build from vLLM's ``additional_config`` (its ``"proxyattn"`` entry; missing = defaults)."""
+        if not additional_config:
+            return cls()
+        return cls.from_dict(additional_config.get(ADDITIONAL_CONFIG_KEY))
+
+    def resolve_num_groups(self, num_q_heads: int, num_kv_heads: int) -> int:
+        """The number of proxy groups for a layer with these (per-rank) head counts."""
+        if self.num_proxy_groups == "auto":
+            return 1 if num_q_heads // num_kv_heads <= 4 else num_kv_heads
+        if num_kv_heads % self.num_proxy_groups:
+            divisors = [d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0]
+            _fail(
+                "num_proxy_groups",
+                self.num_proxy_groups,
+                f'"auto" or a divisor of the {num_kv_heads} KV heads per rank: {divisors}',
+            )
+        return int(self.num_proxy_groups)
+
+    def kernel_params(self, num_q_heads: int, num_kv_heads: int) -> ProxyAttnParams:
+        """Resolve into the parameters the kernels take, for one layer."""
+        return ProxyAttnParams(
+            gamma=self.gamma,
+            stride=self.stride,
+            block_size=self.block_size,
+            num_groups=self.resolve_num_groups(num_q_heads, num_kv_heads),
+            min_budget_blocks=max(1, math.ceil(self.min_budget_tokens / self.block_size)),
+            sink_blocks=self.sink_blocks,
+            local_blocks=self.local_blocks,
+            min_sparse_len=self.min_sparse_len,
+            max_density=self.max_density,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["dense_layers"] = list(self.dense_layers)
+        return values
+
+    def describe(self) -> str:
+        """One line for the startup log."""
+        return "ProxyAttn config: " + ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
