@@ -20,6 +20,7 @@ SHAPES = [
     (7, 1, 32, 45, 300, 16),
     (4, 4, 16, 250, 5, 32),
     (14, 2, 64, 1000, 129, 128),
+    (4, 2, 32, 95, 70, 32),  # starts on a block's last token
 ]
 
 
@@ -228,3 +229,5 @@ def test_geometry():
     assert (geo.seq_len, geo.first_q_block, geo.num_q_blocks, geo.num_k_blocks) == (330, 2, 4, 6)
     assert [geo.row_extent(r) for r in range(4)] == [3, 4, 5, 6]
     assert ChunkGeometry(ctx=0, q_len=1, block_size=64).num_q_blocks == 1
+    edge = ChunkGeometry(ctx=63, q_len=2, block_size=64)  # starts on a block's last token
+    assert (edge.first_q_block, edge.num_q_blocks, edge.num_k_blocks) == (0, 2, 2)
