@@ -1,0 +1,223 @@
+"""Block-sparse causal prefill attention over a vLLM-0.26 paged KV cache (Triton).
+
+One program computes ``BLOCK_M`` queries of one query-block row for one query head. It first
+attends to the row's diagonal block (the only block that needs the causal mask and the
+sequence-end bound; ``ranking[:, row, 0]`` is always the diagonal, see select/naive.py), then
+walks the rest of its head's prefix of the group ranking without any masking. K and V are
+gathered through the block table with the cache's own strides (K and V packed in the last
+dimension), so any page size that is a multiple of 16 works.
+
+Semantics: exactly ``block_sparse_attn/naive.py``; fp32 accumulation, output in the query dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch parameters. ``block_m`` and ``block_n`` must divide the selection block size."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tile_config(block_size: int, head_dim: int, on_cpu: bool) -> TileConfig:
+    """Tile sizes tuned on the H200 (see benchmarks/bench_kernels.py); small tiles on CPU,
+    where the Triton interpreter's cost grows with the tile."""
+    if on_cpu:
+        tile = min(block_size, 32)
+        return TileConfig(tile, tile, 4, 1)
+    block_m = min(block_size, 128)
+    block_n = min(block_size, 64 if head_dim > 64 else 128)
+    return TileConfig(block_m, block_n, 8 if block_m >= 128 else 4, 3)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, key_start, kv_base, block_table_ptr, offs_n, offs_d, q_pos,
+    seq_len, qk_scale,
+    stride_kv_page, stride_kv_tok,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online-softmax update with the ``BLOCK_N`` keys starting at absolute ``key_start``."""
+    k_pos = key_start + offs_n
+    if MASKED:
+        in_seq = k_pos < seq_len
+        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE, mask=in_seq, other=0)
+    else:
+        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE)
+    row_off = page.to(tl.int64) * stride_kv_page + (k_pos % PAGE_SIZE) * stride_kv_tok
+    k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
+        v = tl.load(k_ptrs + HEAD_DIM, mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(k_ptrs + HEAD_DIM)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    if MASKED:
+        visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _block_sparse_attn_kernel(
+    q_ptr, kv_ptr, block_table_ptr, ranking_ptr, counts_ptr, out_ptr,
+    ctx, seq_len, first_q_block, qk_scale,
+    stride_q_tok, stride_q_head,
+    stride_kv_page, stride_kv_head, stride_kv_tok,
+    stride_rank_group, stride_rank_row,
+    stride_count_head,
+    stride_o_tok, stride_o_head,
+    HEADS_PER_KV: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    SUB_M: tl.constexpr = BLOCK_SIZE // BLOCK_M  # query tiles per query block
+    SUB_N: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key tiles per key block
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    row = pid // SUB_M
+    q_block = first_q_block + row
+    tile_start = q_block * BLOCK_SIZE + (pid % SUB_M) * BLOCK_M
+    # A tile entirely before the chunk (first row) or past its end (last row) has no queries.
+    if tile_start + BLOCK_M <= ctx or tile_start >= seq_len:
+        return
+    tile_end = tl.minimum(tile_start + BLOCK_M, seq_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_pos = tile_start + offs_m
+    q_valid = (q_pos >= ctx) & (q_pos < seq_len)
+    q_tok = (q_pos - ctx).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_tok[:, None] * stride_q_tok + head * stride_q_head + offs_d[None, :],
+        mask=q_valid[:, None], other=0.0,
+    )
+    kv_base = kv_ptr + (head // HEADS_PER_KV).to(tl.int64) * stride_kv_head
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Diagonal block: causal mask and sequence end; only the key tiles up to the tile's last query.
+    diag_start = q_block * BLOCK_SIZE
+    for j in range(0, tl.cdiv(tile_end - diag_start, BLOCK_N)):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, diag_start + j * BLOCK_N, kv_base, block_table_ptr, offs_n, offs_d,
+            q_pos, seq_len, qk_scale, stride_kv_page, stride_kv_tok,
+            HEAD_DIM, PAGE_SIZE, True,
+        )
+
+    # Every other selected block lies entirely before the diagonal: no masks.
+    rank_row = ranking_ptr + (head // HEADS_PER_GROUP) * stride_rank_group + row * stride_rank_row
+    count = tl.load(counts_ptr + head * stride_count_head + row)
+    for t in range(SUB_N, count * SUB_N):
+        key_block = tl.load(rank_row + t // SUB_N)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, key_block * BLOCK_SIZE + (t % SUB_N) * BLOCK_N, kv_base,
+            block_table_ptr, offs_n, offs_d, q_pos, seq_len, qk_scale,
+            stride_kv_page, stride_kv_tok, HEAD_DIM, PAGE_SIZE, False,
+        )
+
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + q_tok[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=q_valid[:, None],
+    )
+
+
+def block_sparse_attn(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ranking: torch.Tensor,
+    counts: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    ctx: int,
+    scale: float,
+    block_size: int,
+    tile: TileConfig | None = None,
+) -> torch.Tensor:
+    """Block-sparse causal attention of one prefill chunk, written into ``out``.
+
+    Args:
+        q: ``[q_len, Hq, D]`` queries at absolute positions ``[ctx, ctx + q_len)`` (last dim
+            contiguous; fp16 or bf16, or fp32).
+        kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 paged cache view, K in
+            ``[..., :D]`` and V in ``[..., D:]``, any strides with a contiguous last dim;
+            must hold keys ``[0, ctx + q_len)``.
+        block_table: ``[max_pages]`` int32, the request's physical page per logical page.
+        ranking: ``[G, R, Kb]`` int32 selection ranking, the diagonal block first in each row.
+        counts: ``[Hq, R]`` int32 number of ranking entries each head computes per row.
+        out: ``[q_len, Hq, D]`` output (same dtype as ``q``), written in place.
+        ctx: tokens before the chunk.
+        scale: softmax scale.
+        block_size: selection block size (a multiple of 16).
+        tile: launch parameters; defaults to :func:`default_tile_config`.
+
+    Returns:
+        ``out``.
+    """
+    q_len, num_q_heads, head_dim = q.shape
+    num_pages, num_kv_heads, page_size, packed_dim = kv_cache.shape
+    num_groups, num_rows, num_k_blocks = ranking.shape
+    seq_len = ctx + q_len
+    first_q_block = ctx // block_size
+    if packed_dim != 2 * head_dim:
+        raise ValueError(f"kv_cache last dim {packed_dim} != 2 * head_dim {2 * head_dim}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim={head_dim} unsupported; accepted: 16, 32, 64, 128, 256")
+    if num_q_heads % num_kv_heads or num_kv_heads % num_groups:
+        raise ValueError(f"heads must nest: Hq={num_q_heads}, Hkv={num_kv_heads}, groups={num_groups}")
+    if page_size % 16 or block_size % 16:
+        raise ValueError(f"page_size={page_size} and block_size={block_size} must be multiples of 16")
+    if kv_cache.dtype != q.dtype or out.dtype != q.dtype or out.shape != q.shape:
+        raise ValueError(f"dtype/shape mismatch: q {q.dtype}{tuple(q.shape)}, kv_cache {kv_cache.dtype}, "
+                         f"out {out.dtype}{tuple(out.shape)}")
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q, kv_cache and out need a contiguous last dimension")
+    if num_rows != (seq_len - 1) // block_size - first_q_block + 1 or num_k_blocks != -(-seq_len // block_size):
+        raise ValueError(f"ranking shape {tuple(ranking.shape)} does not match ctx={ctx}, q_len={q_len}, "
+                         f"block_size={block_size}")
+    if counts.shape != (num_q_heads, num_rows) or counts.stride(-1) != 1 or ranking.stride(-1) != 1:
+        raise ValueError(f"counts shape {tuple(counts.shape)} != {(num_q_heads, num_rows)} or not contiguous")
+    if block_table.numel() * page_size < seq_len:
+        raise ValueError(f"block_table covers {block_table.numel() * page_size} tokens < seq_len={seq_len}")
+    tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu")
+    if block_size % tile.block_m or block_size % tile.block_n:
+        raise ValueError(f"tile {tile} must divide block_size={block_size}")
+
+    grid = (num_rows * (block_size // tile.block_m), num_q_heads)
+    _block_sparse_attn_kernel[grid](
+        q, kv_cache, block_table, ranking, counts, out,
+        ctx, seq_len, first_q_block, scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        ranking.stride(0), ranking.stride(1),
+        counts.stride(0),
+        out.stride(0), out.stride(1),
+        HEADS_PER_KV=num_q_heads // num_kv_heads,
+        HEADS_PER_GROUP=num_q_heads // num_groups,
+        HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return out

@@ -1,0 +1,113 @@
+"""Triton block-sparse paged attention against its torch spec (block_sparse_attn/naive.py).
+
+On CPU the kernel runs under the Triton interpreter (small shapes); on a GPU the ``gpu`` tests
+run real sizes in bf16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
+from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
+from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn
+from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
+from proxyattn_kernels.select.naive import select_blocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_paged(k, v, page_size, extra_pages=2):
+    """NHD physical cache (unused slots poisoned with NaN), returned as vLLM's logical view
+    ``[pages, Hkv, page_size, 2D]`` plus a shuffled block table."""
+    seq_len, hkv, d = k.shape
+    n = -(-seq_len // page_size)
+    physical = torch.full((n + extra_pages, page_size, hkv, 2 * d), float("nan"), dtype=k.dtype, device=k.device)
+    table = torch.randperm(n + extra_pages, device=k.device)[:n].to(torch.int32)
+    pos = torch.arange(seq_len, device=k.device)
+    physical[table[pos // page_size].long(), pos % page_size] = torch.cat([k, v], dim=-1)
+    return physical.permute(0, 2, 1, 3), table
+
+
+def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6, full=False, tile=None,
+             atol=None):
+    q = torch.randn(q_len, hq, d, device=DEVICE).to(dtype)
+    k = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
+    v = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
+    params = ProxyAttnParams(gamma=1.0 if full else gamma, block_size=block, num_groups=groups,
+                             min_budget_blocks=1, sink_blocks=1, local_blocks=1, min_sparse_len=0)
+    _, sel = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params)
+    assert (sel.ranking[:, :, 0] == sel.geometry.first_q_block + torch.arange(
+        sel.geometry.num_q_blocks, device=DEVICE)).all(), "the kernel relies on the diagonal first"
+    kv_cache, table = make_paged(k, v, page)
+    out = torch.full_like(q, float("nan"))
+    scale = d**-0.5
+    block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, out, ctx=ctx, scale=scale,
+                      block_size=block, tile=tile)
+    expected = block_sparse_attention(q, k, v, ctx, sel.block_mask(), scale, block)
+    assert not out.isnan().any(), "every output element must be written"
+    tol = atol if atol is not None else {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+    if full:
+        dense = dense_causal_attention(q, k, v, ctx, scale)
+        torch.testing.assert_close(out.float(), dense.float(), rtol=tol, atol=tol)
+    return sel
+
+
+# (Hq, Hkv, D, ctx, q_len, block, page): GQA 1/2/4/7, chunk starts/ends inside blocks and pages.
+CPU_CASES = [
+    (2, 2, 16, 0, 70, 16, 16),
+    (4, 2, 32, 37, 90, 32, 16),
+    (4, 1, 16, 100, 45, 16, 32),
+    (7, 1, 16, 61, 67, 32, 32),
+    (8, 2, 32, 130, 33, 32, 48),
+]
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,page", CPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_matches_naive(rng_seed, hq, hkv, d, ctx, q_len, block, page, dtype):
+    sel = run_case(hq, hkv, d, ctx, q_len, block, page, dtype, groups=hkv)
+    assert sel.density < 1.0 or sel.geometry.num_k_blocks <= 2
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,page", CPU_CASES[:3])
+def test_full_density_equals_dense(rng_seed, hq, hkv, d, ctx, q_len, block, page):
+    run_case(hq, hkv, d, ctx, q_len, block, page, torch.float32, full=True)
+
+
+def test_bf16(rng_seed):
+    run_case(4, 2, 32, 50, 60, 16, 16, torch.bfloat16)
+
+
+def test_query_and_key_tiles_smaller_than_the_block(rng_seed):
+    run_case(4, 2, 16, 75, 100, 32, 16, torch.float32, tile=TileConfig(16, 16, 4, 1))
+
+
+def test_rejects_bad_inputs():
+    q = torch.zeros(10, 4, 32)
+    kv = torch.zeros(4, 2, 16, 64)
+    table = torch.arange(4, dtype=torch.int32)
+    sel = select_blocks(torch.zeros(1, 1, 1), torch.ones(4, dtype=torch.int32), 0, 10, 16, 1, 1)
+    with pytest.raises(ValueError, match="page_size=24"):
+        block_sparse_attn(q, torch.zeros(4, 2, 24, 64), table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0,
+                          block_size=16)
+    with pytest.raises(ValueError, match="last dim 32"):
+        block_sparse_attn(q, torch.zeros(4, 2, 16, 32), table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0,
+                          block_size=16)
+    with pytest.raises(ValueError, match="ranking shape"):
+        block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=20, scale=1.0, block_size=16)
+    with pytest.raises(ValueError, match="covers 16 tokens"):
+        block_sparse_attn(q, kv, table[:1], sel[0], sel[1], q.clone(), ctx=7, scale=1.0, block_size=16) \
+            if False else block_sparse_attn(torch.zeros(20, 4, 32), kv, table[:1], *select_blocks(
+                torch.zeros(1, 2, 2), torch.ones(4, dtype=torch.int32), 0, 20, 16, 1, 1)[:2],
+                torch.zeros(20, 4, 32), ctx=0, scale=1.0, block_size=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64)])
+@pytest.mark.parametrize("page", [16, 128])
+@pytest.mark.parametrize("full", [True, False])
+def test_gpu_real_sizes_bf16(rng_seed, hq, hkv, d, page, full):
+    run_case(hq, hkv, d, 8192 + 37, 2048 + 5, 128, page, torch.bfloat16, groups=1, gamma=0.5, full=full,
+             atol=2e-2)
