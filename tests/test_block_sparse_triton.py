@@ -81,7 +81,21 @@ def test_bf16(rng_seed):
 
 
 def test_query_and_key_tiles_smaller_than_the_block(rng_seed):
-    run_case(4, 2, 16, 75, 100, 32, 16, torch.float32, tile=TileConfig(16, 16, 4, 1))
+    run_case(4, 2, 16, 75, 100, 32, 16, torch.float32, tile=TileConfig(16, 16, 4, 1, use_tma=False))
+
+
+@pytest.mark.parametrize("page", [16, 32, 64])
+def test_tma_path(rng_seed, page):
+    # A page holding whole key tiles is read with tensor descriptors (TMA on Hopper), through
+    # the ranked tiles pre-translated to cache rows.
+    run_case(4, 2, 16, 75, 100, 32, page, torch.float32, tile=TileConfig(32, 16, 4, 1, use_tma=True))
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_sequential_key_baseline_equals_dense(rng_seed, use_tma):
+    # The benchmark baseline that skips the ranking must still be exact at full density.
+    run_case(4, 2, 16, 75, 100, 32, 32, torch.float32, full=True,
+             tile=TileConfig(32, 16, 4, 1, use_tma=use_tma, sequential_keys=True))
 
 
 def test_rejects_bad_inputs():

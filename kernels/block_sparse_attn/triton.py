@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = 1.4426950408889634
 
@@ -28,17 +29,28 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # Read the unmasked key tiles with TMA (tensor descriptors) when the cache is NHD and a page
+    # holds whole key tiles; otherwise tiles are gathered row by row through the block table.
+    use_tma: bool = True
+    warp_specialize: bool = False
+    # Benchmark baseline only: visit key blocks 0, 1, ... in order instead of through the
+    # ranking (equal results at full density); measures the cost of the ranking indirection.
+    sequential_keys: bool = False
 
 
-def default_tile_config(block_size: int, head_dim: int, on_cpu: bool) -> TileConfig:
-    """Tile sizes tuned on the H200 (see benchmarks/bench_kernels.py); small tiles on CPU,
-    where the Triton interpreter's cost grows with the tile."""
+def default_tile_config(block_size: int, head_dim: int, on_cpu: bool, page_size: int = 16) -> TileConfig:
+    """Tile sizes measured best on the H200 (benchmarks/NOTES.md, bench_kernels.py --sweep);
+    small tiles on CPU, where the Triton interpreter's cost grows with the tile."""
     if on_cpu:
         tile = min(block_size, 32)
-        return TileConfig(tile, tile, 4, 1)
+        return TileConfig(tile, tile, 4, 1, use_tma=False)
     block_m = min(block_size, 128)
-    block_n = min(block_size, 64 if head_dim > 64 else 128)
-    return TileConfig(block_m, block_n, 8 if block_m >= 128 else 4, 3)
+    if page_size % 64 == 0 and block_size % 64 == 0:
+        # TMA path, one warpgroup per 128 queries (Llama-8B 128K case: 128x64 tiles 39.4 ms vs
+        # 43.5 ms for 128x128 with 8 warps; D=64: 128x128 tiles 10.2 ms vs 11.2 ms).
+        return TileConfig(block_m, 64 if head_dim > 64 else min(block_size, 128), 4, 4, use_tma=True)
+    # Gather path (pages smaller than a key tile): 50.2 ms (D=128), 12.0 ms (D=64).
+    return TileConfig(block_m, min(block_size, 128), 8 if head_dim > 64 else 4, 4, use_tma=False)
 
 
 @triton.jit
@@ -76,8 +88,25 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_tile_tma(
+    acc, m_i, l_i, q, row, kv_desc, kv_col, qk_scale, HEAD_DIM: tl.constexpr,
+):
+    """Unmasked online-softmax update with the key tile at physical cache row ``row``, read by
+    TMA from the cache viewed as ``[pages * page_size, Hkv * 2D]``."""
+    k = kv_desc.load([row, kv_col])
+    v = kv_desc.load([row, kv_col + HEAD_DIM])
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _block_sparse_attn_kernel(
-    q_ptr, kv_ptr, block_table_ptr, ranking_ptr, counts_ptr, out_ptr,
+    q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
     ctx, seq_len, first_q_block, qk_scale,
     stride_q_tok, stride_q_head,
     stride_kv_page, stride_kv_head, stride_kv_tok,
@@ -86,7 +115,8 @@ def _block_sparse_attn_kernel(
     stride_o_tok, stride_o_head,
     HEADS_PER_KV: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    SEQUENTIAL_KEYS: tl.constexpr,
 ):
     SUB_M: tl.constexpr = BLOCK_SIZE // BLOCK_M  # query tiles per query block
     SUB_N: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key tiles per key block
@@ -126,20 +156,64 @@ def _block_sparse_attn_kernel(
         )
 
     # Every other selected block lies entirely before the diagonal: no masks.
-    rank_row = ranking_ptr + (head // HEADS_PER_GROUP) * stride_rank_group + row * stride_rank_row
+    rank_offset = (head // HEADS_PER_GROUP) * stride_rank_group + row * stride_rank_row
+    rank_row = ranking_ptr + rank_offset
     count = tl.load(counts_ptr + head * stride_count_head + row)
-    for t in range(SUB_N, count * SUB_N):
-        key_block = tl.load(rank_row + t // SUB_N)
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, key_block * BLOCK_SIZE + (t % SUB_N) * BLOCK_N, kv_base,
-            block_table_ptr, offs_n, offs_d, q_pos, seq_len, qk_scale,
-            stride_kv_page, stride_kv_tok, HEAD_DIM, PAGE_SIZE, False,
-        )
+    kv_col = (head // HEADS_PER_KV) * 2 * HEAD_DIM
+    rows_row = tile_rows_ptr + rank_offset * SUB_N  # tile_rows is [G, R, Kb * SUB_N], contiguous
+    for t in tl.range(SUB_N, count * SUB_N, warp_specialize=WARP_SPECIALIZE):
+        if USE_TMA:
+            # One load per tile: chaining ranking -> block table here stalls the pipeline.
+            if SEQUENTIAL_KEYS:
+                key_start = (t - SUB_N) * BLOCK_N
+                row = tl.load(block_table_ptr + key_start // PAGE_SIZE) * PAGE_SIZE + key_start % PAGE_SIZE
+            else:
+                row = tl.load(rows_row + t)
+            acc, m_i, l_i = _attend_tile_tma(acc, m_i, l_i, q, row, kv_desc, kv_col, qk_scale, HEAD_DIM)
+        else:
+            if SEQUENTIAL_KEYS:
+                key_block = t // SUB_N - 1
+            else:
+                key_block = tl.load(rank_row + t // SUB_N)
+            key_start = key_block * BLOCK_SIZE + (t % SUB_N) * BLOCK_N
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, key_start, kv_base, block_table_ptr, offs_n, offs_d, q_pos,
+                seq_len, qk_scale, stride_kv_page, stride_kv_tok, HEAD_DIM, PAGE_SIZE, False,
+            )
 
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + q_tok[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=q_valid[:, None],
+    )
+
+
+def ranked_tile_rows(
+    ranking: torch.Tensor, block_table: torch.Tensor, block_size: int, block_n: int, page_size: int
+) -> torch.Tensor:
+    """Physical cache row of every key tile of the ranking: ``[G, R, Kb * (block_size // block_n)]``
+    int32 (``page * page_size + offset`` of the tile's first key). Entries the kernel never reads
+    (-1 padding; tiles of the partial last block, which is always a diagonal) are clamped into
+    the table. A few tensor ops, no host sync; requires ``page_size % block_n == 0``."""
+    sub = block_size // block_n
+    starts = ranking.clamp(min=0).long()[..., None] * block_size + torch.arange(
+        sub, device=ranking.device) * block_n
+    pages = block_table.long()[(starts // page_size).clamp(max=block_table.numel() - 1)]
+    return (pages * page_size + starts % page_size).to(torch.int32).flatten(-2)
+
+
+def _nhd_descriptor(kv_cache: torch.Tensor, tile: TileConfig) -> TensorDescriptor | None:
+    """A TMA descriptor over the physical NHD cache as ``[pages * page_size, Hkv * 2D]``, or None
+    when the cache is not NHD-packed or a page does not hold whole key tiles."""
+    num_pages, num_kv_heads, page_size, packed_dim = kv_cache.shape
+    token_stride = num_kv_heads * packed_dim
+    nhd = kv_cache.stride() == (page_size * token_stride, packed_dim, token_stride, 1)
+    if not nhd or page_size % tile.block_n:
+        return None
+    head_dim = packed_dim // 2
+    return TensorDescriptor(
+        kv_cache, shape=[num_pages * page_size, token_stride], strides=[token_stride, 1],
+        block_shape=[tile.block_n, head_dim],
     )
 
 
@@ -201,13 +275,19 @@ def block_sparse_attn(
         raise ValueError(f"counts shape {tuple(counts.shape)} != {(num_q_heads, num_rows)} or not contiguous")
     if block_table.numel() * page_size < seq_len:
         raise ValueError(f"block_table covers {block_table.numel() * page_size} tokens < seq_len={seq_len}")
-    tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu")
+    tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu", page_size)
     if block_size % tile.block_m or block_size % tile.block_n:
         raise ValueError(f"tile {tile} must divide block_size={block_size}")
 
+    kv_desc = _nhd_descriptor(kv_cache, tile) if tile.use_tma else None
+    tile_rows = ranking  # unused by the gather path
+    if kv_desc is not None:
+        if not ranking.is_contiguous():
+            raise ValueError("ranking must be contiguous")
+        tile_rows = ranked_tile_rows(ranking, block_table, block_size, tile.block_n, page_size)
     grid = (num_rows * (block_size // tile.block_m), num_q_heads)
     _block_sparse_attn_kernel[grid](
-        q, kv_cache, block_table, ranking, counts, out,
+        q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out,
         ctx, seq_len, first_q_block, scale * _LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -218,6 +298,8 @@ def block_sparse_attn(
         HEADS_PER_GROUP=num_q_heads // num_groups,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        USE_TMA=kv_desc is not None, WARP_SPECIALIZE=tile.warp_specialize,
+        SEQUENTIAL_KEYS=tile.sequential_keys,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out

@@ -1,0 +1,249 @@
+"""Kernel benchmark: ProxyAttn selection + Triton block-sparse attention vs FA3 dense (H200).
+
+One command on the GPU host (vLLM importable for FA3, see ../shared/gpu/README.md):
+
+    python benchmarks/bench_kernels.py [--sweep] [--out benchmarks/results/kernels_h200.json]
+
+Order: a correctness gate first (Triton vs the torch spec in bf16 on mid-size chunks, and
+Triton at full density vs FA3 dense on the benchmark shape); no timing runs if it fails.
+Then each case: the last ``q_len``-query chunk of a ``ctx + q_len`` prompt over a paged cache,
+timed with CUDA events (median of ``triton.testing.do_bench``), FA3 (vLLM's
+``flash_attn_varlen_func`` with a block table on the same cache) in the same run.
+Writes JSON (GPU, date, versions, command, cases) and prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict
+
+import torch
+import triton
+
+from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
+from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, default_tile_config
+from proxyattn_kernels.reference import gather_paged_kv
+from proxyattn_kernels.select.naive import select_blocks
+
+SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_cache(seq_len, hkv, d, page, dtype, device):
+    """Random NHD paged cache (vLLM layout) with a shuffled block table; logical view returned."""
+    n = -(-seq_len // page)
+    physical = torch.randn(n + 8, page, hkv, 2 * d, device=device, dtype=dtype)
+    table = torch.randperm(n + 8, device=device)[:n].to(torch.int32)
+    return physical.permute(0, 2, 1, 3), table
+
+
+def synthetic_selection(hq, groups, ctx, q_len, block, density, device):
+    """A selection with the real structure (diagonal + sink first, then a random ranking) and a
+    per-head budget of ``ceil(density * Kb)`` blocks: random weights give flat proxy scores,
+    so benchmarks control density explicitly and report the density actually used."""
+    num_rows = (ctx + q_len - 1) // block - ctx // block + 1
+    num_k_blocks = -(-(ctx + q_len) // block)
+    scores = torch.rand(groups, num_rows, num_k_blocks, device=device)
+    budget = torch.full((hq,), max(1, math.ceil(density * num_k_blocks)), dtype=torch.int32, device=device)
+    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1)
+    extents = ctx // block + 1 + torch.arange(num_rows, device=device)
+    used = float(counts.sum() / (extents.sum() * hq))
+    return ranking, counts, used
+
+
+def sweep_configs(page):
+    """Tile configs to sweep: TMA where a page holds whole 64-key tiles, gather otherwise; plus
+    the sequential-key baseline of the default config (cost of the ranking indirection)."""
+    use_tma = page % 64 == 0
+    configs = [TileConfig(bm, bn, warps, stages, use_tma=use_tma)
+               for bm, bn, warps, stages in itertools.product((128,), (64, 128), (4, 8), (3, 4))]
+    default = default_tile_config(128, 128, on_cpu=False, page_size=page)
+    configs.append(TileConfig(**{**asdict(default), "sequential_keys": True}))
+    return configs
+
+
+def load_fa3():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except Exception as exc:  # noqa: BLE001 - report why FA3 is missing and go on without it
+        log(f"FA3 unavailable ({type(exc).__name__}: {exc}); fa3 columns will be empty")
+        return None
+    return flash_attn_varlen_func
+
+
+def fa3_dense(fa3, q, kv, table, seq_len, scale, out):
+    d = q.shape[-1]
+    k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
+    dev = q.device
+    return fa3(
+        q=q, k=k_cache, v=v_cache, out=out,
+        cu_seqlens_q=torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev), max_seqlen_q=q.shape[0],
+        seqused_k=torch.tensor([seq_len], dtype=torch.int32, device=dev), max_seqlen_k=seq_len,
+        softmax_scale=scale, causal=True, block_table=table[None], fa_version=3,
+    )
+
+
+def timed(fn):
+    ms = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.1, 0.9])
+    return {"median": ms[0], "p10": ms[1], "p90": ms[2]}
+
+
+def correctness_gate(fa3, device) -> list[str]:
+    """Returns failures; empty means the kernels may be timed."""
+    failures = []
+    for name, (hq, hkv, d) in SHAPES.items():
+        for page in (16, 128):
+            for density in (1.0, 0.2):
+                ctx, q_len, block = 8192 + 37, 2048 + 5, 128
+                torch.manual_seed(hash((name, page, density)) & 0xFFFF)
+                q = torch.randn(q_len, hq, d, device=device, dtype=torch.bfloat16)
+                kv, table = make_cache(ctx + q_len, hkv, d, page, torch.bfloat16, device)
+                ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                out = torch.full_like(q, float("nan"))
+                block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=d**-0.5, block_size=block)
+                k, v = gather_paged_kv(kv, table, ctx + q_len)
+                mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
+                ref = block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block)
+                err = (out.float() - ref.float()).abs().max().item()
+                ok = not out.isnan().any().item() and err < 2e-2
+                log(f"gate naive  {name:13s} page={page:3d} density={density}: max_abs_err={err:.2e} {'ok' if ok else 'FAIL'}")
+                if not ok:
+                    failures.append(f"naive {name} page {page} density {density}: {err}")
+                if fa3 is not None and density == 1.0:
+                    dense = torch.empty_like(q)
+                    fa3_dense(fa3, q, kv, table, ctx + q_len, d**-0.5, dense)
+                    err = (out.float() - dense.float()).abs().max().item()
+                    ok = err < 2e-2
+                    log(f"gate fa3    {name:13s} page={page:3d} full density: max_abs_err={err:.2e} {'ok' if ok else 'FAIL'}")
+                    if not ok:
+                        failures.append(f"fa3 {name} page {page}: {err}")
+    return failures
+
+
+def try_selection(q, kv, table, ctx, hq, hkv, block, device):
+    """Time the Triton selection (proxy scores + budgets + select) if it is available."""
+    try:
+        from proxyattn_kernels.selection import select_blocks_paged
+    except ImportError as exc:
+        log(f"selection kernels unavailable ({exc}); selection_ms left empty")
+        return None
+    params = ProxyAttnParams(block_size=block, num_groups=1 if hq // hkv <= 4 else hkv, min_sparse_len=0)
+    scale = q.shape[-1] ** -0.5
+    return timed(lambda: select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/kernels_h200.json")
+    ap.add_argument("--ctx", type=int, default=122880)
+    ap.add_argument("--q-len", type=int, default=8192)
+    ap.add_argument("--sweep", action="store_true", help="also sweep tile configs on the Llama shape")
+    ap.add_argument("--only-sweep", action="store_true", help="sweep tile configs, skip the cases and the JSON")
+    ap.add_argument("--skip-gate", action="store_true", help="debug only: time without the correctness gate")
+    args = ap.parse_args()
+    device = "cuda"
+    fa3 = load_fa3()
+    if not args.skip_gate:
+        failures = correctness_gate(fa3, device)
+        if failures:
+            log("CORRECTNESS GATE FAILED, no timings: " + "; ".join(failures))
+            return 1
+
+    ctx, q_len, block = args.ctx, args.q_len, 128
+    seq_len = ctx + q_len
+    cases = []
+    sweep = []
+    for name, (hq, hkv, d) in SHAPES.items():
+        for page in (16, 128):
+            torch.manual_seed(0)
+            q = torch.randn(q_len, hq, d, device=device, dtype=torch.bfloat16)
+            kv, table = make_cache(seq_len, hkv, d, page, torch.bfloat16, device)
+            scale = d**-0.5
+            out = torch.empty_like(q)
+            fa3_ms = None
+            if fa3 is not None and not args.only_sweep:
+                fa3_ms = timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))
+            sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device)
+            tile = default_tile_config(block, d, on_cpu=False, page_size=page)
+            for density in () if args.only_sweep else (1.0, 0.1):
+                ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                                    block_size=block, tile=tile))
+                flops = 4.0 * d * float(counts.sum()) * block * block  # counts sum over heads; full tiles
+                case = {
+                    "name": f"{name} page{page} density{density}", "model_shape": name,
+                    "hq": hq, "hkv": hkv, "head_dim": d, "ctx": ctx, "q_len": q_len, "page_size": page,
+                    "block_size": block, "kernel": "triton", "tile": asdict(tile),
+                    "density_target": density, "density": used,
+                    "proxyattn_ms": t["median"] + (sel_ms["median"] if sel_ms else 0.0),
+                    "attn_ms": t["median"], "attn_ms_p10": t["p10"], "attn_ms_p90": t["p90"],
+                    "selection_ms": sel_ms["median"] if sel_ms else None,
+                    "fa3_dense_ms": fa3_ms["median"] if fa3_ms else None,
+                    "fa3_dense_ms_p10": fa3_ms["p10"] if fa3_ms else None,
+                    "fa3_dense_ms_p90": fa3_ms["p90"] if fa3_ms else None,
+                    "attn_tflops": flops / t["median"] / 1e9,
+                }
+                cases.append(case)
+                log(f"{case['name']}: attn {t['median']:.3f} ms, fa3 {case['fa3_dense_ms']}, sel {case['selection_ms']}")
+            if args.sweep or args.only_sweep:
+                ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 1.0, device)
+                for cfg in sweep_configs(page):
+                    try:
+                        t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx,
+                                                            scale=scale, block_size=block, tile=cfg))
+                    except Exception as exc:  # noqa: BLE001 - out of resources etc.
+                        log(f"sweep {cfg}: failed ({type(exc).__name__})")
+                        continue
+                    sweep.append({"shape": name, "page_size": page, "tile": asdict(cfg), "ms": t["median"]})
+                    log(f"sweep {name} page={page} {cfg}: {t['median']:.3f} ms")
+            del kv, q, out
+            torch.cuda.empty_cache()
+
+    if args.only_sweep:
+        best = sorted(sweep, key=lambda r: (r["shape"], r["page_size"], r["ms"]))
+        for r in best:
+            log(f"{r['shape']:13s} page={r['page_size']:3d} {r['ms']:8.3f} ms  {r['tile']}")
+        return 0
+    try:
+        import vllm
+        vllm_version = vllm.__version__
+    except Exception:  # noqa: BLE001
+        vllm_version = None
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
+                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "timing": "triton.testing.do_bench median (warmup 50 ms, rep 300 ms), CUDA events; p10/p90 spread",
+        "density_note": "selected causal blocks / causal blocks over heads and rows (synthetic ranking, "
+                        "diagonal+sink forced, per-head budget ceil(density*Kb))",
+        "cases": cases,
+        "tile_sweep": sweep,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    log(f"\nwrote {args.out}  ({result['gpu']}, {result['date']})")
+    header = f"{'case':36s} {'density':>7s} {'attn ms':>8s} {'sel ms':>7s} {'fa3 ms':>8s} {'attn/fa3':>8s} {'TFLOP/s':>8s}"
+    log(header)
+    for c in cases:
+        ratio = c["attn_ms"] / c["fa3_dense_ms"] if c["fa3_dense_ms"] else float("nan")
+        sel = f"{c['selection_ms']:.3f}" if c["selection_ms"] is not None else "-"
+        fa = f"{c['fa3_dense_ms']:.3f}" if c["fa3_dense_ms"] is not None else "-"
+        log(f"{c['name']:36s} {c['density']:7.3f} {c['attn_ms']:8.3f} {sel:>7s} {fa:>8s} {ratio:8.3f} {c['attn_tflops']:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
