@@ -19,6 +19,7 @@ setup(
     ],
     package_dir={"proxyattn_kernels": "kernels"},
     install_requires=["torch>=2.11", "triton>=3.6"],
+    entry_points={"vllm.general_plugins": ["proxyattn = proxyattn_vllm:register"]},
     extras_require={
         "vllm": ["vllm==0.26.0"],
         "test": ["pytest>=8", "numpy<2.4", "pyyaml"],

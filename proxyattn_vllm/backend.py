@@ -1,0 +1,88 @@
+"""``ProxyAttnBackend``: FlashAttention's backend with ProxyAttn's builder and impl.
+
+vLLM imports this module lazily in the worker, when a layer asks for the ``CUSTOM`` backend
+(registered by :func:`proxyattn_vllm.register`). Everything about the KV cache (shape, stride
+order, packed K|V layout, kernel block sizes) is inherited from FLASH_ATTN, so FA3, vLLM's Triton
+kernels and our sparse kernels all read the same cache.
+
+Capabilities are narrowed to what the sparse prefill path handles: decoder self-attention,
+causal, no sliding window, no attention sinks, no multimodal prefix-LM, no batch invariance.
+``is_sparse()`` stays False: in vLLM it means *model-native* sparse attention (DeepSeek V3.2
+style), which a Llama/Qwen layer does not ask for.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import AttentionType, MultipleOf
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+from ._compat import dense_kernel_is_flash_attn
+
+
+def _supported_dtypes() -> list[torch.dtype]:
+    dtypes = [torch.float16, torch.bfloat16]
+    if not dense_kernel_is_flash_attn():
+        dtypes.append(torch.float32)  # vLLM's Triton kernels (the non-FA path) take fp32 too
+    return dtypes
+
+
+class ProxyAttnBackend(FlashAttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = _supported_dtypes()
+
+    @staticmethod
+    def get_name() -> str:
+        # Attention.__init__ looks the name up in AttentionBackendEnum: it must be a member name.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        from .impl import ProxyAttnImpl
+
+        return ProxyAttnImpl
+
+    @staticmethod
+    def get_builder_cls():
+        from .metadata import ProxyAttnMetadataBuilder
+
+        return ProxyAttnMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # The optional argument is vLLM 0.33's signature; 0.26 calls it without one.
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_per_head_quant_scales(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        # No fp8 KV cache: the sparse prefill path reads the cache as the model dtype.
+        return kv_cache_dtype is None or kv_cache_dtype in ("auto", "float16", "bfloat16")

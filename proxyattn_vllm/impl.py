@@ -1,0 +1,288 @@
+"""``ProxyAttnImpl``: dense attention for decodes and short prompts, ProxyAttn for long prefills.
+
+Per layer and batch, ``forward`` receives the batch's queries (their K/V are already in the paged
+cache: ``do_kv_cache_update`` ran just before) and a :class:`~.metadata.ProxyAttnMetadata`:
+
+* no metadata (memory-profiling run): zero the output;
+* no sparse row, or a layer listed in ``dense_layers``: one dense call over the whole batch
+  (on CUDA exactly ``FlashAttentionImpl.forward``, so pure-decode batches keep FULL cudagraphs);
+* otherwise: one dense varlen call per run of consecutive dense rows (decodes at the front,
+  short prefill chunks) and one :func:`sparse_prefill` call per sparse row.
+
+Configurations the sparse path cannot honour fail here, at startup, with a message naming the
+feature and what to use instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels.reference import proxyattn_prefill_reference
+
+from ._compat import dense_kernel_is_flash_attn, triton_available
+from .config import ProxyAttnConfig
+from .metadata import ProxyAttnMetadata, load_config
+
+logger = init_logger("vllm.proxyattn")
+
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+
+class ProxyAttnUnsupportedError(ValueError):
+    """The model or deployment uses an attention feature ProxyAttn does not support."""
+
+
+def sparse_prefill(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table_row: torch.Tensor,
+    output: torch.Tensor,
+    ctx: int,
+    scale: float,
+    params: ProxyAttnParams,
+) -> None:
+    """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
+
+    This is the single boundary between the vLLM glue and the ProxyAttn kernels: the glue
+    guarantees the arguments below; an implementation computes proxy scores, budgets, selection
+    and block-sparse attention, and must equal ``proxyattn_prefill_reference`` (the oracle).
+    For now it *is* the torch reference; the Triton kernels replace the body, not the signature.
+
+    Args:
+        query: ``[q_len, Hq, D]`` post-RoPE queries of the chunk, absolute positions
+            ``[ctx, ctx + q_len)`` (a view into the batch's query tensor).
+        kv_cache: the layer's paged cache, logical ``[num_blocks, Hkv, page_size, 2 * D]`` with K in
+            ``[..., :D]`` and V in ``[..., D:]`` (a permuted view: use its strides). Keys and
+            values ``[0, ctx + q_len)`` of the request are already written.
+        block_table_row: ``[max_pages]`` int32, the request's physical page per logical page.
+        output: ``[q_len, Hq, D]`` view into the layer's output; fully overwritten.
+        ctx: tokens before the chunk (Python int; no device sync needed).
+        scale: softmax scale.
+        params: the layer's resolved ProxyAttn parameters.
+    """
+    out, _selection = proxyattn_prefill_reference(
+        query, ctx=ctx, params=params, scale=scale, kv_cache=kv_cache, block_table=block_table_row
+    )
+    output.copy_(out)
+
+
+class ProxyAttnImpl(FlashAttentionImpl):
+    """FlashAttentionImpl whose forward sends long prefill chunks to :func:`sparse_prefill`.
+
+    The dense kernels are chosen once, here (see ``_compat``): FlashAttention when vLLM's
+    ``vllm_flash_attn`` is usable (CUDA), else vLLM's Triton ``unified_attention`` and
+    ``triton_reshape_and_cache_flash`` (CPU CI), which use the same cache layout.
+    """
+
+    supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        proxyattn_config: ProxyAttnConfig | None = None,
+    ) -> None:
+        _check_supported(
+            attn_type, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks
+        )
+        if proxyattn_config is None:
+            from vllm.config import get_current_vllm_config_or_none
+
+            proxyattn_config = load_config(get_current_vllm_config_or_none())
+        self.proxyattn_config = proxyattn_config
+        # Validates the config against this layer's per-rank head counts (num_proxy_groups).
+        self.proxyattn_params = proxyattn_config.kernel_params(num_heads, num_kv_heads)
+        self._dense_layer: bool | None = None  # resolved from the layer name on first forward
+
+        super().__init__(
+            num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+            kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
+        )
+        if getattr(self, "dcp_world_size", 1) > 1:
+            raise ProxyAttnUnsupportedError(
+                "proxyattn: decode context parallelism (--decode-context-parallel-size > 1) is "
+                "not supported; run with --decode-context-parallel-size 1."
+            )
+
+        self.use_flash_attn = dense_kernel_is_flash_attn()
+        if not self.use_flash_attn:
+            if not triton_available():
+                raise ProxyAttnUnsupportedError(
+                    "proxyattn: no dense attention kernel on this machine: it needs vLLM's "
+                    "FlashAttention (CUDA) or Triton."
+                )
+            from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+                triton_reshape_and_cache_flash,
+            )
+            from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+            self._triton_attention = unified_attention
+            self._triton_kv_write = triton_reshape_and_cache_flash
+
+    # --------------------------------------------------------------------------------------
+    # KV write
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if self.use_flash_attn:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        self._triton_kv_write(
+            key, value, key_cache, value_cache, slot_mapping, self.kv_cache_dtype,
+            layer._k_scale, layer._v_scale,
+        )
+
+    # --------------------------------------------------------------------------------------
+    # forward
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: ProxyAttnMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("proxyattn: fused output quantization is not supported")
+        # Resolved before the profiling-run exit, so a bad layer name fails during startup.
+        dense_layer = self._is_dense_layer(layer)
+        if attn_metadata is None:  # memory-profiling run
+            return output.fill_(0)
+
+        plan = attn_metadata.plan
+        if not plan.has_sparse or dense_layer:
+            return self._dense_batch(layer, query, key, value, kv_cache, attn_metadata, output)
+
+        dense = attn_metadata.dense
+        for run in plan.dense_runs:
+            self._dense_varlen(
+                layer, query[run.token_start : run.token_end], kv_cache,
+                output[run.token_start : run.token_end], run.cu_seqlens_q, run.max_query_len,
+                dense.seq_lens[run.req_start : run.req_end], run.max_seq_len,
+                dense.block_table[run.req_start : run.req_end],
+            )
+        for row in plan.sparse_rows:
+            sparse_prefill(
+                query[row.token_start : row.token_end], kv_cache, dense.block_table[row.req_idx],
+                output[row.token_start : row.token_end], row.ctx, self.scale,
+                self.proxyattn_params,
+            )
+        return output
+
+    def _is_dense_layer(self, layer: torch.nn.Module) -> bool:
+        if self._dense_layer is None:
+            dense_layers = self.proxyattn_config.dense_layers
+            if not dense_layers:
+                self._dense_layer = False
+            else:
+                self._dense_layer = _layer_index(layer) in dense_layers
+        return self._dense_layer
+
+    def _dense_batch(self, layer, query, key, value, kv_cache, md: ProxyAttnMetadata, output):
+        """Dense attention over the whole batch."""
+        if self.use_flash_attn:
+            return super().forward(layer, query, key, value, kv_cache, md.dense, output)
+        dense = md.dense
+        n = dense.num_actual_tokens
+        self._dense_varlen(
+            layer, query[:n], kv_cache, output[:n], dense.query_start_loc, dense.max_query_len,
+            dense.seq_lens, dense.max_seq_len, dense.block_table,
+        )
+        return output
+
+    def _dense_varlen(
+        self, layer, query, kv_cache, output, cu_seqlens_q, max_query_len, seq_lens,
+        max_seq_len, block_table,
+    ) -> None:
+        """Causal varlen attention of ``query`` (rows given by ``cu_seqlens_q``, rebased to 0)
+        over the paged cache, written into ``output``."""
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        descale_shape = (seq_lens.shape[0], self.num_kv_heads)
+        k_descale = layer._k_scale.expand(descale_shape)
+        v_descale = layer._v_scale.expand(descale_shape)
+        if self.use_flash_attn:
+            from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
+            from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+            # As FlashAttentionImpl.forward: FA3's TMA needs sane strides on size-1 dims.
+            key_cache = canonicalize_singleton_dim_strides(key_cache)
+            value_cache = canonicalize_singleton_dim_strides(value_cache)
+            flash_attn_varlen_func(
+                q=query, k=key_cache, v=value_cache, out=output,
+                cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_query_len,
+                seqused_k=seq_lens, max_seqlen_k=max_seq_len,
+                softmax_scale=self.scale, causal=True, block_table=block_table,
+                scheduler_metadata=None,  # an AOT schedule is built for the whole batch only
+                fa_version=self.vllm_flash_attn_version,
+                q_descale=None, k_descale=k_descale, v_descale=v_descale,
+            )
+            return
+        self._triton_attention(
+            q=query, k=key_cache, v=value_cache, out=output,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_query_len,
+            seqused_k=seq_lens, max_seqlen_k=max_seq_len,
+            softmax_scale=self.scale, causal=True, window_size=(-1, -1),
+            block_table=block_table, softcap=0,
+            q_descale=None, k_descale=k_descale, v_descale=v_descale,
+        )
+
+
+def _layer_index(layer: torch.nn.Module) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    name = getattr(layer, "layer_name", None)
+    try:
+        return extract_layer_index(name)
+    except (AssertionError, ValueError, AttributeError) as exc:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: cannot find the layer index in the attention layer name {name!r}, so "
+            "'dense_layers' cannot be applied; remove 'dense_layers' from the proxyattn config."
+        ) from exc
+
+
+def _check_supported(attn_type, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks):
+    fallback = "serve this model with --attention-backend FLASH_ATTN (dense) instead"
+    if attn_type != AttentionType.DECODER:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: attention type {attn_type!r} is not supported (only decoder "
+            f"self-attention; no encoder, encoder-only or cross-attention): {fallback}."
+        )
+    if sliding_window is not None:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: sliding-window attention (sliding_window={sliding_window}) is not "
+            f"supported: {fallback}."
+        )
+    if alibi_slopes is not None:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: ALiBi (alibi_slopes) is not supported: {fallback}."
+        )
+    if logits_soft_cap:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: logit soft-capping (logits_soft_cap={logits_soft_cap}) is not "
+            f"supported: {fallback}."
+        )
+    if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: kv_cache_dtype={kv_cache_dtype!r} (quantized KV cache) is not "
+            f"supported; use --kv-cache-dtype auto (or bfloat16/float16), or {fallback}."
+        )
+    if sinks is not None:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: attention sinks (learned per-head sink logits) are not supported: "
+            f"{fallback}."
+        )

@@ -1,0 +1,255 @@
+"""ProxyAttnImpl on a paged KV cache (vLLM's CPU platform; dense kernels = vLLM's Triton kernels
+under the interpreter): sparse rows equal the torch reference, dense rows equal dense attention,
+and unsupported features fail at construction."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from proxyattn_kernels.reference import dense_causal_attention, proxyattn_prefill_reference  # noqa: E402
+
+PAGE = 16
+MAX_PAGES = 8
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 32
+SCALE = HEAD_DIM**-0.5
+# Real sparsity: a low gamma, no minimum budget and a density cap, so the sparse rows differ
+# clearly from dense attention (a test that can tell the paths apart).
+SPARSE = {
+    "min_sparse_len": 64, "block_size": 16, "stride": 4, "gamma": 0.5,
+    "min_budget_tokens": 0, "max_density": 0.3, "sink_blocks": 1, "local_blocks": 1,
+}
+MIXED_Q = [1, 1, 9, 40, 5, 0, 0]  # 2 decodes, short, long (ctx 53), short extend, 2 padded
+MIXED_SEQ = [37, 20, 9, 93, 15, 0, 0]
+PAD_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def vllm_config(tmp_path_factory):
+    from tests._tiny_llama import make_vllm_config, write_tiny_llama
+
+    model_dir = write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    return make_vllm_config(model_dir, SPARSE, block_size=PAGE)
+
+
+class _Layer(torch.nn.Module):
+    """What the impl reads from vLLM's Attention layer: the KV scales and the layer name."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.layer_name = f"model.layers.{index}.self_attn.attn"
+        self._q_scale = torch.ones(1)
+        self._k_scale = torch.ones(1)
+        self._v_scale = torch.ones(1)
+
+
+def _impl(config: dict | None = None, **kwargs):
+    from proxyattn_vllm import ProxyAttnConfig
+    from proxyattn_vllm.impl import ProxyAttnImpl
+
+    args = dict(
+        num_heads=NUM_HEADS, head_size=HEAD_DIM, scale=SCALE, num_kv_heads=NUM_KV_HEADS,
+        alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto",
+    )
+    args.update(kwargs)
+    return ProxyAttnImpl(**args, proxyattn_config=ProxyAttnConfig.from_dict(config or SPARSE))
+
+
+def _builder(vllm_config):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from proxyattn_vllm.metadata import ProxyAttnMetadataBuilder
+
+    spec = FullAttentionSpec(
+        block_size=PAGE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float32
+    )
+    return ProxyAttnMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vllm_config, torch.device("cpu"))
+
+
+class Batch:
+    """Random requests in a paged cache: the context already cached, the chunk's K/V new."""
+
+    def __init__(self, q_lens, seq_lens, dtype, pad_tokens=0, seed=0):
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        gen = torch.Generator().manual_seed(seed)
+        rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+        n = len(q_lens)
+        self.q_lens, self.seq_lens = q_lens, seq_lens
+        qsl = torch.zeros(n + 1, dtype=torch.int32)
+        qsl[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+        self.qsl = qsl.tolist()
+        self.num_tokens = self.qsl[-1] + pad_tokens
+        num_blocks = n * MAX_PAGES + 3
+        perm = torch.randperm(num_blocks, generator=gen)[: n * MAX_PAGES]
+        self.block_table = perm.view(n, MAX_PAGES).to(torch.int32)
+        # vLLM allocates NHD (blocks, page, Hkv, 2D) and hands the impl a (blocks, Hkv, page, 2D) view.
+        self.kv_cache = torch.zeros(num_blocks, PAGE, NUM_KV_HEADS, 2 * HEAD_DIM, dtype=dtype).permute(0, 2, 1, 3)
+        self.keys = [rand(s, NUM_KV_HEADS, HEAD_DIM) for s in seq_lens]
+        self.values = [rand(s, NUM_KV_HEADS, HEAD_DIM) for s in seq_lens]
+        self.query = rand(self.num_tokens, NUM_HEADS, HEAD_DIM)
+        self.key = torch.zeros(self.num_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+        self.value = torch.zeros_like(self.key)
+        self.slot_mapping = torch.full((self.num_tokens,), -1, dtype=torch.int64)
+        for r in range(n):
+            ctx = seq_lens[r] - q_lens[r]
+            for pos in range(seq_lens[r]):
+                page = int(self.block_table[r, pos // PAGE])
+                if pos < ctx:  # written by earlier steps
+                    self.kv_cache[page, :, pos % PAGE, :HEAD_DIM] = self.keys[r][pos]
+                    self.kv_cache[page, :, pos % PAGE, HEAD_DIM:] = self.values[r][pos]
+                else:  # this step's tokens: written by do_kv_cache_update
+                    t = self.qsl[r] + pos - ctx
+                    self.key[t], self.value[t] = self.keys[r][pos], self.values[r][pos]
+                    self.slot_mapping[t] = page * PAGE + pos % PAGE
+        self.common = CommonAttentionMetadata(
+            query_start_loc=qsl.clone(), query_start_loc_cpu=qsl,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=n,
+            num_actual_tokens=self.num_tokens, max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens), block_table_tensor=self.block_table,
+            slot_mapping=self.slot_mapping, causal=True,
+            seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
+        )
+
+    def rows(self):
+        for r, (q_len, seq_len) in enumerate(zip(self.q_lens, self.seq_lens)):
+            if q_len:
+                yield r, slice(self.qsl[r], self.qsl[r + 1]), seq_len - q_len
+
+    def run(self, impl, metadata, layer):
+        impl.do_kv_cache_update(layer, self.key, self.value, self.kv_cache, self.slot_mapping)
+        output = torch.full_like(self.query, 7.0)  # sentinel: padded tokens must stay untouched
+        result = impl.forward(layer, self.query, self.key, self.value, self.kv_cache, metadata, output)
+        assert result is output
+        return output
+
+
+def _tol(dtype):
+    return dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mixed_batch_matches_reference(vllm_config, dtype):
+    from proxyattn_vllm import ProxyAttnConfig
+
+    batch = Batch(MIXED_Q, MIXED_SEQ, dtype, pad_tokens=PAD_TOKENS)
+    md = _builder(vllm_config).build(0, batch.common)
+    assert [r.req_idx for r in md.plan.sparse_rows] == [3]
+    params = ProxyAttnConfig.from_dict(SPARSE).kernel_params(NUM_HEADS, NUM_KV_HEADS)
+
+    output = batch.run(_impl(), md, _Layer(0))
+
+    # The KV write put every new token where the block table says.
+    for r, _, _ in batch.rows():
+        pos = torch.arange(batch.seq_lens[r])
+        cached = batch.kv_cache[batch.block_table[r].long()[pos // PAGE], :, pos % PAGE]
+        torch.testing.assert_close(cached[..., :HEAD_DIM], batch.keys[r], atol=0, rtol=0)
+        torch.testing.assert_close(cached[..., HEAD_DIM:], batch.values[r], atol=0, rtol=0)
+    for r, tokens, ctx in batch.rows():
+        q, k, v = batch.query[tokens], batch.keys[r], batch.values[r]
+        dense = dense_causal_attention(q, k, v, ctx, SCALE)
+        if r == 3:  # the sparse row: the reference on contiguous K/V (no paging involved)
+            expected, selection = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params, scale=SCALE)
+            assert selection.density < 0.9, selection.stats()
+            assert (output[tokens] - dense).abs().max() > 1e-2, "sparse row ran dense"
+        else:
+            expected = dense
+        torch.testing.assert_close(output[tokens], expected, **_tol(dtype), msg=f"row {r}")
+    assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
+
+
+def test_dense_layers_and_pure_dense_batches(vllm_config):
+    batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=1)
+    md = _builder(vllm_config).build(0, batch.common)
+    # Layer 1 is listed in dense_layers: the long row runs dense too.
+    impl = _impl({**SPARSE, "dense_layers": [1]})
+    output = batch.run(impl, md, _Layer(1))
+    for r, tokens, ctx in batch.rows():
+        expected = dense_causal_attention(batch.query[tokens], batch.keys[r], batch.values[r], ctx, SCALE)
+        torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4)
+    # Layer 0 of the same config is not: the sparse row differs from dense.
+    sparse_out = batch.run(_impl({**SPARSE, "dense_layers": [1]}), md, _Layer(0))
+    tokens = slice(batch.qsl[3], batch.qsl[4])
+    assert (sparse_out[tokens] - output[tokens]).abs().max() > 1e-2
+
+    # A batch without long rows: one dense call over the whole batch (decode + short prefill).
+    short = Batch([1, 1, 12, 0], [30, 17, 40, 0], torch.float32, seed=2)
+    md = _builder(vllm_config).build(0, short.common)
+    assert not md.plan.has_sparse
+    output = short.run(_impl(), md, _Layer(0))
+    for r, tokens, ctx in short.rows():
+        expected = dense_causal_attention(short.query[tokens], short.keys[r], short.values[r], ctx, SCALE)
+        torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_profiling_run_zero_fills():
+    impl = _impl()
+    output = torch.ones(5, NUM_HEADS, HEAD_DIM)
+    q = torch.randn(5, NUM_HEADS, HEAD_DIM)
+    kv = torch.randn(5, NUM_KV_HEADS, HEAD_DIM)
+    assert impl.forward(_Layer(0), q, kv, kv, torch.zeros(2, 2, 16, 64), None, output) is output
+    assert (output == 0).all()
+
+
+def test_sparse_prefill_boundary_writes_in_place():
+    """The kernel boundary: a view of the query, the paged cache and a block-table row in, the
+    output view overwritten; equal to the reference on the same inputs."""
+    from proxyattn_vllm import ProxyAttnConfig
+    from proxyattn_vllm.impl import sparse_prefill
+
+    params = ProxyAttnConfig.from_dict(SPARSE).kernel_params(NUM_HEADS, NUM_KV_HEADS)
+    batch = Batch([50], [120], torch.float32, seed=3)
+    batch.run(_impl(), None, _Layer(0))  # profiling-style call, only to write the KV cache
+    out = torch.full((50, NUM_HEADS, HEAD_DIM), math.nan)
+    sparse_prefill(batch.query, batch.kv_cache, batch.block_table[0], out, 70, SCALE, params)
+    expected, _ = proxyattn_prefill_reference(
+        batch.query, batch.keys[0], batch.values[0], ctx=70, params=params, scale=SCALE
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sliding_window": 128}, "sliding-window attention"),
+        ({"alibi_slopes": [0.5, 0.25, 0.125, 0.0625]}, "ALiBi"),
+        ({"logits_soft_cap": 30.0}, "soft-capping"),
+        ({"attn_type": "encoder_only"}, "attention type 'encoder_only'"),
+        ({"attn_type": "encoder_decoder"}, "cross-attention"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
+        ({"kv_cache_dtype": "fp8_e5m2"}, "quantized KV cache"),
+        ({"sinks": torch.zeros(NUM_HEADS)}, "attention sinks"),
+    ],
+)
+def test_unsupported_features_fail_at_init(kwargs, message):
+    from proxyattn_vllm.impl import ProxyAttnUnsupportedError
+
+    with pytest.raises(ProxyAttnUnsupportedError, match=message) as info:
+        _impl(**kwargs)
+    assert "FLASH_ATTN" in str(info.value) or "--kv-cache-dtype auto" in str(info.value)
+
+
+def test_config_is_validated_against_the_layer():
+    from proxyattn_vllm import ProxyAttnConfigError
+
+    with pytest.raises(ProxyAttnConfigError, match="num_proxy_groups=3"):
+        _impl({**SPARSE, "num_proxy_groups": 3})  # 2 KV heads per rank
+    assert _impl({**SPARSE, "num_proxy_groups": 2}).proxyattn_params.num_groups == 2
+    assert _impl().proxyattn_params.num_groups == 1  # auto: Hq/Hkv = 2 <= 4
+
+
+def test_dense_layers_need_a_layer_index(vllm_config):
+    from proxyattn_vllm.impl import ProxyAttnUnsupportedError
+
+    batch = Batch([40], [80], torch.float32, seed=4)
+    md = _builder(vllm_config).build(0, batch.common)
+    layer = _Layer(0)
+    layer.layer_name = "model.attn"
+    for metadata in (None, md):  # fails already in the (metadata-less) profiling run
+        with pytest.raises(ProxyAttnUnsupportedError, match="dense_layers"):
+            batch.run(_impl({**SPARSE, "dense_layers": [0]}), metadata, layer)
+    # Without dense_layers the name is never needed.
+    batch.run(_impl(), md, layer)
