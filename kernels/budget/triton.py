@@ -1,0 +1,306 @@
+"""Per-query-head block budgets from a vLLM-0.26 paged KV cache (Triton).
+
+Semantics: exactly ``budget/naive.py`` (``last_block_mass`` then ``gamma_block_counts`` and
+``limit_budget``, which are reused as they are: a few torch ops on ``[Hq, Kb]``, no host sync).
+
+The attention mass per key block of the chunk's last ``n = min(q_len, block_size)`` queries is
+streamed in one pass over the keys plus a small reduction, instead of the classic two passes
+(row max/sum, then recompute and accumulate the normalised mass):
+
+1. ``_block_lse_kernel``: for every (head, query row, key block) the log2-sum-exp of the row's
+   causal logits inside the block, ``blse [Hq, Kb, NPAD]``, and for every (head, row, key split)
+   the log2-sum-exp over the split, ``lse_part [Hq, S, NPAD]``. One online softmax per tile,
+   exactly the work of a flash-attention forward pass without the PV product.
+2. ``_block_mass_kernel``: ``mass[h, b] = mean_q exp2(blse[h, b, q] - lse[h, q])`` with the row's
+   total ``lse`` combined from the split partials. Deterministic (no atomics).
+
+This computes each logit once instead of twice (the QK^T of the last ``n`` queries against all
+keys at full resolution is the most expensive part of the whole selection), at the price of an
+``O(Hq * n * Kb)`` fp32 workspace (``n <= block_size``: 16 MiB for Hq=32, 128K tokens, block
+128), which is linear in the sequence length, never quadratic.
+
+Programs are ordered (m-tile and head fastest, then key split, then KV head) so that the query
+heads sharing a KV head read the same key tiles at about the same time (L2 reuse).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..params import ChunkGeometry
+from ..proxy_scores import triton as _proxy_triton  # _workspace (and its test poison switch)
+from ..proxy_scores.triton import _check_paged_inputs, _input_precision, _safe_max, _target_programs
+from .naive import gamma_block_counts, limit_budget
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class BudgetTileConfig:
+    """Launch parameters of the block-LSE pass.
+
+    ``block_m`` query rows (of one head) x ``block_n`` keys per tile; ``block_n`` must divide the
+    selection block size. ``num_splits`` programs share the key range (None: for occupancy).
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    num_splits: int | None = None
+
+
+def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool) -> BudgetTileConfig:
+    """128x64 tiles with 8 warps on the GPU (as a flash-attention forward on H100/H200), 16/32
+    under the CPU interpreter."""
+    cap_m, cap_n = (32, 32) if on_cpu else (128, 64)
+    block_m = min(cap_m, max(16, triton.next_power_of_2(n_last)))
+    block_n = min(cap_n, block_size & -block_size)  # largest power of two dividing block_size
+    if on_cpu:
+        return BudgetTileConfig(block_m, block_n, 4, 1)
+    return BudgetTileConfig(block_m, block_n, 8 if block_m >= 128 else 4, 3)
+
+
+@triton.jit
+def _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scale,
+                    offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                    PAGE_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    k_pos = key_start + offs_n
+    if MASKED:
+        in_seq = k_pos < seq_len
+        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE, mask=in_seq, other=0)
+    else:
+        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE)
+    row_off = page.to(tl.int64) * stride_kv_page + (k_pos % PAGE_SIZE).to(tl.int64) * stride_kv_tok
+    k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
+    if MASKED:
+        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_b, tl.max(s, 1))
+    m_use = _safe_max(m_new)
+    l_b = l_b * tl.exp2(m_b - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+    return m_new, l_b
+
+
+@triton.jit
+def _block_lse_step(m_b, l_b, m_r, l_r, t, q, kv_base, block_table_ptr, blse_base, q_pos, seq_len, num_tiles,
+                    qk_scale, offs_n, offs_d, stride_kv_page, stride_kv_tok, stride_blse_block,
+                    PAGE_SIZE: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Key tile ``t``; at the last tile of a key block, store the block's LSE and fold it into
+    the row's running LSE (branch-free, so the loop stays flat and software-pipelined)."""
+    m_b, l_b = _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, t * BLOCK_N, q_pos, seq_len, qk_scale,
+                               offs_n, offs_d, stride_kv_page, stride_kv_tok, PAGE_SIZE, INPUT_PRECISION, MASKED)
+    block_end = ((t + 1) % TILES_PER_BLOCK == 0) | (t == num_tiles - 1)
+    tl.store(blse_base + (t // TILES_PER_BLOCK) * stride_blse_block,
+             tl.where(l_b > 0.0, m_b + tl.log2(l_b), float("-inf")), mask=block_end)
+    m_new = tl.maximum(m_r, m_b)
+    m_use = _safe_max(m_new)
+    l_new = l_r * tl.exp2(m_r - m_use) + l_b * tl.exp2(m_b - m_use)
+    m_r = tl.where(block_end, m_new, m_r)
+    l_r = tl.where(block_end, l_new, l_r)
+    m_b = tl.where(block_end, float("-inf"), m_b)
+    l_b = tl.where(block_end, 0.0, l_b)
+    return m_b, l_b, m_r, l_r
+
+
+@triton.jit(do_not_specialize=["q_tok0", "q_pos0", "n_last", "seq_len", "blocks_per_split"])
+def _block_lse_kernel(
+    q_ptr, kv_ptr, block_table_ptr, blse_ptr, lse_part_ptr,
+    q_tok0, q_pos0, n_last, seq_len, blocks_per_split, qk_scale,
+    stride_q_tok, stride_q_head,
+    stride_kv_page, stride_kv_head, stride_kv_tok,
+    stride_blse_head, stride_blse_block, stride_lp_head, stride_lp_split,
+    HEADS_PER_KV: tl.constexpr, NUM_M_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    mt = pid % NUM_M_TILES
+    head = kv_head * HEADS_PER_KV + pid // NUM_M_TILES
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = mt * BLOCK_M + offs_m
+    row_valid = rows < n_last
+    q_pos = q_pos0 + rows
+    q = tl.load(
+        q_ptr + (q_tok0 + rows).to(tl.int64)[:, None] * stride_q_tok + head * stride_q_head + offs_d[None, :],
+        mask=row_valid[:, None], other=0.0,
+    )
+    kv_base = kv_ptr + kv_head.to(tl.int64) * stride_kv_head
+    blse_base = blse_ptr + head.to(tl.int64) * stride_blse_head + rows
+
+    # This split's key tiles (whole key blocks); tiles up to the tile's first query need no mask.
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    t_lo = split * blocks_per_split * TILES_PER_BLOCK
+    t_hi = tl.minimum(t_lo + blocks_per_split * TILES_PER_BLOCK, num_tiles)
+    q_min = q_pos0 + mt * BLOCK_M
+    t_full = tl.maximum(tl.minimum((q_min + 1) // BLOCK_N, t_hi), t_lo)
+
+    m_b = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_b = tl.zeros([BLOCK_M], tl.float32)
+    m_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_r = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(t_lo, t_full):
+        m_b, l_b, m_r, l_r = _block_lse_step(
+            m_b, l_b, m_r, l_r, t, q, kv_base, block_table_ptr, blse_base, q_pos, seq_len, num_tiles, qk_scale,
+            offs_n, offs_d, stride_kv_page, stride_kv_tok, stride_blse_block,
+            PAGE_SIZE, TILES_PER_BLOCK, BLOCK_N, INPUT_PRECISION, False)
+    for t in range(t_full, t_hi):
+        m_b, l_b, m_r, l_r = _block_lse_step(
+            m_b, l_b, m_r, l_r, t, q, kv_base, block_table_ptr, blse_base, q_pos, seq_len, num_tiles, qk_scale,
+            offs_n, offs_d, stride_kv_page, stride_kv_tok, stride_blse_block,
+            PAGE_SIZE, TILES_PER_BLOCK, BLOCK_N, INPUT_PRECISION, True)
+    tl.store(lse_part_ptr + head * stride_lp_head + split * stride_lp_split + rows,
+             tl.where(l_r > 0.0, m_r + tl.log2(l_r), float("-inf")))
+
+
+@triton.jit(do_not_specialize=["n_last", "num_k_blocks", "num_splits"])
+def _block_mass_kernel(
+    blse_ptr, lse_part_ptr, mass_ptr,
+    n_last, num_k_blocks, num_splits, inv_n,
+    stride_blse_head, stride_blse_block, stride_lp_head, stride_lp_split, stride_mass_head,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    head = tl.program_id(0)
+    kb = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kb_valid = kb < num_k_blocks
+    acc = tl.zeros([BLOCK_K], tl.float32)
+    for r0 in range(0, n_last, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rv = rows < n_last
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_R], tl.float32)
+        for s in range(num_splits):
+            part = tl.load(lse_part_ptr + head * stride_lp_head + s * stride_lp_split + rows, mask=rv,
+                           other=float("-inf"))
+            m_new = tl.maximum(m, part)
+            m_use = _safe_max(m_new)
+            l = l * tl.exp2(m - m_use) + tl.exp2(part - m_use)
+            m = m_new
+        lse = tl.where(rv, m + tl.log2(l), 0.0)  # every real row sees key 0: l > 0
+        x = tl.load(
+            blse_ptr + head.to(tl.int64) * stride_blse_head + kb[:, None] * stride_blse_block + rows[None, :],
+            mask=kb_valid[:, None] & rv[None, :], other=float("-inf"),
+        )
+        acc += tl.sum(tl.exp2(x - lse[None, :]), 1)
+    tl.store(mass_ptr + head * stride_mass_head + kb, acc * inv_n, mask=kb_valid)
+
+
+def last_block_mass_paged(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    ctx: int,
+    scale: float,
+    block_size: int,
+    out: torch.Tensor | None = None,
+    tile: BudgetTileConfig | None = None,
+) -> torch.Tensor:
+    """Attention mass per key block of the chunk's last ``min(q_len, block_size)`` queries.
+
+    Args:
+        q: ``[q_len, Hq, D]`` queries at absolute positions ``[ctx, ctx + q_len)`` (any strides
+            with a contiguous last dim; fp16, bf16 or fp32).
+        kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 cache view, same dtype as ``q``.
+        block_table: ``[max_pages]`` int32 physical page per logical page.
+        ctx: tokens before the chunk. scale: softmax scale.
+        block_size: selection block size (a multiple of 16).
+        out: optional ``[Hq, Kb]`` float32 output (every element is written).
+        tile: launch parameters; default :func:`default_budget_tile_config`.
+
+    Returns:
+        ``[Hq, num_k_blocks]`` float32, each row sums to 1, as ``budget.naive.last_block_mass``.
+    """
+    q_len = q.shape[0] if q.dim() == 3 else 0
+    if q_len < 1 or ctx < 0:
+        raise ValueError(f"need q_len >= 1 and ctx >= 0; got q {tuple(q.shape)}, ctx={ctx}")
+    if block_size % 16 or block_size < 16:
+        raise ValueError(f"block_size={block_size} must be a positive multiple of 16")
+    geo = ChunkGeometry(ctx, q_len, block_size)
+    _check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_cache.shape[1]
+    device = q.device
+    n_last = min(q_len, block_size)
+    num_k_blocks = geo.num_k_blocks
+    if out is None:
+        out = torch.empty((num_q_heads, num_k_blocks), dtype=torch.float32, device=device)
+    elif out.shape != (num_q_heads, num_k_blocks) or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise ValueError(f"out must be float32 {(num_q_heads, num_k_blocks)} with a contiguous last dim; "
+                         f"got {out.dtype}{tuple(out.shape)}")
+    tile = tile or default_budget_tile_config(n_last, block_size, device.type == "cpu")
+    bm, bn = tile.block_m, tile.block_n
+    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or block_size % bn:
+        raise ValueError(f"tile {tile}: sizes must be powers of two >= 16 and block_n must divide {block_size}")
+
+    num_m_tiles = -(-n_last // bm)
+    if tile.num_splits is not None:
+        splits = tile.num_splits
+    else:
+        splits = _target_programs(device) // (num_q_heads * num_m_tiles)
+    splits = max(1, min(splits, num_k_blocks))
+    blocks_per_split = -(-num_k_blocks // splits)
+    splits = -(-num_k_blocks // blocks_per_split)
+
+    n_pad = num_m_tiles * bm
+    blse = _proxy_triton._workspace((num_q_heads, num_k_blocks, n_pad), device)
+    lse_part = _proxy_triton._workspace((num_q_heads, splits, n_pad), device)
+    _block_lse_kernel[(num_m_tiles * (num_q_heads // num_kv_heads), splits, num_kv_heads)](
+        q, kv_cache, block_table, blse, lse_part,
+        q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, blocks_per_split, scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        blse.stride(0), blse.stride(1), lse_part.stride(0), lse_part.stride(1),
+        HEADS_PER_KV=num_q_heads // num_kv_heads, NUM_M_TILES=num_m_tiles,
+        HEAD_DIM=head_dim, PAGE_SIZE=kv_cache.shape[2], BLOCK_SIZE=block_size,
+        BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    block_k, block_r = (32, 16) if device.type == "cpu" else (64, 32)
+    _block_mass_kernel[(num_q_heads, triton.cdiv(num_k_blocks, block_k))](
+        blse, lse_part, out, n_last, num_k_blocks, splits, 1.0 / n_last,
+        blse.stride(0), blse.stride(1), lse_part.stride(0), lse_part.stride(1), out.stride(0),
+        BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+    )
+    return out
+
+
+def head_budgets_paged(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    ctx: int,
+    scale: float,
+    block_size: int,
+    gamma: float,
+    min_budget_blocks: int,
+    max_density: float | None,
+    tile: BudgetTileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head block budgets of one chunk, keys from the paged cache.
+
+    Same arguments as :func:`last_block_mass_paged` plus the budget limits (see
+    ``budget/naive.py``). Returns ``(budget [Hq], gamma_counts [Hq])`` int32, on the device,
+    without any host synchronisation.
+    """
+    mass = last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block_size,
+                                 tile=tile)
+    counts = gamma_block_counts(mass, gamma)
+    return limit_budget(counts, mass.shape[-1], min_budget_blocks, max_density), counts
+
+
+__all__ = ["BudgetTileConfig", "default_budget_tile_config", "last_block_mass_paged", "head_budgets_paged"]

@@ -1,0 +1,97 @@
+"""The whole ProxyAttn block selection of one prefill chunk from a vLLM-0.26 paged KV cache.
+
+Composes the Triton ops: proxy scores (``proxy_scores/triton.py``) -> per-head budgets
+(``budget/triton.py``) -> selection (``select/triton.py``), with the semantics of
+``kernels/reference.py`` (including the dense fallback of short sequences). Everything stays on
+the device: no host synchronisation, no Python loop over heads, rows or blocks; ``ctx`` and
+``q_len`` are host integers.
+
+Launches: 5 for the proxy scores (fill, 2 proxy-head means, 2 passes), 2 for the block mass
+plus ~10 small torch ops on ``[Hq, Kb]`` for the gamma counts and limits, 1 for the selection.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .budget.triton import BudgetTileConfig, head_budgets_paged
+from .params import ChunkGeometry, ProxyAttnParams
+from .proxy_scores.triton import ProxyTileConfig, proxy_block_scores_paged
+from .select.triton import select_blocks
+
+
+class PagedSelection(NamedTuple):
+    """Output of :func:`select_blocks_paged` (a tuple, in this order).
+
+    Attributes:
+        ranking: ``[G, R, Kb]`` int32 key blocks per group and query-block row, forced blocks
+            first, ``-1`` past the causal frontier.
+        counts: ``[Hq, R]`` int32: head ``h`` computes ``ranking[h // (Hq // G), row, :counts]``.
+        num_forced: ``[R]`` int32 forced blocks at the front of each row.
+        budget: ``[Hq]`` int32 per-row block budget (all ``Kb`` blocks for short sequences).
+        gamma_counts: ``[Hq]`` int32 blocks needed to reach gamma, before the limits.
+        scores: ``[G, R, Kb]`` float32 proxy scores.
+    """
+
+    ranking: torch.Tensor
+    counts: torch.Tensor
+    num_forced: torch.Tensor
+    budget: torch.Tensor
+    gamma_counts: torch.Tensor
+    scores: torch.Tensor
+
+
+def select_blocks_paged(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    ctx: int,
+    scale: float,
+    params: ProxyAttnParams,
+    proxy_tile: ProxyTileConfig | None = None,
+    budget_tile: BudgetTileConfig | None = None,
+) -> PagedSelection:
+    """Block selection of one prefill chunk.
+
+    Args:
+        q: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``
+            (any strides with a contiguous last dim; fp16, bf16 or fp32).
+        kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 cache view (K in ``[..., :D]``,
+            V in ``[..., D:]``), any strides with a contiguous last dim, same dtype as ``q``; must
+            already hold keys ``[0, ctx + q_len)``. ``page_size`` is a multiple of 16.
+        block_table: ``[max_pages]`` int32, the request's physical page per logical page.
+        ctx: tokens before the chunk (host int).
+        scale: softmax scale.
+        params: resolved parameters of this layer (``num_groups`` divides ``Hkv``).
+        proxy_tile, budget_tile: optional launch parameters (defaults tuned per device).
+
+    Returns:
+        ``PagedSelection(ranking, counts, num_forced, budget, gamma_counts, scores)``, equal to
+        the fields of ``reference.Selection`` computed from the same inputs (scores and the block
+        mass up to floating-point rounding; with ``seq_len < params.min_sparse_len`` the budget
+        is every key block, as in the reference).
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [q_len, Hq, D]; got {tuple(q.shape)}")
+    q_len = q.shape[0]
+    geo = ChunkGeometry(ctx, q_len, params.block_size)
+    scores = proxy_block_scores_paged(
+        q, kv_cache, block_table, ctx=ctx, scale=scale, num_groups=params.num_groups,
+        stride=params.stride, block_size=params.block_size, tile=proxy_tile,
+    )
+    budget, gamma_counts = head_budgets_paged(
+        q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=params.block_size,
+        gamma=params.gamma, min_budget_blocks=params.min_budget_blocks,
+        max_density=params.max_density, tile=budget_tile,
+    )
+    if geo.seq_len < params.min_sparse_len:
+        budget = torch.full_like(budget, geo.num_k_blocks)
+    ranking, counts, num_forced = select_blocks(
+        scores, budget, ctx, q_len, params.block_size, params.sink_blocks, params.local_blocks
+    )
+    return PagedSelection(ranking, counts, num_forced, budget, gamma_counts, scores)
+
+
+__all__ = ["PagedSelection", "select_blocks_paged"]

@@ -1,0 +1,404 @@
+"""Triton selection ops (proxy scores, budgets, select) against their torch specs (naive.py).
+
+On CPU the kernels run under the Triton interpreter on small shapes; the ``gpu`` tests run
+realistic sizes in bf16. Keys always come from a shuffled paged cache whose unused slots are
+NaN, through vLLM's permuted view; queries are a non-contiguous slice of a packed qkv tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import proxyattn_kernels.proxy_scores.triton as proxy_triton
+from proxyattn_kernels import ChunkGeometry, ProxyAttnParams, proxyattn_prefill_reference
+from proxyattn_kernels.budget.naive import gamma_block_counts, last_block_mass, limit_budget
+from proxyattn_kernels.budget.triton import BudgetTileConfig, head_budgets_paged, last_block_mass_paged
+from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
+from proxyattn_kernels.proxy_scores.triton import ProxyTileConfig, proxy_block_scores_paged
+from proxyattn_kernels.select import naive as select_naive
+from proxyattn_kernels.select.triton import select_blocks
+from proxyattn_kernels.selection import select_blocks_paged
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes log2(0) of masked rows before discarding them.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def poison_workspaces(monkeypatch):
+    """Internal workspaces start as NaN: every element a kernel reads must have been written."""
+    monkeypatch.setattr(proxy_triton, "_POISON_WORKSPACE", True)
+
+
+def make_chunk(hq, hkv, d, ctx, q_len, dtype, device=DEVICE, q_scale=1.0):
+    """``q [q_len, Hq, D]`` as a strided slice of a packed qkv tensor, contiguous ``k, v``."""
+    qkv = torch.randn(q_len, hq + 2 * hkv, d, device=device)
+    q = (q_scale * qkv).to(dtype)[:, :hq]
+    k = torch.randn(ctx + q_len, hkv, d, device=device).to(dtype)
+    v = torch.randn(ctx + q_len, hkv, d, device=device).to(dtype)
+    return q, k, v
+
+
+def make_paged(k, v, page_size, extra_pages=3):
+    """NHD physical cache (unused slots NaN) returned as vLLM's permuted logical view
+    ``[pages, Hkv, page_size, 2D]``, plus a shuffled int32 block table."""
+    seq_len, hkv, d = k.shape
+    n = -(-seq_len // page_size)
+    physical = torch.full((n + extra_pages, page_size, hkv, 2 * d), float("nan"), dtype=k.dtype, device=k.device)
+    table = torch.randperm(n + extra_pages, device=k.device)[:n].to(torch.int32)
+    pos = torch.arange(seq_len, device=k.device)
+    physical[table[pos // page_size].long(), pos % page_size] = torch.cat([k, v], dim=-1)
+    return physical.permute(0, 2, 1, 3), table
+
+
+def assert_scores_close(scores, expected, rtol, atol):
+    assert scores.shape == expected.shape and scores.dtype == torch.float32
+    assert not scores.isnan().any()
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected)), "-inf pattern differs"
+    assert (scores[torch.isinf(scores)] < 0).all()
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(scores[finite], expected[finite], rtol=rtol, atol=atol)
+
+
+def near_gamma_tie(mass: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
+    """``[Hq]`` True where a perturbation of ``eps`` in the mass could change the gamma count."""
+    srt = mass.sort(dim=-1, descending=True).values
+    cum = (srt / srt.sum(-1, keepdim=True)).cumsum(-1)
+    return ((cum - gamma).abs() < eps).any(-1)
+
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-2, 1e-4), torch.bfloat16: (5e-2, 1e-3)}
+
+# (Hq, Hkv, D, ctx, q_len, block, stride, page): GQA 1/2/4/7, chunks starting and ending inside
+# blocks and pages, page smaller and larger than the selection block.
+CPU_CASES = [
+    (4, 2, 32, 37, 90, 32, 4, 16),
+    (2, 2, 16, 101, 60, 16, 4, 32),
+    (4, 1, 16, 45, 77, 16, 2, 16),
+    (7, 1, 16, 61, 67, 32, 4, 32),
+]
+
+
+# ------------------------------------------------------------------------------------------
+# Proxy scores
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,stride,page", CPU_CASES)
+@pytest.mark.parametrize("groups", ["one", "per_kv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_proxy_scores_match_naive(rng_seed, hq, hkv, d, ctx, q_len, block, stride, page, groups, dtype):
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, dtype)
+    kv_cache, table = make_paged(k, v, page)
+    g = 1 if groups == "one" else hkv
+    scale = d**-0.5
+    scores = proxy_block_scores_paged(q, kv_cache, table, ctx=ctx, scale=scale, num_groups=g, stride=stride,
+                                      block_size=block)
+    expected = proxy_block_scores(q, k, ctx, scale, g, stride, block)
+    rtol, atol = TOL[dtype]
+    assert_scores_close(scores, expected, rtol, atol)
+
+
+# (block, stride, tile, splits): strided block vs tile: smaller (grouped pooling), equal, larger
+# (tile inside a block), incommensurable (masked generic pooling); key range split 1..3 ways.
+POOL_CASES = [
+    (16, 4, 16, 2),    # strided block 4 < tile 16
+    (32, 2, 16, 3),    # 16 == 16
+    (64, 1, 32, 2),    # 64 > 32
+    (48, 4, 16, 1),    # 12 vs 16: generic path
+    (48, 1, 32, 2),    # 48 vs 32: generic path
+    (16, 16, 16, 2),   # one strided position per block
+]
+
+
+@pytest.mark.parametrize("block,stride,tile,splits", POOL_CASES)
+def test_proxy_scores_tiles_splits_and_pooling(rng_seed, block, stride, tile, splits):
+    hq, hkv, d, ctx, q_len, page = 4, 2, 16, 2 * block + 5, 2 * block + 7, 16
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.float32)
+    kv_cache, table = make_paged(k, v, page)
+    cfg = ProxyTileConfig(tile, tile, 4, 1, num_splits=splits)
+    scores = proxy_block_scores_paged(q, kv_cache, table, ctx=ctx, scale=0.2, num_groups=2, stride=stride,
+                                      block_size=block, tile=cfg)
+    expected = proxy_block_scores(q, k, ctx, 0.2, 2, stride, block)
+    assert_scores_close(scores, expected, *TOL[torch.float32])
+
+
+@pytest.mark.parametrize("ctx,q_len", [(46, 100), (46, 1), (45, 2), (16, 2), (0, 1)])
+def test_proxy_scores_rows_without_strided_query(rng_seed, ctx, q_len):
+    """A row (or the whole chunk) without a position ``p % stride == 0`` stays -inf."""
+    q, k, v = make_chunk(4, 2, 16, ctx, q_len, torch.float32)
+    kv_cache, table = make_paged(k, v, 16)
+    scores = proxy_block_scores_paged(q, kv_cache, table, ctx=ctx, scale=0.25, num_groups=1, stride=4,
+                                      block_size=16)
+    expected = proxy_block_scores(q, k, ctx, 0.25, 1, 4, 16)
+    assert_scores_close(scores, expected, *TOL[torch.float32])
+
+
+def test_proxy_scores_bf16(rng_seed):
+    """bf16 only enters the interpreter through loads, casts and tl.dot."""
+    q, k, v = make_chunk(4, 2, 32, 50, 70, torch.bfloat16)
+    kv_cache, table = make_paged(k, v, 16)
+    scores = proxy_block_scores_paged(q, kv_cache, table, ctx=50, scale=32**-0.5, num_groups=1, stride=4,
+                                      block_size=16)
+    assert_scores_close(scores, proxy_block_scores(q, k, 50, 32**-0.5, 1, 4, 16), *TOL[torch.bfloat16])
+
+
+# ------------------------------------------------------------------------------------------
+# Budgets
+# ------------------------------------------------------------------------------------------
+
+
+def check_mass(mass, q, k, ctx, scale, block, gamma, rtol, atol):
+    """Mass close to naive; gamma counts equal to naive's wherever rounding cannot flip them."""
+    expected_mass = last_block_mass(q, k, ctx, scale, block)
+    torch.testing.assert_close(mass, expected_mass, rtol=rtol, atol=atol)
+    torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass[:, 0]), rtol=0, atol=1e-4)
+    stable = ~near_gamma_tie(expected_mass, gamma, 10 * atol + 1e-6)
+    naive_counts = gamma_block_counts(expected_mass, gamma)
+    assert torch.equal(gamma_block_counts(mass, gamma)[stable], naive_counts[stable])
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,stride,page", CPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_budget_matches_naive(rng_seed, hq, hkv, d, ctx, q_len, block, stride, page, dtype):
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, dtype, q_scale=2.0)  # peakier attention
+    kv_cache, table = make_paged(k, v, page)
+    scale = d**-0.5
+    out = torch.full((hq, ChunkGeometry(ctx, q_len, block).num_k_blocks), float("nan"))
+    mass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block, out=out)
+    assert mass is out and not out.isnan().any()
+    budget, gamma_counts = head_budgets_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block,
+                                              gamma=0.7, min_budget_blocks=2, max_density=None)
+    check_mass(mass, q, k, ctx, scale, block, 0.7, *TOL[dtype])
+    # The budgets are exactly the naive count and limits applied to this mass.
+    counts = gamma_block_counts(mass, 0.7)
+    assert torch.equal(gamma_counts, counts)
+    assert torch.equal(budget, limit_budget(counts, mass.shape[-1], 2, None))
+
+
+# (ctx, q_len, block, tile_m, tile_n, splits): several m-tiles per head (q_len > tile), fewer
+# queries than a block, a key tile smaller than the block, splits that do not divide the blocks.
+BUDGET_TILE_CASES = [
+    (70, 40, 32, 16, 16, 3),
+    (300, 5, 16, 16, 16, 2),
+    (37, 100, 32, 32, 32, 1),
+    (129, 64, 48, 32, 16, 4),
+]
+
+
+@pytest.mark.parametrize("ctx,q_len,block,tile_m,tile_n,splits", BUDGET_TILE_CASES)
+def test_budget_tiles_and_splits(rng_seed, ctx, q_len, block, tile_m, tile_n, splits):
+    hq, hkv, d = 4, 2, 16
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.float32, q_scale=3.0)
+    kv_cache, table = make_paged(k, v, 16)
+    cfg = BudgetTileConfig(tile_m, tile_n, 4, 1, num_splits=splits)
+    mass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=0.3, block_size=block, tile=cfg)
+    check_mass(mass, q, k, ctx, 0.3, block, 0.9, *TOL[torch.float32])
+
+
+def test_budget_gamma_one_keeps_every_block(rng_seed):
+    q, k, v = make_chunk(4, 2, 16, 90, 30, torch.float32)
+    kv_cache, table = make_paged(k, v, 32)
+    budget, counts = head_budgets_paged(q, kv_cache, table, ctx=90, scale=0.25, block_size=16, gamma=1.0,
+                                        min_budget_blocks=1, max_density=None)
+    assert (counts == 8).all() and (budget == 8).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Selection
+# ------------------------------------------------------------------------------------------
+
+
+def random_scores(geo: ChunkGeometry, groups: int) -> torch.Tensor:
+    """Scores with many exact ties, -0.0, -inf entries and rows without any estimate."""
+    s = torch.randint(0, 6, (groups, geo.num_q_blocks, geo.num_k_blocks), device=DEVICE).float() / 8
+    s[s == 0.125] = float("-inf")
+    s[s == 0.25] = -0.0
+    s[torch.rand(s.shape, device=DEVICE) < 0.3] = torch.rand(1, device=DEVICE).item()  # shared value
+    s[:, torch.rand(geo.num_q_blocks, device=DEVICE) < 0.2] = float("-inf")  # no estimate
+    return s
+
+
+# (ctx, q_len, block, groups, Hq, sink, local)
+SELECT_CASES = [
+    (37, 90, 16, 2, 4, 1, 1),
+    (0, 100, 16, 1, 7, 2, 3),
+    (130, 33, 32, 3, 6, 0, 1),
+    (260, 40, 16, 1, 2, 4, 2),
+    (15, 2, 16, 2, 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("ctx,q_len,block,groups,hq,sink,local", SELECT_CASES)
+def test_select_matches_naive(rng_seed, ctx, q_len, block, groups, hq, sink, local):
+    geo = ChunkGeometry(ctx, q_len, block)
+    scores = random_scores(geo, groups)
+    budget = torch.randint(1, geo.num_k_blocks + 3, (hq,), dtype=torch.int32, device=DEVICE)
+    out = (torch.full((groups, geo.num_q_blocks, geo.num_k_blocks), -7, dtype=torch.int32, device=DEVICE),
+           torch.full((hq, geo.num_q_blocks), -7, dtype=torch.int32, device=DEVICE),
+           torch.full((geo.num_q_blocks,), -7, dtype=torch.int32, device=DEVICE))
+    result = select_blocks(scores, budget, ctx, q_len, block, sink, local, out=out)
+    expected = select_naive.select_blocks(scores, budget, ctx, q_len, block, sink, local)
+    for name, got, want, buf in zip(("ranking", "counts", "num_forced"), result, expected, out):
+        assert got is buf
+        assert got.dtype == torch.int32 and torch.equal(got, want), name
+    # The torch fallback for very long rows gives the same answer.
+    fallback = select_blocks(scores, budget, ctx, q_len, block, sink, local, max_triton_blocks=1)
+    for got, want in zip(fallback, expected):
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------
+# Composition
+# ------------------------------------------------------------------------------------------
+
+
+def check_against_reference(sel, ref, q, k, ctx, scale, params, rtol, atol):
+    """Scores and mass within tolerance of the reference; everything derived from them exact."""
+    assert_scores_close(sel.scores, ref.scores, rtol, atol)
+    expected_mass = last_block_mass(q, k, ctx, scale, params.block_size)
+    expected_counts = gamma_block_counts(expected_mass, params.gamma)
+    stable = ~near_gamma_tie(expected_mass, params.gamma, 10 * atol + 1e-6)
+    assert torch.equal(sel.gamma_counts[stable], expected_counts[stable])
+    if ref.dense_reason is None:
+        budget = limit_budget(sel.gamma_counts, ref.geometry.num_k_blocks, params.min_budget_blocks,
+                              params.max_density)
+    else:
+        budget = torch.full_like(sel.gamma_counts, ref.geometry.num_k_blocks)
+    assert torch.equal(sel.budget, budget)
+    ranking, counts, num_forced = select_naive.select_blocks(
+        sel.scores, sel.budget, ctx, q.shape[0], params.block_size, params.sink_blocks, params.local_blocks)
+    assert torch.equal(sel.ranking, ranking) and torch.equal(sel.counts, counts)
+    assert torch.equal(sel.num_forced, num_forced) and torch.equal(sel.num_forced, ref.num_forced)
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,stride,page", CPU_CASES[:3])
+@pytest.mark.parametrize("groups", ["one", "per_kv"])
+def test_select_blocks_paged_matches_reference(rng_seed, hq, hkv, d, ctx, q_len, block, stride, page, groups):
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.float32, q_scale=2.0)
+    kv_cache, table = make_paged(k, v, page)
+    params = ProxyAttnParams(gamma=0.8, stride=stride, block_size=block, num_groups=1 if groups == "one" else hkv,
+                             min_budget_blocks=2, sink_blocks=1, local_blocks=2, min_sparse_len=0)
+    scale = d**-0.5
+    sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=scale, params=params)
+    assert isinstance(sel, tuple) and len(sel) == 6
+    _, ref = proxyattn_prefill_reference(q, ctx=ctx, params=params, scale=scale, kv_cache=kv_cache,
+                                         block_table=table)
+    check_against_reference(sel, ref, q, k, ctx, scale, params, *TOL[torch.float32])
+    assert (sel.counts < ref.extents()[None]).any(), "a real sparse selection"
+
+
+def test_short_sequence_budget_is_every_block(rng_seed):
+    q, k, v = make_chunk(4, 2, 16, 100, 60, torch.float32)
+    kv_cache, table = make_paged(k, v, 16)
+    params = ProxyAttnParams(gamma=0.3, block_size=16, min_budget_blocks=1, min_sparse_len=161)
+    sel = select_blocks_paged(q, kv_cache, table, ctx=100, scale=0.25, params=params)
+    _, ref = proxyattn_prefill_reference(q, k, v, ctx=100, params=params, scale=0.25)
+    assert ref.dense_reason == "short"
+    check_against_reference(sel, ref, q, k, 100, 0.25, params, *TOL[torch.float32])
+    assert (sel.budget == 10).all() and torch.equal(sel.counts, ref.counts)
+    assert (sel.gamma_counts < 10).any()
+
+
+def test_invalid_inputs_raise_clear_errors():
+    q, k, v = make_chunk(4, 2, 16, 10, 20, torch.float32)
+    kv_cache, table = make_paged(k, v, 16)
+    kw = dict(ctx=10, scale=0.25, num_groups=1, stride=4, block_size=16)
+    with pytest.raises(ValueError, match="dtype"):
+        proxy_block_scores_paged(q.half(), kv_cache, table, **kw)
+    with pytest.raises(ValueError, match="int32"):
+        proxy_block_scores_paged(q, kv_cache, table.long(), **kw)
+    with pytest.raises(ValueError, match="block_table covers"):
+        proxy_block_scores_paged(q, kv_cache, table[:1], **kw)
+    with pytest.raises(ValueError, match="num_groups"):
+        proxy_block_scores_paged(q, kv_cache, table, **{**kw, "num_groups": 3})
+    with pytest.raises(ValueError, match="head_dim"):
+        proxy_block_scores_paged(q[..., :8], kv_cache[..., :16], table, **kw)
+    with pytest.raises(ValueError, match="2 \\* head_dim"):
+        last_block_mass_paged(q, kv_cache[..., :24], table, ctx=10, scale=0.25, block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        last_block_mass_paged(q, kv_cache, table, ctx=10, scale=0.25, block_size=24)
+    with pytest.raises(ValueError, match="out must be"):
+        last_block_mass_paged(q, kv_cache, table, ctx=10, scale=0.25, block_size=16, out=torch.empty(4, 3))
+    geo = ChunkGeometry(10, 20, 16)
+    scores = torch.zeros(1, geo.num_q_blocks, geo.num_k_blocks)
+    with pytest.raises(ValueError, match="does not match"):
+        select_blocks(scores[:, :, :1], torch.ones(4, dtype=torch.int32), 10, 20, 16, 1, 1)
+    with pytest.raises(ValueError, match="budget"):
+        select_blocks(scores, torch.ones(4), 10, 20, 16, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: realistic sizes in bf16 (skipped without CUDA)
+# ------------------------------------------------------------------------------------------
+
+GPU_CASES = [(1, 16), (1, 128), (8, 128)]  # (groups, page_size)
+
+
+@pytest.fixture
+def exact_fp32_matmul():
+    """The naive oracle's fp32 einsums must not run in TF32."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,page", GPU_CASES)
+def test_gpu_realistic_bf16(rng_seed, exact_fp32_matmul, groups, page):
+    hq, hkv, d, ctx, q_len = 32, 8, 128, 32768 + 37, 4096
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.bfloat16, q_scale=2.0)
+    kv_cache, table = make_paged(k, v, page)
+    params = ProxyAttnParams(gamma=0.9, stride=4, block_size=128, num_groups=groups, min_budget_blocks=16,
+                             sink_blocks=1, local_blocks=1, min_sparse_len=8192)
+    scale = d**-0.5
+    sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=scale, params=params)
+    torch.cuda.synchronize()
+
+    expected_scores = proxy_block_scores(q, k, ctx, scale, groups, 4, 128)
+    assert_scores_close(sel.scores, expected_scores, rtol=5e-2, atol=1e-6)
+    mass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=128)
+    expected_mass = last_block_mass(q, k, ctx, scale, 128)
+    torch.testing.assert_close(mass, expected_mass, rtol=2e-3, atol=1e-6)
+    counts = gamma_block_counts(mass, params.gamma)
+    assert torch.equal(sel.gamma_counts, counts)
+    naive_counts = gamma_block_counts(expected_mass, params.gamma)
+    assert (sel.gamma_counts - naive_counts).abs().max() <= 2
+    ranking, counts, num_forced = select_naive.select_blocks(
+        sel.scores, sel.budget, ctx, q_len, 128, params.sink_blocks, params.local_blocks)
+    assert torch.equal(sel.ranking, ranking) and torch.equal(sel.counts, counts)
+    assert torch.equal(sel.num_forced, num_forced)
+
+
+@pytest.mark.gpu
+def test_gpu_128k_chunk_runs_and_is_consistent(rng_seed, monkeypatch):
+    """The performance-target shape (ctx=120K, q_len=8K): sanity and a printed timing (run with
+    ``-s`` to see it; the budget is about 1.4 ms on an H200)."""
+    monkeypatch.setattr(proxy_triton, "_POISON_WORKSPACE", False)  # time the real allocations
+    hq, hkv, d, ctx, q_len, page = 32, 8, 128, 122880, 8192, 16
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.bfloat16)
+    kv_cache, table = make_paged(k, v, page)
+    del k, v
+    params = ProxyAttnParams(gamma=0.95, stride=4, block_size=128, num_groups=1)
+    scale = d**-0.5
+    run = lambda: select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=scale, params=params)  # noqa: E731
+    for _ in range(3):
+        sel = run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        sel = run()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"select_blocks_paged 128K chunk: {start.elapsed_time(end) / 10:.3f} ms")
+    geo = ChunkGeometry(ctx, q_len, 128)
+    assert sel.scores.shape == (1, geo.num_q_blocks, geo.num_k_blocks)
+    extents = geo.first_q_block + 1 + torch.arange(geo.num_q_blocks, device=DEVICE)
+    assert torch.equal(torch.isfinite(sel.scores[0]).sum(-1), extents)  # exactly the causal blocks
+    ranking, counts, num_forced = select_naive.select_blocks(sel.scores, sel.budget, ctx, q_len, 128, 1, 1)
+    assert torch.equal(sel.ranking, ranking) and torch.equal(sel.counts, counts)
+    assert ((sel.budget >= 16) & (sel.budget <= geo.num_k_blocks)).all()
+    assert math.isfinite(float(sel.scores[torch.isfinite(sel.scores)].sum()))
