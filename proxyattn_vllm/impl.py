@@ -21,7 +21,8 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
 from proxyattn_kernels import ProxyAttnParams
-from proxyattn_kernels.reference import proxyattn_prefill_reference
+from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
+from proxyattn_kernels.selection import select_blocks_paged
 
 from ._compat import dense_kernel_is_flash_attn, triton_available
 from .config import ProxyAttnConfig
@@ -48,9 +49,9 @@ def sparse_prefill(
     """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
 
     This is the single boundary between the vLLM glue and the ProxyAttn kernels: the glue
-    guarantees the arguments below; an implementation computes proxy scores, budgets, selection
-    and block-sparse attention, and must equal ``proxyattn_prefill_reference`` (the oracle).
-    For now it *is* the torch reference; the Triton kernels replace the body, not the signature.
+    guarantees the arguments below; the Triton kernels compute proxy scores, budgets, the
+    selection and block-sparse attention (kernel launches only, no host sync), and must equal
+    ``kernels/reference.py::proxyattn_prefill_reference`` (the oracle, see tests/test_vllm_impl.py).
 
     Args:
         query: ``[q_len, Hq, D]`` post-RoPE queries of the chunk, absolute positions
@@ -64,10 +65,13 @@ def sparse_prefill(
         scale: softmax scale.
         params: the layer's resolved ProxyAttn parameters.
     """
-    out, _selection = proxyattn_prefill_reference(
-        query, ctx=ctx, params=params, scale=scale, kv_cache=kv_cache, block_table=block_table_row
+    selection = select_blocks_paged(
+        query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params
     )
-    output.copy_(out)
+    block_sparse_attn(
+        query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
+        ctx=ctx, scale=scale, block_size=params.block_size,
+    )
 
 
 class ProxyAttnImpl(FlashAttentionImpl):
