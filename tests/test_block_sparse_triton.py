@@ -14,19 +14,9 @@ from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
+from tests._paged import make_paged
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def make_paged(k, v, page_size, extra_pages=2):
-    """NHD physical cache (unused slots poisoned with NaN), returned as vLLM's logical view
-    ``[pages, Hkv, page_size, 2D]`` plus a shuffled block table."""
-    seq_len, hkv, d = k.shape
-    n = -(-seq_len // page_size)
-    physical = torch.full((n + extra_pages, page_size, hkv, 2 * d), float("nan"), dtype=k.dtype, device=k.device)
-    table = torch.randperm(n + extra_pages, device=k.device)[:n].to(torch.int32)
-    pos = torch.arange(seq_len, device=k.device)
-    physical[table[pos // page_size].long(), pos % page_size] = torch.cat([k, v], dim=-1)
-    return physical.permute(0, 2, 1, 3), table
 
 
 def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6, full=False, tile=None,

@@ -12,6 +12,8 @@ from proxyattn_kernels.budget.naive import gamma_block_counts, last_block_mass
 from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 
+from tests._paged import make_paged
+
 # (Hq, Hkv, D, ctx, q_len, block_size): GQA 1:1 .. 7:1, chunk starts and ends off block boundaries.
 SHAPES = [
     (4, 2, 32, 0, 200, 32),
@@ -37,19 +39,6 @@ def random_chunk(hq, hkv, d, ctx, q_len, dtype=torch.float32):
     k = torch.randn(ctx + q_len, hkv, d, dtype=dtype)
     v = torch.randn(ctx + q_len, hkv, d, dtype=dtype)
     return q, k, v
-
-
-def to_paged(k, v, page_size, num_pages_extra=3):
-    """Scatter contiguous K/V into an NHD paged cache with a shuffled block table; return the
-    permuted logical view vLLM hands to backends: ``[pages, Hkv, page_size, 2D]``."""
-    seq_len, hkv, d = k.shape
-    n = -(-seq_len // page_size)
-    num_pages = n + num_pages_extra
-    physical = torch.full((num_pages, page_size, hkv, 2 * d), float("nan"), dtype=k.dtype)
-    table = torch.randperm(num_pages)[:n].to(torch.int32)
-    for pos in range(seq_len):
-        physical[table[pos // page_size], pos % page_size] = torch.cat([k[pos], v[pos]], dim=-1)
-    return physical.permute(0, 2, 1, 3), table
 
 
 @pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block", SHAPES)
@@ -78,7 +67,7 @@ def test_dense_oracle_matches_sdpa(rng_seed):
 def test_paged_cache_equals_contiguous(rng_seed, page_size):
     hq, hkv, d, ctx, q_len, block = 8, 2, 32, 290, 200, 32
     q, k, v = random_chunk(hq, hkv, d, ctx, q_len)
-    kv_cache, table = to_paged(k, v, page_size)
+    kv_cache, table = make_paged(k, v, page_size)
     k2, v2 = gather_paged_kv(kv_cache, table, ctx + q_len)
     assert torch.equal(k2, k) and torch.equal(v2, v)
     params = ProxyAttnParams(gamma=0.8, block_size=block, num_groups=2, min_budget_blocks=2,

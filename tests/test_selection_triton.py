@@ -21,6 +21,8 @@ from proxyattn_kernels.select import naive as select_naive
 from proxyattn_kernels.select.triton import select_blocks
 from proxyattn_kernels.selection import select_blocks_paged
 
+from tests._paged import make_paged
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes log2(0) of masked rows before discarding them.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -39,18 +41,6 @@ def make_chunk(hq, hkv, d, ctx, q_len, dtype, device=DEVICE, q_scale=1.0):
     k = torch.randn(ctx + q_len, hkv, d, device=device).to(dtype)
     v = torch.randn(ctx + q_len, hkv, d, device=device).to(dtype)
     return q, k, v
-
-
-def make_paged(k, v, page_size, extra_pages=3):
-    """NHD physical cache (unused slots NaN) returned as vLLM's permuted logical view
-    ``[pages, Hkv, page_size, 2D]``, plus a shuffled int32 block table."""
-    seq_len, hkv, d = k.shape
-    n = -(-seq_len // page_size)
-    physical = torch.full((n + extra_pages, page_size, hkv, 2 * d), float("nan"), dtype=k.dtype, device=k.device)
-    table = torch.randperm(n + extra_pages, device=k.device)[:n].to(torch.int32)
-    pos = torch.arange(seq_len, device=k.device)
-    physical[table[pos // page_size].long(), pos % page_size] = torch.cat([k, v], dim=-1)
-    return physical.permute(0, 2, 1, 3), table
 
 
 def assert_scores_close(scores, expected, rtol, atol):

@@ -54,6 +54,18 @@ def default_tile_config(block_size: int, head_dim: int, on_cpu: bool, page_size:
 
 
 @triton.jit
+def _online_softmax_update(acc, m_i, l_i, qk, v):
+    """Fold one tile of log2-domain logits ``qk [BLOCK_M, BLOCK_N]`` and values ``v`` into the
+    running max ``m_i``, denominator ``l_i`` and unnormalised output ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, key_start, kv_base, block_table_ptr, offs_n, offs_d, q_pos,
     seq_len, qk_scale,
@@ -79,12 +91,7 @@ def _attend_tile(
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return _online_softmax_update(acc, m_i, l_i, qk, v)
 
 
 @triton.jit
@@ -95,13 +102,7 @@ def _attend_tile_tma(
     TMA from the cache viewed as ``[pages * page_size, Hkv * 2D]``."""
     k = kv_desc.load([row, kv_col])
     v = kv_desc.load([row, kv_col + HEAD_DIM])
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return _online_softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)) * qk_scale, v)
 
 
 @triton.jit
