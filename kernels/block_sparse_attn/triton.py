@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..paged import paged_row_offsets
+
 _LOG2E = 1.4426950408889634
 
 
@@ -76,10 +78,9 @@ def _attend_tile(
     k_pos = key_start + offs_n
     if MASKED:
         in_seq = k_pos < seq_len
-        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE, mask=in_seq, other=0)
+        row_off = paged_row_offsets(block_table_ptr, k_pos, in_seq, stride_kv_page, stride_kv_tok, PAGE_SIZE)
     else:
-        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE)
-    row_off = page.to(tl.int64) * stride_kv_page + (k_pos % PAGE_SIZE) * stride_kv_tok
+        row_off = paged_row_offsets(block_table_ptr, k_pos, None, stride_kv_page, stride_kv_tok, PAGE_SIZE)
     k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
     if MASKED:
         k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)

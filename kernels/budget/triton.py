@@ -33,6 +33,7 @@ import triton.language as tl
 from ..params import ChunkGeometry
 from ..proxy_scores import triton as _proxy_triton  # _workspace (and its test poison switch)
 from ..proxy_scores.triton import _check_paged_inputs, _input_precision, _safe_max, _target_programs
+from ..paged import paged_row_offsets
 from .naive import gamma_block_counts, limit_budget
 
 _LOG2E = 1.4426950408889634
@@ -71,10 +72,9 @@ def _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, key_start, q_pos, seq
     k_pos = key_start + offs_n
     if MASKED:
         in_seq = k_pos < seq_len
-        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE, mask=in_seq, other=0)
+        row_off = paged_row_offsets(block_table_ptr, k_pos, in_seq, stride_kv_page, stride_kv_tok, PAGE_SIZE)
     else:
-        page = tl.load(block_table_ptr + k_pos // PAGE_SIZE)
-    row_off = page.to(tl.int64) * stride_kv_page + (k_pos % PAGE_SIZE).to(tl.int64) * stride_kv_tok
+        row_off = paged_row_offsets(block_table_ptr, k_pos, None, stride_kv_page, stride_kv_tok, PAGE_SIZE)
     k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
     if MASKED:
         k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)

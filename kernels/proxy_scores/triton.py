@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..paged import paged_row_offsets
 from ..params import ChunkGeometry
 
 _LOG2E = 1.4426950408889634
@@ -121,8 +122,7 @@ def _proxy_heads_kernel(
     valid = (a >= lo) & (a <= hi)
     pos = a * STRIDE
     if PAGED:
-        page = tl.load(block_table_ptr + pos // PAGE_SIZE, mask=valid, other=0)
-        row_off = page.to(tl.int64) * stride_src_page + (pos % PAGE_SIZE).to(tl.int64) * stride_src_tok
+        row_off = paged_row_offsets(block_table_ptr, pos, valid, stride_src_page, stride_src_tok, PAGE_SIZE)
     else:
         row_off = (pos - ctx).to(tl.int64) * stride_src_tok
     ptrs = src_ptr + (g * HEADS).to(tl.int64) * stride_src_head + row_off[:, None] + offs_d[None, :]
