@@ -21,7 +21,7 @@ import math
 import os
 import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import triton
@@ -175,15 +175,18 @@ def main() -> int:
                 fa3_ms = timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))
             sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device)
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)
-            for density in () if args.only_sweep else (1.0, 0.1):
+            # Default: each head visits its blocks by position; "score-order" is the previous
+            # visiting order (by proxy score), kept as an A/B in the same run.
+            variants = [(tile, ""), (replace(tile, position_order=False), " score-order")]
+            for density, (variant, suffix) in itertools.product(() if args.only_sweep else (1.0, 0.1), variants):
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
                 t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
-                                                    block_size=block, tile=tile))
+                                                    block_size=block, tile=variant))
                 flops = 4.0 * d * float(counts.sum()) * block * block  # counts sum over heads; full tiles
                 case = {
-                    "name": f"{name} page{page} density{density}", "model_shape": name,
+                    "name": f"{name} page{page} density{density}{suffix}", "model_shape": name,
                     "hq": hq, "hkv": hkv, "head_dim": d, "ctx": ctx, "q_len": q_len, "page_size": page,
-                    "block_size": block, "kernel": "triton", "tile": asdict(tile),
+                    "block_size": block, "kernel": "triton", "tile": asdict(variant),
                     "density_target": density, "density": used,
                     "proxyattn_ms": t["median"] + (sel_ms["median"] if sel_ms else 0.0),
                     "attn_ms": t["median"], "attn_ms_p10": t["p10"], "attn_ms_p90": t["p90"],
@@ -235,13 +238,13 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     log(f"\nwrote {args.out}  ({result['gpu']}, {result['date']})")
-    header = f"{'case':36s} {'density':>7s} {'attn ms':>8s} {'sel ms':>7s} {'fa3 ms':>8s} {'attn/fa3':>8s} {'TFLOP/s':>8s}"
+    header = f"{'case':44s} {'density':>7s} {'attn ms':>8s} {'sel ms':>7s} {'fa3 ms':>8s} {'attn/fa3':>8s} {'TFLOP/s':>8s}"
     log(header)
     for c in cases:
         ratio = c["attn_ms"] / c["fa3_dense_ms"] if c["fa3_dense_ms"] else float("nan")
         sel = f"{c['selection_ms']:.3f}" if c["selection_ms"] is not None else "-"
         fa = f"{c['fa3_dense_ms']:.3f}" if c["fa3_dense_ms"] is not None else "-"
-        log(f"{c['name']:36s} {c['density']:7.3f} {c['attn_ms']:8.3f} {sel:>7s} {fa:>8s} {ratio:8.3f} {c['attn_tflops']:8.1f}")
+        log(f"{c['name']:44s} {c['density']:7.3f} {c['attn_ms']:8.3f} {sel:>7s} {fa:>8s} {ratio:8.3f} {c['attn_tflops']:8.1f}")
     return 0
 
 

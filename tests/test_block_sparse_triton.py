@@ -10,7 +10,7 @@ import torch
 
 from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
-from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn
+from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, head_block_lists
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
@@ -86,6 +86,33 @@ def test_sequential_key_baseline_equals_dense(rng_seed, use_tma):
     # The benchmark baseline that skips the ranking must still be exact at full density.
     run_case(4, 2, 16, 75, 100, 32, 32, torch.float32, full=True,
              tile=TileConfig(32, 16, 4, 1, use_tma=use_tma, sequential_keys=True))
+
+
+def test_score_order_equals_naive(rng_seed):
+    """The previous visiting order (by score, shared per group) stays available and exact."""
+    run_case(8, 2, 32, 37, 70, 32, 16, torch.float32, groups=2,
+             tile=TileConfig(32, 32, 4, 1, use_tma=False, position_order=False))
+
+
+def test_head_block_lists_are_each_heads_selection_by_position(rng_seed):
+    groups, rows, num_k_blocks, hq = 2, 3, 9, 6
+
+    def ranked_row(diagonal):  # the diagonal first, the earlier blocks in random order, -1 padding
+        row = torch.cat([torch.tensor([diagonal]), torch.randperm(diagonal)])
+        return torch.cat([row, torch.full((num_k_blocks - len(row),), -1)])
+
+    ranking = torch.stack([torch.stack([ranked_row(6 + r) for r in range(rows)]) for _ in range(groups)])
+    ranking = ranking.to(torch.int32)
+    counts = torch.randint(1, 7, (hq, rows), dtype=torch.int32)
+    lists = head_block_lists(ranking, counts)
+    assert lists.shape == (hq, rows, num_k_blocks)
+    for h in range(hq):
+        for r in range(rows):
+            n = int(counts[h, r])
+            chosen = ranking[h // (hq // groups), r, :n]
+            assert lists[h, r, 0] == ranking[0, r, 0], "the diagonal stays first"
+            assert lists[h, r, :n].tolist() == sorted(chosen.tolist(), reverse=True)
+            assert (lists[h, r, n:] == -1).all()
 
 
 def test_rejects_bad_inputs():

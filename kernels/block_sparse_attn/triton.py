@@ -3,7 +3,8 @@
 One program computes ``BLOCK_M`` queries of one query-block row for one query head. It first
 attends to the row's diagonal block (the only block that needs the causal mask and the
 sequence-end bound; ``ranking[:, row, 0]`` is always the diagonal, see select/naive.py), then
-walks the rest of its head's prefix of the group ranking without any masking. K and V are
+walks the rest of its head's selected blocks (its prefix of the group ranking, by default
+re-ordered by position: :func:`head_block_lists`) without any masking. K and V are
 gathered through the block table with the cache's own strides (K and V packed in the last
 dimension), so any page size that is a multiple of 16 works.
 
@@ -35,6 +36,8 @@ class TileConfig:
     # holds whole key tiles; otherwise tiles are gathered row by row through the block table.
     use_tma: bool = True
     warp_specialize: bool = False
+    # Visit each head's selected blocks by position (head_block_lists) instead of by score.
+    position_order: bool = True
     # Benchmark baseline only: visit key blocks 0, 1, ... in order instead of through the
     # ranking (equal results at full density); measures the cost of the ranking indirection.
     sequential_keys: bool = False
@@ -106,7 +109,9 @@ def _attend_tile_tma(
     return _online_softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)) * qk_scale, v)
 
 
-@triton.jit
+# Chunk positions change with every chunk: specializing on them (divisibility by 16) would
+# JIT-compile new variants while serving.
+@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
     ctx, seq_len, first_q_block, qk_scale,
@@ -188,6 +193,21 @@ def _block_sparse_attn_kernel(
         out_ptr + q_tok[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=q_valid[:, None],
     )
+
+
+def head_block_lists(ranking: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each head's selected key blocks in descending key order: ``[Hq, R, Kb]`` int32.
+
+    Row ``[h, r]`` holds the first ``counts[h, r]`` blocks of ``ranking[group(h), r]`` sorted by
+    position, largest first (so the diagonal block stays first, as the kernel expects), then -1.
+    Softmax does not care about the visiting order, but the memory system does: when every
+    program walks its keys in the same direction, programs running at the same time read the
+    same K/V tiles and share them in L2, which a score-ordered walk does not (a few tensor ops,
+    no host sync)."""
+    num_q_heads, num_rows = counts.shape
+    per_head = ranking.repeat_interleave(num_q_heads // ranking.shape[0], dim=0)
+    in_prefix = torch.arange(ranking.shape[-1], device=ranking.device) < counts[..., None]
+    return torch.where(in_prefix, per_head, -1).sort(dim=-1, descending=True).values.to(torch.int32)
 
 
 def ranked_tile_rows(
@@ -282,6 +302,10 @@ def block_sparse_attn(
         raise ValueError(f"tile {tile} must divide block_size={block_size}")
 
     kv_desc = _nhd_descriptor(kv_cache, tile) if tile.use_tma else None
+    if tile.position_order:
+        ranking, heads_per_group = head_block_lists(ranking, counts), 1
+    else:
+        heads_per_group = num_q_heads // num_groups
     tile_rows = ranking  # unused by the gather path
     if kv_desc is not None:
         if not ranking.is_contiguous():
@@ -297,7 +321,7 @@ def block_sparse_attn(
         counts.stride(0),
         out.stride(0), out.stride(1),
         HEADS_PER_KV=num_q_heads // num_kv_heads,
-        HEADS_PER_GROUP=num_q_heads // num_groups,
+        HEADS_PER_GROUP=heads_per_group,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         USE_TMA=kv_desc is not None, WARP_SPECIALIZE=tile.warp_specialize,
