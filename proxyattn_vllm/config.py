@@ -129,9 +129,21 @@ class ProxyAttnConfig:
             _fail(
                 "num_proxy_groups",
                 self.num_proxy_groups,
-                f'"auto" or a divisor of the {num_kv_heads} KV heads per rank: {divisors}',
+                f'"auto" or a divisor of the {num_kv_heads} KV heads per rank (the model\'s KV '
+                f"heads divided by the tensor-parallel size): {divisors}",
             )
         return int(self.num_proxy_groups)
+
+    def check_model(self, num_layers: int) -> None:
+        """Check the settings that depend on the model: ``dense_layers`` must name its layers
+        (an index past the last layer would be ignored silently, most likely a typo)."""
+        outside = [i for i in self.dense_layers if i >= num_layers]
+        if outside:
+            _fail(
+                "dense_layers",
+                list(self.dense_layers),
+                f"layer indices of this model, 0..{num_layers - 1} (not {outside})",
+            )
 
     def kernel_params(self, num_q_heads: int, num_kv_heads: int) -> ProxyAttnParams:
         """Resolve into the parameters the kernels take, for one layer."""

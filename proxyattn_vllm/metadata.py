@@ -45,14 +45,18 @@ _LOGGED_CONFIGS: set[str] = set()
 def load_config(vllm_config: Any | None) -> ProxyAttnConfig:
     """The :class:`ProxyAttnConfig` of ``vllm_config.additional_config["proxyattn"]``.
 
-    Raises :class:`~proxyattn_vllm.config.ProxyAttnConfigError` for a bad value (at startup:
-    builders and impls are created while the engine starts). Logs the resolved configuration
-    once per process (one line, however many layers and builders ask).
+    Raises :class:`~proxyattn_vllm.config.ProxyAttnConfigError` for a bad value, including one
+    that does not fit the model (at startup: builders and impls are created while the engine
+    starts). Logs the resolved configuration once per process (one line, however many layers
+    and builders ask).
     """
     additional = getattr(vllm_config, "additional_config", None) if vllm_config is not None else None
     if additional is not None and not isinstance(additional, Mapping):
         additional = None  # a non-dict additional_config belongs to some other plugin
     config = ProxyAttnConfig.from_additional_config(additional)
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is not None:
+        config.check_model(model_config.get_total_num_hidden_layers())
     line = config.describe()
     if line not in _LOGGED_CONFIGS:
         _LOGGED_CONFIGS.add(line)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 
 import pytest
@@ -86,3 +87,67 @@ def test_kernel_params():
     p = ProxyAttnConfig(min_budget_tokens=2000, block_size=64, max_density=0.1).kernel_params(32, 8)
     assert (p.min_budget_blocks, p.block_size, p.num_groups, p.max_density) == (32, 64, 1, 0.1)
     assert ProxyAttnConfig(min_budget_tokens=0).kernel_params(32, 8).min_budget_blocks == 1
+
+
+# Every key, every kind of wrong value: a bool where a number is expected (JSON true/false,
+# which Python would otherwise accept as 1/0), NaN and infinities, strings, and out-of-range.
+_INT_KEYS = {  # key: (smallest accepted, largest accepted or None)
+    "stride": (1, 64), "block_size": (16, 1024), "num_proxy_groups": (1, None),
+    "min_budget_tokens": (0, None), "sink_blocks": (0, None), "local_blocks": (1, None),
+    "min_sparse_len": (0, None),
+}
+_BAD_VALUES = (
+    [(key, bad) for key in _INT_KEYS for bad in (True, False, 16.0, "16", None, math.nan, math.inf)]
+    + [(key, lo - 1) for key, (lo, _) in _INT_KEYS.items()]
+    + [(key, hi + 16) for key, (_, hi) in _INT_KEYS.items() if hi is not None]
+    + [("gamma", bad) for bad in (True, math.nan, math.inf, -math.inf, -0.1, 1.0001, "0.9", None)]
+    + [("max_density", bad) for bad in (True, math.nan, math.inf, -0.5, 1.5, "0.1", [0.1])]
+    + [("dense_layers", bad) for bad in ([True], [0.0], ["0"], [math.nan], "0,1", {0: 1}, None)]
+)
+
+
+@pytest.mark.parametrize("key,value", _BAD_VALUES, ids=[f"{k}={v!r}" for k, v in _BAD_VALUES])
+def test_every_key_rejects_wrong_types_and_ranges(key, value):
+    with pytest.raises(ProxyAttnConfigError) as err:
+        ProxyAttnConfig.from_dict({key: value})
+    msg = str(err.value)
+    assert f"{key}=" in msg and "accepted:" in msg and "--additional-config" in msg, msg
+
+
+@pytest.mark.parametrize("key", sorted(_INT_KEYS))
+def test_int_keys_accept_their_bounds(key):
+    lo, hi = _INT_KEYS[key]
+    for value in (lo, hi) if hi is not None else (lo,):
+        extra = {"stride": 1} if key == "block_size" else {}  # stride must divide block_size
+        assert getattr(ProxyAttnConfig.from_dict({key: value, **extra}), key) == value
+
+
+def test_gamma_and_max_density_accept_their_bounds():
+    cfg = ProxyAttnConfig.from_dict({"gamma": 1, "max_density": 1})
+    assert (cfg.gamma, cfg.max_density) == (1.0, 1.0) and isinstance(cfg.gamma, float)
+    assert ProxyAttnConfig.from_dict({"gamma": 1e-6}).gamma == 1e-6
+
+
+def test_unknown_keys_and_wrong_case_are_rejected():
+    for key in ("Gamma", "block-size", "num_groups", ""):
+        with pytest.raises(ProxyAttnConfigError, match=f"unknown key {key!r}"):
+            ProxyAttnConfig.from_dict({key: 1})
+
+
+def test_num_proxy_groups_is_checked_per_tensor_parallel_rank():
+    """8 KV heads and TP=2: each rank has 4, so 8 groups (valid without TP) is rejected and the
+    message says why (per rank) and lists what is accepted."""
+    cfg = ProxyAttnConfig(num_proxy_groups=8)
+    assert cfg.kernel_params(32, 8).num_groups == 8  # TP=1
+    with pytest.raises(ProxyAttnConfigError) as err:
+        cfg.kernel_params(16, 4)  # TP=2: the head counts vLLM gives each rank's layer
+    msg = str(err.value)
+    assert "num_proxy_groups=8" in msg and "4 KV heads per rank" in msg, msg
+    assert "tensor-parallel" in msg and "[1, 2, 4]" in msg, msg
+
+
+def test_dense_layers_must_exist_in_the_model():
+    cfg = ProxyAttnConfig(dense_layers=[0, 31])
+    cfg.check_model(32)
+    with pytest.raises(ProxyAttnConfigError, match=r"dense_layers=\[0, 31\].*0\.\.23 \(not \[31\]\)"):
+        cfg.check_model(24)

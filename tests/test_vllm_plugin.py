@@ -182,6 +182,9 @@ def test_backend_capabilities():
         sizes = backend.get_supported_kernel_block_sizes(spec)
         assert len(sizes) == 1 and isinstance(sizes[0], MultipleOf) and sizes[0].base == 16
     assert [s.base for s in backend.get_supported_kernel_block_sizes()] == [16]
+    # Without --block-size vLLM takes the preferred page size: 128 keeps the sparse kernel on TMA.
+    assert backend.get_preferred_block_size(16) == 128
+    assert backend.get_preferred_block_size(256) == 256
     assert not backend.is_sparse() and not backend.is_mla()
     assert not backend.supports_sliding_window() and not backend.supports_sink()
     assert not backend.supports_mm_prefix() and not backend.supports_non_causal()
@@ -201,6 +204,6 @@ def test_backend_capabilities():
     assert backend.validate_configuration(**common) == []
     reasons = backend.validate_configuration(**{**common, "has_sink": True}, has_sliding_window=True)
     assert "attention sinks not supported" in reasons and "sliding window not supported" in reasons
-    assert backend.validate_configuration(**{**common, "kv_cache_dtype": "fp8"}) == [
-        "kv_cache_dtype not supported"
-    ]
+    reasons = backend.validate_configuration(**{**common, "kv_cache_dtype": "fp8"})
+    assert reasons[0] == "kv_cache_dtype not supported" and len(reasons) == 2
+    assert "--attention-backend FLASH_ATTN" in reasons[1]  # ProxyAttn's hint, once
