@@ -24,6 +24,7 @@ from proxyattn_kernels import ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
 from proxyattn_kernels.selection import select_blocks_paged
 
+from . import stats
 from ._compat import dense_kernel_is_flash_attn, triton_available
 from .config import ProxyAttnConfig
 from .metadata import ProxyAttnMetadata, load_config
@@ -31,6 +32,8 @@ from .metadata import ProxyAttnMetadata, load_config
 logger = init_logger("vllm.proxyattn")
 
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+#: Head sizes the Triton selection and block-sparse kernels are built for (power-of-two tiles).
+SUPPORTED_HEAD_SIZES = (16, 32, 64, 128, 256)
 
 
 class ProxyAttnUnsupportedError(ValueError):
@@ -45,6 +48,7 @@ def sparse_prefill(
     ctx: int,
     scale: float,
     params: ProxyAttnParams,
+    layer_index: int | None = None,
 ) -> None:
     """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
 
@@ -64,10 +68,16 @@ def sparse_prefill(
         ctx: tokens before the chunk (Python int; no device sync needed).
         scale: softmax scale.
         params: the layer's resolved ProxyAttn parameters.
+        layer_index: the layer's index, only for the ``PROXYATTN_STATS`` diagnostics.
     """
     selection = select_blocks_paged(
         query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params
     )
+    if stats.ENABLED:  # diagnostic only (see stats.py); off: this one check
+        stats.record(
+            query, kv_cache, block_table_row, selection, ctx=ctx, scale=scale,
+            block_size=params.block_size, layer_index=layer_index,
+        )
     block_sparse_attn(
         query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
         ctx=ctx, scale=scale, block_size=params.block_size,
@@ -100,7 +110,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
         proxyattn_config: ProxyAttnConfig | None = None,
     ) -> None:
         _check_supported(
-            attn_type, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks
+            attn_type, head_size, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype,
+            sinks,
         )
         if proxyattn_config is None:
             from vllm.config import get_current_vllm_config_or_none
@@ -180,11 +191,12 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 dense.seq_lens[run.req_start : run.req_end], run.max_seq_len,
                 dense.block_table[run.req_start : run.req_end],
             )
+        layer_index = stats.layer_index(layer) if stats.ENABLED else None
         for row in plan.sparse_rows:
             sparse_prefill(
                 query[row.token_start : row.token_end], kv_cache, dense.block_table[row.req_idx],
                 output[row.token_start : row.token_end], row.ctx, self.scale,
-                self.proxyattn_params,
+                self.proxyattn_params, layer_index=layer_index,
             )
         return output
 
@@ -259,12 +271,21 @@ def _layer_index(layer: torch.nn.Module) -> int:
         ) from exc
 
 
-def _check_supported(attn_type, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks):
+def _check_supported(
+    attn_type, head_size, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks
+):
     fallback = "serve this model with --attention-backend FLASH_ATTN (dense) instead"
     if attn_type != AttentionType.DECODER:
         raise ProxyAttnUnsupportedError(
             f"proxyattn: attention type {attn_type!r} is not supported (only decoder "
             f"self-attention; no encoder, encoder-only or cross-attention): {fallback}."
+        )
+    # Checked here because the kernels would otherwise only reject it at the first long prompt,
+    # after startup, killing the engine mid-serving.
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise ProxyAttnUnsupportedError(
+            f"proxyattn: head size {head_size} is not supported by the sparse kernels "
+            f"(accepted: {', '.join(map(str, SUPPORTED_HEAD_SIZES))}): {fallback}."
         )
     if sliding_window is not None:
         raise ProxyAttnUnsupportedError(

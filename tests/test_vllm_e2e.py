@@ -122,9 +122,11 @@ def test_greedy_tokens_match_dense_cpu_backend(model_dir, prompts, monkeypatch, 
     calls: list[tuple[int, int]] = []
     original_sparse_prefill = impl_module.sparse_prefill
 
-    def counting_sparse_prefill(query, kv_cache, block_table_row, output, ctx, scale, params):
+    def counting_sparse_prefill(query, kv_cache, block_table_row, output, ctx, scale, params, **kwargs):
         calls.append((ctx, query.shape[0]))
-        return original_sparse_prefill(query, kv_cache, block_table_row, output, ctx, scale, params)
+        return original_sparse_prefill(
+            query, kv_cache, block_table_row, output, ctx, scale, params, **kwargs
+        )
 
     monkeypatch.setattr(impl_module, "sparse_prefill", counting_sparse_prefill)
     # ProxyAttn first: it then runs with vLLM's default (NHD) cache layout, as in production.

@@ -1,0 +1,134 @@
+"""Diagnostics of a block selection: its density and the share of dense attention mass it keeps.
+
+Plain torch, no vLLM. Used by ``proxyattn_vllm/stats.py`` (the ``PROXYATTN_STATS`` collector)
+and by the quality benchmark; both are diagnostic-only (the kept mass reads the whole context's
+keys and host-syncs when the caller converts it to a number).
+
+Conventions are those of ``kernels/select/naive.py``: a chunk has queries ``[ctx, ctx + q_len)``
+and keys ``[0, ctx + q_len)``; row ``r`` is query block ``ctx // block_size + r`` and may see key
+blocks ``0 .. ctx // block_size + r`` (its causal extent); head ``h`` of group
+``g = h // (Hq // G)`` computes key blocks ``ranking[g, r, :counts[h, r]]``. Rows that run dense
+(no proxy estimate, or a sequence shorter than ``min_sparse_len``) have ``counts == extent``, so
+they count as fully dense here too.
+"""
+from __future__ import annotations
+
+import torch
+
+from .params import ChunkGeometry
+
+
+def causal_blocks(ctx: int, q_len: int, block_size: int) -> int:
+    """Causal key blocks of one head over all query-block rows of the chunk (host int)."""
+    geo = ChunkGeometry(ctx, q_len, block_size)
+    rows = geo.num_q_blocks
+    # sum over r of (first_q_block + r + 1)
+    return rows * (geo.first_q_block + 1) + rows * (rows - 1) // 2
+
+
+def selection_density(counts: torch.Tensor, ctx: int, q_len: int, block_size: int) -> torch.Tensor:
+    """Selected blocks over causal blocks, averaged over heads (and rows, weighted by extent).
+
+    Args:
+        counts: ``[Hq, R]`` int blocks each head computes per query-block row.
+        ctx, q_len, block_size: the chunk geometry (host ints).
+
+    Returns:
+        0-dim float32 tensor on ``counts.device`` in ``(0, 1]`` (no host sync). Equal to
+        ``reference.Selection.density`` for the same selection.
+    """
+    total = counts.shape[0] * causal_blocks(ctx, q_len, block_size)
+    return counts.sum(dtype=torch.float64).div(total).float()
+
+
+def query_rows(ctx: int, q_len: int, block_size: int, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's last ``min(num_queries, q_len)`` queries: absolute positions and block rows.
+
+    Returns:
+        positions ``[n]`` int64 (absolute), rows ``[n]`` int64 (query-block row of the chunk).
+    """
+    n = min(num_queries, q_len)
+    positions = torch.arange(ctx + q_len - n, ctx + q_len)
+    rows = positions // block_size - ctx // block_size
+    return positions, rows
+
+
+def kept_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ranking: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    ctx: int,
+    scale: float,
+    block_size: int,
+    heads: list[int],
+    num_queries: int = 128,
+) -> torch.Tensor:
+    """Share of each head's dense causal attention mass inside the blocks it computes.
+
+    For head ``h`` and each of the chunk's last ``min(num_queries, q_len)`` queries (absolute
+    position ``p``), the dense softmax over keys ``[0, p]`` (fp32, ``scale`` applied) is summed
+    over the keys whose block is among the first ``counts[h, row(p)]`` entries of
+    ``ranking[group(h), row(p)]``; the result is the mean over those queries. A head that
+    computes every causal block keeps exactly 1.
+
+    Args:
+        q: ``[q_len, Hq, D]`` queries of the chunk, absolute positions ``[ctx, ctx + q_len)``.
+        k: ``[ctx + q_len, Hkv, D]`` keys (e.g. ``reference.gather_paged_kv`` of the cache).
+        ranking: ``[G, R, Kb]`` int key blocks per group and row (``-1`` past the frontier).
+        counts: ``[Hq, R]`` int prefix of ``ranking`` each head computes.
+        ctx: tokens before the chunk.
+        scale: softmax scale of the layer.
+        block_size: selection block size in tokens.
+        heads: query heads to measure (indices into ``Hq``).
+        num_queries: how many of the chunk's last queries to average over.
+
+    Returns:
+        ``[len(heads)]`` float32 on ``q.device``, each in ``[0, 1]``.
+    """
+    q_len, num_q_heads, _ = q.shape
+    seq_len = ctx + q_len
+    assert k.shape[0] == seq_len, (k.shape, ctx, q_len)
+    heads_per_kv = num_q_heads // k.shape[1]
+    heads_per_group = num_q_heads // ranking.shape[0]
+    num_k_blocks = ranking.shape[-1]
+
+    positions, rows = query_rows(ctx, q_len, block_size, num_queries)
+    positions, rows = positions.to(q.device), rows.to(q.device)
+    key_pos = torch.arange(seq_len, device=q.device)
+    causal = key_pos[None, :] <= positions[:, None]  # [n, S]
+    key_block = key_pos // block_size  # [S]
+    slots = torch.arange(num_k_blocks, device=q.device)
+
+    kept = []
+    # One head at a time: the [n, S] probabilities of a 128K context stay small.
+    for head in heads:
+        logits = (q[positions - ctx, head].float() @ k[:, head // heads_per_kv].float().T) * scale
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [n, S]
+        ranked = ranking[head // heads_per_group, rows].long()  # [n, Kb]
+        in_prefix = slots[None, :] < counts[head, rows].long()[:, None]
+        # Selected block ids per query; entries outside the prefix (and -1) go to a spare column.
+        target = torch.where(in_prefix & (ranked >= 0), ranked, num_k_blocks)
+        selected = torch.zeros(len(positions), num_k_blocks + 1, dtype=torch.bool, device=q.device)
+        selected.scatter_(1, target, True)
+        inside = selected[:, key_block]  # [n, S]
+        kept.append((probs * inside).sum(dim=-1).mean())
+    return torch.stack(kept).clamp_(0.0, 1.0)
+
+
+def sample_heads(num_q_heads: int, num_samples: int) -> list[int]:
+    """``num_samples`` evenly spaced query heads (all heads if there are fewer)."""
+    if num_samples >= num_q_heads:
+        return list(range(num_q_heads))
+    step = num_q_heads / num_samples
+    return [int(i * step) for i in range(num_samples)]
+
+
+__all__ = [
+    "causal_blocks",
+    "kept_attention_mass",
+    "query_rows",
+    "sample_heads",
+    "selection_density",
+]

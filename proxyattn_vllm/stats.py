@@ -1,0 +1,181 @@
+"""Selection statistics of every sparse prefill chunk, as JSON lines (diagnostic only).
+
+Enable with ``PROXYATTN_STATS=/path/file.jsonl`` (read once, when this module is imported; an
+in-process caller such as ``benchmarks/quality/run_eval.py`` may also call :func:`configure`).
+Disabled, the cost is one Python bool check per sparse chunk (``stats.ENABLED`` in
+``impl.sparse_prefill``). Enabled, each sparse chunk appends one line::
+
+    {"layer": 3, "ctx": 8192, "q_len": 8192, "density": 0.41, "kept_mass": 0.97, "pid": 1234}
+
+* ``density``: selected / causal key blocks of the chunk, averaged over query heads
+  (``proxyattn_kernels.selection_stats.selection_density``; rows that run dense count as 1).
+* ``kept_mass``: with ``PROXYATTN_STATS_MASS_HEADS=N`` > 0 (default 4), for ``N`` evenly spaced
+  query heads and the chunk's last (up to) 128 queries, the share of the dense causal softmax
+  mass that falls inside the blocks the head computes, averaged over those heads and queries
+  (``kept_attention_mass``); ``null`` when ``N`` is 0.
+* ``layer``: the layer index from the attention layer's name (``null`` if it has none).
+
+Not for timing: the kept mass gathers the request's whole K from the paged cache and runs dense
+softmax for the sampled heads, and the values are copied to the host (a device sync) every
+:data:`FLUSH_EVERY` lines, on :func:`flush` and at process exit. Lines of tensor-parallel
+ranks share the file (``pid`` tells them apart); each rank sees its own heads.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from collections import defaultdict
+
+import torch
+
+from proxyattn_kernels.reference import gather_paged_kv
+from proxyattn_kernels.selection_stats import kept_attention_mass, sample_heads, selection_density
+
+ENV_PATH = "PROXYATTN_STATS"
+ENV_MASS_HEADS = "PROXYATTN_STATS_MASS_HEADS"
+DEFAULT_MASS_HEADS = 4
+MASS_QUERIES = 128
+FLUSH_EVERY = 64
+
+# Read by impl.sparse_prefill on every sparse chunk: keep it a plain module-level bool.
+ENABLED = False
+
+
+class _Collector:
+    """Buffers per-chunk results as device tensors and appends them to a JSONL file."""
+
+    def __init__(self, path: str, mass_heads: int):
+        self.path = path
+        self.mass_heads = mass_heads
+        # (fixed fields, density 0-dim tensor, kept mass [N] tensor or None)
+        self.pending: list[tuple[dict, torch.Tensor, torch.Tensor | None]] = []
+
+    def record(self, query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index):
+        q_len = query.shape[0]
+        density = selection_density(selection.counts, ctx, q_len, block_size)
+        kept = None
+        if self.mass_heads > 0:
+            keys, _ = gather_paged_kv(kv_cache, block_table_row, ctx + q_len)
+            kept = kept_attention_mass(
+                query, keys, selection.ranking, selection.counts, ctx=ctx, scale=scale,
+                block_size=block_size, heads=sample_heads(query.shape[1], self.mass_heads),
+                num_queries=MASS_QUERIES,
+            )
+        fields = {"layer": layer_index, "ctx": ctx, "q_len": q_len}
+        self.pending.append((fields, density, kept))
+        if len(self.pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        lines = []
+        for fields, density, kept in self.pending:
+            line = dict(fields, density=round(float(density), 6))
+            line["kept_mass"] = None if kept is None else round(float(kept.mean()), 6)
+            line["pid"] = os.getpid()
+            lines.append(json.dumps(line))
+        self.pending.clear()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+_collector: _Collector | None = None
+
+
+def configure(path: str | os.PathLike | None, mass_heads: int = DEFAULT_MASS_HEADS) -> None:
+    """Start writing to ``path`` (appending), or stop with ``None``; pending lines are flushed.
+
+    Takes effect for the engines of this process (in-process vLLM: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+    """
+    global _collector, ENABLED
+    flush()
+    if path is None:
+        _collector, ENABLED = None, False
+        return
+    if mass_heads < 0:
+        raise ValueError(f"{ENV_MASS_HEADS} must be >= 0; got {mass_heads}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _collector, ENABLED = _Collector(str(path), mass_heads), True
+
+
+def flush() -> None:
+    """Write the buffered lines (syncs the device)."""
+    if _collector is not None:
+        _collector.flush()
+
+
+def record(query, kv_cache, block_table_row, selection, *, ctx, scale, block_size, layer_index) -> None:
+    """Buffer the statistics of one sparse chunk (see the module docstring).
+
+    Args:
+        query: ``[q_len, Hq, D]`` the chunk's queries.
+        kv_cache: the layer's paged cache ``[num_pages, Hkv, page_size, 2 * D]``.
+        block_table_row: ``[max_pages]`` the request's physical pages.
+        selection: the chunk's ``PagedSelection`` (``ranking [G, R, Kb]``, ``counts [Hq, R]``).
+        ctx, scale, block_size: as in ``sparse_prefill``; ``layer_index``: int or None.
+    """
+    if _collector is not None:
+        _collector.record(query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index)
+
+
+def layer_index(layer: torch.nn.Module) -> int | None:
+    """Index of a vLLM attention layer from its ``layer_name`` (None if the name has none)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        return extract_layer_index(getattr(layer, "layer_name", None))
+    except (AssertionError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def read_lines(path: str | os.PathLike) -> list[dict]:
+    """All lines of a stats file (an absent file has none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(lines: list[dict]) -> list[dict]:
+    """Per-layer means: ``[{"layer", "chunks", "density", "kept_mass"}]`` sorted by layer.
+
+    ``kept_mass`` is None for a layer without kept-mass values. Every chunk weighs the same.
+    """
+    by_layer: dict = defaultdict(list)
+    for line in lines:
+        by_layer[line.get("layer")].append(line)
+    rows = []
+    for layer in sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0)):
+        group = by_layer[layer]
+        kept = [line["kept_mass"] for line in group if line.get("kept_mass") is not None]
+        rows.append({
+            "layer": layer,
+            "chunks": len(group),
+            "density": sum(line["density"] for line in group) / len(group),
+            "kept_mass": sum(kept) / len(kept) if kept else None,
+        })
+    return rows
+
+
+def overall(lines: list[dict]) -> dict:
+    """Means over every chunk of every layer: ``{"chunks", "density", "kept_mass"}``."""
+    if not lines:
+        return {"chunks": 0, "density": None, "kept_mass": None}
+    kept = [line["kept_mass"] for line in lines if line.get("kept_mass") is not None]
+    return {
+        "chunks": len(lines),
+        "density": sum(line["density"] for line in lines) / len(lines),
+        "kept_mass": sum(kept) / len(kept) if kept else None,
+    }
+
+
+def _configure_from_env() -> None:
+    path = os.environ.get(ENV_PATH)
+    if path:
+        configure(path, int(os.environ.get(ENV_MASS_HEADS, DEFAULT_MASS_HEADS)))
+
+
+_configure_from_env()
+atexit.register(flush)
