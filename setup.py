@@ -17,9 +17,15 @@ setup(
         "proxyattn_kernels.select",
         "proxyattn_kernels.block_sparse_attn",
     ],
-    package_dir={"proxyattn_kernels": "kernels"},
+    # The load-test client lives in benchmarks/ (runnable as a script there) and is installed
+    # as the module proxyattn_benchmarks.loadtest for the `proxyattn-loadtest` command.
+    py_modules=["proxyattn_benchmarks.loadtest"],
+    package_dir={"proxyattn_kernels": "kernels", "proxyattn_benchmarks": "benchmarks"},
     install_requires=["torch>=2.11", "triton>=3.6"],
-    entry_points={"vllm.general_plugins": ["proxyattn = proxyattn_vllm:register"]},
+    entry_points={
+        "vllm.general_plugins": ["proxyattn = proxyattn_vllm:register"],
+        "console_scripts": ["proxyattn-loadtest = proxyattn_benchmarks.loadtest:main"],
+    },
     extras_require={
         "vllm": ["vllm==0.26.0"],
         "test": ["pytest>=8", "numpy<2.4", "pyyaml"],

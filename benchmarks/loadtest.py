@@ -1,0 +1,726 @@
+"""Streaming load test for OpenAI-compatible servers (vLLM): time to first token and friends.
+
+    python benchmarks/loadtest.py --base-url http://127.0.0.1:8000 --prompt-lens 8K,32K \
+        --num-prompts 6 --output-len 16 --output-json ttft.json --label dense
+    proxyattn-loadtest ...                        # the same, installed as a console script
+    proxyattn-loadtest --plot ttft.png dense.json proxyattn.json   # TTFT vs prompt length only
+
+Why a client of our own: a TTFT benchmark must control exactly how much prefill the server
+does. Every prompt has an exact token count and starts with a unique prefix (so prefix caching
+can never turn a repeat into a cache hit), the decode length is fixed (`ignore_eos` +
+`max_tokens`), and token counts come from the server's usage chunk. Aggregates carry the field
+names of `vllm bench serve` JSON (`mean_ttft_ms`, `p99_itl_ms`, ...) so numbers line up with it.
+
+Prompts are token ids (the completions API accepts a list of ints; ids 3..250 are ordinary
+tokens of every tokenizer we use, including the byte-level one of dummy-weight models) unless
+`--tokenizer` is given: then they are text with an exact token count under that tokenizer,
+optionally cut from a directory of .txt files (`--text-dir`).
+
+Needs only aiohttp (a vLLM dependency); transformers (for --tokenizer), tqdm (progress bar) and
+matplotlib (for --plot) are optional. `run_benchmark(config)` is the programmatic entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+# Token ids that are ordinary (non-special) tokens in every tokenizer we serve; the byte-level
+# tokenizer of make_dummy_model.py has 3 special tokens, then 256 byte tokens.
+SAFE_TOKEN_IDS = range(3, 251)
+# Leading tokens that make each prompt unique: 4 for the run's nonce, 4 for the request index.
+ID_PREFIX_DIGITS = 4
+METRICS = ("ttft", "tpot", "itl", "e2el")
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+ARRIVALS = ("sequential", "constant", "poisson")
+# Ordinary words for text prompts when no --text-dir is given.
+FILLER_WORDS = (
+    "the quick river crosses a quiet valley where old stone bridges carry travellers between "
+    "market towns and farms while clouds drift over hills covered with grass and scattered "
+    "trees under a pale morning sky as merchants count coins and children read books about "
+    "distant islands ships storms maps lanterns gardens mountains winters letters and songs"
+).split()
+
+
+class ServerUnreachable(RuntimeError):
+    """The server did not answer GET /v1/models: nothing was benchmarked."""
+
+
+@dataclass
+class LoadTestConfig:
+    """One load-test run. Lengths are in tokens, times in seconds, rates in requests/s."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    endpoint: str = "completions"  # a key of ENDPOINTS
+    model: str | None = None  # None: the first model the server lists
+    prompt_lens: list[int] = field(default_factory=lambda: [1024])
+    # Draw each length uniformly from [lo, hi] instead of taking it from prompt_lens.
+    prompt_len_range: tuple[int, int] | None = None
+    length_order: str = "cycle"  # "cycle" through prompt_lens, or "random" choice from them
+    num_prompts: int | None = None  # None: one request per entry of prompt_lens
+    arrival: str = "sequential"  # one of ARRIVALS
+    request_rate: float = math.inf  # for constant/poisson; inf sends everything at once
+    max_concurrency: int | None = None
+    warmup_requests: int = 1  # sent one at a time before the measured requests, not counted
+    output_len: int = 16
+    seed: int = 0
+    tokenizer: str | None = None
+    text_dir: str | None = None
+    label: str = ""
+    api_key: str | None = None
+    request_timeout_s: float = 3600.0
+    # Leading value of every prompt's unique prefix; None draws a fresh one, so that two runs
+    # with the same seed against one server still never share a cached prefix.
+    prefix_nonce: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint {self.endpoint!r}: use one of {sorted(ENDPOINTS)}")
+        if self.arrival not in ARRIVALS:
+            raise ValueError(f"arrival {self.arrival!r}: use one of {ARRIVALS}")
+        if self.length_order not in ("cycle", "random"):
+            raise ValueError(f"length_order {self.length_order!r}: use 'cycle' or 'random'")
+        if self.arrival != "sequential" and not self.request_rate > 0:
+            raise ValueError(f"request_rate {self.request_rate}: must be > 0 for {self.arrival}")
+        if self.endpoint == "chat" and not self.tokenizer:
+            raise ValueError("the chat endpoint takes text prompts: pass a tokenizer")
+        if self.text_dir and not self.tokenizer:
+            raise ValueError("text prompts from text_dir need a tokenizer to count tokens")
+        lengths = list(self.prompt_len_range or self.prompt_lens)
+        minimum = 2 * ID_PREFIX_DIGITS + 1
+        if not lengths or min(lengths) < minimum:
+            raise ValueError(f"prompt lengths {lengths}: need at least one, each >= {minimum}")
+        if self.prompt_len_range and self.prompt_len_range[0] > self.prompt_len_range[1]:
+            raise ValueError(f"prompt_len_range {self.prompt_len_range}: lo > hi")
+        if self.output_len < 1:
+            raise ValueError(f"output_len {self.output_len}: must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _digits(value: int, base: int, width: int) -> list[int]:
+    """`value` as `width` base-`base` digits, most significant first (wraps above base**width)."""
+    out = []
+    for _ in range(width):
+        value, digit = divmod(value, base)
+        out.append(digit)
+    return out[::-1]
+
+
+class PromptFactory:
+    """Prompts of exact token counts, each starting with a prefix unique to (nonce, index).
+
+    A unique *first* token block is enough: vLLM's prefix cache hashes blocks as a chain, so no
+    later block of a prompt can hit the cache either.
+    """
+
+    def __init__(self, config: LoadTestConfig, nonce: int):
+        self.config = config
+        self.nonce = nonce
+        self.tokenizer = None
+        if config.tokenizer:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as exc:
+                raise RuntimeError("--tokenizer needs the transformers package") from exc
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+            # Completions prompts are tokenized by the server with special tokens (e.g. BOS);
+            # chat content sits inside a template, so only its own tokens are counted.
+            with_specials = config.endpoint == "completions"
+            self.num_special = len(self.tokenizer.encode("", add_special_tokens=with_specials))
+            self.haystack = self.tokenizer.encode(self._haystack_text(), add_special_tokens=False)
+
+    def _haystack_text(self) -> str:
+        if self.config.text_dir:
+            names = sorted(n for n in os.listdir(self.config.text_dir) if n.endswith(".txt"))
+            if not names:
+                raise RuntimeError(f"no .txt files in {self.config.text_dir}")
+            parts = []
+            for name in names:
+                with open(os.path.join(self.config.text_dir, name), encoding="utf-8") as f:
+                    parts.append(f.read())
+            return "\n\n".join(parts)
+        rng = random.Random(f"{self.config.seed}-filler")
+        return " ".join(rng.choice(FILLER_WORDS) for _ in range(20000))
+
+    def make(self, index: int, num_tokens: int) -> list[int] | str:
+        rng = random.Random(f"{self.config.seed}-prompt-{index}")
+        if self.tokenizer is None:
+            base = len(SAFE_TOKEN_IDS)
+            prefix = _digits(self.nonce, base, ID_PREFIX_DIGITS) + _digits(index, base, ID_PREFIX_DIGITS)
+            prefix = [SAFE_TOKEN_IDS[d] for d in prefix]
+            return prefix + rng.choices(SAFE_TOKEN_IDS, k=num_tokens - len(prefix))
+        return self._make_text(rng, index, num_tokens)
+
+    def _make_text(self, rng: random.Random, index: int, num_tokens: int) -> str:
+        """Text that encodes to exactly num_tokens tokens (server-side counting).
+
+        Decoding a token slice and encoding it again can merge or split tokens at the edges, so
+        the length is corrected from the end until it is exact (a few rounds at most).
+        """
+        tok = self.tokenizer
+        hay = self.haystack
+        position = rng.randrange(len(hay))
+
+        def take(count: int) -> str:
+            nonlocal position
+            ids = [hay[(position + i) % len(hay)] for i in range(max(count, 0))]
+            position += len(ids)
+            return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        text = f"{self.nonce:08x}-{index:06d}: "
+        text += take(num_tokens - self.num_special - len(tok.encode(text, add_special_tokens=False)))
+        for _ in range(16):
+            ids = tok.encode(text, add_special_tokens=False)
+            excess = len(ids) + self.num_special - num_tokens
+            if excess == 0:
+                return text
+            if excess > 0:
+                text = tok.decode(ids[:-excess], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+            else:
+                text += take(-excess)
+        raise RuntimeError(f"could not make a text prompt of exactly {num_tokens} tokens")
+
+
+@dataclass
+class PlannedRequest:
+    index: int
+    prompt_len: int
+    body: bytes  # the JSON request, serialized before timing starts
+    send_at: float  # seconds after the start of the measured phase
+
+
+def request_count(config: LoadTestConfig) -> int:
+    return config.num_prompts if config.num_prompts is not None else len(config.prompt_lens)
+
+
+def request_lengths(config: LoadTestConfig) -> list[int]:
+    """Prompt lengths of the measured requests, in order (a function of the seed only)."""
+    return plan_lengths(config, request_count(config), random.Random(f"{config.seed}-lengths"))
+
+
+def warmup_lengths(config: LoadTestConfig) -> list[int]:
+    """Warm-ups draw from the same lengths as the measured requests."""
+    return plan_lengths(config, config.warmup_requests, random.Random(f"{config.seed}-warmup"))
+
+
+def plan_lengths(config: LoadTestConfig, count: int, rng: random.Random) -> list[int]:
+    if config.prompt_len_range:
+        lo, hi = config.prompt_len_range
+        return [rng.randint(lo, hi) for _ in range(count)]
+    if config.length_order == "random":
+        return [rng.choice(config.prompt_lens) for _ in range(count)]
+    return [config.prompt_lens[i % len(config.prompt_lens)] for i in range(count)]
+
+
+def plan_send_times(config: LoadTestConfig, count: int, rng: random.Random) -> list[float]:
+    """Offsets (s) at which requests are sent; sequential runs ignore them."""
+    if config.arrival == "sequential" or math.isinf(config.request_rate):
+        return [0.0] * count
+    if config.arrival == "constant":
+        return [i / config.request_rate for i in range(count)]
+    times, now = [], 0.0
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(config.request_rate)
+    return times
+
+
+def request_body(config: LoadTestConfig, model: str, prompt: list[int] | str) -> bytes:
+    body = {
+        "model": model,
+        "max_tokens": config.output_len,
+        "ignore_eos": True,  # vLLM extension: decode exactly max_tokens tokens
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if config.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return json.dumps(body).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def _error_message(what: str, text: str) -> str:
+    """`what: message` in one line, the message taken from the server's JSON when it sent some."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        inner = data.get("error", data)
+        message = inner.get("message") if isinstance(inner, dict) else inner
+        if message:
+            text = str(message)
+    return f"{what}: {' '.join(text.split())[:500]}"
+
+
+async def send_request(session, url: str, planned: PlannedRequest, headers: dict,
+                       timeout_s: float, start_ref: float) -> dict:
+    """Send one streamed request; return its record (times in ms, never raises)."""
+    import aiohttp
+
+    record = {"index": planned.index, "prompt_len": planned.prompt_len, "success": False,
+              "error": "", "prompt_tokens": None, "output_tokens": None, "ttft_ms": None,
+              "tpot_ms": None, "e2el_ms": None, "itl_ms": [], "usage_from_server": False}
+    first = last = None
+    chunks = 0
+    usage = None
+    start = time.perf_counter()
+    record["start_s"] = round(start - start_ref, 6)
+    try:
+        async with session.post(url, data=planned.body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status >= 400:
+                record["error"] = _error_message(f"HTTP {resp.status}", await resp.text())
+                return record
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators and SSE comments
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):  # vLLM reports mid-stream failures as an error event
+                    record["error"] = _error_message("error in stream", json.dumps(chunk))
+                    return record
+                now = time.perf_counter()
+                if chunk.get("choices"):
+                    if first is None:
+                        first = now
+                    else:
+                        record["itl_ms"].append((now - last) * 1e3)
+                    last = now
+                    chunks += 1
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return record
+    end = time.perf_counter()
+    if first is None:
+        record["error"] = "stream ended without any token"
+        return record
+    record["ttft_ms"] = (first - start) * 1e3
+    record["e2el_ms"] = (end - start) * 1e3
+    if usage:
+        record["usage_from_server"] = True
+        record["prompt_tokens"] = usage.get("prompt_tokens")
+        record["output_tokens"] = usage.get("completion_tokens")
+    else:  # server without usage support: one token per streamed chunk is the best guess
+        record["output_tokens"] = chunks
+    if record["output_tokens"] and record["output_tokens"] > 1:
+        record["tpot_ms"] = (record["e2el_ms"] - record["ttft_ms"]) / (record["output_tokens"] - 1)
+    record["success"] = True
+    return record
+
+
+async def list_models(session, base_url: str, headers: dict) -> list[str]:
+    """Model ids the server serves; ServerUnreachable (one line, what to do) when it does not answer."""
+    import aiohttp
+
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                raise ServerUnreachable(
+                    f"{url} answered {_error_message(f'HTTP {resp.status}', await resp.text())}; "
+                    "is this an OpenAI-compatible server (vllm serve)?")
+            data = await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise ServerUnreachable(
+            f"cannot reach a server at {base_url} ({type(exc).__name__}: {exc}); start one "
+            "(vllm serve MODEL ...) or pass the right --base-url") from None
+    return [m["id"] for m in data.get("data", [])]
+
+
+class _Progress:
+    """tqdm when installed, else a carriage-return line on stderr."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.done, self.failed = total, label, 0, 0
+        self.bar = None
+        self.enabled = enabled and total > 0
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=label or "requests", file=sys.stderr)
+
+    def update(self, record: dict) -> None:
+        self.done += 1
+        self.failed += not record["success"]
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(failed=self.failed)
+        else:
+            print(f"\r[{self.label or 'requests'}] {self.done}/{self.total} done, "
+                  f"{self.failed} failed", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q-th percentile with linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    lo = math.floor(rank)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def describe(values: list[float]) -> dict:
+    """mean/median/std (population, as numpy)/p90/p99 of values; None for each when empty."""
+    if not values:
+        return dict.fromkeys(("mean", "median", "std", "p90", "p99"))
+    mean = sum(values) / len(values)
+    return {"mean": mean, "median": percentile(values, 50),
+            "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
+            "p90": percentile(values, 90), "p99": percentile(values, 99)}
+
+
+def summarize(records: list[dict], duration_s: float) -> dict:
+    """Aggregates named like `vllm bench serve` JSON (completed, mean_ttft_ms, p99_e2el_ms ...)."""
+    done = [r for r in records if r["success"]]
+    total_in = sum(r["prompt_tokens"] if r["prompt_tokens"] is not None else r["prompt_len"]
+                   for r in done)
+    total_out = sum(r["output_tokens"] or 0 for r in done)
+    per_second = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: None)
+    out = {
+        "completed": len(done), "failed": len(records) - len(done), "duration": duration_s,
+        "total_input_tokens": total_in, "total_output_tokens": total_out,
+        "request_throughput": per_second(len(done)), "output_throughput": per_second(total_out),
+        "total_token_throughput": per_second(total_in + total_out),
+    }
+    samples = {
+        "ttft": [r["ttft_ms"] for r in done],
+        "tpot": [r["tpot_ms"] for r in done if r["tpot_ms"] is not None],
+        "itl": [gap for r in done for gap in r["itl_ms"]],
+        "e2el": [r["e2el_ms"] for r in done],
+    }
+    for metric in METRICS:
+        for stat, value in describe(samples[metric]).items():
+            out[f"{stat}_{metric}_ms"] = value
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r["success"]:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    out["errors"] = [{"error": e, "count": n} for e, n in sorted(errors.items(), key=lambda x: -x[1])]
+    return out
+
+
+def summarize_by_prompt_len(records: list[dict]) -> dict:
+    """Per target prompt length: aggregates over that length's requests (span = first send to
+    last completion of those requests)."""
+    groups: dict[int, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["prompt_len"], []).append(r)
+    out = {}
+    for length in sorted(groups):
+        group = groups[length]
+        ends = [r["start_s"] + (r["e2el_ms"] or 0) / 1e3 for r in group]
+        out[str(length)] = summarize(group, max(ends) - min(r["start_s"] for r in group))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+async def run_benchmark(config: LoadTestConfig) -> dict:
+    """Run one load test; return the result dict (what --output-json writes).
+
+    Raises ServerUnreachable before sending anything when the server does not answer, and
+    ValueError for a bad config. Failed requests never raise: they are counted in `failed`.
+    """
+    import aiohttp
+
+    config.validate()
+    base_url = config.base_url.rstrip("/")
+    headers = {"Content-Type": "application/json"}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    nonce = config.prefix_nonce if config.prefix_nonce is not None else secrets.randbits(32)
+    # The connector's default cap of 100 connections would queue requests client-side and
+    # inflate their TTFT; the only cap is max_concurrency.
+    connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        models = await list_models(session, base_url, headers)
+        model = config.model or (models[0] if models else None)
+        if not model:
+            raise ServerUnreachable(f"{base_url}/v1/models lists no model; pass a model name")
+        factory = PromptFactory(config, nonce)
+        lengths = request_lengths(config)
+        send_times = plan_send_times(config, len(lengths), random.Random(f"{config.seed}-arrivals"))
+        # Warm-ups take the first indices so that every prompt of the run has its own prefix.
+        warmups = [PlannedRequest(i, n, request_body(config, model, factory.make(i, n)), 0.0)
+                   for i, n in enumerate(warmup_lengths(config))]
+        planned = [PlannedRequest(len(warmups) + i, n,
+                                  request_body(config, model, factory.make(len(warmups) + i, n)), t)
+                   for i, (n, t) in enumerate(zip(lengths, send_times))]
+        url = base_url + ENDPOINTS[config.endpoint]
+        warmup_records = []
+        for request in warmups:
+            warmup_records.append(await send_request(session, url, request, headers,
+                                                     config.request_timeout_s, time.perf_counter()))
+        progress = _Progress(len(planned), config.label, config.progress)
+        start = time.perf_counter()
+        semaphore = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+
+        async def send(request: PlannedRequest) -> dict:
+            if semaphore is None:
+                record = await send_request(session, url, request, headers,
+                                            config.request_timeout_s, start)
+            else:
+                async with semaphore:
+                    record = await send_request(session, url, request, headers,
+                                                config.request_timeout_s, start)
+            progress.update(record)
+            return record
+
+        if config.arrival == "sequential":
+            records = [await send(request) for request in planned]
+        else:
+            tasks = []
+            for request in planned:
+                delay = start + request.send_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(send(request)))
+            records = list(await asyncio.gather(*tasks))
+        duration = time.perf_counter() - start
+        progress.close()
+    result = {
+        "label": config.label,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_url": base_url,
+        "endpoint": ENDPOINTS[config.endpoint],
+        "model": model,
+        "config": dataclasses.asdict(config),
+        "prefix_nonce": nonce,
+        **summarize(records, duration),
+        "warmup_failed": sum(not r["success"] for r in warmup_records),
+        "by_prompt_len": summarize_by_prompt_len(records),
+        "requests": records,
+    }
+    return result
+
+
+def run(config: LoadTestConfig) -> dict:
+    """Synchronous wrapper of run_benchmark for callers without an event loop."""
+    return asyncio.run(run_benchmark(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_summary(result: dict) -> str:
+    """A readable summary: totals, then one row per prompt length, then error messages."""
+    title = f" {result.get('label') or 'load test'}: {result['model']} {result['endpoint']} "
+    rate = result["request_throughput"]
+    lines = [
+        f"{title:=^100}",
+        f"completed {result['completed']}  failed {result['failed']}  "
+        f"duration {result['duration']:.2f} s  "
+        f"requests/s {'-' if rate is None else f'{rate:.3f}'}  "
+        f"input tokens {result['total_input_tokens']}  output tokens {result['total_output_tokens']}",
+        f"{'prompt_len':>10} {'ok':>4} {'failed':>6} {'mean TTFT ms':>13} {'p50 TTFT':>10} "
+        f"{'p99 TTFT':>10} {'mean TPOT ms':>13} {'mean ITL ms':>12} {'mean E2E ms':>12}",
+    ]
+    for length, s in result["by_prompt_len"].items():
+        lines.append(
+            f"{length:>10} {s['completed']:>4} {s['failed']:>6} {_ms(s['mean_ttft_ms']):>13} "
+            f"{_ms(s['median_ttft_ms']):>10} {_ms(s['p99_ttft_ms']):>10} "
+            f"{_ms(s['mean_tpot_ms']):>13} {_ms(s['mean_itl_ms']):>12} {_ms(s['mean_e2el_ms']):>12}")
+    lines.append(
+        f"{'all':>10} {result['completed']:>4} {result['failed']:>6} "
+        f"{_ms(result['mean_ttft_ms']):>13} {_ms(result['median_ttft_ms']):>10} "
+        f"{_ms(result['p99_ttft_ms']):>10} {_ms(result['mean_tpot_ms']):>13} "
+        f"{_ms(result['mean_itl_ms']):>12} {_ms(result['mean_e2el_ms']):>12}")
+    for err in result["errors"]:
+        lines.append(f"failed x{err['count']}: {err['error']}")
+    return "\n".join(lines)
+
+
+def ttft_series(data: dict, default_label: str) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(label, [(prompt_len, mean TTFT ms)]) lines from a load-test result or a ttft_sweep result."""
+    if "runs" in data:  # ttft_sweep.py output: one line per backend
+        by_backend: dict[str, list[tuple[int, float]]] = {}
+        for run_ in data["runs"]:
+            if run_.get("mean_ttft_ms") is not None:
+                by_backend.setdefault(run_["backend"], []).append((run_["prompt_len"], run_["mean_ttft_ms"]))
+        return [(name, sorted(points)) for name, points in by_backend.items()]
+    points = [(int(n), s["mean_ttft_ms"]) for n, s in data.get("by_prompt_len", {}).items()
+              if s.get("mean_ttft_ms") is not None]
+    return [(data.get("label") or default_label, sorted(points))]
+
+
+def plot_ttft(result_paths: list[str], out_png: str) -> None:
+    """TTFT vs prompt length, one line per result (or per backend of a sweep result)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lengths = set()
+    for path in result_paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        for label, points in ttft_series(data, os.path.splitext(os.path.basename(path))[0]):
+            if points:
+                xs, ys = zip(*points)
+                lengths.update(xs)
+                ax.plot(xs, [y / 1e3 for y in ys], marker="o", label=label)
+    if not lengths:
+        raise RuntimeError(f"no TTFT data in {', '.join(result_paths)}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(lengths))
+    ax.set_xticklabels([f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in sorted(lengths)])
+    ax.minorticks_off()
+    # Labelled 1-2-5 steps: TTFTs span a few decades, plain powers of ten leave too few labels.
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("mean TTFT (s)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_tokens(text: str) -> int:
+    """'8192', '8K' (8192) or '1M' (1048576) -> tokens."""
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def parse_token_list(text: str) -> list[int]:
+    return [parse_tokens(part) for part in text.split(",") if part.strip()]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return parse_tokens(lo), parse_tokens(hi)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="proxyattn-loadtest", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("results", nargs="*", help="with --plot: result JSONs to plot (no run)")
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="completions")
+    ap.add_argument("--model", help="model name (default: the first one the server lists)")
+    ap.add_argument("--prompt-lens", type=parse_token_list, default=[1024],
+                    help="comma list of prompt lengths in tokens (8K = 8192)")
+    ap.add_argument("--prompt-len-range", type=parse_range, metavar="LO:HI",
+                    help="draw each length uniformly from [LO, HI] instead of --prompt-lens")
+    ap.add_argument("--length-order", choices=("cycle", "random"), default="cycle",
+                    help="cycle through --prompt-lens, or pick from them at random")
+    ap.add_argument("--num-prompts", type=int, help="measured requests (default: one per length)")
+    ap.add_argument("--arrival", choices=ARRIVALS, default="sequential",
+                    help="sequential: the next request after the previous one completes")
+    ap.add_argument("--request-rate", type=float, default=math.inf,
+                    help="requests/s for constant and poisson arrivals (inf: all at once)")
+    ap.add_argument("--max-concurrency", type=int)
+    ap.add_argument("--warmup-requests", type=int, default=1)
+    ap.add_argument("--output-len", type=int, default=16, help="decoded tokens per request")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", help="tokenizer path: send text of exact token counts")
+    ap.add_argument("--text-dir", help="directory of .txt files to cut text prompts from")
+    ap.add_argument("--label", default="", help="name of this run in tables and plots")
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    ap.add_argument("--request-timeout-s", type=float, default=3600.0)
+    ap.add_argument("--output-json", help="write the full result here")
+    ap.add_argument("--plot", metavar="PNG",
+                    help="plot TTFT vs prompt length of the given result JSONs, or of this run")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (failed requests are reported, not fatal), 1 every request failed,
+    2 bad arguments or an unreachable server (nothing was measured)."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.results and not args.plot:
+        ap.error("result JSONs are only read with --plot")
+    if args.plot and not args.results and not args.output_json:
+        ap.error("--plot of this run needs --output-json")
+    try:
+        if args.plot and args.results:
+            plot_ttft(args.results, args.plot)
+            print(f"wrote {args.plot}")
+            return 0
+        config = LoadTestConfig(
+            base_url=args.base_url, endpoint=args.endpoint, model=args.model,
+            prompt_lens=args.prompt_lens, prompt_len_range=args.prompt_len_range,
+            length_order=args.length_order, num_prompts=args.num_prompts, arrival=args.arrival,
+            request_rate=args.request_rate, max_concurrency=args.max_concurrency,
+            warmup_requests=args.warmup_requests, output_len=args.output_len, seed=args.seed,
+            tokenizer=args.tokenizer, text_dir=args.text_dir, label=args.label,
+            api_key=args.api_key, request_timeout_s=args.request_timeout_s,
+            progress=not args.no_progress)
+        config.validate()
+        result = run(config)
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=1)
+        if args.plot:
+            plot_ttft([args.output_json], args.plot)
+    except (ServerUnreachable, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    return 1 if result["completed"] == 0 and result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

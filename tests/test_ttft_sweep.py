@@ -1,0 +1,226 @@
+"""benchmarks/ttft_sweep.py end to end with tests/_fake_openai_server.py as the "vllm serve"
+command: server lifecycle, incremental JSON, time budget, failures, density statistics."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("yaml")
+
+from benchmarks import ttft_sweep  # noqa: E402
+
+FAKE_SERVER = os.path.join(os.path.dirname(__file__), "_fake_openai_server.py")
+
+
+def write_configs(tmp_path, max_model_len=4096) -> str:
+    for backend, suffix in (("proxyattn", "proxyattn"), ("FLASH_ATTN", "dense")):
+        (tmp_path / f"fake-{suffix}.yaml").write_text(
+            f"model: /not/used\nmax-model-len: {max_model_len}\nmax-num-batched-tokens: 100\n"
+            f"attention-backend: {backend}\n")
+    return str(tmp_path / "fake-proxyattn.yaml")
+
+
+def sweep_args(tmp_path, *extra, fake_args="--ttft-per-token-s 0.0002 --itl-s 0.002"):
+    return ["--model", "fake-model", "--config", write_configs(tmp_path),
+            "--serve-cmd", f"{shlex.quote(sys.executable)} {FAKE_SERVER} {fake_args}",
+            "--lengths", "100,300", "--repeats", "2", "--warmups", "1", "--warmup-len", "50",
+            "--output-len", "4", "--mix-long", "0", "--out", str(tmp_path / "out.json"), *extra]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_full_sweep_writes_json_and_prints_the_table_last(tmp_path, capsys):
+    code = ttft_sweep.main(sweep_args(
+        tmp_path, "--density-pass", "--mix-long", "2", "--mix-long-range", "100:200",
+        "--mix-rate", "50", "--mix-short", "3", "--mix-short-rate", "50", "--mix-short-len", "20",
+        "--mix-short-output", "5"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["gpu"] == "unknown" or data["gpu"]
+    assert set(data["versions"]) == {"vllm", "torch", "triton", "proxyattn-vllm"}
+    assert data["model"] == "fake-model" and "--density-pass" in data["command"]
+    runs = {(r["backend"], r["prompt_len"]): r for r in data["runs"]}
+    assert set(runs) == {(b, n) for b in ("FLASH_ATTN", "proxyattn") for n in (100, 300)}
+    for (backend, n), r in runs.items():
+        assert r["status"] == "ok" and r["n"] == 2 and r["failed"] == 0
+        # The fake server's TTFT: 20 ms + 0.2 ms per prompt token (plus load on a busy machine).
+        assert 20 + 0.2 * n - 1 <= r["mean_ttft_ms"] <= 20 + 0.2 * n + 150
+        assert r["p50_ttft_ms"] <= r["p99_ttft_ms"] and r["mean_tpot_ms"] is not None
+    # Density: the fake writes 1.0 for the first 100-token chunk and 0.25 for later ones.
+    assert runs[("proxyattn", 100)]["density"] == pytest.approx(1.0)
+    assert runs[("proxyattn", 300)]["density"] == pytest.approx(0.5)
+    assert runs[("FLASH_ATTN", 300)]["density"] is None
+    assert data["density_pass"]["status"] == "ok"
+    for backend in ("FLASH_ATTN", "proxyattn"):
+        mix = data["poisson_mix"][backend]
+        assert mix["status"] == "ok" and mix["long"]["completed"] == 2 and mix["short"]["completed"] == 3
+    phases = {(r["backend"], r["phase"]) for r in data["requests"]}
+    assert {("FLASH_ATTN", "sweep"), ("proxyattn", "mix-short"), ("proxyattn", "density")} <= phases
+    assert len([r for r in data["requests"] if r["phase"] == "sweep"]) == 2 * 2 * 2
+    # Three starts (two timed, one with statistics), each logged, each stopped.
+    assert [s["name"] for s in data["servers"]] == ["FLASH_ATTN", "proxyattn", "proxyattn-density"]
+    for server in data["servers"]:
+        assert os.path.exists(server["log"]) and server["startup_s"] >= 0
+        assert not port_open(int(server["cmd"].split("--port ")[1].split()[0]))  # stopped
+    assert "--enforce-eager" in data["servers"][2]["cmd"] and "--enforce-eager" not in data["servers"][1]["cmd"]
+    # The table comes last: one row per length with the speedup, then the mixes and the legend.
+    lines = out.rstrip().splitlines()
+    assert lines[-1].startswith("speedup = FLASH_ATTN mean TTFT / proxyattn mean TTFT")
+    rows = [line for line in lines if line.split("|")[0].strip() in ("100", "300")]
+    assert len(rows) == 2 and rows[1].split("|")[-1].strip().endswith("x")
+    assert rows[1].split("|")[-2].strip() == "0.500"
+
+
+def test_time_budget_skips_lengths_that_cannot_fit(tmp_path):
+    # 1M tokens at FA3 speed is predicted to take minutes: skipped without being sent.
+    args = sweep_args(tmp_path, "--backends", "proxyattn", "--time-budget-s", "60")
+    args[args.index("--lengths") + 1] = "100,1M"
+    args[args.index("--config") + 1] = write_configs(tmp_path, max_model_len=1 << 21)
+    assert ttft_sweep.main(args) == 0
+    data = json.loads((tmp_path / "out.json").read_text())
+    status = {r["prompt_len"]: r for r in data["runs"]}
+    assert status[100]["status"] == "ok"
+    assert status[1 << 20]["status"] == "skipped" and "time budget" in status[1 << 20]["reason"]
+    assert all(r["prompt_len"] == 100 for r in data["requests"])
+
+
+def test_time_budget_cuts_repeats_before_skipping(tmp_path, monkeypatch):
+    # Every request predicted at 10 s and a 15 s budget: one repeat of each length fits.
+    monkeypatch.setattr(ttft_sweep.TimePredictor, "e2e", lambda self, n: 10.0)
+    args = sweep_args(tmp_path, "--backends", "FLASH_ATTN", "--time-budget-s", "15", "--warmups", "0")
+    assert ttft_sweep.main(args) == 0
+    runs = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert [(r["prompt_len"], r["status"], r["n"]) for r in runs] == [(100, "ok", 1), (300, "ok", 1)]
+    assert all(r["reason"] == "time budget: 1 of 2 repeats" for r in runs)
+
+
+def test_lengths_are_clamped_to_leave_room_for_decoding(tmp_path):
+    args = sweep_args(tmp_path, "--backends", "FLASH_ATTN", fake_args="--itl-s 0")
+    args[args.index("--lengths") + 1] = "4K"  # the configs' max-model-len is 4096
+    assert ttft_sweep.main(args) == 0
+    runs = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert [(r["prompt_len"], r["status"]) for r in runs] == [(4096 - 4, "ok")]
+
+
+def test_a_server_that_dies_at_startup_is_reported_with_its_log(tmp_path, capsys):
+    code = ttft_sweep.main(sweep_args(tmp_path, "--backends", "FLASH_ATTN",
+                                      fake_args="--exit-at-start 3"))
+    out = capsys.readouterr().out
+    assert code == 1
+    data = json.loads((tmp_path / "out.json").read_text())
+    error = data["servers"][0]["error"]
+    assert "exited with code 3 during startup" in error
+    assert "RuntimeError: fake engine failed to start" in error  # the log's tail
+    assert [r["status"] for r in data["runs"]] == ["failed", "failed"]
+    assert "server FLASH_ATTN failed: server exited with code 3" in out
+
+
+def test_rejected_requests_are_failed_runs_not_crashes(tmp_path):
+    code = ttft_sweep.main(sweep_args(tmp_path, "--backends", "FLASH_ATTN",
+                                      fake_args="--max-model-len 200"))
+    assert code == 0
+    runs = {r["prompt_len"]: r for r in json.loads((tmp_path / "out.json").read_text())["runs"]}
+    assert runs[100]["status"] == "ok"
+    assert runs[300]["status"] == "failed" and runs[300]["failed"] == 2
+    assert "maximum context length is 200" in runs[300]["reason"]
+
+
+def test_append_merges_backends_run_separately(tmp_path, capsys):
+    assert ttft_sweep.main(sweep_args(tmp_path, "--backends", "FLASH_ATTN")) == 0
+    assert ttft_sweep.main(sweep_args(tmp_path, "--backends", "proxyattn", "--append")) == 0
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert sorted({r["backend"] for r in data["runs"]}) == ["FLASH_ATTN", "proxyattn"]
+    assert len(data["runs"]) == 4
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("speedup =")
+
+
+def test_sigterm_stops_the_server_and_keeps_the_results(tmp_path):
+    # A first token that takes 30 s keeps the sweep busy until it is terminated.
+    args = sweep_args(tmp_path, "--backends", "FLASH_ATTN", "--warmups", "0",
+                      fake_args="--ttft-s 30")
+    proc = subprocess.Popen([sys.executable, os.path.join(ttft_sweep.REPO, "benchmarks", "ttft_sweep.py"),
+                             *args], stdout=subprocess.PIPE, text=True)
+    port = None
+    for line in proc.stdout:
+        if "starting:" in line:
+            port = int(line.split("--port ")[1].split()[0])
+        if "healthy after" in line:
+            break
+    time.sleep(0.3)  # the first request is in flight
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in rest and not port_open(port)
+    assert json.loads((tmp_path / "out.json").read_text())["servers"][0]["startup_s"] >= 0
+
+
+def test_missing_dense_twin_is_an_argument_error(tmp_path):
+    config = write_configs(tmp_path)
+    os.remove(tmp_path / "fake-dense.yaml")
+    with pytest.raises(SystemExit) as exc:
+        ttft_sweep.main(["--config", config, "--out", str(tmp_path / "o.json")])
+    assert exc.value.code == 2
+
+
+def stats_line(ctx, q_len, density, layer, pid=1, **extra):
+    return json.dumps({"layer": layer, "ctx": ctx, "q_len": q_len, "density": density,
+                       "pid": pid, **extra})
+
+
+def test_density_reader_is_tolerant_and_attributes_requests(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    lines = []
+    # Request 1: 200 tokens in chunks of 100 (ctx 0, 100), two layers.
+    for ctx, density in ((0, 1.0), (100, 0.5)):
+        for layer in (0, 1):
+            lines.append(stats_line(ctx, 100, density, layer, kept_mass=0.9))
+    lines += ["", "not json", json.dumps({"layer": 0, "ctx": 0})]  # foreign lines are skipped
+    # Request 2: 150 tokens, one chunk of 100 then 50; a single chunk at ctx 0 for layer 0 first.
+    for ctx, q_len, density in ((0, 100, 1.0), (100, 50, 0.2)):
+        for layer in (0, 1):
+            lines.append(stats_line(ctx, q_len, density, layer))
+    path.write_text("\n".join(lines) + "\n" + '{"layer": 1, "ctx": 0, "q_l')  # half-written tail
+    items = ttft_sweep.read_stats(str(path))
+    assert len(items) == 8
+    by_len = ttft_sweep.lines_by_prompt_len(items)
+    assert set(by_len) == {200, 150}
+    assert ttft_sweep.weighted_density(by_len[200]) == pytest.approx(0.75)
+    assert ttft_sweep.weighted_density(by_len[150]) == pytest.approx((100 * 1.0 + 50 * 0.2) / 150)
+    assert ttft_sweep.weighted_density([]) is None
+    assert ttft_sweep.read_stats(str(tmp_path / "absent.jsonl")) == []
+
+
+def test_density_reader_splits_consecutive_single_chunk_requests_and_ranks():
+    # Two one-chunk requests in a row (ctx 0 both times), written by two tensor-parallel ranks
+    # whose buffered lines reach the file one rank after the other.
+    items = []
+    for pid in (7, 8):
+        for n, density in ((100, 0.4), (80, 0.6)):
+            for layer in (0, 1):
+                items.append({"layer": layer, "ctx": 0, "q_len": n, "density": density, "pid": pid})
+    requests = ttft_sweep.split_requests(items)
+    assert [len(r) for r in requests] == [4, 4]
+    by_len = ttft_sweep.lines_by_prompt_len(items)
+    assert ttft_sweep.weighted_density(by_len[100]) == pytest.approx(0.4)
+    assert ttft_sweep.weighted_density(by_len[80]) == pytest.approx(0.6)
+
+
+def test_time_predictor_calibrates_on_measurements():
+    predictor = ttft_sweep.TimePredictor(output_len=16)
+    at_128k = predictor.e2e(131072)
+    assert 10 < at_128k < 15  # the FA3 anchor: 10.2 s TTFT at 128K, plus margin and decode
+    predictor.observe(131072, predictor.model(131072) / 2)  # measured twice as fast
+    assert predictor.e2e(262144) == pytest.approx(predictor.model(262144) / 2 * ttft_sweep.PREDICTION_MARGIN)
