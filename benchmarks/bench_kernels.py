@@ -29,6 +29,7 @@ import triton
 from proxyattn_kernels import ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, default_tile_config
+from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
@@ -93,6 +94,38 @@ def fa3_dense(fa3, q, kv, table, seq_len, scale, out):
     )
 
 
+def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out):
+    """The selection through FA3: one pseudo-request per query block over the union of its
+    heads' selected blocks (kernels/block_sparse_attn/union_pages.py; plan included in the time)."""
+    d = q.shape[-1]
+    plan = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
+                           page_size=kv.shape[2])
+    k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
+    return fa3(
+        q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_q=plan.max_seqlen_q,
+        seqused_k=plan.seqused_k, max_seqlen_k=plan.max_seqlen_k, softmax_scale=scale, causal=True,
+        block_table=plan.block_table, fa_version=3,
+    )
+
+
+def make_case(name, kernel, tile, *, shape, ctx, q_len, page, block, density, used, counts, t, sel_ms, fa3_ms):
+    """One row of the JSON's ``cases``; ``t``, ``sel_ms``, ``fa3_ms``: :func:`timed` results."""
+    model_shape, hq, hkv, d = shape
+    flops = 4.0 * d * float(counts.sum()) * block * block  # counts sum over heads; full tiles
+    return {
+        "name": name, "model_shape": model_shape, "hq": hq, "hkv": hkv, "head_dim": d, "ctx": ctx,
+        "q_len": q_len, "page_size": page, "block_size": block, "kernel": kernel, "tile": tile,
+        "density_target": density, "density": used,
+        "proxyattn_ms": t["median"] + (sel_ms["median"] if sel_ms else 0.0),
+        "attn_ms": t["median"], "attn_ms_p10": t["p10"], "attn_ms_p90": t["p90"],
+        "selection_ms": sel_ms["median"] if sel_ms else None,
+        "fa3_dense_ms": fa3_ms["median"] if fa3_ms else None,
+        "fa3_dense_ms_p10": fa3_ms["p10"] if fa3_ms else None,
+        "fa3_dense_ms_p90": fa3_ms["p90"] if fa3_ms else None,
+        "attn_tflops": flops / t["median"] / 1e9,
+    }
+
+
 def timed(fn):
     ms = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.1, 0.9])
     return {"median": ms[0], "p10": ms[1], "p90": ms[2]}
@@ -119,6 +152,15 @@ def correctness_gate(fa3, device) -> list[str]:
                 log(f"gate naive  {name:13s} page={page:3d} density={density}: max_abs_err={err:.2e} {'ok' if ok else 'FAIL'}")
                 if not ok:
                     failures.append(f"naive {name} page {page} density {density}: {err}")
+                if fa3 is not None:  # equal budgets, one group: the union is each head's selection
+                    union_out = torch.full_like(q, float("nan"))
+                    fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, d**-0.5, union_out)
+                    err = (union_out.float() - ref.float()).abs().max().item()
+                    ok = not union_out.isnan().any().item() and err < 2e-2
+                    log(f"gate fa3-union {name:10s} page={page:3d} density={density}: max_abs_err={err:.2e} "
+                        f"{'ok' if ok else 'FAIL'}")
+                    if not ok:
+                        failures.append(f"fa3-union {name} page {page} density {density}: {err}")
                 if fa3 is not None and density == 1.0:
                     dense = torch.empty_like(q)
                     fa3_dense(fa3, q, kv, table, ctx + q_len, d**-0.5, dense)
@@ -182,22 +224,19 @@ def main() -> int:
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
                 t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
                                                     block_size=block, tile=variant))
-                flops = 4.0 * d * float(counts.sum()) * block * block  # counts sum over heads; full tiles
-                case = {
-                    "name": f"{name} page{page} density{density}{suffix}", "model_shape": name,
-                    "hq": hq, "hkv": hkv, "head_dim": d, "ctx": ctx, "q_len": q_len, "page_size": page,
-                    "block_size": block, "kernel": "triton", "tile": asdict(variant),
-                    "density_target": density, "density": used,
-                    "proxyattn_ms": t["median"] + (sel_ms["median"] if sel_ms else 0.0),
-                    "attn_ms": t["median"], "attn_ms_p10": t["p10"], "attn_ms_p90": t["p90"],
-                    "selection_ms": sel_ms["median"] if sel_ms else None,
-                    "fa3_dense_ms": fa3_ms["median"] if fa3_ms else None,
-                    "fa3_dense_ms_p10": fa3_ms["p10"] if fa3_ms else None,
-                    "fa3_dense_ms_p90": fa3_ms["p90"] if fa3_ms else None,
-                    "attn_tflops": flops / t["median"] / 1e9,
-                }
+                case = make_case(f"{name} page{page} density{density}{suffix}", "triton", asdict(variant),
+                                 shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page, block=block,
+                                 density=density, used=used, counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms)
                 cases.append(case)
                 log(f"{case['name']}: attn {t['median']:.3f} ms, fa3 {case['fa3_dense_ms']}, sel {case['selection_ms']}")
+            for density in () if args.only_sweep or fa3 is None else (1.0, 0.1):
+                ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out))
+                cases.append(make_case(f"{name} page{page} density{density} fa3-union", "fa3-union", None,
+                                       shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page, block=block,
+                                       density=density, used=used, counts=counts, t=t, sel_ms=sel_ms,
+                                       fa3_ms=fa3_ms))
+                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
             if args.sweep or args.only_sweep:
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 1.0, device)
                 for cfg in sweep_configs(page):

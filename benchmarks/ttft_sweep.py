@@ -20,6 +20,8 @@ measured) and a table with the dense/proxyattn TTFT speedup per length is printe
 gets the rest) and skips, recording it as skipped, any step predicted not to fit. Servers are
 stopped on exit, Ctrl-C and SIGTERM. --serve-cmd replaces the vLLM command (the tests use a
 fake server). --append adds to an existing --out, for a comparison split over two GPU calls.
+A --backends entry proxyattn:KERNEL serves proxyattn with sparse_kernel=KERNEL (e.g.
+--backends FLASH_ATTN,proxyattn,proxyattn:fa3 compares both sparse kernels in one run).
 """
 from __future__ import annotations
 
@@ -48,6 +50,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "serve_configs", "llama3.1-8b-dummy-256k-proxyattn.yaml")
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "ttft_h200.json")
 SPARSE_BACKEND = "proxyattn"
+
+
+def backend_kind(backend: str) -> str:
+    """``"proxyattn:fa3"`` -> ``"proxyattn"``: the attention backend a --backends entry serves."""
+    return backend.split(":", 1)[0]
+
+
+def is_sparse(backend: str) -> bool:
+    return backend_kind(backend).lower() == SPARSE_BACKEND
+
+
+def sparse_kernel_override(backend: str, yaml_config: dict) -> list[str]:
+    """For ``proxyattn:KERNEL``: ``--additional-config`` with the YAML's proxyattn settings plus
+    ``sparse_kernel: KERNEL`` (the README's config key), so one sweep compares sparse kernels."""
+    if ":" not in backend:
+        return []
+    additional = yaml_config.get("additional-config") or {}
+    if isinstance(additional, str):
+        additional = json.loads(additional)
+    proxyattn = {**additional.get(SPARSE_BACKEND, {}), "sparse_kernel": backend.split(":", 1)[1]}
+    return ["--additional-config", json.dumps({**additional, SPARSE_BACKEND: proxyattn})]
 # Dense FLASH_ATTN prefill of the Llama-3.1-8B shape on the H200 (DESIGN.md anchors):
 # TTFT(n) = a*n + b*n^2 with a*n = 2.9 s and b*n^2 = 7.3 s at 128K. Used before anything is
 # measured; an upper bound for proxyattn, whose attention (the n^2 part) is cheaper.
@@ -375,12 +398,14 @@ class Sweep:
             cmd.append(self.args.model)
         cmd += ["--config", config_for(self.args.config, backend), "--host", "127.0.0.1",
                 "--port", str(port)]
-        if str(self.yaml[backend].get("attention-backend", "")).lower() != backend.lower():
-            cmd += ["--attention-backend", backend]
+        if str(self.yaml[backend].get("attention-backend", "")).lower() != backend_kind(backend).lower():
+            cmd += ["--attention-backend", backend_kind(backend)]
+        cmd += sparse_kernel_override(backend, self.yaml[backend])
         cmd += shlex.split(self.args.serve_args) + extra_args
         env = {k: v for k, v in os.environ.items() if k != "PROXYATTN_STATS"}
         env.update(env_extra)
-        server = ServerProcess(cmd, os.path.join(self.args.logdir, f"{name}.log"), env, port)
+        log_name = name.replace(":", "-")  # plain file names travel everywhere
+        server = ServerProcess(cmd, os.path.join(self.args.logdir, f"{log_name}.log"), env, port)
         record = {"backend": backend, "name": name, "log": server.log_path, "cmd": shlex.join(cmd)}
         self.results["servers"].append(record)
         log(f"[{name}] starting: {shlex.join(cmd)}")
@@ -569,7 +594,7 @@ class Sweep:
 
 def config_for(proxy_config: str, backend: str) -> str:
     """proxyattn runs the given YAML; dense backends its twin (-proxyattn.yaml -> -dense.yaml)."""
-    if backend.lower() == SPARSE_BACKEND:
+    if is_sparse(backend):
         return proxy_config
     return proxy_config.replace("-proxyattn.yaml", "-dense.yaml")
 
@@ -642,12 +667,12 @@ def format_table(results: dict) -> str:
     backends = list(dict.fromkeys(r["backend"] for r in results["runs"]))
     by_key = {(r["backend"], r["prompt_len"]): r for r in results["runs"]}
     lengths = sorted({r["prompt_len"] for r in results["runs"]})
-    reference = next((b for b in backends if b.lower() != SPARSE_BACKEND), None)
-    sparse = next((b for b in backends if b.lower() == SPARSE_BACKEND), None)
+    reference = next((b for b in backends if not is_sparse(b)), None)
+    sparse_backends = [b for b in backends if is_sparse(b)]
     header = f"{'prompt':>8}"
     for b in backends:
         header += f" | {b + ' TTFT s':>17} {'p99 s':>7} {'TPOT ms':>7}"
-    header += f" | {'density':>7} | {'speedup':>7}"
+    header += f" | {'density':>7}" + "".join(f" | {'speedup ' + b:>17}" for b in sparse_backends)
     lines = [f" TTFT on {results['gpu']}, model {results['model']} ".center(len(header), "="), header]
     for n in lengths:
         row = f"{n:>8}"
@@ -658,12 +683,15 @@ def format_table(results: dict) -> str:
             else:
                 row += (f" | {fmt_s(r['mean_ttft_ms']):>17} {fmt_s(r['p99_ttft_ms']):>7} "
                         f"{fmt_ms(r['mean_tpot_ms']):>7}")
-        s = by_key.get((sparse, n)) if sparse else None
-        density = fmt_density(s["density"]) if s else "-"
+        measured = by_key.get((SPARSE_BACKEND, n))  # the density pass serves plain proxyattn
+        row += f" | {fmt_density(measured['density']) if measured else '-':>7}"
         d = by_key.get((reference, n)) if reference else None
-        ok = d and s and d["mean_ttft_ms"] and s["mean_ttft_ms"]
-        speedup = f"{d['mean_ttft_ms'] / s['mean_ttft_ms']:.2f}x" if ok else "-"
-        lines.append(row + f" | {density:>7} | {speedup:>7}")
+        for b in sparse_backends:
+            s = by_key.get((b, n))
+            ok = d and s and d["mean_ttft_ms"] and s["mean_ttft_ms"]
+            speedup = f"{d['mean_ttft_ms'] / s['mean_ttft_ms']:.2f}x" if ok else "-"
+            row += f" | {speedup:>17}"
+        lines.append(row)
     for backend, mix in results["poisson_mix"].items():
         if mix.get("status") != "ok":
             lines.append(f"poisson mix {backend}: {mix.get('status')} ({mix.get('reason', '')})")
@@ -674,9 +702,9 @@ def format_table(results: dict) -> str:
             f"p99 {fmt_s(lo['p99_ttft_ms'])} s ({lo['completed']} ok, {lo['failed']} failed); "
             f"short requests mean TPOT {fmt_ms(sh['mean_tpot_ms'])} ms, "
             f"p99 ITL {fmt_ms(sh['p99_itl_ms'])} ms ({sh['completed']} ok, {sh['failed']} failed)")
-    if reference and sparse:
-        lines.append(f"speedup = {reference} mean TTFT / {sparse} mean TTFT; "
-                     "density = selected / causal blocks (density pass)")
+    if reference and sparse_backends:
+        lines.append(f"speedup = {reference} mean TTFT / {' or '.join(sparse_backends)} mean TTFT; "
+                     "density = selected / causal blocks of proxyattn (density pass)")
     return "\n".join(lines)
 
 
@@ -692,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=DEFAULT_CONFIG,
                     help="proxyattn serve YAML; dense backends use its -dense.yaml twin")
     ap.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b],
-                    default=["FLASH_ATTN", SPARSE_BACKEND], help="comma list, run in this order")
+                    default=["FLASH_ATTN", SPARSE_BACKEND],
+                    help="comma list, run in this order; proxyattn:KERNEL sets sparse_kernel (e.g. proxyattn:fa3)")
     ap.add_argument("--lengths", type=loadtest.parse_token_list,
                     default=loadtest.parse_token_list("8K,32K,64K,128K,256K"),
                     help="prompt lengths of the one-at-a-time sweep (clamped to "

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 from proxyattn_kernels import ProxyAttnParams
 
 ADDITIONAL_CONFIG_KEY = "proxyattn"
+#: Values of ``sparse_kernel``: who computes the selected blocks of a long prefill chunk.
+SPARSE_KERNELS = ("triton", "fa3")
 
 
 class ProxyAttnConfigError(ValueError):
@@ -58,6 +60,9 @@ class ProxyAttnConfig:
         max_density: benchmarking override: cap each head's budget at this fraction of the
             key blocks (None = no cap).
         dense_layers: layer indices that always run dense.
+        sparse_kernel: ``"triton"`` (the block-sparse kernel: each head computes exactly its
+            own blocks) or ``"fa3"`` (vLLM's FlashAttention over each query block's union of
+            the selected blocks: every head computes the blocks any head selected).
     """
 
     gamma: float = 0.95
@@ -70,6 +75,7 @@ class ProxyAttnConfig:
     min_sparse_len: int = 8192
     max_density: float | None = None
     dense_layers: tuple[int, ...] = ()
+    sparse_kernel: str = "triton"
 
     def __post_init__(self) -> None:
         if not _is_number(self.gamma) or not 0.0 < self.gamma <= 1.0:
@@ -93,6 +99,8 @@ class ProxyAttnConfig:
         if not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers):
             _fail("dense_layers", layers, "a list of non-negative layer indices, e.g. [0, 1]")
         object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        if self.sparse_kernel not in SPARSE_KERNELS:
+            _fail("sparse_kernel", self.sparse_kernel, " or ".join(f'"{k}"' for k in SPARSE_KERNELS))
         object.__setattr__(self, "gamma", float(self.gamma))
         if self.max_density is not None:
             object.__setattr__(self, "max_density", float(self.max_density))

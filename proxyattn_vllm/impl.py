@@ -22,6 +22,7 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
 from proxyattn_kernels import ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
+from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
 from proxyattn_kernels.selection import select_blocks_paged
 
 from . import stats
@@ -92,6 +93,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
     ``triton_reshape_and_cache_flash`` (CPU CI), which use the same cache layout.
     """
 
+    _warned_union_pages = False  # one warning per process, not per layer
     supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
 
     def __init__(
@@ -192,13 +194,49 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 dense.block_table[run.req_start : run.req_end],
             )
         layer_index = stats.layer_index(layer) if stats.ENABLED else None
+        union_kernel = self._use_union_kernel(kv_cache)
         for row in plan.sparse_rows:
-            sparse_prefill(
-                query[row.token_start : row.token_end], kv_cache, dense.block_table[row.req_idx],
-                output[row.token_start : row.token_end], row.ctx, self.scale,
-                self.proxyattn_params, layer_index=layer_index,
-            )
+            chunk = (query[row.token_start : row.token_end], kv_cache, dense.block_table[row.req_idx],
+                     output[row.token_start : row.token_end], row.ctx)
+            if union_kernel:
+                self._union_prefill(layer, *chunk, layer_index=layer_index)
+            else:
+                sparse_prefill(*chunk, self.scale, self.proxyattn_params, layer_index=layer_index)
         return output
+
+    def _use_union_kernel(self, kv_cache: torch.Tensor) -> bool:
+        """``sparse_kernel: "fa3"`` and a page size that divides the selection block size."""
+        if self.proxyattn_config.sparse_kernel != "fa3":
+            return False
+        page_size, block_size = kv_cache.shape[2], self.proxyattn_params.block_size
+        if block_size % page_size == 0:
+            return True
+        if not ProxyAttnImpl._warned_union_pages:
+            ProxyAttnImpl._warned_union_pages = True
+            logger.warning(
+                "proxyattn: sparse_kernel \"fa3\" needs KV pages that divide block_size=%d, got "
+                "pages of %d tokens; using the Triton block-sparse kernel. Set --block-size to a "
+                "divisor of %d to use FA3.", block_size, page_size, block_size,
+            )
+        return False
+
+    def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, layer_index=None):
+        """Like :func:`sparse_prefill`, but the selected blocks run through vLLM's dense varlen
+        kernel (FA3 on Hopper), one pseudo-request per query block over the union of what its
+        heads selected (``kernels/block_sparse_attn/union_pages.py``)."""
+        params = self.proxyattn_params
+        selection = select_blocks_paged(query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params)
+        if stats.ENABLED:  # per-head density; the union this path computes is at least that
+            stats.record(query, kv_cache, block_table_row, selection, ctx=ctx, scale=self.scale,
+                         block_size=params.block_size, layer_index=layer_index)
+        pages = union_page_plan(
+            selection.ranking, selection.counts, block_table_row, ctx=ctx, q_len=query.shape[0],
+            block_size=params.block_size, page_size=kv_cache.shape[2],
+        )
+        self._dense_varlen(
+            layer, query, kv_cache, output, pages.cu_seqlens_q, pages.max_seqlen_q,
+            pages.seqused_k, pages.max_seqlen_k, pages.block_table,
+        )
 
     def _is_dense_layer(self, layer: torch.nn.Module) -> bool:
         if self._dense_layer is None:

@@ -52,6 +52,7 @@ def test_from_additional_config_and_frozen():
         ({"max_density": 2}, "max_density", "(0, 1]"),
         ({"dense_layers": 3}, "dense_layers", "list"),
         ({"dense_layers": [-1]}, "dense_layers", "non-negative"),
+        ({"sparse_kernel": "cuda"}, "sparse_kernel", '"triton" or "fa3"'),
     ],
 )
 def test_bad_values_name_key_value_and_accepted(values, key, accepted):
@@ -103,6 +104,7 @@ _BAD_VALUES = (
     + [("gamma", bad) for bad in (True, math.nan, math.inf, -math.inf, -0.1, 1.0001, "0.9", None)]
     + [("max_density", bad) for bad in (True, math.nan, math.inf, -0.5, 1.5, "0.1", [0.1])]
     + [("dense_layers", bad) for bad in ([True], [0.0], ["0"], [math.nan], "0,1", {0: 1}, None)]
+    + [("sparse_kernel", bad) for bad in ("flashinfer", "FA3", "", None, 3, ["fa3"])]
 )
 
 

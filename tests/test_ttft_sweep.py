@@ -261,3 +261,34 @@ def test_server_dies_with_a_sweep_killed_by_sigkill(tmp_path):
     if not gone:
         os.kill(server_pid, signal.SIGKILL)
     assert gone, "the server outlived its killed sweep"
+
+
+def test_sparse_kernel_variants_share_the_proxyattn_config():
+    yaml_config = {"attention-backend": "proxyattn",
+                   "additional-config": {"proxyattn": {"max_density": 0.1}, "other_plugin": {"x": 1}}}
+    assert ttft_sweep.backend_kind("proxyattn:fa3") == "proxyattn"
+    assert ttft_sweep.is_sparse("proxyattn:fa3") and not ttft_sweep.is_sparse("FLASH_ATTN")
+    assert ttft_sweep.sparse_kernel_override("proxyattn", yaml_config) == []
+    flag, value = ttft_sweep.sparse_kernel_override("proxyattn:fa3", yaml_config)
+    assert flag == "--additional-config"
+    assert json.loads(value) == {"proxyattn": {"max_density": 0.1, "sparse_kernel": "fa3"},
+                                 "other_plugin": {"x": 1}}
+    # The YAML may hold additional-config as a JSON string too (serve_configs/ do).
+    _, value = ttft_sweep.sparse_kernel_override(
+        "proxyattn:triton", {"additional-config": '{"proxyattn": {"gamma": 0.9}}'})
+    assert json.loads(value) == {"proxyattn": {"gamma": 0.9, "sparse_kernel": "triton"}}
+    assert ttft_sweep.config_for("x-proxyattn.yaml", "proxyattn:fa3") == "x-proxyattn.yaml"
+
+
+def test_table_has_a_speedup_column_per_sparse_kernel():
+    def run(backend, n, ttft):
+        return {"backend": backend, "prompt_len": n, "status": "ok", "mean_ttft_ms": ttft,
+                "p99_ttft_ms": ttft, "mean_tpot_ms": 5.0, "density": 0.1 if backend == "proxyattn" else None}
+
+    results = {"gpu": "g", "model": "m", "poisson_mix": {}, "runs": [
+        run("FLASH_ATTN", 1000, 400.0), run("proxyattn", 1000, 200.0), run("proxyattn:fa3", 1000, 100.0)]}
+    lines = ttft_sweep.format_table(results).splitlines()
+    row = next(line for line in lines if line.lstrip().startswith("1000"))
+    assert row.rstrip().endswith("2.00x |             4.00x")
+    assert "0.100" in row
+    assert lines[-1].startswith("speedup = FLASH_ATTN mean TTFT / proxyattn or proxyattn:fa3 mean TTFT")

@@ -161,6 +161,37 @@ def test_mixed_batch_matches_reference(vllm_config, dtype):
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
 
 
+def test_fa3_union_kernel_matches_the_union_reference(vllm_config):
+    """``sparse_kernel: "fa3"``: the long row runs through the dense varlen kernel (vLLM's Triton
+    kernel on CPU, FA3 on Hopper) over each query block's union of selected blocks; it equals
+    attention with that union mask for every head, and the other rows stay dense."""
+    from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
+    from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask
+
+    from proxyattn_vllm import ProxyAttnConfig
+
+    config = {**SPARSE, "sparse_kernel": "fa3"}
+    batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=3)
+    md = _builder(vllm_config).build(0, batch.common)
+    output = batch.run(_impl(config), md, _Layer(0))
+    params = ProxyAttnConfig.from_dict(config).kernel_params(NUM_HEADS, NUM_KV_HEADS)
+    for r, tokens, ctx in batch.rows():
+        q, k, v = batch.query[tokens], batch.keys[r], batch.values[r]
+        dense = dense_causal_attention(q, k, v, ctx, SCALE)
+        if r == 3:
+            _, selection = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params, scale=SCALE)
+            union = union_block_mask(selection.ranking, selection.counts, selection.ranking.shape[-1])
+            geo = selection.geometry
+            causal_blocks = sum(geo.row_extent(row) for row in range(geo.num_q_blocks))
+            assert int(union.sum()) < causal_blocks, "the union covers every block: not a sparse test"
+            expected = block_sparse_attention(q, k, v, ctx, union.expand(NUM_HEADS, -1, -1), SCALE, 16)
+            assert (output[tokens] - dense).abs().max() > 1e-2, "sparse row ran dense"
+        else:
+            expected = dense
+        torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4, msg=f"row {r}")
+    assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
+
+
 def test_dense_layers_and_pure_dense_batches(vllm_config):
     batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=1)
     md = _builder(vllm_config).build(0, batch.common)
