@@ -8,7 +8,9 @@
 For each backend, one `vllm serve --config YAML` subprocess (proxyattn takes --config, the
 other backends its dense twin, the same file name with -dense.yaml), logged to a file, then:
   (a) prompts one at a time at each length (warm-ups first, then --repeats timed requests),
-  (b) a Poisson mix: long prompts (--mix-long-range) arriving with concurrent short requests
+  (b) decode speed: --decode-requests requests of --decode-len output tokens after a
+      --decode-prompt-len prompt, one at a time (TPOT vs the dense backend),
+  (c) a Poisson mix: long prompts (--mix-long-range) arriving with concurrent short requests
       whose decode speed (TPOT) shows how much the long prefills disturb running decodes.
 With --density-pass, proxyattn is started once more with PROXYATTN_STATS set (after the timed
 runs, so writing statistics never affects a timing) and one request per length measures the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -231,7 +234,9 @@ def estimate_wall_time(args, lengths: list[int], backends: list[str]) -> dict:
     predictor = TimePredictor(args.output_len)
     sweep = (args.warmups * predictor.e2e(args.warmup_len)
              + sum((args.warmups_per_length + args.repeats) * predictor.e2e(n) for n in lengths))
-    per_backend = args.startup_estimate_s + sweep + (predict_mix_s(args, predictor) if args.mix_long else 0)
+    decode = args.decode_requests * TimePredictor(args.decode_len).e2e(args.decode_prompt_len)
+    per_backend = (args.startup_estimate_s + sweep + decode
+                   + (predict_mix_s(args, predictor) if args.mix_long else 0))
     parts = {b: per_backend for b in backends}
     if args.density_pass:
         parts["density pass"] = args.startup_estimate_s + sum(predictor.e2e(n) for n in lengths)
@@ -333,7 +338,7 @@ class Sweep:
             "configs": {b: os.path.relpath(config_for(args.config, b), REPO) for b in self.backends},
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "logdir")},
             "estimate_s": estimate_wall_time(args, self.lengths, self.backends),
-            "servers": [], "runs": [], "poisson_mix": {}, "density_pass": None, "requests": [],
+            "servers": [], "runs": [], "poisson_mix": {}, "decode": {}, "density_pass": None, "requests": [],
         }
         if args.append and os.path.exists(args.out):
             with open(args.out, encoding="utf-8") as f:
@@ -342,8 +347,8 @@ class Sweep:
             for key in ("servers", "runs", "requests"):
                 self.results[key] = [x for x in old.get(key, []) if x["backend"] not in self.backends]
             self.results["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
-            self.results["poisson_mix"] = {b: v for b, v in old.get("poisson_mix", {}).items()
-                                           if b not in self.backends}
+            for key in ("poisson_mix", "decode"):
+                self.results[key] = {b: v for b, v in old.get(key, {}).items() if b not in self.backends}
             if SPARSE_BACKEND not in self.backends or not args.density_pass:
                 self.results["density_pass"] = old.get("density_pass")
 
@@ -474,10 +479,41 @@ class Sweep:
                 self.add_run(backend, n, "ok" if result["completed"] else "failed", result, reason)
                 log(f"[{backend}] {n} tokens: mean TTFT {fmt_s(result['mean_ttft_ms'])} s "
                     f"({result['completed']} ok, {result['failed']} failed)")
+            if args.decode_requests:
+                self.run_decode(backend, server, deadline)
             if args.mix_long:
                 self.run_mix(backend, server, predictor, deadline)
         finally:
             server.stop()
+
+    def run_decode(self, backend: str, server: ServerProcess, deadline: float) -> None:
+        """Decode speed after a long prompt: one request at a time, --decode-len output tokens
+        (the sweep's short outputs make TPOT too noisy to compare backends)."""
+        args = self.args
+        prompt_len = self.effective_len(backend, args.decode_prompt_len)
+        predictor = TimePredictor(args.decode_len)
+        need = args.decode_requests * predictor.e2e(prompt_len)
+        if time.monotonic() + need > deadline:
+            self.results["decode"][backend] = {
+                "status": "skipped", "reason": f"time budget: needs ~{need:.0f} s, {self.left_s(deadline):.0f} s left"}
+            self.write()
+            return
+        config = dataclasses.replace(self.load_config(server.base_url, [prompt_len], args.decode_requests, 0,
+                                                      f"{backend} decode"), output_len=args.decode_len)
+        try:
+            result = loadtest.run(config)
+        except loadtest.ServerUnreachable:
+            self.results["decode"][backend] = {"status": "failed", "reason": str(server.failure("server died"))}
+            self.write()
+            return
+        self.add_requests(backend, "decode", result)
+        self.results["decode"][backend] = {
+            "status": "ok" if result["completed"] else "failed", "prompt_len": prompt_len,
+            "output_len": args.decode_len, "n": result["completed"], "failed": result["failed"],
+            **{k: result[k] for k in ("mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms")},
+        }
+        self.write()
+        log(f"[{backend}] decode after {prompt_len} tokens: mean TPOT {fmt_ms(result['mean_tpot_ms'])} ms")
 
     def load_config(self, base_url: str, lengths: list[int], count: int, warmups: int,
                     label: str) -> loadtest.LoadTestConfig:
@@ -692,6 +728,17 @@ def format_table(results: dict) -> str:
             speedup = f"{d['mean_ttft_ms'] / s['mean_ttft_ms']:.2f}x" if ok else "-"
             row += f" | {speedup:>17}"
         lines.append(row)
+    dense_decode = results.get("decode", {}).get(reference) if reference else None
+    for backend, dec in results.get("decode", {}).items():
+        if dec.get("status") != "ok":
+            lines.append(f"decode {backend}: {dec.get('status')} ({dec.get('reason', '')})")
+            continue
+        vs = ""
+        if dense_decode and dense_decode.get("status") == "ok" and backend != reference:
+            vs = f" ({dec['mean_tpot_ms'] / dense_decode['mean_tpot_ms']:.3f}x {reference})"
+        lines.append(f"decode {backend}: mean TPOT {fmt_ms(dec['mean_tpot_ms'])} ms, p99 "
+                     f"{fmt_ms(dec['p99_tpot_ms'])} ms after {dec['prompt_len']} prompt tokens, "
+                     f"{dec['output_len']} output tokens x {dec['n']}{vs}")
     for backend, mix in results["poisson_mix"].items():
         if mix.get("status") != "ok":
             lines.append(f"poisson mix {backend}: {mix.get('status')} ({mix.get('reason', '')})")
@@ -733,6 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmups-per-length", type=int, default=0,
                     help="extra untimed requests before each length")
     ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--decode-requests", type=int, default=2,
+                    help="requests of the decode-speed phase (0: none)")
+    ap.add_argument("--decode-prompt-len", type=loadtest.parse_tokens, default=32768)
+    ap.add_argument("--decode-len", type=int, default=256, help="output tokens per decode request")
     ap.add_argument("--mix-long", type=int, default=6, help="long prompts in the mix (0: no mix)")
     ap.add_argument("--mix-long-range", type=loadtest.parse_range, default=(8192, 131072),
                     metavar="LO:HI")

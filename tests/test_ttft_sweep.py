@@ -33,7 +33,8 @@ def sweep_args(tmp_path, *extra, fake_args="--ttft-per-token-s 0.0002 --itl-s 0.
     return ["--model", "fake-model", "--config", write_configs(tmp_path),
             "--serve-cmd", f"{shlex.quote(sys.executable)} {FAKE_SERVER} {fake_args}",
             "--lengths", "100,300", "--repeats", "2", "--warmups", "1", "--warmup-len", "50",
-            "--output-len", "4", "--mix-long", "0", "--out", str(tmp_path / "out.json"), *extra]
+            "--output-len", "4", "--mix-long", "0", "--decode-requests", "0",
+            "--out", str(tmp_path / "out.json"), *extra]
 
 
 def port_open(port: int) -> bool:
@@ -292,3 +293,18 @@ def test_table_has_a_speedup_column_per_sparse_kernel():
     assert row.rstrip().endswith("2.00x |             4.00x")
     assert "0.100" in row
     assert lines[-1].startswith("speedup = FLASH_ATTN mean TTFT / proxyattn or proxyattn:fa3 mean TTFT")
+
+
+def test_decode_phase_measures_tpot_against_the_dense_backend(tmp_path, capsys):
+    args = sweep_args(tmp_path, fake_args="--ttft-per-token-s 0.0001 --itl-s 0.004")
+    args[args.index("--lengths") + 1] = "100"
+    args[args.index("--decode-requests") + 1] = "2"
+    args += ["--decode-prompt-len", "200", "--decode-len", "12"]
+    assert ttft_sweep.main(args) == 0
+    decode = json.loads((tmp_path / "out.json").read_text())["decode"]
+    for backend in ("FLASH_ATTN", "proxyattn"):
+        d = decode[backend]
+        assert (d["status"], d["n"], d["prompt_len"], d["output_len"]) == ("ok", 2, 200, 12)
+        assert 3.0 <= d["mean_tpot_ms"] <= 4.0 + 40, d  # the fake server sleeps 4 ms between tokens
+    out = capsys.readouterr().out
+    assert "decode proxyattn: mean TPOT" in out and "x FLASH_ATTN)" in out
