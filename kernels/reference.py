@@ -94,9 +94,10 @@ def gather_paged_kv(
 
 
 def dense_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float, window: int | None = None
 ) -> torch.Tensor:
-    """Plain causal attention of a chunk (bottom-right aligned), fp32 math: ``[q_len, Hq, D]``."""
+    """Plain causal attention of a chunk (bottom-right aligned), fp32 math: ``[q_len, Hq, D]``.
+    With ``window``, query position ``p`` sees keys ``(p - window, p]`` only (sliding window)."""
     q_len, num_q_heads = q.shape[:2]
     group = num_q_heads // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
@@ -104,7 +105,10 @@ def dense_causal_attention(
     logits = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
     q_pos = torch.arange(ctx, ctx + q_len, device=q.device)
     k_pos = torch.arange(k.shape[0], device=q.device)
-    logits = logits.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    hidden = k_pos[None, None, :] > q_pos[None, :, None]
+    if window is not None:
+        hidden |= k_pos[None, None, :] <= q_pos[None, :, None] - window
+    logits = logits.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(logits, dim=-1), vf).to(q.dtype)
 
 

@@ -6,7 +6,8 @@ order, packed K|V layout, kernel block sizes) is inherited from FLASH_ATTN, so F
 kernels and our sparse kernels all read the same cache.
 
 Capabilities are narrowed to what the sparse prefill path handles: decoder self-attention,
-causal, no sliding window, no attention sinks, no multimodal prefix-LM, no batch invariance.
+causal, no attention sinks, no multimodal prefix-LM, no batch invariance. Sliding-window layers
+are accepted and always run dense (FlashAttention with the window).
 ``is_sparse()`` stays False: in vLLM it means *model-native* sparse attention (DeepSeek V3.2
 style), which a Llama/Qwen layer does not ask for.
 """
@@ -59,7 +60,9 @@ class ProxyAttnBackend(FlashAttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        # Sliding-window layers run dense through FlashAttention with their window (one warning,
+        # ProxyAttnImpl); the global layers of the same model (Gemma 3 style) run sparse.
+        return True
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -100,7 +103,7 @@ class ProxyAttnBackend(FlashAttentionBackend):
         if reasons:
             reasons.append(
                 "proxyattn (ProxyAttn sparse prefill) supports causal decoder self-attention "
-                "without sliding window or attention sinks, with an auto/float16/bfloat16 KV "
+                "without attention sinks, with an auto/float16/bfloat16 KV "
                 "cache: serve this model with --attention-backend FLASH_ATTN (dense) instead"
             )
         return reasons

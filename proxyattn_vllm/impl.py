@@ -94,6 +94,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
     """
 
     _warned_union_pages = False  # one warning per process, not per layer
+    _warned_sliding_window = False
     supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
 
     def __init__(
@@ -111,10 +112,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
         sinks: torch.Tensor | None = None,
         proxyattn_config: ProxyAttnConfig | None = None,
     ) -> None:
-        _check_supported(
-            attn_type, head_size, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype,
-            sinks,
-        )
+        _check_supported(attn_type, head_size, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks)
         if proxyattn_config is None:
             from vllm.config import get_current_vllm_config_or_none
 
@@ -123,6 +121,16 @@ class ProxyAttnImpl(FlashAttentionImpl):
         # Validates the config against this layer's per-rank head counts (num_proxy_groups).
         self.proxyattn_params = proxyattn_config.kernel_params(num_heads, num_kv_heads)
         self._dense_layer: bool | None = None  # resolved from the layer name on first forward
+        # A sliding-window layer attends to its window only, so it has little to skip: it runs
+        # dense with its window (the parent's FlashAttention path) and is never sparsified.
+        self.sliding_window_layer = sliding_window is not None
+        if self.sliding_window_layer and not ProxyAttnImpl._warned_sliding_window:
+            ProxyAttnImpl._warned_sliding_window = True
+            logger.warning(
+                "proxyattn: this model has sliding-window attention layers (window %d): they run "
+                "dense (FlashAttention with the window); ProxyAttn sparsifies its global-attention "
+                "layers only.", sliding_window,
+            )
 
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
@@ -182,7 +190,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
             return output.fill_(0)
 
         plan = attn_metadata.plan
-        if not plan.has_sparse or dense_layer:
+        if not plan.has_sparse or dense_layer or self.sliding_window_layer:
             return self._dense_batch(layer, query, key, value, kv_cache, attn_metadata, output)
 
         dense = attn_metadata.dense
@@ -290,7 +298,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
             q=query, k=key_cache, v=value_cache, out=output,
             cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_query_len,
             seqused_k=seq_lens, max_seqlen_k=max_seq_len,
-            softmax_scale=self.scale, causal=True, window_size=(-1, -1),
+            softmax_scale=self.scale, causal=True, window_size=self.sliding_window,
             block_table=block_table, softcap=0,
             q_descale=None, k_descale=k_descale, v_descale=v_descale,
         )
@@ -309,9 +317,7 @@ def _layer_index(layer: torch.nn.Module) -> int:
         ) from exc
 
 
-def _check_supported(
-    attn_type, head_size, sliding_window, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks
-):
+def _check_supported(attn_type, head_size, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks):
     fallback = "serve this model with --attention-backend FLASH_ATTN (dense) instead"
     if attn_type != AttentionType.DECODER:
         raise ProxyAttnUnsupportedError(
@@ -324,11 +330,6 @@ def _check_supported(
         raise ProxyAttnUnsupportedError(
             f"proxyattn: head size {head_size} is not supported by the sparse kernels "
             f"(accepted: {', '.join(map(str, SUPPORTED_HEAD_SIZES))}): {fallback}."
-        )
-    if sliding_window is not None:
-        raise ProxyAttnUnsupportedError(
-            f"proxyattn: sliding-window attention (sliding_window={sliding_window}) is not "
-            f"supported: {fallback}."
         )
     if alibi_slopes is not None:
         raise ProxyAttnUnsupportedError(

@@ -98,16 +98,14 @@ def _write_config(path, arch: str) -> str:
 @pytest.mark.parametrize(
     "arch, error, expected",
     [
-        ("mistral-sliding-window", ValueError, "sliding window not supported"),
-        ("qwen2-sliding-window", ValueError, "sliding window not supported"),
-        ("gemma2-interleaved", ValueError, "sliding window not supported"),
+        ("gemma2-interleaved", "ProxyAttnUnsupportedError", "logit soft-capping (logits_soft_cap=50.0)"),
         ("gemma2-softcap-only", "ProxyAttnUnsupportedError", "logit soft-capping (logits_soft_cap=50.0)"),
         ("llama-head-dim-80", "ProxyAttnUnsupportedError", "head size 80 is not supported"),
     ],
 )
 def test_unsupported_model_stops_llm_startup(tmp_path, arch, error, expected):
-    """Sliding window is refused by vLLM's backend validation (ProxyAttnBackend says it does not
-    support it), with ProxyAttn's reason appended; the other features reach ProxyAttnImpl."""
+    """Features the sparse path cannot serve stop startup in ProxyAttnImpl with a message that
+    names the feature and the dense fallback (sliding window is served: see below)."""
     from proxyattn_vllm.impl import ProxyAttnUnsupportedError
 
     error = ProxyAttnUnsupportedError if error == "ProxyAttnUnsupportedError" else error
@@ -116,6 +114,21 @@ def test_unsupported_model_stops_llm_startup(tmp_path, arch, error, expected):
         _start(model_dir, load_format="dummy", skip_tokenizer_init=True)
     msg = str(err.value)
     assert expected in msg and FALLBACK in msg, msg
+
+
+@pytest.mark.parametrize("arch", ["mistral-sliding-window", "qwen2-sliding-window"])
+def test_sliding_window_models_start_with_one_warning(tmp_path, arch, monkeypatch):
+    """Every layer slides: the model is served, all dense (FlashAttention with the window), and
+    the log says so once. Mixed sliding/global models: test_robustness_engine.py."""
+    from proxyattn_vllm import impl
+
+    warnings = []
+    monkeypatch.setattr(impl.ProxyAttnImpl, "_warned_sliding_window", False)
+    monkeypatch.setattr(impl.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    model_dir = _write_config(tmp_path / arch, arch)
+    _start(model_dir, load_format="dummy", skip_tokenizer_init=True)
+    sliding = [w for w in warnings if "sliding-window attention layers (window 64)" in w]
+    assert len(sliding) == 1, warnings
 
 
 def test_fp8_kv_cache_stops_llm_startup(tiny_llama_dir):

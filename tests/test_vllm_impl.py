@@ -242,10 +242,26 @@ def test_sparse_prefill_boundary_writes_in_place():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_sliding_window_layers_run_dense_with_their_window(vllm_config):
+    """A sliding-window layer is never sparsified: every row, the long one included, equals
+    dense attention restricted to the window (and differs from attention without it)."""
+    window = 24
+    batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=4)
+    md = _builder(vllm_config).build(0, batch.common)
+    assert md.plan.has_sparse  # a global layer would run the sparse path on this batch
+    output = batch.run(_impl(sliding_window=window), md, _Layer(0))
+    for r, tokens, ctx in batch.rows():
+        q, k, v = batch.query[tokens], batch.keys[r], batch.values[r]
+        expected = dense_causal_attention(q, k, v, ctx, SCALE, window=window)
+        torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4, msg=f"row {r}")
+        if batch.seq_lens[r] > window + 8:
+            assert (output[tokens] - dense_causal_attention(q, k, v, ctx, SCALE)).abs().max() > 1e-3
+    assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"sliding_window": 128}, "sliding-window attention"),
         ({"alibi_slopes": [0.5, 0.25, 0.125, 0.0625]}, "ALiBi"),
         ({"logits_soft_cap": 30.0}, "soft-capping"),
         ({"attn_type": "encoder_only"}, "attention type 'encoder_only'"),

@@ -186,7 +186,7 @@ def test_backend_capabilities():
     assert backend.get_preferred_block_size(16) == 128
     assert backend.get_preferred_block_size(256) == 256
     assert not backend.is_sparse() and not backend.is_mla()
-    assert not backend.supports_sliding_window() and not backend.supports_sink()
+    assert backend.supports_sliding_window() and not backend.supports_sink()  # sliding layers run dense
     assert not backend.supports_mm_prefix() and not backend.supports_non_causal()
     assert backend.supports_attn_type(AttentionType.DECODER)
     for t in (AttentionType.ENCODER, AttentionType.ENCODER_ONLY, AttentionType.ENCODER_DECODER):
@@ -202,8 +202,9 @@ def test_backend_capabilities():
         attn_type=AttentionType.DECODER,
     )
     assert backend.validate_configuration(**common) == []
+    assert backend.validate_configuration(**common, has_sliding_window=True) == []
     reasons = backend.validate_configuration(**{**common, "has_sink": True}, has_sliding_window=True)
-    assert "attention sinks not supported" in reasons and "sliding window not supported" in reasons
+    assert "attention sinks not supported" in reasons and "sliding window not supported" not in reasons
     reasons = backend.validate_configuration(**{**common, "kv_cache_dtype": "fp8"})
     assert reasons[0] == "kv_cache_dtype not supported" and len(reasons) == 2
     assert "--attention-backend FLASH_ATTN" in reasons[1]  # ProxyAttn's hint, once
