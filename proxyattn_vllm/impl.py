@@ -234,13 +234,15 @@ class ProxyAttnImpl(FlashAttentionImpl):
         heads selected (``kernels/block_sparse_attn/union_pages.py``)."""
         params = self.proxyattn_params
         selection = select_blocks_paged(query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params)
-        if stats.ENABLED:  # per-head density; the union this path computes is at least that
-            stats.record(query, kv_cache, block_table_row, selection, ctx=ctx, scale=self.scale,
-                         block_size=params.block_size, layer_index=layer_index)
         pages = union_page_plan(
             selection.ranking, selection.counts, block_table_row, ctx=ctx, q_len=query.shape[0],
             block_size=params.block_size, page_size=kv_cache.shape[2],
         )
+        if stats.ENABLED:  # what this path computes: every head gets its row's union
+            union = selection._replace(
+                ranking=pages.union_ranking, counts=pages.union_blocks.expand(query.shape[1], -1))
+            stats.record(query, kv_cache, block_table_row, union, ctx=ctx, scale=self.scale,
+                         block_size=params.block_size, layer_index=layer_index)
         self._dense_varlen(
             layer, query, kv_cache, output, pages.cu_seqlens_q, pages.max_seqlen_q,
             pages.seqused_k, pages.max_seqlen_k, pages.block_table,

@@ -161,7 +161,7 @@ def test_mixed_batch_matches_reference(vllm_config, dtype):
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
 
 
-def test_fa3_union_kernel_matches_the_union_reference(vllm_config):
+def test_fa3_union_kernel_matches_the_union_reference(vllm_config, tmp_path):
     """``sparse_kernel: "fa3"``: the long row runs through the dense varlen kernel (vLLM's Triton
     kernel on CPU, FA3 on Hopper) over each query block's union of selected blocks; it equals
     attention with that union mask for every head, and the other rows stay dense."""
@@ -170,10 +170,19 @@ def test_fa3_union_kernel_matches_the_union_reference(vllm_config):
 
     from proxyattn_vllm import ProxyAttnConfig
 
-    config = {**SPARSE, "sparse_kernel": "fa3"}
+    from proxyattn_vllm import stats
+
+    # Two proxy groups rank blocks differently, so the union exceeds what each head selected.
+    config = {**SPARSE, "sparse_kernel": "fa3", "num_proxy_groups": 2, "max_density": 0.6}
     batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=3)
     md = _builder(vllm_config).build(0, batch.common)
-    output = batch.run(_impl(config), md, _Layer(0))
+    stats_path = tmp_path / "stats.jsonl"
+    stats.configure(stats_path, mass_heads=2)
+    try:
+        output = batch.run(_impl(config), md, _Layer(0))
+    finally:
+        stats.configure(None)
+    (line,) = stats.read_lines(stats_path)
     params = ProxyAttnConfig.from_dict(config).kernel_params(NUM_HEADS, NUM_KV_HEADS)
     for r, tokens, ctx in batch.rows():
         q, k, v = batch.query[tokens], batch.keys[r], batch.values[r]
@@ -184,6 +193,9 @@ def test_fa3_union_kernel_matches_the_union_reference(vllm_config):
             geo = selection.geometry
             causal_blocks = sum(geo.row_extent(row) for row in range(geo.num_q_blocks))
             assert int(union.sum()) < causal_blocks, "the union covers every block: not a sparse test"
+            # The statistics count what this path computes: the union, for every head.
+            assert line["density"] == pytest.approx(int(union.sum()) / causal_blocks, abs=1e-6)
+            assert line["density"] > selection.density + 1e-3 and 0.0 <= line["kept_mass"] <= 1.0
             expected = block_sparse_attention(q, k, v, ctx, union.expand(NUM_HEADS, -1, -1), SCALE, 16)
             assert (output[tokens] - dense).abs().max() > 1e-2, "sparse row ran dense"
         else:

@@ -34,6 +34,9 @@ class UnionPagePlan(NamedTuple):
         max_seqlen_q: host upper bound of the rows' query counts.
         max_seqlen_k: host upper bound of ``seqused_k``.
         union_blocks: ``[R]`` int32 selected blocks per row (union over heads).
+        union_ranking: ``[1, R, Kb]`` int32 each row's selected blocks, ascending, then padding:
+            with ``union_blocks`` as every head's count, the selection this path computes (for
+            density and kept-mass statistics, which must count the union).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -42,6 +45,7 @@ class UnionPagePlan(NamedTuple):
     max_seqlen_q: int
     max_seqlen_k: int
     union_blocks: torch.Tensor
+    union_ranking: torch.Tensor
 
 
 def union_block_mask(ranking: torch.Tensor, counts: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
@@ -90,5 +94,6 @@ def union_page_plan(
     cu_seqlens_q[1:] = row_end - ctx
     seqused_k = ((union_blocks - 1) * block_size + row_end - row_block * block_size).to(torch.int32)
     return UnionPagePlan(
-        cu_seqlens_q, seqused_k, pages, min(block_size, q_len), num_k_blocks * block_size, union_blocks
+        cu_seqlens_q, seqused_k, pages, min(block_size, q_len), num_k_blocks * block_size, union_blocks,
+        ordered.to(torch.int32)[None],
     )
