@@ -233,7 +233,9 @@ class ProxyAttnImpl(FlashAttentionImpl):
         kernel (FA3 on Hopper), one pseudo-request per query block over the union of what its
         heads selected (``kernels/block_sparse_attn/union_pages.py``)."""
         params = self.proxyattn_params
-        selection = select_blocks_paged(query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params)
+        selection = select_blocks_paged(
+            query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params
+        )
         pages = union_page_plan(
             selection.ranking, selection.counts, block_table_row, ctx=ctx, q_len=query.shape[0],
             block_size=params.block_size, page_size=kv_cache.shape[2],
