@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .block_sparse_attn.naive import selection_block_mask
 from .params import ChunkGeometry
 
 
@@ -91,28 +92,20 @@ def kept_attention_mass(
     seq_len = ctx + q_len
     assert k.shape[0] == seq_len, (k.shape, ctx, q_len)
     heads_per_kv = num_q_heads // k.shape[1]
-    heads_per_group = num_q_heads // ranking.shape[0]
-    num_k_blocks = ranking.shape[-1]
+    block_mask = selection_block_mask(ranking, counts, ranking.shape[-1])  # [Hq, R, Kb]
 
     positions, rows = query_rows(ctx, q_len, block_size, num_queries)
     positions, rows = positions.to(q.device), rows.to(q.device)
     key_pos = torch.arange(seq_len, device=q.device)
     causal = key_pos[None, :] <= positions[:, None]  # [n, S]
     key_block = key_pos // block_size  # [S]
-    slots = torch.arange(num_k_blocks, device=q.device)
 
     kept = []
     # One head at a time: the [n, S] probabilities of a 128K context stay small.
     for head in heads:
         logits = (q[positions - ctx, head].float() @ k[:, head // heads_per_kv].float().T) * scale
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [n, S]
-        ranked = ranking[head // heads_per_group, rows].long()  # [n, Kb]
-        in_prefix = slots[None, :] < counts[head, rows].long()[:, None]
-        # Selected block ids per query; entries outside the prefix (and -1) go to a spare column.
-        target = torch.where(in_prefix & (ranked >= 0), ranked, num_k_blocks)
-        selected = torch.zeros(len(positions), num_k_blocks + 1, dtype=torch.bool, device=q.device)
-        selected.scatter_(1, target, True)
-        inside = selected[:, key_block]  # [n, S]
+        inside = block_mask[head, rows][:, key_block]  # [n, S]: the key's block is computed
         kept.append((probs * inside).sum(dim=-1).mean())
     return torch.stack(kept).clamp_(0.0, 1.0)
 

@@ -138,6 +138,17 @@ def read_lines(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _means(lines: list[dict]) -> dict:
+    """``{"chunks", "density", "kept_mass"}`` over ``lines`` (non-empty); every chunk weighs the
+    same, and ``kept_mass`` is None when no line has one."""
+    kept = [line["kept_mass"] for line in lines if line.get("kept_mass") is not None]
+    return {
+        "chunks": len(lines),
+        "density": sum(line["density"] for line in lines) / len(lines),
+        "kept_mass": sum(kept) / len(kept) if kept else None,
+    }
+
+
 def summarize(lines: list[dict]) -> list[dict]:
     """Per-layer means: ``[{"layer", "chunks", "density", "kept_mass"}]`` sorted by layer.
 
@@ -146,29 +157,15 @@ def summarize(lines: list[dict]) -> list[dict]:
     by_layer: dict = defaultdict(list)
     for line in lines:
         by_layer[line.get("layer")].append(line)
-    rows = []
-    for layer in sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0)):
-        group = by_layer[layer]
-        kept = [line["kept_mass"] for line in group if line.get("kept_mass") is not None]
-        rows.append({
-            "layer": layer,
-            "chunks": len(group),
-            "density": sum(line["density"] for line in group) / len(group),
-            "kept_mass": sum(kept) / len(kept) if kept else None,
-        })
-    return rows
+    order = sorted(by_layer, key=lambda x: (x is None, x if x is not None else 0))
+    return [{"layer": layer, **_means(by_layer[layer])} for layer in order]
 
 
 def overall(lines: list[dict]) -> dict:
     """Means over every chunk of every layer: ``{"chunks", "density", "kept_mass"}``."""
     if not lines:
         return {"chunks": 0, "density": None, "kept_mass": None}
-    kept = [line["kept_mass"] for line in lines if line.get("kept_mass") is not None]
-    return {
-        "chunks": len(lines),
-        "density": sum(line["density"] for line in lines) / len(lines),
-        "kept_mass": sum(kept) / len(kept) if kept else None,
-    }
+    return _means(lines)
 
 
 def _configure_from_env() -> None:
