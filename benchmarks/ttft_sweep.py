@@ -14,7 +14,7 @@ other backends its dense twin, the same file name with -dense.yaml), logged to a
       whose decode speed (TPOT) shows how much the long prefills disturb running decodes.
 With --density-pass, proxyattn is started once more with PROXYATTN_STATS set (after the timed
 runs, so writing statistics never affects a timing) and one request per length measures the
-density actually used (q_len-weighted mean of the per-chunk densities).
+density actually used (selected / causal blocks over whole prompts, all layers).
 
 Everything goes into one JSON (rewritten after every step, so a killed run keeps what it
 measured) and a table with the dense/proxyattn TTFT speedup per length is printed last.
@@ -298,9 +298,16 @@ def split_requests(items: list[dict]) -> list[list[dict]]:
 
 
 def weighted_density(items: list[dict]) -> float | None:
-    """q_len-weighted mean of the per-chunk densities (all layers), None without lines."""
-    weight = sum(item["q_len"] for item in items)
-    return sum(item["q_len"] * item["density"] for item in items) / weight if weight else None
+    """Selected over causal key blocks of the lines' chunks (all layers), None without lines.
+
+    Each chunk's density is weighted by its causal blocks (``causal_blocks``, written by
+    ``proxyattn_vllm.stats``), so the result is the share of the prompt's causal blocks that
+    were computed: a q_len weighting would overstate it, since later chunks have more causal
+    blocks at a lower density. Lines without ``causal_blocks`` (older stats files) are weighted
+    by ``q_len``."""
+    weights = [item.get("causal_blocks") or item["q_len"] for item in items]
+    total = sum(weights)
+    return sum(w * item["density"] for w, item in zip(weights, items)) / total if total else None
 
 
 def lines_by_prompt_len(items: list[dict]) -> dict[int, list[dict]]:

@@ -5,7 +5,8 @@ in-process caller such as ``benchmarks/quality/run_eval.py`` may also call :func
 Disabled, the cost is one Python bool check per sparse chunk (``stats.ENABLED`` in
 ``impl.sparse_prefill``). Enabled, each sparse chunk appends one line::
 
-    {"layer": 3, "ctx": 8192, "q_len": 8192, "density": 0.41, "kept_mass": 0.97, "pid": 1234}
+    {"layer": 3, "ctx": 8192, "q_len": 8192, "causal_blocks": 192, "density": 0.41,
+     "kept_mass": 0.97, "pid": 1234}
 
 * ``density``: selected / causal key blocks of the chunk, averaged over query heads
   (``proxyattn_kernels.selection_stats.selection_density``; rows that run dense count as 1).
@@ -13,6 +14,8 @@ Disabled, the cost is one Python bool check per sparse chunk (``stats.ENABLED`` 
   query heads and the chunk's last (up to) 128 queries, the share of the dense causal softmax
   mass that falls inside the blocks the head computes, averaged over those heads and queries
   (``kept_attention_mass``); ``null`` when ``N`` is 0.
+* ``causal_blocks``: causal key blocks of one head over the chunk's query-block rows, the
+  weight of the chunk's density in a whole-prompt density (selected / causal blocks).
 * ``layer``: the layer index from the attention layer's name (``null`` if it has none).
 
 Not for timing: the kept mass gathers the request's whole K from the paged cache and runs dense
@@ -30,7 +33,7 @@ from collections import defaultdict
 import torch
 
 from proxyattn_kernels.reference import gather_paged_kv
-from proxyattn_kernels.selection_stats import kept_attention_mass, sample_heads, selection_density
+from proxyattn_kernels.selection_stats import causal_blocks, kept_attention_mass, sample_heads, selection_density
 
 ENV_PATH = "PROXYATTN_STATS"
 ENV_MASS_HEADS = "PROXYATTN_STATS_MASS_HEADS"
@@ -62,7 +65,8 @@ class _Collector:
                 block_size=block_size, heads=sample_heads(query.shape[1], self.mass_heads),
                 num_queries=MASS_QUERIES,
             )
-        fields = {"layer": layer_index, "ctx": ctx, "q_len": q_len}
+        fields = {"layer": layer_index, "ctx": ctx, "q_len": q_len,
+                  "causal_blocks": causal_blocks(ctx, q_len, block_size)}
         self.pending.append((fields, density, kept))
         if len(self.pending) >= FLUSH_EVERY:
             self.flush()
@@ -139,12 +143,16 @@ def read_lines(path: str | os.PathLike) -> list[dict]:
 
 
 def _means(lines: list[dict]) -> dict:
-    """``{"chunks", "density", "kept_mass"}`` over ``lines`` (non-empty); every chunk weighs the
-    same, and ``kept_mass`` is None when no line has one."""
+    """``{"chunks", "density", "kept_mass"}`` over ``lines`` (non-empty).
+
+    ``density`` is selected / causal blocks over all the chunks: each chunk's density weighs
+    its ``causal_blocks`` (lines of older files, without it, weigh the same). ``kept_mass`` is
+    the mean over the chunks that have one (None when none has)."""
     kept = [line["kept_mass"] for line in lines if line.get("kept_mass") is not None]
+    weights = [line.get("causal_blocks") or 1 for line in lines]
     return {
         "chunks": len(lines),
-        "density": sum(line["density"] for line in lines) / len(lines),
+        "density": sum(w * line["density"] for w, line in zip(weights, lines)) / sum(weights),
         "kept_mass": sum(kept) / len(kept) if kept else None,
     }
 

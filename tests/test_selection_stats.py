@@ -134,6 +134,8 @@ def test_collector_writes_sane_lines(collector, params, full):
     stats.flush()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(x["layer"], x["ctx"], x["q_len"]) for x in lines] == [(5, 0, 48), (5, 48, 40)]
+    # blocks of 16: rows 0..2 see 1+2+3 blocks; rows 3..5 (ctx 48) see 4+5+6
+    assert [x["causal_blocks"] for x in lines] == [6, 15]
     for line in lines:
         assert 0.0 < line["density"] <= 1.0 and 0.0 <= line["kept_mass"] <= 1.0
         if full:
@@ -143,7 +145,8 @@ def test_collector_writes_sane_lines(collector, params, full):
 
     (row,) = stats.summarize(lines)
     assert row["layer"] == 5 and row["chunks"] == 2
-    assert row["density"] == pytest.approx(sum(x["density"] for x in lines) / 2)
+    # selected / causal blocks of both chunks: each chunk's density weighs its causal blocks
+    assert row["density"] == pytest.approx((6 * lines[0]["density"] + 15 * lines[1]["density"]) / 21)
 
 
 def test_collector_off_writes_nothing_and_density_only_mode(collector):

@@ -204,6 +204,17 @@ def test_density_reader_is_tolerant_and_attributes_requests(tmp_path):
     assert ttft_sweep.read_stats(str(tmp_path / "absent.jsonl")) == []
 
 
+def test_prompt_density_weights_chunks_by_their_causal_blocks():
+    # A 200-token prompt in two chunks of 100 with blocks of 10: the first chunk has
+    # 1 + ... + 10 = 55 causal blocks per head, the second 11 + ... + 20 = 155. The prompt's
+    # density is selected / causal blocks, not the q_len-weighted mean of 1.0 and 0.5 (0.75).
+    items = [json.loads(stats_line(0, 100, 1.0, 0, causal_blocks=55)),
+             json.loads(stats_line(100, 100, 0.5, 0, causal_blocks=155))]
+    expected = (55 * 1.0 + 155 * 0.5) / (55 + 155)
+    assert ttft_sweep.weighted_density(items) == pytest.approx(expected)
+    assert expected < 0.7
+
+
 def test_density_reader_splits_consecutive_single_chunk_requests_and_ranks():
     # Two one-chunk requests in a row (ctx 0 both times), written by two tensor-parallel ranks
     # whose buffered lines reach the file one rank after the other.
