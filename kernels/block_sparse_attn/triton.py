@@ -111,7 +111,10 @@ def _attend_tile_tma(
 
 # Chunk positions change with every chunk: specializing on them (divisibility by 16) would
 # JIT-compile new variants while serving.
-@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block"])
+# Values and row strides that follow the chunk are not specialized: no compile per new chunk
+# shape while serving (kernels/warmup.py compiles the rest at startup).
+@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "stride_rank_group", "stride_rank_row",
+                               "stride_count_head"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
     ctx, seq_len, first_q_block, qk_scale,

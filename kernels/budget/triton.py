@@ -166,7 +166,9 @@ def _block_lse_kernel(
              tl.where(l_r > 0.0, m_r + tl.log2(l_r), float("-inf")))
 
 
-@triton.jit(do_not_specialize=["n_last", "num_k_blocks", "num_splits"])
+# Values and row strides that follow the chunk are not specialized: no compile per new chunk
+# shape while serving (kernels/warmup.py compiles the rest at startup).
+@triton.jit(do_not_specialize=["n_last", "num_k_blocks", "num_splits", "stride_mass_head"])
 def _block_mass_kernel(
     blse_ptr, lse_part_ptr, mass_ptr,
     n_last, num_k_blocks, num_splits, inv_n,

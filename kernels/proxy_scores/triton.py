@@ -231,8 +231,10 @@ def _pool_tile(
                       sem="relaxed")
 
 
+# Values and row strides that follow the chunk are not specialized: no compile per new chunk
+# shape while serving (kernels/warmup.py compiles the rest at startup).
 @triton.jit(do_not_specialize=["a0", "a_last", "a_base", "tiles_per_split", "num_splits",
-                            "first_q_block", "num_rows", "num_k_blocks"])
+                            "first_q_block", "num_rows", "num_k_blocks", "stride_sc_group", "stride_sc_row"])
 def _proxy_pool_kernel(
     pq_ptr, pk_ptr, lse_ptr, scores_ptr,
     a0, a_last, a_base, tiles_per_split, num_splits, qk_scale,

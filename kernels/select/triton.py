@@ -31,7 +31,11 @@ MAX_TRITON_BLOCKS = 8192  # the row lives in registers: up to 8192 int64 per pro
 _INDEX_BITS = 24
 
 
-@triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "sink_blocks", "local_blocks"])
+# Values and row strides that follow the chunk are not specialized: no compile per new chunk
+# shape while serving (kernels/warmup.py compiles the rest at startup).
+@triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "sink_blocks", "local_blocks",
+                               "stride_sc_group", "stride_sc_row", "stride_rk_group", "stride_rk_row",
+                               "stride_cnt_head"])
 def _select_kernel(
     scores_ptr, budget_ptr, ranking_ptr, counts_ptr, num_forced_ptr,
     first_q_block, num_k_blocks, sink_blocks, local_blocks,

@@ -1,0 +1,112 @@
+"""Startup compilation of the sparse kernels (``kernels/warmup.py``, ``proxyattn_vllm/warmup.py``).
+
+CPU: the warm-up chunks reach every compile-time variant the selection can need, and the
+warm-up runs (interpreter, tiny shapes). GPU: after the warm-up, real chunks of other lengths
+and positions compile nothing new.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import triton
+
+from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
+from proxyattn_kernels.select.triton import MAX_TRITON_BLOCKS
+from proxyattn_kernels.warmup import warm_up, warmup_chunks
+
+# The interpreter computes log2(0) of masked rows before discarding them.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _kb_pad(num_k_blocks: int) -> int:
+    return max(16, triton.next_power_of_2(num_k_blocks))  # as select/triton.py pads a row
+
+
+@pytest.mark.parametrize("max_len,block", [(131072, 128), (262144 + 5, 128), (100, 16), (3000, 64),
+                                           (10**7, 128)])
+def test_chunks_reach_every_select_width_and_budget_tile(max_len, block):
+    chunks = warmup_chunks(max_len, block)
+    max_blocks = min(math.ceil(max_len / block), MAX_TRITON_BLOCKS)
+    pads = {_kb_pad(ChunkGeometry(ctx, q_len, block).num_k_blocks) for ctx, q_len in chunks}
+    # every row width a prompt of up to max_len tokens can need
+    assert pads == {_kb_pad(kb) for kb in range(1, max_blocks + 1)}
+    # every last-block length class of the budget kernel (tiles of 16 .. block queries)
+    n_last_tiles = {min(128, max(16, triton.next_power_of_2(min(q_len, block)))) for _, q_len in chunks}
+    assert n_last_tiles == {min(128, max(16, triton.next_power_of_2(n))) for n in range(1, block + 1)}
+    assert all(q_len <= block for _, q_len in chunks)  # one query block at most: cheap
+
+
+def test_chunks_reject_bad_limits():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        warmup_chunks(0, 128)
+
+
+def test_warm_up_runs_every_chunk_on_a_tiny_cache():
+    params = ProxyAttnParams(stride=4, block_size=16, min_sparse_len=0, max_density=0.5)
+    ran = warm_up(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=16, dtype=torch.float32,
+                  device=torch.device("cpu"), params=params, max_seq_len=20 * 16)
+    assert ran == len(warmup_chunks(20 * 16, 16)) == 3  # KB_PAD 16 and 32, one tail of 1 token
+
+
+def test_engine_shape_and_cpu_is_a_no_op():
+    pytest.importorskip("vllm")
+    from proxyattn_vllm.warmup import shape_from_vllm_config, warm_up_once
+
+    params = ProxyAttnParams()
+    config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=32768),
+                             cache_config=SimpleNamespace(block_size=128))
+    shape = shape_from_vllm_config(config, 32, 8, 128, params)
+    assert (shape.max_seq_len, shape.page_size, shape.num_kv_heads) == (32768, 128, 8)
+    assert shape_from_vllm_config(None, 32, 8, 128, params) is None
+    assert shape_from_vllm_config(SimpleNamespace(model_config=config.model_config,
+                                                  cache_config=SimpleNamespace(block_size=None)),
+                                  32, 8, 128, params) is None
+    assert warm_up_once(shape, torch.bfloat16, torch.device("cpu")) is False  # nothing to compile
+
+
+def _compiled_variants() -> dict[str, int]:
+    """Compiled variants per Triton kernel of ours on the current device."""
+    import proxyattn_kernels.block_sparse_attn.triton as attn
+    import proxyattn_kernels.budget.triton as budget
+    import proxyattn_kernels.proxy_scores.triton as proxy
+    import proxyattn_kernels.select.triton as select
+
+    device = torch.cuda.current_device()
+    counts = {}
+    for module in (attn, budget, proxy, select):
+        for name, fn in vars(module).items():
+            if isinstance(fn, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                counts[name] = len(fn.device_caches[device][0])
+    return counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_no_compile_after_warm_up():
+    from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
+    from proxyattn_kernels.selection import select_blocks_paged
+
+    hq, hkv, d, page, max_len = 32, 8, 128, 128, 65536
+    params = ProxyAttnParams(max_density=0.1)
+    warm_up(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=torch.bfloat16,
+            device=torch.device("cuda"), params=params, max_seq_len=max_len)
+    torch.cuda.synchronize()
+    before = _compiled_variants()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pages = max_len // page + 4
+    physical = torch.randn(pages, page, hkv, 2 * d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kv_cache = physical.permute(0, 2, 1, 3)
+    table = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
+    # positions and lengths unlike the warm-up's: odd ctx, key-block counts of every residue
+    for ctx, q_len in [(0, 8192), (8192, 8192), (1000, 3000), (12345, 8192), (40000, 77),
+                       (61000, 4536), (8190, 5)]:
+        qkv = torch.randn(q_len, hq + 2 * hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = qkv[:, :hq]
+        sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, params=params)
+        block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, torch.empty_like(q),
+                          ctx=ctx, scale=d**-0.5, block_size=params.block_size)
+    torch.cuda.synchronize()
+    assert _compiled_variants() == before
