@@ -15,6 +15,8 @@ other backends its dense twin, the same file name with -dense.yaml), logged to a
 With --density-pass, proxyattn is started once more with PROXYATTN_STATS set (after the timed
 runs, so writing statistics never affects a timing) and one request per length measures the
 density actually used (selected / causal blocks over whole prompts, all layers).
+--density-only runs that pass alone (it times nothing, so it can share the GPU with other
+untimed work); a later --append run of the timed backends picks its densities up.
 
 Everything goes into one JSON (rewritten after every step, so a killed run keeps what it
 measured) and a table with the dense/proxyattn TTFT speedup per length is printed last.
@@ -237,8 +239,8 @@ def estimate_wall_time(args, lengths: list[int], backends: list[str]) -> dict:
     decode = args.decode_requests * TimePredictor(args.decode_len).e2e(args.decode_prompt_len)
     per_backend = (args.startup_estimate_s + sweep + decode
                    + (predict_mix_s(args, predictor) if args.mix_long else 0))
-    parts = {b: per_backend for b in backends}
-    if args.density_pass:
+    parts = {} if args.density_only else {b: per_backend for b in backends}
+    if args.density_pass or args.density_only:
         parts["density pass"] = args.startup_estimate_s + sum(predictor.e2e(n) for n in lengths)
     parts["total"] = sum(parts.values())
     return {k: round(v) for k, v in parts.items()}
@@ -350,12 +352,14 @@ class Sweep:
         if args.append and os.path.exists(args.out):
             with open(args.out, encoding="utf-8") as f:
                 old = json.load(f)
-            # This run replaces its own backends' results and keeps the others'.
+            # This run replaces its own backends' results and keeps the others' (all of them
+            # with --density-only, which times nothing).
+            replaced = () if args.density_only else self.backends
             for key in ("servers", "runs", "requests"):
-                self.results[key] = [x for x in old.get(key, []) if x["backend"] not in self.backends]
+                self.results[key] = [x for x in old.get(key, []) if x["backend"] not in replaced]
             self.results["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
             for key in ("poisson_mix", "decode"):
-                self.results[key] = {b: v for b, v in old.get(key, {}).items() if b not in self.backends}
+                self.results[key] = {b: v for b, v in old.get(key, {}).items() if b not in replaced}
             if SPARSE_BACKEND not in self.backends or not args.density_pass:
                 self.results["density_pass"] = old.get("density_pass")
 
@@ -390,6 +394,8 @@ class Sweep:
                  "mean_ttft_ms": None, "p50_ttft_ms": None, "p99_ttft_ms": None,
                  "std_ttft_ms": None, "mean_tpot_ms": None, "mean_e2el_ms": None,
                  "density": None, "reason": reason}
+        if backend == SPARSE_BACKEND:  # measured by a density pass of an earlier, appended run
+            entry["density"] = self.measured_density(prompt_len)
         if result:
             entry.update(mean_ttft_ms=result["mean_ttft_ms"], p50_ttft_ms=result["median_ttft_ms"],
                          p99_ttft_ms=result["p99_ttft_ms"], std_ttft_ms=result["std_ttft_ms"],
@@ -560,6 +566,11 @@ class Sweep:
         log(f"[{backend}] mix: long mean TTFT {fmt_s(long_res['mean_ttft_ms'])} s, "
             f"short mean TPOT {fmt_ms(short_res['mean_tpot_ms'])} ms")
 
+    def measured_density(self, prompt_len: int) -> float | None:
+        """The density pass's density at ``prompt_len``, if one measured it."""
+        measured = ((self.results.get("density_pass") or {}).get("lengths") or {}).get(str(prompt_len))
+        return measured.get("density") if measured else None
+
     def run_density_pass(self) -> None:
         """One request per length on a proxyattn server that writes per-chunk statistics (a
         separate start: writing them syncs the device); the file is read once the server exited."""
@@ -623,11 +634,12 @@ class Sweep:
 
     def run(self) -> None:
         """Backends first, in order, each with an equal share of the time still left (so a slow
-        first backend cannot starve the next); the density pass gets what remains after them."""
-        for i, backend in enumerate(self.backends):
+        first backend cannot starve the next); the density pass gets what remains after them.
+        --density-only runs the density pass alone."""
+        for i, backend in enumerate([] if self.args.density_only else self.backends):
             share = (self.deadline - time.monotonic()) / (len(self.backends) - i)
             self.run_backend(backend, time.monotonic() + share)
-        if self.args.density_pass:
+        if self.args.density_pass or self.args.density_only:
             self.run_density_pass()
 
 
@@ -801,6 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mix-short-output", type=int, default=128)
     ap.add_argument("--density-pass", action="store_true",
                     help="restart proxyattn with PROXYATTN_STATS and measure the density used")
+    ap.add_argument("--density-only", action="store_true",
+                    help="only the density pass (no timed requests; with --append, the timed "
+                         "results already in --out are kept and get its densities)")
     ap.add_argument("--density-serve-args", default="--enforce-eager",
                     help="extra serve arguments of the density server (eager starts faster; "
                          "the selection does not depend on it); write --density-serve-args=...")
@@ -836,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         path = config_for(args.config, backend)
         if not os.path.exists(path):
             ap.error(f"no serve config for {backend}: {path} does not exist")
-    if args.density_pass and SPARSE_BACKEND not in args.backends:
+    if (args.density_pass or args.density_only) and SPARSE_BACKEND not in args.backends:
         ap.error(f"--density-pass needs {SPARSE_BACKEND} in --backends")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sweep = Sweep(args, argv)

@@ -148,6 +148,24 @@ def test_append_merges_backends_run_separately(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("speedup =")
 
 
+def test_density_only_pass_then_timed_runs_appended_get_its_densities(tmp_path):
+    # GPU plan: the density pass runs while the GPU is busy with untimed work, the timed
+    # sweep later on a quiet GPU, appended to the same file.
+    assert ttft_sweep.main(sweep_args(tmp_path, "--backends", "proxyattn", "--density-only")) == 0
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert [s["name"] for s in data["servers"]] == ["proxyattn-density"] and data["runs"] == []
+    assert data["density_pass"]["lengths"]["300"]["density"] == pytest.approx(0.5)
+    assert ttft_sweep.main(sweep_args(tmp_path, "--backends", "FLASH_ATTN,proxyattn", "--append")) == 0
+    data = json.loads((tmp_path / "out.json").read_text())
+    density = {(r["backend"], r["prompt_len"]): r["density"] for r in data["runs"]}
+    assert density == {("FLASH_ATTN", 100): None, ("FLASH_ATTN", 300): None,
+                       ("proxyattn", 100): pytest.approx(1.0), ("proxyattn", 300): pytest.approx(0.5)}
+    assert data["density_pass"]["status"] == "ok" and "--density-only" in data["earlier_commands"][0]
+    # and the other order: a density-only pass appended to timed runs keeps them
+    assert ttft_sweep.main(sweep_args(tmp_path, "--backends", "proxyattn", "--density-only", "--append")) == 0
+    assert len(json.loads((tmp_path / "out.json").read_text())["runs"]) == 4
+
+
 def test_sigterm_stops_the_server_and_keeps_the_results(tmp_path):
     # A first token that takes 30 s keeps the sweep busy until it is terminated.
     args = sweep_args(tmp_path, "--backends", "FLASH_ATTN", "--warmups", "0",
