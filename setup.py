@@ -28,6 +28,8 @@ setup(
     },
     extras_require={
         "vllm": ["vllm==0.26.0"],
+        # sparse_kernel "flashinfer": the release vLLM 0.26 pins (its kernels compile at first use).
+        "flashinfer": ["flashinfer-python==0.6.14"],
         "test": ["pytest>=8", "numpy<2.4", "pyyaml"],
     },
 )

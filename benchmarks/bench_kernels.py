@@ -9,6 +9,13 @@ Triton at full density vs FA3 dense on the benchmark shape); no timing runs if i
 Then each case: the last ``q_len``-query chunk of a ``ctx + q_len`` prompt over a paged cache,
 timed with CUDA events (median of ``triton.testing.do_bench``), FA3 (vLLM's
 ``flash_attn_varlen_func`` with a block table on the same cache) in the same run.
+Union kernels (one pseudo-request per query block over the union of its heads' blocks):
+``fa3-union`` (vLLM's FA3) and, when flashinfer-python 0.6.14 imports, ``flashinfer-union``
+(FlashInfer "fa2": planned once per chunk, per-layer cost timed) and ``flashinfer-fa3-union``
+(FlashInfer "fa3": a device-to-host sync and a plan every layer, both inside the time). Their
+gate compares against the naive union reference; a FlashInfer failure only drops its rows.
+FlashInfer compiles each kernel variant at its first call: that time is logged and recorded
+(``flashinfer_first_call_s``); set FLASHINFER_WORKSPACE_BASE to keep compiled kernels.
 Writes JSON (GPU, date, versions, command, cases) and prints the table last.
 """
 from __future__ import annotations
@@ -21,6 +28,7 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, replace
 
 import torch
@@ -29,7 +37,7 @@ import triton
 from proxyattn_kernels import ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, default_tile_config
-from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
+from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask, union_page_plan
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
@@ -108,6 +116,78 @@ def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out):
     )
 
 
+def union_density(ranking, counts, ctx, q_len, block):
+    """Density a union kernel computes: its rows' union of selected blocks, for every head."""
+    union = union_block_mask(ranking, counts, ranking.shape[-1])
+    num_rows = union.shape[0]
+    extents = ctx // block + 1 + torch.arange(num_rows, device=union.device)
+    return float(union.sum() / extents.sum())
+
+
+class FlashInferBench:
+    """FlashInfer's sparse path, if it imports; any failure disables it, never the other rows.
+
+    ``variants``: bench kernel name -> FlashInfer backend. ``first_call_s``: wall time of each
+    (backend, head_dim) variant's first call, i.e. its JIT compile (+ one plan and run)."""
+
+    variants = {"flashinfer-union": "fa2", "flashinfer-fa3-union": "fa3"}
+
+    def __init__(self):
+        self.fi = None
+        self.first_call_s: dict[str, float] = {}
+        self.skipped: str | None = None  # why the flashinfer rows are missing
+        try:
+            from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+
+            fi.import_flashinfer()
+        except Exception as exc:  # noqa: BLE001 - report why and go on without it
+            self.skipped = f"unavailable: {type(exc).__name__}: {exc}"
+            log(f"FlashInfer {self.skipped}; flashinfer rows skipped")
+            return
+        self.fi = fi
+
+    def disable(self, why: str) -> None:
+        log(f"FlashInfer disabled: {why}; flashinfer rows skipped")
+        self.fi, self.skipped = None, why
+
+    def run(self, backend, q, kv, table, ranking, counts, ctx, block, scale, out):
+        """One layer's work: the union plan, the device buffers (+ sync and plan for "fa3"), the kernel."""
+        self.fi.block_sparse_attn_flashinfer(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                             block_size=block, backend=backend)
+
+    def first_call(self, backend, q, *args) -> None:
+        """Run once; the first call of a (backend, head_dim) variant is timed as its compile."""
+        key = f"{backend} D{q.shape[-1]} {str(q.dtype).removeprefix('torch.')}"
+        if key in self.first_call_s:
+            return self.run(backend, q, *args)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.run(backend, q, *args)
+        torch.cuda.synchronize()
+        self.first_call_s[key] = time.perf_counter() - start
+        log(f"flashinfer first call (JIT compile + plan + run) {key}: {self.first_call_s[key]:.1f} s")
+
+    def prep(self, backend, q, kv, table, ranking, counts, ctx, block, scale, out):
+        """The per-layer work before the kernel: union plan and device buffers ("fa3": + the
+        device-to-host copy of the lengths, a sync, and a plan)."""
+        union = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
+                                page_size=kv.shape[2])
+        plan = self.fi.chunk_plan(q, kv, ctx=ctx, scale=scale, block_size=block, backend=backend)
+        plan.write_pages(union)
+        if backend == "fa3":
+            plan.plan_from_device()
+
+    def plan_ms(self, backend, q, kv, ctx, block, scale) -> float:
+        """Host time of one ``plan()`` of this chunk (once per chunk and step for "fa2")."""
+        plan = self.fi.chunk_plan(q, kv, ctx=ctx, scale=scale, block_size=block, backend=backend)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        plan.plan_upper_bound()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return elapsed * 1e3
+
+
 def make_case(name, kernel, tile, *, shape, ctx, q_len, page, block, density, used, counts, t, sel_ms, fa3_ms):
     """One row of the JSON's ``cases``; ``t``, ``sel_ms``, ``fa3_ms``: :func:`timed` results."""
     model_shape, hq, hkv, d = shape
@@ -131,8 +211,9 @@ def timed(fn):
     return {"median": ms[0], "p10": ms[1], "p90": ms[2]}
 
 
-def correctness_gate(fa3, device) -> list[str]:
-    """Returns failures; empty means the kernels may be timed."""
+def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[str]:
+    """Returns failures; empty means the kernels may be timed. FlashInfer failures disable
+    ``fib`` (logged) instead: they must not stop the Triton and FA3 rows."""
     failures = []
     for name, (hq, hkv, d) in SHAPES.items():
         for page in (16, 128):
@@ -161,6 +242,23 @@ def correctness_gate(fa3, device) -> list[str]:
                         f"{'ok' if ok else 'FAIL'}")
                     if not ok:
                         failures.append(f"fa3-union {name} page {page} density {density}: {err}")
+                if fib is not None and fib.fi is not None:
+                    union = union_block_mask(ranking, counts, ranking.shape[-1]).expand(hq, -1, -1)
+                    union_ref = block_sparse_attention(q, k, v, ctx, union, d**-0.5, block)
+                    for kernel, backend in FlashInferBench.variants.items():
+                        fi_out = torch.full_like(q, float("nan"))
+                        try:
+                            fib.first_call(backend, q, kv, table, ranking, counts, ctx, block, d**-0.5, fi_out)
+                        except Exception as exc:  # noqa: BLE001 - compile or launch failure
+                            fib.disable(f"{kernel} {name} page {page}: {type(exc).__name__}: {exc}")
+                            break
+                        err = (fi_out.float() - union_ref.float()).abs().max().item()
+                        ok = not fi_out.isnan().any().item() and err < 2e-2
+                        log(f"gate {kernel} {name:10s} page={page:3d} density={density}: max_abs_err={err:.2e} "
+                            f"{'ok' if ok else 'FAIL'}")
+                        if not ok:
+                            fib.disable(f"gate {kernel} {name} page {page} density {density}: {err}")
+                            break
                 if fa3 is not None and density == 1.0:
                     dense = torch.empty_like(q)
                     fa3_dense(fa3, q, kv, table, ctx + q_len, d**-0.5, dense)
@@ -195,8 +293,9 @@ def main() -> int:
     args = ap.parse_args()
     device = "cuda"
     fa3 = load_fa3()
+    fib = FlashInferBench()
     if not args.skip_gate:
-        failures = correctness_gate(fa3, device)
+        failures = correctness_gate(fa3, device, fib)
         if failures:
             log("CORRECTNESS GATE FAILED, no timings: " + "; ".join(failures))
             return 1
@@ -230,13 +329,42 @@ def main() -> int:
                 cases.append(case)
                 log(f"{case['name']}: attn {t['median']:.3f} ms, fa3 {case['fa3_dense_ms']}, sel {case['selection_ms']}")
             for density in () if args.only_sweep or fa3 is None else (1.0, 0.1):
-                ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                used = union_density(ranking, counts, ctx, q_len, block)
                 t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out))
                 cases.append(make_case(f"{name} page{page} density{density} fa3-union", "fa3-union", None,
                                        shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page, block=block,
                                        density=density, used=used, counts=counts, t=t, sel_ms=sel_ms,
                                        fa3_ms=fa3_ms))
                 log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+            for (kernel, backend), density in itertools.product(
+                () if args.only_sweep else FlashInferBench.variants.items(), (1.0, 0.1)
+            ):
+                if fib.fi is None:
+                    break
+                ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                used = union_density(ranking, counts, ctx, q_len, block)
+                args_ = (q, kv, table, ranking, counts, ctx, block, scale, out)
+                try:
+                    fib.first_call(backend, *args_)
+                    t = timed(lambda: fib.run(backend, *args_))
+                    prep = timed(lambda: fib.prep(backend, *args_))
+                    plan_ms = fib.plan_ms(backend, q, kv, ctx, block, scale)
+                except Exception as exc:  # noqa: BLE001 - keep the other rows
+                    fib.disable(f"{kernel} {name} page {page}: {type(exc).__name__}: {exc}")
+                    break
+                case = make_case(f"{name} page{page} density{density} {kernel}", kernel, None,
+                                 shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page, block=block,
+                                 density=density, used=used, counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms)
+                # plan_ms: host time of one plan(). "fa2" pays it once per chunk and step (all layers
+                # share it), outside attn_ms; "fa3" pays a sync + a plan inside every layer's attn_ms.
+                # prep_ms: the per-layer part of attn_ms before the kernel (GPU timeline, so the
+                # "fa3" sync's idle gap is in it): attn_ms - prep_ms is about the kernel alone.
+                case.update(flashinfer_backend=backend, plan_ms=plan_ms, plan_per_layer=backend == "fa3",
+                            prep_ms=prep["median"])
+                cases.append(case)
+                log(f"{case['name']}: attn {t['median']:.3f} ms (per-layer prep {prep['median']:.3f} ms"
+                    f"{', incl. sync + plan' if backend == 'fa3' else ''}), plan {plan_ms:.3f} ms (host)")
             if args.sweep or args.only_sweep:
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 1.0, device)
                 for cfg in sweep_configs(page):
@@ -265,6 +393,7 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
+                     "flashinfer": fib.fi.FLASHINFER_VERSION if fib.fi is not None else None,
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "timing": "triton.testing.do_bench median (warmup 50 ms, rep 300 ms), CUDA events; p10/p90 spread",
@@ -272,18 +401,22 @@ def main() -> int:
                         "diagonal+sink forced, per-head budget ceil(density*Kb))",
         "cases": cases,
         "tile_sweep": sweep,
+        "flashinfer_first_call_s": fib.first_call_s,
+        "flashinfer_skipped": fib.skipped,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     log(f"\nwrote {args.out}  ({result['gpu']}, {result['date']})")
-    header = f"{'case':44s} {'density':>7s} {'attn ms':>8s} {'sel ms':>7s} {'fa3 ms':>8s} {'attn/fa3':>8s} {'TFLOP/s':>8s}"
+    if fib.first_call_s:
+        log("flashinfer first calls (JIT compile): " + ", ".join(f"{k} {v:.1f} s" for k, v in fib.first_call_s.items()))
+    header = f"{'case':54s} {'density':>7s} {'attn ms':>8s} {'sel ms':>7s} {'fa3 ms':>8s} {'attn/fa3':>8s} {'TFLOP/s':>8s}"
     log(header)
     for c in cases:
         ratio = c["attn_ms"] / c["fa3_dense_ms"] if c["fa3_dense_ms"] else float("nan")
         sel = f"{c['selection_ms']:.3f}" if c["selection_ms"] is not None else "-"
         fa = f"{c['fa3_dense_ms']:.3f}" if c["fa3_dense_ms"] is not None else "-"
-        log(f"{c['name']:44s} {c['density']:7.3f} {c['attn_ms']:8.3f} {sel:>7s} {fa:>8s} {ratio:8.3f} {c['attn_tflops']:8.1f}")
+        log(f"{c['name']:54s} {c['density']:7.3f} {c['attn_ms']:8.3f} {sel:>7s} {fa:>8s} {ratio:8.3f} {c['attn_tflops']:8.1f}")
     return 0
 
 

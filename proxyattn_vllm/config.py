@@ -15,7 +15,25 @@ from proxyattn_kernels import ProxyAttnParams
 
 ADDITIONAL_CONFIG_KEY = "proxyattn"
 #: Values of ``sparse_kernel``: who computes the selected blocks of a long prefill chunk.
-SPARSE_KERNELS = ("triton", "fa3")
+SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
+
+#: ``sparse_kernel: "auto"``: the kernel that was fastest for a layer shape, keyed by
+#: ``(head_dim, page_size, Hq // Hkv)``. Source: benchmarks/results/kernels_h200.json
+#: (``benchmarks/bench_kernels.py`` on the H200): for each shape, the ``kernel`` ("triton",
+#: "fa3-union" -> "fa3", "flashinfer-union" -> "flashinfer") with the lowest ``attn_ms`` at
+#: density 0.1, the regime sparse serving runs in. Shapes not listed get "triton". Until the
+#: FlashInfer run is measured, every entry says "triton".
+AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
+    (128, 16, 4): "triton",   # Llama-3.1-8B: 32/8 heads, D 128
+    (128, 128, 4): "triton",
+    (64, 16, 7): "triton",    # Qwen2.5-0.5B: 14/2 heads, D 64
+    (64, 128, 7): "triton",
+}
+
+
+def auto_sparse_kernel(head_dim: int, page_size: int, num_q_heads: int, num_kv_heads: int) -> str:
+    """What ``sparse_kernel: "auto"`` runs for a layer shape (see :data:`AUTO_SPARSE_KERNEL`)."""
+    return AUTO_SPARSE_KERNEL.get((head_dim, page_size, num_q_heads // num_kv_heads), "triton")
 
 
 class ProxyAttnConfigError(ValueError):
@@ -61,8 +79,11 @@ class ProxyAttnConfig:
             key blocks (None = no cap).
         dense_layers: layer indices that always run dense.
         sparse_kernel: ``"triton"`` (the block-sparse kernel: each head computes exactly its
-            own blocks) or ``"fa3"`` (vLLM's FlashAttention over each query block's union of
-            the selected blocks: every head computes the blocks any head selected).
+            own blocks), ``"fa3"`` (vLLM's FlashAttention over each query block's union of
+            the selected blocks: every head computes the blocks any head selected),
+            ``"flashinfer"`` (the same union through FlashInfer's paged prefill kernel; needs
+            the ``[flashinfer]`` extra) or ``"auto"`` (per layer shape, the kernel measured
+            fastest: :data:`AUTO_SPARSE_KERNEL`).
     """
 
     gamma: float = 0.95
@@ -100,7 +121,8 @@ class ProxyAttnConfig:
             _fail("dense_layers", layers, "a list of non-negative layer indices, e.g. [0, 1]")
         object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
         if self.sparse_kernel not in SPARSE_KERNELS:
-            _fail("sparse_kernel", self.sparse_kernel, " or ".join(f'"{k}"' for k in SPARSE_KERNELS))
+            quoted = [f'"{k}"' for k in SPARSE_KERNELS]
+            _fail("sparse_kernel", self.sparse_kernel, ", ".join(quoted[:-1]) + " or " + quoted[-1])
         object.__setattr__(self, "gamma", float(self.gamma))
         if self.max_density is not None:
             object.__setattr__(self, "max_density", float(self.max_density))

@@ -7,7 +7,9 @@ cache: ``do_kv_cache_update`` ran just before) and a :class:`~.metadata.ProxyAtt
 * no sparse row, or a layer listed in ``dense_layers``: one dense call over the whole batch
   (on CUDA exactly ``FlashAttentionImpl.forward``, so pure-decode batches keep FULL cudagraphs);
 * otherwise: one dense varlen call per run of consecutive dense rows (decodes at the front,
-  short prefill chunks) and one :func:`sparse_prefill` call per sparse row.
+  short prefill chunks) and one :func:`sparse_prefill` call per sparse row (with
+  ``sparse_kernel`` "fa3" or "flashinfer": the selection, then one dense paged kernel over each
+  query block's union of selected blocks, ``ProxyAttnImpl._union_prefill``).
 
 Configurations the sparse path cannot honour fail here, at startup, with a message naming the
 feature and what to use instead.
@@ -21,13 +23,14 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
 from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
 from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
 from proxyattn_kernels.selection import select_blocks_paged
 
-from . import stats
+from . import stats, warmup
 from ._compat import dense_kernel_is_flash_attn, triton_available
-from .config import ProxyAttnConfig
+from .config import ProxyAttnConfig, auto_sparse_kernel
 from .metadata import ProxyAttnMetadata, load_config
 
 logger = init_logger("vllm.proxyattn")
@@ -93,7 +96,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
     ``triton_reshape_and_cache_flash`` (CPU CI), which use the same cache layout.
     """
 
-    _warned_union_pages = False  # one warning per process, not per layer
+    _warned_kernel_fallbacks: set[str] = set()  # one warning per reason and process, not per layer
     _warned_sliding_window = False
     supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
 
@@ -113,13 +116,24 @@ class ProxyAttnImpl(FlashAttentionImpl):
         proxyattn_config: ProxyAttnConfig | None = None,
     ) -> None:
         _check_supported(attn_type, head_size, alibi_slopes, logits_soft_cap, kv_cache_dtype, sinks)
-        if proxyattn_config is None:
-            from vllm.config import get_current_vllm_config_or_none
+        from vllm.config import get_current_vllm_config_or_none
 
-            proxyattn_config = load_config(get_current_vllm_config_or_none())
+        vllm_config = get_current_vllm_config_or_none()
+        if proxyattn_config is None:
+            proxyattn_config = load_config(vllm_config)
         self.proxyattn_config = proxyattn_config
         # Validates the config against this layer's per-rank head counts (num_proxy_groups).
         self.proxyattn_params = proxyattn_config.kernel_params(num_heads, num_kv_heads)
+        if proxyattn_config.sparse_kernel == "flashinfer" and not fi.flashinfer_available():
+            raise ProxyAttnUnsupportedError(
+                f"proxyattn: sparse_kernel \"flashinfer\" needs flashinfer-python=="
+                f"{fi.FLASHINFER_VERSION}, which cannot be used here ({fi.flashinfer_import_error()}): "
+                f"{fi.INSTALL_HINT}, or set sparse_kernel to \"triton\" or \"fa3\"."
+            )
+        self._sparse_kernel: str | None = None  # resolved on the first sparse forward (page size)
+        # Kernels compiled during vLLM's memory-profiling run (None: engine limits unknown).
+        self._warmup_shape = warmup.shape_from_vllm_config(
+            vllm_config, num_heads, num_kv_heads, head_size, self.proxyattn_params)
         self._dense_layer: bool | None = None  # resolved from the layer name on first forward
         # A sliding-window layer attends to its window only, so it has little to skip: it runs
         # dense with its window (the parent's FlashAttention path) and is never sparsified.
@@ -186,7 +200,10 @@ class ProxyAttnImpl(FlashAttentionImpl):
             raise NotImplementedError("proxyattn: fused output quantization is not supported")
         # Resolved before the profiling-run exit, so a bad layer name fails during startup.
         dense_layer = self._is_dense_layer(layer)
-        if attn_metadata is None:  # memory-profiling run
+        if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
+            if not dense_layer and not self.sliding_window_layer:
+                warmup.warm_up_once(self._warmup_shape, query.dtype, query.device,
+                                    flashinfer=self._warmup_flashinfer(query.dtype))
             return output.fill_(0)
 
         plan = attn_metadata.plan
@@ -202,36 +219,67 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 dense.block_table[run.req_start : run.req_end],
             )
         layer_index = stats.layer_index(layer) if stats.ENABLED else None
-        union_kernel = self._use_union_kernel(kv_cache)
+        kernel = self._sparse_kernel or self._resolve_sparse_kernel(kv_cache)
         for row in plan.sparse_rows:
             chunk = (query[row.token_start : row.token_end], kv_cache, dense.block_table[row.req_idx],
                      output[row.token_start : row.token_end], row.ctx)
-            if union_kernel:
-                self._union_prefill(layer, *chunk, layer_index=layer_index)
-            else:
+            if kernel == "triton":
                 sparse_prefill(*chunk, self.scale, self.proxyattn_params, layer_index=layer_index)
+            else:
+                self._union_prefill(layer, *chunk, kernel=kernel, layer_index=layer_index)
         return output
 
-    def _use_union_kernel(self, kv_cache: torch.Tensor) -> bool:
-        """``sparse_kernel: "fa3"`` and a page size that divides the selection block size."""
-        if self.proxyattn_config.sparse_kernel != "fa3":
-            return False
+    def _resolve_sparse_kernel(self, kv_cache: torch.Tensor) -> str:
+        """The kernel of this layer's sparse chunks: ``sparse_kernel``, "auto" looked up by
+        shape, and the union kernels ("fa3", "flashinfer") fall back to Triton, with one
+        warning naming the fix, where they cannot run. Decided once (the page size and dtype
+        are fixed for the layer's lifetime)."""
+        configured = self.proxyattn_config.sparse_kernel
         page_size, block_size = kv_cache.shape[2], self.proxyattn_params.block_size
-        if block_size % page_size == 0:
-            return True
-        if not ProxyAttnImpl._warned_union_pages:
-            ProxyAttnImpl._warned_union_pages = True
-            logger.warning(
-                "proxyattn: sparse_kernel \"fa3\" needs KV pages that divide block_size=%d, got "
-                "pages of %d tokens; using the Triton block-sparse kernel. Set --block-size to a "
-                "divisor of %d to use FA3.", block_size, page_size, block_size,
+        kernel = configured
+        if configured == "auto":
+            kernel = auto_sparse_kernel(self.head_size, page_size, self.num_heads, self.num_kv_heads)
+        name = {"fa3": "FA3", "flashinfer": "FlashInfer"}.get(kernel)
+        reason = None
+        if name is not None and block_size % page_size:
+            reason = (
+                f"needs KV pages that divide block_size={block_size}, got pages of {page_size} "
+                f"tokens; set --block-size to a divisor of {block_size} to use {name}"
             )
-        return False
+        elif kernel == "flashinfer" and not fi.flashinfer_available():
+            reason = f"cannot import FlashInfer ({fi.flashinfer_import_error()}); {fi.INSTALL_HINT}"
+        elif kernel == "flashinfer" and not fi.flashinfer_supports(kv_cache.dtype, self.head_size):
+            reason = (
+                f"FlashInfer takes head sizes {fi.SUPPORTED_HEAD_DIMS} in float16/bfloat16, got "
+                f"{self.head_size} in {kv_cache.dtype}"
+            )
+        if reason is not None:
+            chosen = f'sparse_kernel "{configured}"' + (f' (chose "{kernel}")' if configured == "auto" else "")
+            if reason not in ProxyAttnImpl._warned_kernel_fallbacks:
+                ProxyAttnImpl._warned_kernel_fallbacks.add(reason)
+                logger.warning("proxyattn: %s %s; using the Triton block-sparse kernel.", chosen, reason)
+            kernel = "triton"
+        self._sparse_kernel = kernel
+        return kernel
 
-    def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, layer_index=None):
-        """Like :func:`sparse_prefill`, but the selected blocks run through vLLM's dense varlen
-        kernel (FA3 on Hopper), one pseudo-request per query block over the union of what its
-        heads selected (``kernels/block_sparse_attn/union_pages.py``)."""
+    def _warmup_flashinfer(self, dtype: torch.dtype) -> bool:
+        """Whether this layer's sparse chunks will run FlashInfer (whose first use compiles it
+        for minutes): the choice of :meth:`_resolve_sparse_kernel`, from the engine's page size."""
+        shape = self._warmup_shape
+        if shape is None or shape.page_size > self.proxyattn_params.block_size:
+            return False
+        kernel = self.proxyattn_config.sparse_kernel
+        if kernel == "auto":
+            kernel = auto_sparse_kernel(self.head_size, shape.page_size, self.num_heads, self.num_kv_heads)
+        return (kernel == "flashinfer" and self.proxyattn_params.block_size % shape.page_size == 0
+                and fi.flashinfer_available() and fi.flashinfer_supports(dtype, self.head_size))
+
+    def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None):
+        """Like :func:`sparse_prefill`, but the selected blocks run through a dense paged kernel,
+        one pseudo-request per query block over the union of what its heads selected
+        (``kernels/block_sparse_attn/union_pages.py``): ``kernel`` "fa3" is vLLM's varlen kernel
+        (FA3 on Hopper), "flashinfer" FlashInfer's paged prefill
+        (``kernels/block_sparse_attn/flashinfer.py``)."""
         params = self.proxyattn_params
         selection = select_blocks_paged(
             query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params
@@ -245,6 +293,11 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 ranking=pages.union_ranking, counts=pages.union_blocks.expand(query.shape[1], -1))
             stats.record(query, kv_cache, block_table_row, union, ctx=ctx, scale=self.scale,
                          block_size=params.block_size, layer_index=layer_index)
+        if kernel == "flashinfer":
+            fi.flashinfer_union_attention(
+                query, kv_cache, pages, output, ctx=ctx, scale=self.scale, block_size=params.block_size
+            )
+            return
         self._dense_varlen(
             layer, query, kv_cache, output, pages.cu_seqlens_q, pages.max_seqlen_q,
             pages.seqused_k, pages.max_seqlen_k, pages.block_table,

@@ -52,7 +52,7 @@ def test_from_additional_config_and_frozen():
         ({"max_density": 2}, "max_density", "(0, 1]"),
         ({"dense_layers": 3}, "dense_layers", "list"),
         ({"dense_layers": [-1]}, "dense_layers", "non-negative"),
-        ({"sparse_kernel": "cuda"}, "sparse_kernel", '"triton" or "fa3"'),
+        ({"sparse_kernel": "cuda"}, "sparse_kernel", '"triton", "fa3", "flashinfer" or "auto"'),
     ],
 )
 def test_bad_values_name_key_value_and_accepted(values, key, accepted):
@@ -104,7 +104,7 @@ _BAD_VALUES = (
     + [("gamma", bad) for bad in (True, math.nan, math.inf, -math.inf, -0.1, 1.0001, "0.9", None)]
     + [("max_density", bad) for bad in (True, math.nan, math.inf, -0.5, 1.5, "0.1", [0.1])]
     + [("dense_layers", bad) for bad in ([True], [0.0], ["0"], [math.nan], "0,1", {0: 1}, None)]
-    + [("sparse_kernel", bad) for bad in ("flashinfer", "FA3", "", None, 3, ["fa3"])]
+    + [("sparse_kernel", bad) for bad in ("FlashInfer", "FA3", "Auto", "flashinfer-fa3", "", None, 3, ["fa3"])]
 )
 
 
@@ -153,3 +153,16 @@ def test_dense_layers_must_exist_in_the_model():
     cfg.check_model(32)
     with pytest.raises(ProxyAttnConfigError, match=r"dense_layers=\[0, 31\].*0\.\.23 \(not \[31\]\)"):
         cfg.check_model(24)
+
+
+def test_sparse_kernel_values():
+    from proxyattn_vllm.config import AUTO_SPARSE_KERNEL, SPARSE_KERNELS, auto_sparse_kernel
+
+    assert ProxyAttnConfig().sparse_kernel == "triton"
+    for kernel in SPARSE_KERNELS:
+        assert ProxyAttnConfig.from_dict({"sparse_kernel": kernel}).sparse_kernel == kernel
+    # "auto": the measured table, by (head_dim, page_size, Hq // Hkv); unlisted shapes: Triton.
+    assert set(AUTO_SPARSE_KERNEL.values()) <= {"triton", "fa3", "flashinfer"}
+    for (head_dim, page_size, group), kernel in AUTO_SPARSE_KERNEL.items():
+        assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2) == kernel
+    assert auto_sparse_kernel(96, 32, 8, 8) == "triton"

@@ -12,6 +12,8 @@ pytest.importorskip("vllm")
 
 from proxyattn_kernels.reference import dense_causal_attention, proxyattn_prefill_reference  # noqa: E402
 
+from tests._fake_flashinfer import fake_flashinfer  # noqa: E402,F401 - fixture
+
 PAGE = 16
 MAX_PAGES = 8
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 32
@@ -161,9 +163,11 @@ def test_mixed_batch_matches_reference(vllm_config, dtype):
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
 
 
-def test_fa3_union_kernel_matches_the_union_reference(vllm_config, tmp_path):
-    """``sparse_kernel: "fa3"``: the long row runs through the dense varlen kernel (vLLM's Triton
-    kernel on CPU, FA3 on Hopper) over each query block's union of selected blocks; it equals
+@pytest.mark.parametrize("kernel", ["fa3", "flashinfer"])
+def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, request, monkeypatch):
+    """``sparse_kernel: "fa3"`` / ``"flashinfer"``: the long row runs through a dense paged kernel
+    (fa3: vLLM's Triton kernel on CPU, FA3 on Hopper; flashinfer: a torch stand-in on CPU, see
+    tests/_fake_flashinfer.py) over each query block's union of selected blocks; it equals
     attention with that union mask for every head, and the other rows stay dense."""
     from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
     from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask
@@ -172,8 +176,15 @@ def test_fa3_union_kernel_matches_the_union_reference(vllm_config, tmp_path):
 
     from proxyattn_vllm import stats
 
+    if kernel == "flashinfer":
+        from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+
+        counters = request.getfixturevalue("fake_flashinfer")
+        # The stand-in takes any dtype and head size; the real kernels' limits are tested below.
+        monkeypatch.setattr(fi, "SUPPORTED_DTYPES", (torch.float32,))
+        monkeypatch.setattr(fi, "SUPPORTED_HEAD_DIMS", (HEAD_DIM,))
     # Two proxy groups rank blocks differently, so the union exceeds what each head selected.
-    config = {**SPARSE, "sparse_kernel": "fa3", "num_proxy_groups": 2, "max_density": 0.6}
+    config = {**SPARSE, "sparse_kernel": kernel, "num_proxy_groups": 2, "max_density": 0.6}
     batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=3)
     md = _builder(vllm_config).build(0, batch.common)
     stats_path = tmp_path / "stats.jsonl"
@@ -202,6 +213,71 @@ def test_fa3_union_kernel_matches_the_union_reference(vllm_config, tmp_path):
             expected = dense
         torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4, msg=f"row {r}")
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
+    if kernel == "flashinfer":  # a second layer of the step reuses the chunk's plan
+        again = batch.run(_impl(config), md, _Layer(1))
+        torch.testing.assert_close(again, output, atol=0, rtol=0)
+        assert (counters.wrappers, counters.plans, counters.runs) == (1, 1, 2)
+
+
+@pytest.fixture
+def no_flashinfer(monkeypatch):
+    """``import flashinfer`` fails, whatever is installed."""
+    import sys
+
+    from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+
+    monkeypatch.setitem(sys.modules, "flashinfer", None)
+    fi._import_result.cache_clear()
+    yield
+    fi._import_result.cache_clear()
+
+
+def test_explicit_flashinfer_without_flashinfer_fails_at_init(no_flashinfer):
+    from proxyattn_vllm.impl import ProxyAttnUnsupportedError
+
+    with pytest.raises(ProxyAttnUnsupportedError) as err:
+        _impl({**SPARSE, "sparse_kernel": "flashinfer"})
+    msg = str(err.value)
+    assert "pip install 'proxyattn-vllm[flashinfer]'" in msg and 'set sparse_kernel to "triton"' in msg, msg
+    _impl({**SPARSE, "sparse_kernel": "auto"})  # "auto" starts: it falls back per shape
+
+
+@pytest.mark.parametrize(
+    "kernel, setup, page, message",
+    [
+        ("fa3", None, 32, 'sparse_kernel "fa3" needs KV pages that divide block_size=16, got pages of 32'),
+        ("flashinfer", "fake", 32, "set --block-size to a divisor of 16 to use FlashInfer"),
+        ("flashinfer", "fake", 16, "FlashInfer takes head sizes (64, 128, 256) in float16/bfloat16, got 32"),
+        ("auto", "missing", 16, 'sparse_kernel "auto" (chose "flashinfer") cannot import FlashInfer'),
+    ],
+)
+def test_union_kernels_fall_back_to_triton_with_one_warning(kernel, setup, page, message, request, monkeypatch):
+    from proxyattn_vllm import config as config_module
+    from proxyattn_vllm import impl as impl_module
+
+    if setup == "fake":
+        request.getfixturevalue("fake_flashinfer")
+    elif setup == "missing":
+        request.getfixturevalue("no_flashinfer")
+        monkeypatch.setitem(config_module.AUTO_SPARSE_KERNEL, (HEAD_DIM, page, NUM_HEADS // NUM_KV_HEADS), "flashinfer")
+    warnings = []
+    monkeypatch.setattr(impl_module.ProxyAttnImpl, "_warned_kernel_fallbacks", set())
+    monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    kv_cache = torch.zeros(4, page, NUM_KV_HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
+    for _ in range(2):  # two layers: one warning
+        impl = _impl({**SPARSE, "sparse_kernel": kernel})
+        assert impl._resolve_sparse_kernel(kv_cache) == "triton"
+    assert len(warnings) == 1 and message in warnings[0], warnings
+    assert "using the Triton block-sparse kernel" in warnings[0]
+
+
+def test_auto_takes_the_measured_kernel(monkeypatch):
+    from proxyattn_vllm import config as config_module
+
+    kv_cache = torch.zeros(4, PAGE, NUM_KV_HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
+    assert _impl({**SPARSE, "sparse_kernel": "auto"})._resolve_sparse_kernel(kv_cache) == "triton"
+    monkeypatch.setitem(config_module.AUTO_SPARSE_KERNEL, (HEAD_DIM, PAGE, NUM_HEADS // NUM_KV_HEADS), "fa3")
+    assert _impl({**SPARSE, "sparse_kernel": "auto"})._resolve_sparse_kernel(kv_cache) == "fa3"
 
 
 def test_dense_layers_and_pure_dense_batches(vllm_config):

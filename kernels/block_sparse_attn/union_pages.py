@@ -11,7 +11,8 @@ did are computed for it too. :func:`union_block_mask` gives that mask, for the d
 and for the reference that tests this path.
 
 Pure torch, a few tensor ops per chunk, no host sync; requires ``block_size % page_size == 0``
-(a selection block is a whole number of pages).
+(a selection block is a whole number of pages). ``flashinfer.py`` packs the same plan into
+FlashInfer's CSR page lists.
 """
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ def union_block_mask(ranking: torch.Tensor, counts: torch.Tensor, num_k_blocks: 
     return selection_block_mask(ranking, counts, num_k_blocks).any(dim=0)
 
 
+def row_bounds(geo: ChunkGeometry, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R]`` int64 each query-block row's block index and one past its last query (absolute).
+
+    A row reads at most ``row_end`` keys (its whole causal extent), and its queries are the
+    chunk's ``[max(ctx, row_block * block_size), row_end)``. ``device="cpu"`` gives the host
+    copy that a host-side planner needs without touching the GPU."""
+    row_block = geo.first_q_block + torch.arange(geo.num_q_blocks, device=device)
+    row_end = ((row_block + 1) * geo.block_size).clamp(max=geo.seq_len)
+    return row_block, row_end
+
+
 def union_page_plan(
     ranking: torch.Tensor,
     counts: torch.Tensor,
@@ -88,8 +100,7 @@ def union_page_plan(
     logical_pages = logical_pages.flatten(1).clamp(max=block_table.numel() - 1)  # unused tail: any page
     pages = block_table[logical_pages].to(torch.int32)
 
-    row_block = geo.first_q_block + torch.arange(num_rows, device=device)
-    row_end = ((row_block + 1) * block_size).clamp(max=geo.seq_len)  # one past the row's last query
+    row_block, row_end = row_bounds(geo, device)
     cu_seqlens_q = torch.zeros(num_rows + 1, dtype=torch.int32, device=device)
     cu_seqlens_q[1:] = row_end - ctx
     seqused_k = ((union_blocks - 1) * block_size + row_end - row_block * block_size).to(torch.int32)

@@ -1,0 +1,177 @@
+"""kernels/block_sparse_attn/flashinfer.py on CPU, without FlashInfer: the inputs it builds
+(FlashInfer's CSR page lists) against an independent construction from the naive selection
+masks, the host plan, plan reuse across layers, and the import error. The kernel itself runs
+on the GPU (tests/test_flashinfer_path.py); here a torch stand-in (tests/_fake_flashinfer.py)
+computes what the 0.6.14 kernels read."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.block_sparse_attn.naive import selection_block_mask
+from proxyattn_kernels.block_sparse_attn.union_pages import row_bounds, union_page_plan
+from proxyattn_kernels.params import ChunkGeometry
+
+from tests._fake_flashinfer import fake_flashinfer  # noqa: F401 - fixture
+from tests._union_cases import CASE_IDS, CASES, random_cache, random_selection, union_reference
+
+D = 16
+
+
+def expected_page_lists(ranking, counts, table, ctx, q_len, block_size, page_size):
+    """FlashInfer's inputs built the slow way: per row, the key positions of the blocks any head
+    selected (ascending; the diagonal block only up to the row's last query), then their pages."""
+    geo = ChunkGeometry(ctx, q_len, block_size)
+    mask = selection_block_mask(ranking, counts, geo.num_k_blocks)  # [Hq, R, Kb]
+    qo_indptr, kv_indptr, indices, last_page_len = [0], [0], [], []
+    for r in range(geo.num_q_blocks):
+        row_block = geo.first_q_block + r
+        row_end = min((row_block + 1) * block_size, geo.seq_len)
+        qo_indptr.append(row_end - ctx)
+        blocks = [b for b in range(geo.num_k_blocks) if bool(mask[:, r, b].any())]
+        assert blocks[-1] == row_block  # the diagonal is selected and comes last
+        positions = [p for b in blocks for p in range(b * block_size, min((b + 1) * block_size, row_end))]
+        pages = [int(table[p // page_size]) for p in positions if p % page_size == 0]
+        indices += pages
+        kv_indptr.append(len(indices))
+        last_page_len.append(len(positions) - (len(pages) - 1) * page_size)
+    return qo_indptr, kv_indptr, indices, last_page_len
+
+
+def shape(backend, ctx, q_len, block, page, hq, hkv, dtype=torch.float32):
+    return fi.ChunkShape(backend, ctx, q_len, block, page, hq, hkv, D, dtype, D**-0.5)
+
+
+@pytest.mark.parametrize("ctx,q_len,block,page,hq,hkv,groups", CASES, ids=CASE_IDS)
+def test_page_lists_equal_the_naive_construction(rng_seed, ctx, q_len, block, page, hq, hkv, groups):
+    ranking, counts = random_selection(hq, groups, ctx, q_len, block, density=0.3)
+    _, table = random_cache(ctx + q_len, hkv, D, page, torch.float32)
+    union = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q_len, block_size=block, page_size=page)
+    plan = fi._ChunkPlan(None, shape("fa2", ctx, q_len, block, page, hq, hkv), torch.device("cpu"))
+    plan.write_pages(union)
+
+    qo_indptr, kv_indptr, indices, last_page_len = expected_page_lists(
+        ranking, counts, table, ctx, q_len, block, page)
+    assert plan.qo_indptr_host.tolist() == qo_indptr
+    assert plan.kv_indptr.tolist() == kv_indptr
+    assert plan.kv_indices[: kv_indptr[-1]].tolist() == indices
+    assert plan.last_page_len.tolist() == last_page_len
+    assert all(1 <= n <= page for n in last_page_len)
+    # The plan's host bounds (each row's whole causal extent) hold every union.
+    bound = plan.max_kv_indptr_host
+    assert ((bound[1:] - bound[:-1]) >= (plan.kv_indptr[1:] - plan.kv_indptr[:-1])).all()
+    assert plan.kv_indices.numel() == int(bound[-1]) >= kv_indptr[-1]
+    # A sparse test: some row's union leaves blocks out, and some head computes more than its own.
+    extents = ChunkGeometry(ctx, q_len, block).first_q_block + torch.arange(len(qo_indptr) - 1) + 1
+    if int(extents.max()) > 6:
+        assert int(union.union_blocks.sum()) < int(extents.sum())
+        assert bool((counts < union.union_blocks).any())
+
+
+def test_host_bounds_are_the_dense_rows():
+    """The upper bound planned once per chunk is the dense causal row: keys [0, row_end)."""
+    ctx, q_len, block, page = 300, 1000, 128, 16
+    plan = fi._ChunkPlan(None, shape("fa2", ctx, q_len, block, page, 4, 1), torch.device("cpu"))
+    _, row_end = row_bounds(ChunkGeometry(ctx, q_len, block), "cpu")
+    lens = (plan.max_kv_indptr_host[1:] - plan.max_kv_indptr_host[:-1] - 1) * page + plan.max_last_page_len_host
+    assert lens.tolist() == row_end.tolist()
+    assert plan.qo_indptr_host.tolist() == [0, 84, 212, 340, 468, 596, 724, 852, 980, 1000]
+
+
+@pytest.mark.parametrize("backend", fi.BACKENDS)
+@pytest.mark.parametrize("ctx,q_len,block,page,hq,hkv,groups", [CASES[0], CASES[2]], ids=[CASE_IDS[0], CASE_IDS[2]])
+def test_plan_reuse_across_layers(fake_flashinfer, backend, rng_seed, ctx, q_len, block, page, hq, hkv, groups):
+    """Two layers of one step: same chunk, other caches and selections. "fa2" plans once and
+    each layer only rewrites the device buffers; "fa3" plans per layer (after one sync)."""
+    scale = D**-0.5
+    q_by_layer, outs, refs = [], [], []
+    for layer in range(3):
+        q = torch.randn(q_len, hq, D)
+        kv_cache, table = random_cache(ctx + q_len, hkv, D, page, torch.float32)
+        density = 0.2 if layer % 2 else 0.5
+        ranking, counts = random_selection(hq, groups, ctx, q_len, block, density)
+        out = torch.full_like(q, float("nan"))
+        fi.block_sparse_attn_flashinfer(q, kv_cache, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                        block_size=block, backend=backend)
+        q_by_layer.append(q)
+        outs.append(out)
+        refs.append(union_reference(q, kv_cache, table, ranking, counts, ctx, block, scale))
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert fake_flashinfer.wrappers == 1 and fake_flashinfer.runs == 3
+    assert fake_flashinfer.plans == (1 if backend == "fa2" else 3)
+
+
+def test_lru_reuses_wrappers_and_stays_correct(fake_flashinfer, monkeypatch, rng_seed):
+    monkeypatch.setattr(fi, "PLAN_CACHE_SIZE", 2)
+    scale = D**-0.5
+    hq, hkv, block, page = 4, 2, 64, 16
+    for ctx in (10, 100, 300, 10):  # the third shape evicts the first, which then comes back
+        q = torch.randn(150, hq, D)
+        kv_cache, table = random_cache(ctx + 150, hkv, D, page, torch.float32)
+        ranking, counts = random_selection(hq, 1, ctx, 150, block, 0.4)
+        out = torch.full_like(q, float("nan"))
+        fi.block_sparse_attn_flashinfer(q, kv_cache, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                        block_size=block)
+        torch.testing.assert_close(out, union_reference(q, kv_cache, table, ranking, counts, ctx, block, scale),
+                                   atol=2e-5, rtol=1e-4)
+    assert fake_flashinfer.wrappers == 2 and fake_flashinfer.plans == 4
+    assert len(fi._STATES[torch.device("cpu")].plans) == 2
+
+
+def test_non_contiguous_output_is_written(fake_flashinfer, rng_seed):
+    ctx, q_len, block, page, hq, hkv = 37, 300, 64, 16, 8, 2
+    q = torch.randn(q_len, hq, D)
+    kv_cache, table = random_cache(ctx + q_len, hkv, D, page, torch.float32)
+    ranking, counts = random_selection(hq, 1, ctx, q_len, block, 0.3)
+    wide = torch.full((q_len, hq, 2 * D), float("nan"))
+    out = wide[..., :D]  # rows with a stride the kernel does not take
+    fi.block_sparse_attn_flashinfer(q, kv_cache, table, ranking, counts, out, ctx=ctx, scale=D**-0.5,
+                                    block_size=block)
+    torch.testing.assert_close(out, union_reference(q, kv_cache, table, ranking, counts, ctx, block, D**-0.5),
+                               atol=2e-5, rtol=1e-4)
+    assert wide[..., D:].isnan().all()
+
+
+def test_missing_flashinfer_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # `import flashinfer` raises ImportError
+    fi._import_result.cache_clear()
+    try:
+        assert not fi.flashinfer_available()
+        with pytest.raises(ImportError, match=r"pip install 'proxyattn-vllm\[flashinfer\]'") as err:
+            fi.import_flashinfer()
+        assert "flashinfer-python==0.6.14" in str(err.value)
+        with pytest.raises(ImportError, match="flashinfer"):
+            fi.chunk_plan(torch.zeros(64, 4, D), torch.zeros(8, 2, 16, 2 * D), ctx=0, scale=1.0, block_size=64)
+    finally:
+        fi._import_result.cache_clear()
+        fi.clear_plan_cache()
+
+
+def test_other_flashinfer_versions_are_refused(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(__version__="0.7.0"))
+    fi._import_result.cache_clear()
+    try:
+        assert "flashinfer 0.7.0 is installed" in fi.flashinfer_import_error()
+        with pytest.raises(ImportError, match="0.6.14"):
+            fi.import_flashinfer()
+    finally:
+        fi._import_result.cache_clear()
+
+
+def test_module_imports_without_flashinfer():
+    code = ("import sys; import proxyattn_kernels.block_sparse_attn.flashinfer as m; "
+            "assert 'flashinfer' not in sys.modules, 'imported eagerly'; print(m.DEFAULT_BACKEND)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "fa2", result.stderr
+
+
+def test_warm_up_plans_a_one_row_chunk(fake_flashinfer):
+    fi.warm_up("cpu", torch.float32, num_q_heads=8, num_kv_heads=2, head_dim=D, page_size=16, block_size=64)
+    assert (fake_flashinfer.wrappers, fake_flashinfer.plans, fake_flashinfer.runs) == (1, 1, 1)
