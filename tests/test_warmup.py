@@ -110,3 +110,33 @@ def test_gpu_no_compile_after_warm_up():
                           ctx=ctx, scale=d**-0.5, block_size=params.block_size)
     torch.cuda.synchronize()
     assert _compiled_variants() == before
+
+
+def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, monkeypatch):
+    """Through vLLM on CPU: the memory-profiling forward asks for the warm-up with the engine's
+    max_model_len and page size (the call itself compiles nothing on CPU)."""
+    from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
+
+    skip_unless_vllm_on_cpu()
+    from proxyattn_vllm import warmup as glue
+    from tests._tiny_llama import write_tiny_llama
+    from tests._vllm_cpu import tiny_llm
+
+    calls = []
+    real = glue.warm_up_once
+
+    def record(shape, dtype, device, **kwargs):
+        calls.append((shape, dtype, device, kwargs))
+        return real(shape, dtype, device, **kwargs)
+
+    monkeypatch.setattr(glue, "warm_up_once", record)
+    honour_custom_backend_on_cpu(monkeypatch.setattr)
+    model_dir = str(write_tiny_llama(tmp_path / "tiny"))
+    with kv_cache_layout_restored(), tiny_llm(
+            model_dir, attention_backend="proxyattn", max_model_len=192, block_size=32,
+            additional_config={"proxyattn": {"block_size": 32, "stride": 4}}):
+        pass  # the profiling run happens while the engine starts
+    assert calls, "the profiling run did not ask for the warm-up"
+    shapes = {c[0] for c in calls}
+    assert {(s.max_seq_len, s.page_size, s.params.block_size) for s in shapes} == {(192, 32, 32)}
+    assert all(c[3] == {"flashinfer": False} for c in calls)

@@ -1,0 +1,75 @@
+"""Startup compilation of the sparse-prefill kernels (see ``proxyattn_kernels.warmup``).
+
+vLLM runs the model once before serving to measure memory (the forward gets no attention
+metadata). The first ProxyAttn layer of that run compiles every kernel variant the longest
+allowed prompt can need, so no request pays a Triton compile inside its time-to-first-token.
+Once per process and layer shape; only on CUDA (the CPU interpreter compiles nothing).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vllm.logger import init_logger
+
+from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.warmup import warm_up
+
+logger = init_logger("vllm.proxyattn")
+
+_warmed: set = set()
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    """What the compiled variants depend on: the layer's shape and the engine's limits."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    max_seq_len: int
+    params: ProxyAttnParams
+
+
+def shape_from_vllm_config(vllm_config, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           params: ProxyAttnParams) -> WarmupShape | None:
+    """The warm-up shape of a layer, or None when the engine's limits are not known yet."""
+    model_config = getattr(vllm_config, "model_config", None)
+    cache_config = getattr(vllm_config, "cache_config", None)
+    max_len = getattr(model_config, "max_model_len", None)
+    page_size = getattr(cache_config, "block_size", None)
+    if not isinstance(max_len, int) or not isinstance(page_size, int) or page_size % 16:
+        return None
+    return WarmupShape(num_q_heads, num_kv_heads, head_dim, page_size, max_len, params)
+
+
+def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device, *,
+                 flashinfer: bool = False) -> bool:
+    """Compile the kernels for ``shape`` unless done already in this process; True if it ran.
+    ``flashinfer``: FlashInfer's prefill kernel too (``sparse_kernel`` chose it)."""
+    if shape is None or device.type != "cuda" or shape.max_seq_len < shape.params.min_sparse_len:
+        return False
+    key = (shape, dtype, device)
+    if key in _warmed:
+        return False
+    _warmed.add(key)
+    start = time.perf_counter()
+    chunks = warm_up(
+        num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        page_size=shape.page_size, dtype=dtype, device=device, params=shape.params,
+        max_seq_len=shape.max_seq_len,
+    )
+    if flashinfer:
+        fi.warm_up(device, dtype, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
+                   shape.page_size, shape.params.block_size)
+    torch.cuda.synchronize(device)
+    logger.info(
+        "proxyattn: compiled the sparse-prefill kernels%s for prompts up to %d tokens "
+        "(%d warm-up chunks, %.1f s)", " and FlashInfer's" if flashinfer else "", shape.max_seq_len,
+        chunks, time.perf_counter() - start,
+    )
+    return True
