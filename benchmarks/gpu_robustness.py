@@ -1,0 +1,1145 @@
+"""GPU robustness checks of the proxyattn backend (issue #7, items 4, 5 and 7), one command:
+
+    python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
+        --out $OUT/robustness_h200.json [--parts prefix,preemption,soak] [--soak-s 120] \
+        [--gpu-memory-utilization 0.12]
+
+1. ``prefix`` (item 4): a shared prefix of ``--prefix-tokens`` essay tokens (default 16589: not
+   a multiple of the 128-token page, and 129 whole pages, so the cached part ends inside the
+   prefix and, with 256-token selection blocks, in the middle of a selection block) followed by
+   different questions. For each proxyattn config (full density; full density with 256-token
+   selection blocks; the default sparse config) one engine with prefix caching off (the
+   reference) and one with it on: a warming request with the prefix alone, then the suffixed
+   requests, whose only prefill chunk then starts at ctx = the cached pages. Reported: greedy
+   tokens vs the reference per prompt (first difference and the reference's top-1/top-2 logprob
+   margin there: bf16 near-ties can flip a token), the prefix-cache hits vLLM reports
+   (``RequestOutput.num_cached_tokens`` and the ``vllm:prefix_cache_*`` counters), the (ctx,
+   q_len) of the sparse chunks the backend planned, and the time to first token (wall time of a
+   one-request ``generate`` with ``max_tokens=1``) with and without the cached prefix.
+2. ``preemption`` (item 5): ``--preempt-prompts`` concurrent prompts of ``--preempt-prompt-tokens``
+   with greedy outputs, once with an ample KV cache and once with ``num_gpu_blocks_override`` =
+   ``--preempt-cache-prompts`` prompts' worth of pages and admission on the first chunk
+   (``scheduler_reserve_full_isl=False``: vLLM 0.26's default admits a request only when its
+   whole prompt fits, so it queues instead of preempting). Prefix caching is off, so a preempted
+   request recomputes its whole prompt. Reported: preemptions (counted at
+   ``Scheduler._preempt_request`` and by the ``vllm:num_preemptions`` counter), prefill tokens
+   computed vs prompt tokens (the recompute), KV cache tokens vs the prompts' sum, completion of
+   every request and its tokens vs the ample run (identical expected at full density).
+3. ``soak`` (item 7, only when listed in ``--parts``): one ``vllm serve`` subprocess (loopback,
+   port from the OS, default proxyattn config, CUDA graphs) under ``--soak-s`` seconds of mixed
+   load in bounded rounds (benchmarks/loadtest.py): short prompts decoding 128 tokens next to
+   8K-32K prefills. Reported: request counts, failures, latencies, and GPU memory and server RSS
+   after the first round and at the end (and after every round).
+
+Every engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
+benchmarks/gpu_backend_check.py) and is shut down before the next starts. Each part records
+``{"status": "failed", "error": ...}`` on an exception and runs under a time guard (SIGALRM), so
+later parts still run; the JSON is rewritten after every step, and a summary table is printed
+last. ``--append`` keeps the parts of an existing ``--out`` that this run does not run (one part
+per device call). ``--engine-args`` / ``--proxyattn-overrides`` / ``--serve-cmd`` exist for the CPU tests
+(tests/test_gpu_robustness.py), which run the prefix part on a tiny model and the soak part
+against a fake server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+# gpu_backend_check sets VLLM_ENABLE_V1_MULTIPROCESSING=0 when imported; main() does that here,
+# so that importing this module (the tests) changes nothing for other engines of the process.
+_MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+if __package__:  # imported as benchmarks.gpu_robustness (tests)
+    from . import gpu_backend_check as gbc
+    from . import loadtest, ttft_sweep
+else:  # run as a script: the script's folder is on sys.path
+    import gpu_backend_check as gbc
+    import loadtest
+    import ttft_sweep
+if _MULTIPROCESSING is None:
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+
+PARTS = ("prefix", "preemption", "soak")
+DEFAULT_PARTS = "prefix,preemption"
+FULL = dict(gbc.FULL_DENSITY["proxyattn"])  # gamma 1, no minimum budget, sparse from 1024
+# proxyattn configs of the prefix and preemption parts ({} is the default, sparse config).
+CONFIGS = {
+    "full": FULL,
+    "full_block256": {**FULL, "block_size": 256},
+    "sparse": {},
+}
+QUESTIONS = (
+    "In one sentence, what is the main point of the text above?",
+    "Which person is mentioned first in the text above?",
+    "List three topics the text above discusses.",
+    "What advice does the author give, in a few words?",
+    "Is the tone of the text above optimistic or pessimistic? Explain briefly.",
+    "Summarize the last paragraph above in one sentence.",
+    "What question does the author try to answer?",
+    "Name one example the author uses and what it illustrates.",
+)
+SUFFIX_TEMPLATE = "\n\nQuestion: {}\nAnswer:"
+TIMING_SLICE_TOKENS = 24  # essay tokens that make each timing prompt's suffix unique
+# Soak pass criteria (recorded in the JSON next to the numbers).
+SOAK_MAX_GPU_GROWTH_MIB = 128
+SOAK_MAX_RSS_GROWTH_FRACTION = 0.10
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"parts {text!r}: a comma list of {', '.join(PARTS)}")
+    return [p for p in PARTS if p in parts]  # always in this order
+
+
+def parse_configs(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"configs {text!r}: a comma list of {', '.join(CONFIGS)}")
+    return names
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: a JSON object")
+    return value
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    lo, hi = loadtest.parse_range(text)
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"range {text!r}: LO:HI with 0 < LO <= HI")
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--essays", required=True, help="directory of .txt files (prompt text)")
+    ap.add_argument("--out", required=True, help="JSON report (rewritten after every step)")
+    ap.add_argument("--logdir", help="server logs (default: the folder of --out)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the parts of an existing --out that this run does not run")
+    ap.add_argument("--parts", type=parse_parts, default=parse_parts(DEFAULT_PARTS),
+                    help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.12,
+                    help="per engine; low so that other work can share the GPU")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-model-len", type=int, default=32768)
+    ap.add_argument("--page-size", type=int, default=128, help="vLLM --block-size")
+    ap.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="prefix/preemption engines with CUDA graphs (default: enforce_eager)")
+    ap.add_argument("--part-timeout-s", type=float, default=420.0,
+                    help="time guard of the prefix and the preemption part each")
+    ap.add_argument("--engine-args", type=parse_json_object, default={},
+                    help="JSON object of extra vllm.LLM arguments (applied last)")
+    ap.add_argument("--proxyattn-overrides", type=parse_json_object, default={},
+                    help="JSON object merged into every proxyattn config (and the soak server's)")
+    # prefix
+    ap.add_argument("--prefix-configs", type=parse_configs, default=list(CONFIGS),
+                    help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--prefix-tokens", type=int, default=16384 + 128 + 77,
+                    help="shared prefix length; not a multiple of --page-size")
+    ap.add_argument("--prefix-prompts", type=int, default=4, help="suffixed prompts compared")
+    ap.add_argument("--prefix-output-tokens", type=int, default=32)
+    ap.add_argument("--timing-repeats", type=int, default=3, help="timed requests per engine")
+    # preemption
+    ap.add_argument("--preempt-configs", type=parse_configs, default=["full", "sparse"])
+    ap.add_argument("--preempt-prompts", type=int, default=8)
+    ap.add_argument("--preempt-prompt-tokens", type=int, default=12000)
+    ap.add_argument("--preempt-output-tokens", type=int, default=64)
+    ap.add_argument("--preempt-cache-prompts", type=float, default=2.5,
+                    help="KV cache of the pressured engine, in prompts")
+    # soak
+    ap.add_argument("--soak-s", type=float, default=120.0, help="seconds of load")
+    ap.add_argument("--soak-round-s", type=float, default=20.0, help="planned length of a round")
+    ap.add_argument("--soak-long-rate", type=float, default=1.0, help="long prefills per second")
+    ap.add_argument("--soak-short-rate", type=float, default=4.0, help="short requests per second")
+    ap.add_argument("--soak-long-range", type=parse_range,
+                    help="LO:HI long prompt tokens (default 8K:max_model_len-32)")
+    ap.add_argument("--soak-long-output", type=int, default=16)
+    ap.add_argument("--soak-short-output", type=int, default=128)
+    ap.add_argument("--soak-token-ids", action="store_true",
+                    help="long prompts as random token ids instead of essay text")
+    ap.add_argument("--soak-eager", action="store_true", help="serve with --enforce-eager")
+    ap.add_argument("--health-timeout-s", type=float, default=420.0)
+    ap.add_argument("--serve-cmd",
+                    default=f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main serve",
+                    help="the server command, before the model and its arguments")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.prefix_prompts < 1 or args.prefix_prompts > len(QUESTIONS):
+        ap.error(f"--prefix-prompts: 1..{len(QUESTIONS)}")
+    if "prefix" in args.parts and not args.page_size < args.prefix_tokens < args.max_model_len:
+        ap.error("--prefix-tokens: more than one page and less than --max-model-len")
+    if args.timing_repeats < 1 or args.preempt_prompts < 1 or args.preempt_cache_prompts <= 0:
+        ap.error("--timing-repeats, --preempt-prompts, --preempt-cache-prompts: positive")
+    args.logdir = args.logdir or os.path.dirname(os.path.abspath(args.out))
+    return args
+
+
+def proxyattn_config(args, name: str) -> dict:
+    return {**CONFIGS[name], **args.proxyattn_overrides}
+
+
+def default_block_size() -> int:
+    """ProxyAttn's default selection block (tokens)."""
+    try:
+        from proxyattn_vllm.config import ProxyAttnConfig
+
+        return int(ProxyAttnConfig().block_size)
+    except Exception:  # noqa: BLE001 - the documented default
+        return 128
+
+
+def identity_expected(config: dict) -> bool:
+    """Full density (gamma 1, no minimum budget) must reproduce dense attention."""
+    return (config.get("gamma") == 1.0 and config.get("min_budget_tokens") == 0
+            and not config.get("max_density"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts (token ids, so that shared prefixes are exact)
+
+
+def load_essay_ids(tokenizer, essays_dir: str) -> list[int]:
+    names = sorted(n for n in os.listdir(essays_dir) if n.endswith(".txt"))
+    if not names:
+        raise RuntimeError(f"no .txt files in {essays_dir}")
+    text = "\n\n".join(open(os.path.join(essays_dir, n), encoding="utf-8").read() for n in names)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def take_tokens(ids: list[int], start: int, count: int) -> list[int]:
+    """``count`` tokens from ``start``, wrapping around (the essays may be shorter)."""
+    return [ids[(start + i) % len(ids)] for i in range(count)]
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """What the tokenizer puts before any text (BOS for Llama, nothing for Qwen)."""
+    return list(tokenizer.encode("", add_special_tokens=True))
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def build_prefix_prompts(tokenizer, essay_ids: list[int], prefix_tokens: int, questions,
+                         timing_count: int, page: int) -> dict:
+    """The prefix part's prompts: ``warm`` (the prefix alone), ``compare`` (prefix + each
+    question) and ``timing`` (prefix + an essay slice of its own + the first question; the first
+    one is an untimed warm-up), with what prefix caching should give them."""
+    head = special_prefix(tokenizer)
+    prefix = head + take_tokens(essay_ids, 0, prefix_tokens - len(head))
+    suffixes = [tokenizer.encode(SUFFIX_TEMPLATE.format(q), add_special_tokens=False) for q in questions]
+    compare = [prefix + s for s in suffixes]
+    slices = [take_tokens(essay_ids, prefix_tokens + 997 * (j + 1), TIMING_SLICE_TOKENS)
+              for j in range(timing_count)]
+    timing = [prefix + piece + suffixes[0] for piece in slices]
+    layout = prefix_layout(prefix, compare + timing, page)
+    return {"warm": prefix, "compare": compare, "timing": timing, **layout}
+
+
+def prefix_layout(prefix: list[int], prompts: list[list[int]], page: int) -> dict:
+    """Where the cached part ends: every prompt shares ``prefix`` and nothing more than the rest
+    of its last, partial page with any other prompt, so each one's cache hit is exactly the
+    prefix's whole pages (a longer shared run would make the hits, and the timing, depend on
+    the order of the requests). Raises ValueError when that does not hold."""
+    shared = len(prefix)
+    expected = shared // page * page
+    longest = 0
+    for i, p in enumerate(prompts):
+        if p[:shared] != prefix or len(p) <= shared:
+            raise ValueError(f"prompt {i} does not extend the shared prefix")
+        for q in prompts[i + 1:]:
+            longest = max(longest, common_prefix_len(p, q))
+    if longest // page != shared // page:
+        raise ValueError(
+            f"prompts share {longest} tokens, past the prefix's last partial page "
+            f"({shared} tokens, pages of {page}): cache hits would exceed {expected} tokens")
+    if len(set(map(tuple, prompts))) != len(prompts):
+        raise ValueError("two prompts are identical")
+    return {"prefix_tokens": shared, "expected_cached_tokens": expected,
+            "prefix_ends_mid_page": shared % page != 0, "longest_shared_run": longest,
+            "prompt_tokens": [len(p) for p in prompts]}
+
+
+def build_long_prompts(tokenizer, essay_ids: list[int], count: int, tokens: int) -> list[list[int]]:
+    """``count`` different prompts of exactly ``tokens`` tokens: an essay slice and a question."""
+    head = special_prefix(tokenizer)
+    tail = tokenizer.encode(SUFFIX_TEMPLATE.format(QUESTIONS[0]), add_special_tokens=False)
+    body = tokens - len(head) - len(tail)
+    if body < 1:
+        raise ValueError(f"prompts of {tokens} tokens are too short for the question")
+    return [head + take_tokens(essay_ids, (i * 7919) % len(essay_ids), body) + tail for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing outputs
+
+
+def margins_of(logprobs) -> list[float | None]:
+    """Per step, top-1 minus top-2 logprob (None when only one candidate came back)."""
+    gaps = []
+    for step in logprobs or []:
+        values = sorted((lp.logprob for lp in step.values()), reverse=True)
+        gaps.append(values[0] - values[1] if len(values) > 1 else None)
+    return gaps
+
+
+def compare_tokens(reference: list[int], other: list[int], margins: list | None = None) -> dict:
+    """Identity, the first differing position (also a length difference) and the reference's
+    top-1/top-2 margin there (small: a bf16 near-tie, not a wrong attention result)."""
+    first = next((j for j, (x, y) in enumerate(zip(reference, other)) if x != y), None)
+    if first is None and len(reference) != len(other):
+        first = min(len(reference), len(other))
+    margin = None
+    if first is not None and margins and first < len(margins):
+        margin = margins[first]
+    return {"identical": first is None, "first_difference": first,
+            "reference_margin_at_difference": margin,
+            "matching_prefix": len(reference) if first is None else first}
+
+
+def logprob_gap(reference: list[float], other: list[float], upto: int | None) -> float | None:
+    """Largest |logprob difference| of the sampled tokens over the positions where both runs
+    sampled the same tokens (before ``upto``, the first difference): how close the numbers
+    are, apart from whether a near-tie flipped."""
+    n = min(len(reference), len(other), len(reference) if upto is None else upto)
+    gaps = [abs(a - b) for a, b in zip(reference[:n], other[:n]) if a is not None and b is not None]
+    return max(gaps) if gaps else None
+
+
+def compare_rows(reference_rows: list[dict], other_rows: list[dict]) -> list[dict]:
+    """compare_tokens per prompt, with the logprob gap of the shared positions."""
+    out = []
+    for a, b in zip(reference_rows, other_rows):
+        row = compare_tokens(a["tokens"], b["tokens"], a["margins"])
+        row["max_abs_logprob_diff"] = logprob_gap(a.get("token_logprobs", []), b.get("token_logprobs", []),
+                                                  row["first_difference"])
+        out.append(row)
+    return out
+
+
+def max_gap(rows: list[dict]) -> float | None:
+    gaps = [r["max_abs_logprob_diff"] for r in rows if r.get("max_abs_logprob_diff") is not None]
+    return max(gaps) if gaps else None
+
+
+def agreement(rows: list[dict], length: int) -> dict:
+    """Counts over compare_tokens rows: identical prompts and the mean matching prefix."""
+    n = len(rows)
+    return {"identical": sum(r["identical"] for r in rows), "n": n,
+            "mean_matching_prefix_fraction": (sum(r["matching_prefix"] for r in rows) / (n * length))
+            if n and length else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines and instruments (in-process: the scheduler and the attention metadata are reachable)
+
+
+def engine_kwargs(args, *, proxyattn: dict, prefix_caching: bool, max_model_len: int, **extra) -> dict:
+    kwargs = dict(
+        model=args.model, attention_backend="proxyattn", dtype=args.dtype, seed=0,
+        enforce_eager=not args.cuda_graphs, max_model_len=max_model_len, block_size=args.page_size,
+        max_num_batched_tokens=args.chunk, enable_prefix_caching=prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=False,
+        additional_config={"proxyattn": dict(proxyattn)},
+    )
+    kwargs.update(extra)
+    kwargs.update(args.engine_args)
+    return kwargs
+
+
+def with_engine(kwargs: dict, fn):
+    """``fn(llm)`` on a new in-process ``vllm.LLM``, which is shut down and dropped afterwards
+    (also when construction or ``fn`` fails; no caller keeps a reference to it).
+
+    ``EngineCore.shutdown`` releases the model runner's GPU memory and undoes the engine's
+    ``gc.freeze()``; without it a deleted in-process engine keeps its memory (vLLM 0.26,
+    v1/engine/core.py, v1/worker/gpu_worker.py)."""
+    from vllm import LLM
+
+    llm = None
+    try:
+        llm = LLM(**kwargs)
+        return fn(llm)
+    finally:
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - tear down as much as possible
+                log(f"engine shutdown: {type(exc).__name__}: {exc}")
+        llm = None
+        gbc.cleanup()
+
+
+def engine_info(llm) -> dict:
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        blocks, page = cache.num_gpu_blocks, cache.block_size
+        return {"num_gpu_blocks": blocks, "page_size": page,
+                "kv_cache_tokens": blocks * page if blocks else None}
+    except AttributeError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions")
+
+
+def counters(llm) -> dict:
+    """vLLM's Prometheus counters of this engine (needs ``disable_log_stats=False``)."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001 - stats off or API changed: report nothing
+        return {}
+    out = dict.fromkeys(COUNTERS, 0)
+    for m in metrics:
+        if m.name in out and hasattr(m, "value"):
+            out[m.name] += m.value
+    return out
+
+
+def counter_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+class PlanRecorder:
+    """Wraps ``proxyattn_vllm.metadata.plan_batch`` (called once per scheduler step): records the
+    (ctx, q_len) of every sparse prefill chunk and counts prefill tokens, while ``active``."""
+
+    def __init__(self):
+        self.active = False
+        self.available = False
+        self.sparse: list[tuple[int, int]] = []
+        self.prefill_tokens = 0
+        self._module = self._original = None
+
+    def __enter__(self):
+        try:
+            import proxyattn_vllm.metadata as module
+        except ImportError:
+            return self
+        self._module, self._original = module, module.plan_batch
+        original = module.plan_batch
+
+        def recording(*a, **k):
+            plan = original(*a, **k)
+            if self.active:
+                try:
+                    self.sparse.extend((int(r.ctx), int(r.q_len)) for r in plan.sparse_rows)
+                    self.prefill_tokens += int(plan.num_tokens) - int(plan.num_decode_tokens)
+                except (AttributeError, TypeError):
+                    pass
+            return plan
+
+        module.plan_batch = recording
+        self.available = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._module is not None:
+            self._module.plan_batch = self._original
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.sparse, self.prefill_tokens, self.active = [], 0, True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def summary(self) -> dict:
+        if not self.available:
+            return {"available": False}
+        ctxs = sorted({c for c, _ in self.sparse})
+        return {"available": True, "sparse_chunks": len(self.sparse),
+                "sparse_ctx_values": ctxs[:32], "min_sparse_ctx": ctxs[0] if ctxs else None,
+                "max_sparse_q_len": max((q for _, q in self.sparse), default=None),
+                "prefill_tokens": self.prefill_tokens}
+
+
+class PreemptionCounter:
+    """Counts ``Scheduler._preempt_request`` calls (the scheduler runs in this process)."""
+
+    def __init__(self):
+        self.count = 0
+        self.available = False
+        self._cls = self._original = None
+
+    def __enter__(self):
+        try:
+            from vllm.v1.core.sched.scheduler import Scheduler
+        except ImportError:
+            return self
+        original = getattr(Scheduler, "_preempt_request", None)
+        if original is None:
+            return self
+
+        def counting(sched, *a, **k):
+            self.count += 1
+            return original(sched, *a, **k)
+
+        self._cls, self._original = Scheduler, original
+        Scheduler._preempt_request = counting
+        self.available = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._cls is not None:
+            self._cls._preempt_request = self._original
+
+
+def greedy(max_tokens: int, logprobs: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
+
+
+def token_prompts(prompts: list[list[int]]):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+
+
+def generate_rows(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    outs = llm.generate(token_prompts(prompts), greedy(max_tokens, logprobs=2), use_tqdm=False)
+    return [{"tokens": list(o.outputs[0].token_ids), "margins": margins_of(o.outputs[0].logprobs),
+             "token_logprobs": sampled_logprobs(o.outputs[0].token_ids, o.outputs[0].logprobs),
+             "finish_reason": o.outputs[0].finish_reason, "prompt_tokens": len(o.prompt_token_ids),
+             "num_cached_tokens": o.num_cached_tokens or 0} for o in outs]
+
+
+def sampled_logprobs(token_ids, logprobs) -> list[float | None]:
+    return [step[t].logprob if t in step else None for t, step in zip(token_ids, logprobs or [])]
+
+
+def time_first_token(llm, prompt: list[int]) -> tuple[float, int]:
+    """Wall time of a one-request generate with max_tokens=1, and its cached tokens."""
+    t0 = time.perf_counter()
+    out = llm.generate(token_prompts([prompt]), greedy(1), use_tqdm=False)[0]
+    return time.perf_counter() - t0, out.num_cached_tokens or 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 1: prefix caching
+
+
+def run_prefix_engine(llm, prompts: dict, args, recorder: PlanRecorder) -> dict:
+    """Warm with the prefix alone, compare on the suffixed prompts, then time single requests."""
+    result = {"engine": engine_info(llm)}
+    t, cached = time_first_token(llm, prompts["warm"])
+    result["warm"] = {"seconds": t, "num_cached_tokens": cached}
+    before = counters(llm)
+    with recorder.recording():
+        t0 = time.perf_counter()
+        rows = generate_rows(llm, prompts["compare"], args.prefix_output_tokens)
+        result["compare_seconds"] = time.perf_counter() - t0
+    result["counters"] = counter_delta(before, counters(llm)) if before else {}
+    result["plan"] = recorder.summary()
+    result["rows"] = rows
+    time_first_token(llm, prompts["timing"][0])  # untimed: the first single request of its kind
+    timed = [time_first_token(llm, p) for p in prompts["timing"][1:]]
+    result["ttft"] = {"seconds": [s for s, _ in timed], "median_s": statistics.median(s for s, _ in timed),
+                      "num_cached_tokens": [c for _, c in timed]}
+    return result
+
+
+def summarize_prefix_config(res: dict, expected_cached: int, block_size: int) -> dict:
+    """Outputs vs the reference, hits, first-chunk ctx and the TTFT ratio of one config."""
+    ref, hit = res["uncached"], res["cached"]
+    rows = compare_rows(ref["rows"], hit["rows"])
+    length = len(ref["rows"][0]["tokens"]) if ref["rows"] else 0
+    cached = [r["num_cached_tokens"] for r in hit["rows"]]
+    min_ctx = hit["plan"].get("min_sparse_ctx")
+    uncached_s, cached_s = ref["ttft"]["median_s"], hit["ttft"]["median_s"]
+    out = {
+        "rows": rows, **agreement(rows, length), "max_abs_logprob_diff": max_gap(rows),
+        "num_cached_tokens": cached,
+        "hits_as_expected": all(c == expected_cached for c in cached)
+        and all(c == expected_cached for c in hit["ttft"]["num_cached_tokens"]),
+        "reference_had_no_hits": all(r["num_cached_tokens"] == 0 for r in ref["rows"]),
+        "first_chunk_ctx": min_ctx,
+        "first_chunk_ctx_is_cached_prefix": min_ctx == expected_cached if min_ctx is not None else None,
+        "cached_part_ends_mid_selection_block": expected_cached % block_size != 0,
+        "ttft_uncached_s": uncached_s, "ttft_cached_s": cached_s,
+        "ttft_speedup": uncached_s / cached_s if cached_s else None,
+    }
+    return out
+
+
+def run_prefix(args, part: dict, write) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    essay_ids = load_essay_ids(tokenizer, args.essays)
+    prompts = build_prefix_prompts(tokenizer, essay_ids, args.prefix_tokens,
+                                   QUESTIONS[:args.prefix_prompts],
+                                   args.timing_repeats + 1, args.page_size)
+    expected = prompts["expected_cached_tokens"]
+    part.update({k: prompts[k] for k in ("prefix_tokens", "expected_cached_tokens",
+                                         "prefix_ends_mid_page", "longest_shared_run", "prompt_tokens")})
+    part.update({"page_size": args.page_size, "max_num_batched_tokens": args.chunk,
+                 "output_tokens": args.prefix_output_tokens, "configs": {}})
+    configs = {name: proxyattn_config(args, name) for name in args.prefix_configs}
+    log(f"prefix: {prompts['prefix_tokens']} shared tokens, {len(prompts['compare'])} questions, "
+        f"expected cache hit {expected} tokens; configs {list(configs)}")
+    with PlanRecorder() as recorder:
+        for name, cfg in configs.items():
+            res = part["configs"][name] = {"proxyattn": cfg, "identity_expected": identity_expected(cfg)}
+            for caching in (False, True):
+                key = "cached" if caching else "uncached"
+                t0 = time.perf_counter()
+                kwargs = engine_kwargs(args, proxyattn=cfg, prefix_caching=caching,
+                                       max_model_len=args.max_model_len)
+                res[key] = with_engine(kwargs, lambda llm: run_prefix_engine(llm, prompts, args, recorder))
+                res[key]["engine_seconds"] = time.perf_counter() - t0
+                log(f"prefix [{name}] caching {'on' if caching else 'off'}: ttft median "
+                    f"{res[key]['ttft']['median_s'] * 1e3:.1f} ms, cached tokens "
+                    f"{[r['num_cached_tokens'] for r in res[key]['rows']]}, first sparse ctx "
+                    f"{res[key]['plan'].get('min_sparse_ctx')} ({res[key]['engine_seconds']:.0f} s)")
+                write()
+            block = int(cfg.get("block_size", default_block_size()))
+            res["summary"] = summarize_prefix_config(res, expected, block)
+            s = res["summary"]
+            diffs = [(r["first_difference"], r["reference_margin_at_difference"]) for r in s["rows"]
+                     if not r["identical"]]
+            log(f"prefix [{name}]: {s['identical']}/{s['n']} identical to caching off; first "
+                f"differences (position, reference margin) {diffs}; hits as expected "
+                f"{s['hits_as_expected']}; TTFT {s['ttft_uncached_s'] * 1e3:.1f} -> "
+                f"{s['ttft_cached_s'] * 1e3:.1f} ms ({s['ttft_speedup']:.1f}x)")
+            write()
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: preemption and recompute
+
+
+def run_batch(llm, prompts: list[list[int]], max_tokens: int, recorder: PlanRecorder,
+              preempted: PreemptionCounter) -> dict:
+    before, start_count = counters(llm), preempted.count
+    with recorder.recording():
+        t0 = time.perf_counter()
+        rows = generate_rows(llm, prompts, max_tokens)
+        seconds = time.perf_counter() - t0
+    delta = counter_delta(before, counters(llm)) if before else {}
+    return {"engine": engine_info(llm), "seconds": seconds, "rows": rows,
+            "preemptions": preempted.count - start_count if preempted.available else None,
+            "preemptions_metric": delta.get("vllm:num_preemptions"),
+            "prefill_tokens_computed": recorder.prefill_tokens if recorder.available else None,
+            "plan": recorder.summary()}
+
+
+def summarize_preemption_config(res: dict, max_tokens: int) -> dict:
+    ample, pressured = res["ample"], res["pressured"]
+    rows = compare_rows(ample["rows"], pressured["rows"])
+    prompt_sum = sum(r["prompt_tokens"] for r in pressured["rows"])
+    complete = lambda run: sum(len(r["tokens"]) == max_tokens for r in run["rows"])  # noqa: E731
+    kv = pressured["engine"].get("kv_cache_tokens")
+    computed = pressured["prefill_tokens_computed"]
+    return {
+        "rows": rows, **agreement(rows, max_tokens), "max_abs_logprob_diff": max_gap(rows),
+        "completed_pressured": complete(pressured), "completed_ample": complete(ample), "n": len(rows),
+        "preemptions": pressured["preemptions"], "preemptions_metric": pressured["preemptions_metric"],
+        "preemptions_ample": ample["preemptions"],
+        "prompt_tokens_sum": prompt_sum, "kv_cache_tokens": kv,
+        "cache_smaller_than_prompts": kv < prompt_sum if kv else None,
+        "prefill_tokens_computed": computed,
+        "recomputed_tokens": computed - prompt_sum if computed is not None else None,
+    }
+
+
+def run_preemption(args, part: dict, write) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = build_long_prompts(tokenizer, load_essay_ids(tokenizer, args.essays),
+                                 args.preempt_prompts, args.preempt_prompt_tokens)
+    out_tokens = args.preempt_output_tokens
+    page = args.page_size
+    pages_per_request = math.ceil((args.preempt_prompt_tokens + out_tokens) / page)
+    max_model_len = pages_per_request * page
+    blocks = max(math.ceil(args.preempt_cache_prompts * pages_per_request), pages_per_request + 1)
+    part.update({"prompts": len(prompts), "prompt_tokens": args.preempt_prompt_tokens,
+                 "output_tokens": out_tokens, "page_size": page, "max_model_len": max_model_len,
+                 "max_num_batched_tokens": args.chunk, "pressured_num_gpu_blocks": blocks,
+                 "pressured_admission": "first chunk (scheduler_reserve_full_isl=False)",
+                 "prefix_caching": False, "configs": {}})
+    configs = {name: proxyattn_config(args, name) for name in args.preempt_configs}
+    log(f"preemption: {len(prompts)} x {args.preempt_prompt_tokens} tokens, pressured cache "
+        f"{blocks} pages of {page} ({blocks * page} tokens); configs {list(configs)}")
+    with PlanRecorder() as recorder, PreemptionCounter() as preempted:
+        for name, cfg in configs.items():
+            res = part["configs"][name] = {"proxyattn": cfg, "identity_expected": identity_expected(cfg)}
+            runs = (("ample", {}),
+                    ("pressured", {"num_gpu_blocks_override": blocks, "scheduler_reserve_full_isl": False}))
+            for key, extra in runs:
+                t0 = time.perf_counter()
+                kwargs = engine_kwargs(args, proxyattn=cfg, prefix_caching=False,
+                                       max_model_len=max_model_len, **extra)
+                res[key] = with_engine(kwargs, lambda llm: run_batch(llm, prompts, out_tokens, recorder,
+                                                                     preempted))
+                res[key]["engine_seconds"] = time.perf_counter() - t0
+                log(f"preemption [{name}] {key}: {res[key]['seconds']:.1f} s, preemptions "
+                    f"{res[key]['preemptions']} (metric {res[key]['preemptions_metric']}), prefill "
+                    f"tokens computed {res[key]['prefill_tokens_computed']}, KV cache "
+                    f"{res[key]['engine'].get('kv_cache_tokens')} tokens")
+                write()
+            res["summary"] = s = summarize_preemption_config(res, out_tokens)
+            log(f"preemption [{name}]: {s['completed_pressured']}/{s['n']} completed under pressure, "
+                f"{s['identical']}/{s['n']} identical to the ample run, {s['preemptions']} preemptions, "
+                f"{s['recomputed_tokens']} tokens recomputed")
+            write()
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 3: soak
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def rss_mib(pids: list[int]) -> float | None:
+    total, found = 0, False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        found = True
+        except OSError:
+            continue
+    return total / 1024 if found else None
+
+
+def gpu_memory(pids: list[int]) -> dict:
+    """Device memory in use (MiB) and the part used by ``pids`` (None where nvidia-smi cannot
+    tell, e.g. PIDs of another namespace)."""
+    out = {"device_used_mib": None, "processes_mib": None}
+    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    index = index if index.isdigit() else "0"
+    try:
+        q = subprocess.run(["nvidia-smi", "-i", index, "--query-gpu=memory.used",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        if q.returncode == 0 and q.stdout.strip():
+            out["device_used_mib"] = float(q.stdout.split()[0])
+        q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        if q.returncode == 0:
+            used = {}
+            for line in q.stdout.strip().splitlines():
+                pid, _, mib = line.partition(",")
+                if pid.strip().isdigit() and mib.strip().replace(".", "", 1).isdigit():
+                    used[int(pid)] = float(mib)
+            mine = [used[p] for p in pids if p in used]
+            out["processes_mib"] = sum(mine) if mine else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        pass
+    if out["device_used_mib"] is None and os.path.exists("/dev/nvidiactl"):  # no nvidia-smi
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                out["device_used_mib"] = (total - free) / 2**20
+        except Exception:  # noqa: BLE001 - memory is reported, not required
+            pass
+    return out
+
+
+def scrape_metrics(base_url: str) -> dict:
+    """A few counters and gauges of the server's /metrics (summed over labels)."""
+    wanted = ("vllm:num_preemptions_total", "vllm:request_success_total", "vllm:prompt_tokens_total",
+              "vllm:generation_tokens_total", "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+              "vllm:num_requests_waiting", "vllm:prefix_cache_hits_total")
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            try:
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+    return out
+
+
+def memory_sample(server, label: str, started: float) -> dict:
+    pids = process_tree(server.proc.pid) if server.alive() else []
+    return {"label": label, "t_s": round(time.monotonic() - started, 1), "server_alive": server.alive(),
+            "server_rss_mib": rss_mib(pids), "client_rss_mib": rss_mib([os.getpid()]),
+            **gpu_memory(pids)}
+
+
+def soak_serve_cmd(args, port: int) -> list[str]:
+    cmd = shlex.split(args.serve_cmd) + [
+        args.model, "--host", "127.0.0.1", "--port", str(port), "--attention-backend", "proxyattn",
+        "--max-model-len", str(args.max_model_len), "--max-num-batched-tokens", str(args.chunk),
+        "--block-size", str(args.page_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--dtype", args.dtype, "--seed", "0"]
+    if args.soak_eager:
+        cmd.append("--enforce-eager")
+    if args.proxyattn_overrides:
+        cmd += ["--additional-config", json.dumps({"proxyattn": args.proxyattn_overrides})]
+    return cmd
+
+
+def soak_round_configs(args, base_url: str, r: int) -> tuple:
+    lo, hi = args.soak_long_range or (min(8192, args.max_model_len // 4),
+                                       args.max_model_len - args.soak_long_output - 16)
+    text = not args.soak_token_ids
+    common = dict(base_url=base_url, arrival="poisson", warmup_requests=0, progress=False,
+                  request_timeout_s=300.0)
+    long_cfg = loadtest.LoadTestConfig(
+        **common, prompt_len_range=(lo, hi),
+        num_prompts=max(1, round(args.soak_round_s * args.soak_long_rate)),
+        request_rate=args.soak_long_rate, max_concurrency=4, output_len=args.soak_long_output,
+        seed=1000 + r, tokenizer=args.model if text else None, text_dir=args.essays if text else None,
+        label=f"soak-long-{r}")
+    short_cfg = loadtest.LoadTestConfig(
+        **common, prompt_len_range=(64, 512),
+        num_prompts=max(1, round(args.soak_round_s * args.soak_short_rate)),
+        request_rate=args.soak_short_rate, max_concurrency=16, output_len=args.soak_short_output,
+        seed=2000 + r, label=f"soak-short-{r}")
+    return long_cfg, short_cfg
+
+
+def soak_verdict(part: dict) -> dict:
+    """Zero failed requests, a live server, and no memory growth between the first sample after
+    warm-up (end of round 1) and the last one."""
+    samples = part.get("memory", [])
+    first, last = (samples[1] if len(samples) > 1 else None), (samples[-1] if samples else None)
+
+    def growth(key):
+        if not first or not last or first.get(key) is None or last.get(key) is None:
+            return None
+        return last[key] - first[key]
+
+    gpu_key = "processes_mib" if first and first.get("processes_mib") is not None else "device_used_mib"
+    gpu, rss = growth(gpu_key), growth("server_rss_mib")
+    out = {
+        "failed": part["long"]["failed"] + part["short"]["failed"],
+        "completed": part["long"]["completed"] + part["short"]["completed"],
+        "server_alive_at_end": bool(last and last["server_alive"]),
+        "gpu_memory_key": gpu_key, "gpu_growth_mib": gpu, "server_rss_growth_mib": rss,
+        "criteria": {"max_gpu_growth_mib": SOAK_MAX_GPU_GROWTH_MIB,
+                     "max_rss_growth_fraction": SOAK_MAX_RSS_GROWTH_FRACTION},
+    }
+    rss_ok = rss is None or rss <= SOAK_MAX_RSS_GROWTH_FRACTION * first["server_rss_mib"]
+    gpu_ok = gpu is None or gpu <= SOAK_MAX_GPU_GROWTH_MIB
+    out["memory_ok"] = rss_ok and gpu_ok
+    out["passed"] = (out["failed"] == 0 and out["completed"] > 0 and out["server_alive_at_end"]
+                     and out["memory_ok"])
+    return out
+
+
+def run_soak(args, part: dict, write) -> None:
+    port = ttft_sweep.free_port()
+    cmd = soak_serve_cmd(args, port)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    log_path = os.path.join(args.logdir, "robustness_soak_serve.log")
+    server = ttft_sweep.ServerProcess(cmd, log_path, env, port)
+    part.update({"cmd": shlex.join(cmd), "log": log_path, "soak_s": args.soak_s, "rounds": [],
+                 "memory": [], "note": "prefills up to the model's context (the issue's 128K needs a "
+                 "longer-context model); prefix caching on (vLLM default), every prompt unique"})
+    log(f"soak: starting {shlex.join(cmd)}")
+    server.start()
+    try:
+        part["startup_s"] = server.wait_healthy(args.health_timeout_s)
+        log(f"soak: server healthy after {part['startup_s']:.0f} s")
+        started = time.monotonic()
+        end = started + args.soak_s
+        part["memory"].append(memory_sample(server, "before load", started))
+        part["metrics_start"] = scrape_metrics(server.base_url)
+        records = {"long": [], "short": []}
+        r, last_round_s = 0, 0.0
+        while r == 0 or (time.monotonic() + last_round_s <= end and server.alive()):
+            long_cfg, short_cfg = soak_round_configs(args, server.base_url, r)
+            t0 = time.monotonic()
+
+            async def both():
+                return await asyncio.gather(loadtest.run_benchmark(long_cfg),
+                                            loadtest.run_benchmark(short_cfg))
+
+            long_res, short_res = asyncio.run(both())
+            last_round_s = time.monotonic() - t0
+            records["long"] += long_res["requests"]
+            records["short"] += short_res["requests"]
+            part["memory"].append(memory_sample(server, f"after round {r + 1}", started))
+            errors = long_res["errors"] + short_res["errors"]
+            part["rounds"].append({
+                "round": r + 1, "seconds": last_round_s,
+                "long": {k: long_res[k] for k in ("completed", "failed", "mean_ttft_ms",
+                                                  "total_input_tokens")},
+                "short": {k: short_res[k] for k in ("completed", "failed", "mean_tpot_ms", "mean_e2el_ms")},
+                "errors": errors[:5]})
+            m = part["memory"][-1]
+            gpu_now = m["processes_mib"] if m["processes_mib"] is not None else m["device_used_mib"]
+            log(f"soak round {r + 1} ({last_round_s:.0f} s): long {long_res['completed']} ok "
+                f"{long_res['failed']} failed, short {short_res['completed']} ok {short_res['failed']} "
+                f"failed; server RSS {fmt(m['server_rss_mib'], '.0f')} MiB, GPU "
+                f"{fmt(gpu_now, '.0f')} MiB")
+            write()
+            r += 1
+        duration = time.monotonic() - started
+        part["duration_s"] = duration
+        part["metrics_end"] = scrape_metrics(server.base_url)
+        strip = lambda s: {k: v for k, v in s.items() if k != "requests"}  # noqa: E731
+        part["long"] = strip(loadtest.summarize(records["long"], duration))
+        part["short"] = strip(loadtest.summarize(records["short"], duration))
+        part["verdict"] = soak_verdict(part)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running parts, the report, the summary
+
+
+class PartTimeout(BaseException):
+    """A part ran past its time guard (a BaseException, so no ``except Exception`` in vLLM
+    swallows it)."""
+
+
+@contextlib.contextmanager
+def time_guard(seconds: float | None):
+    """Raise PartTimeout in the main thread after ``seconds`` (SIGALRM; no-op elsewhere)."""
+    usable = seconds and seconds > 0 and threading.current_thread() is threading.main_thread() \
+        and hasattr(signal, "setitimer")
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise PartTimeout(f"ran past its time guard of {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def part_timeout(args, name: str) -> float:
+    if name == "soak":
+        return args.soak_s + args.health_timeout_s + 180
+    return args.part_timeout_s
+
+
+def run_part(name: str, func, args, report: dict, write) -> None:
+    part = report["parts"][name] = {"status": "running", "date": report["date"], "command": report["command"]}
+    write()
+    t0 = time.perf_counter()
+    try:
+        with time_guard(part_timeout(args, name)):
+            func(args, part, write)
+        part["status"] = "ok"
+    except (Exception, PartTimeout) as exc:  # noqa: BLE001 - record it; the next part still runs
+        import traceback
+
+        traceback.print_exc()
+        part["status"] = "timeout" if isinstance(exc, PartTimeout) else "failed"
+        part["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+    part["seconds"] = time.perf_counter() - t0
+    write()
+    if part["status"] != "ok" and name != "soak":  # free what a failed in-process engine left
+        try:
+            gbc.cleanup()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def tokens_row(label: str, res: dict, against: str) -> tuple[str, str, str, str]:
+    """The greedy-token row: PASS/FAIL where identity is expected (full density), else INFO."""
+    s = res["summary"]
+    detail = f"{s['identical']}/{s['n']} identical to {against}"
+    if s.get("max_abs_logprob_diff") is not None:
+        detail += f", max |d logprob| {s['max_abs_logprob_diff']:.3g}"
+    diffs = [(r["first_difference"], r["reference_margin_at_difference"]) for r in s["rows"]
+             if not r["identical"]]
+    if diffs:
+        detail += "; first diff (pos, margin) " + ", ".join(f"({p}, {fmt(m, '.3g')})" for p, m in diffs)
+    verdict = "INFO"
+    if res["identity_expected"]:
+        verdict = "PASS" if s["identical"] == s["n"] else "FAIL"
+    return label, "greedy tokens", verdict, detail
+
+
+def pass_fail(ok) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(part, check, verdict, detail) rows; verdict PASS / FAIL / INFO."""
+    rows = []
+    for name, part in report.get("parts", {}).items():
+        if part.get("status") != "ok":
+            rows.append((name, "ran", "FAIL", f"{part.get('status')}: {part.get('error', '')[:100]}"))
+            continue
+        configs = [(cfg, res) for cfg, res in part.get("configs", {}).items() if res.get("summary")]
+        if name == "prefix":
+            for cfg, res in configs:
+                s, label = res["summary"], f"prefix {cfg}"
+                rows.append(tokens_row(label, res, "caching off"))
+                mid = " (mid selection block)" if s["cached_part_ends_mid_selection_block"] else ""
+                rows.append((label, "cache hits", pass_fail(s["hits_as_expected"]),
+                             f"cached tokens {sorted(set(s['num_cached_tokens']))} (expected "
+                             f"{part['expected_cached_tokens']}); first sparse chunk ctx "
+                             f"{fmt(s['first_chunk_ctx'])}{mid}"))
+                speedup = s["ttft_speedup"]
+                rows.append((label, "TTFT", pass_fail(speedup is not None and speedup > 1),
+                             f"{s['ttft_uncached_s'] * 1e3:.1f} ms uncached -> "
+                             f"{s['ttft_cached_s'] * 1e3:.1f} ms cached ({fmt(speedup, '.1f')}x)"))
+        elif name == "preemption":
+            for cfg, res in configs:
+                s, label = res["summary"], f"preemption {cfg}"
+                ok = s["completed_pressured"] == s["n"] and s["completed_ample"] == s["n"]
+                rows.append((label, "all complete", pass_fail(ok),
+                             f"{s['completed_pressured']}/{s['n']} under pressure; KV cache "
+                             f"{fmt(s['kv_cache_tokens'])} tokens for {s['prompt_tokens_sum']} "
+                             "prompt tokens"))
+                rows.append((label, "preempted", pass_fail(s["preemptions"] or s["preemptions_metric"]),
+                             f"{fmt(s['preemptions'])} preemptions (metric {fmt(s['preemptions_metric'])}), "
+                             f"{fmt(s['recomputed_tokens'])} prefill tokens recomputed"))
+                rows.append(tokens_row(label, res, "the ample run"))
+        elif name == "soak" and part.get("verdict"):
+            v = part["verdict"]
+            rows.append(("soak", "requests", pass_fail(v["failed"] == 0 and v["completed"]),
+                         f"{v['completed']} completed, {v['failed']} failed in {part['duration_s']:.0f} s; "
+                         f"long mean TTFT {fmt(part['long']['mean_ttft_ms'], '.0f')} ms, short mean TPOT "
+                         f"{fmt(part['short']['mean_tpot_ms'], '.1f')} ms"))
+            rows.append(("soak", "memory", pass_fail(v["memory_ok"] and v["server_alive_at_end"]),
+                         f"GPU ({v['gpu_memory_key']}) {fmt(v['gpu_growth_mib'], '+.0f')} MiB, server RSS "
+                         f"{fmt(v['server_rss_growth_mib'], '+.0f')} MiB after round 1; server alive "
+                         f"{v['server_alive_at_end']}"))
+    return rows
+
+
+def format_summary(report: dict) -> str:
+    rows = summary_rows(report)
+    if not rows:
+        return "(no checks to report)"
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{'part':<{w0}}  {'check':<{w1}}  verdict  detail"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:<7}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def jsonable(value):
+    """inf/nan (margins, ratios) as None: the report stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def new_report(args, argv: list[str]) -> dict:
+    return {
+        "gpu": ttft_sweep.gpu_name(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": ttft_sweep.versions(),
+        "command": shlex.join([os.path.relpath(__file__) if __file__ else "gpu_robustness.py", *argv]),
+        "args": {k: v for k, v in vars(args).items()},
+        "parts": {},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    # In-process engines: the scheduler and the attention metadata builder run in this process,
+    # where PreemptionCounter and PlanRecorder see them (the soak server sets "1" for itself).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(args.logdir, exist_ok=True)
+    report = new_report(args, argv)
+    if args.append and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            previous = json.load(f)
+        report["parts"] = dict(previous.get("parts", {}))
+        report["earlier_commands"] = previous.get("earlier_commands", []) + [previous.get("command")]
+
+    def write():
+        tmp = args.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(jsonable(report), f, indent=1)
+        os.replace(tmp, args.out)
+
+    funcs = {"prefix": run_prefix, "preemption": run_preemption, "soak": run_soak}
+    for name in args.parts:
+        log(f"=== {name} ===")
+        run_part(name, funcs[name], args, report, write)
+    log(format_summary(report))
+    return 0 if all(p["status"] == "ok" for p in report["parts"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""benchmarks/gpu_robustness.py without a GPU: arguments, prompt layout (the cached part ends
+inside the prefix), output comparison, the summary and the JSON report, the time guard; the
+soak loop against tests/_fake_openai_server.py; and the prefix part itself on the tiny CPU
+model (full density: the cached run must equal the uncached one, with the expected hits)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import gpu_robustness as gr
+
+FAKE_SERVER = os.path.join(os.path.dirname(__file__), "_fake_openai_server.py")
+BASE = ["--model", "m", "--essays", "e"]
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word (ids from a growing vocabulary); BOS = 1."""
+
+    def __init__(self, bos: bool = True):
+        self.bos = bos
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
+        return ([1] if self.bos and add_special_tokens else []) + ids
+
+
+@pytest.fixture(autouse=True)
+def _restore_multiprocessing_env(monkeypatch):
+    """main() sets VLLM_ENABLE_V1_MULTIPROCESSING=0; undo it after each test."""
+    value = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", value)
+
+
+def essay_ids(n: int = 5000) -> list[int]:
+    return [100 + (i * 7) % 3001 for i in range(n)]  # no short repeats
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def test_importing_the_module_leaves_the_environment_alone():
+    import subprocess
+
+    code = ("import os; import benchmarks.gpu_robustness; "
+            "print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'))")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+
+
+def test_defaults_run_prefix_and_preemption_with_a_low_memory_share(tmp_path):
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json")])
+    assert args.parts == ["prefix", "preemption"]
+    assert args.prefix_configs == ["full", "full_block256", "sparse"]
+    assert args.gpu_memory_utilization <= 0.2
+    assert args.logdir == str(tmp_path)
+    # The default prefix is not page aligned, and its whole pages end mid 256-token block.
+    assert args.prefix_tokens % args.page_size != 0
+    cached = args.prefix_tokens // args.page_size * args.page_size
+    assert cached % 256 != 0 and cached % 128 == 0
+    assert 8192 < args.prefix_tokens < args.max_model_len
+
+
+def test_parts_configs_and_json_options_are_validated(tmp_path):
+    out = ["--out", str(tmp_path / "r.json")]
+    args = gr.parse_args(BASE + out + ["--parts", "soak,prefix", "--prefix-configs", "sparse",
+                                       "--engine-args", '{"max_num_seqs": 4}',
+                                       "--proxyattn-overrides", '{"sparse_kernel": "fa3"}'])
+    assert args.parts == ["prefix", "soak"]  # fixed order
+    assert args.engine_args == {"max_num_seqs": 4}
+    assert gr.proxyattn_config(args, "sparse") == {"sparse_kernel": "fa3"}
+    assert gr.proxyattn_config(args, "full")["gamma"] == 1.0
+    for bad in (["--parts", "prefix,tp"], ["--parts", ""], ["--prefix-configs", "dense"],
+                ["--engine-args", "[1]"], ["--engine-args", "{x"], ["--prefix-tokens", "100"],
+                ["--prefix-prompts", "0"], ["--soak-long-range", "9K:8K"]):
+        with pytest.raises(SystemExit):
+            gr.parse_args(BASE + out + bad)
+    # A soak-only run does not check the prefix settings.
+    assert gr.parse_args(BASE + out + ["--parts", "soak", "--max-model-len", "64"]).parts == ["soak"]
+
+
+def test_identity_is_expected_only_at_full_density():
+    assert gr.identity_expected(gr.CONFIGS["full"])
+    assert gr.identity_expected(gr.CONFIGS["full_block256"])
+    assert not gr.identity_expected(gr.CONFIGS["sparse"])
+    assert not gr.identity_expected({**gr.CONFIGS["full"], "max_density": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_prefix_prompts_share_exactly_the_prefix_and_cache_its_whole_pages():
+    tok = WordTokenizer()
+    ids = essay_ids()
+    p = gr.build_prefix_prompts(tok, ids, 16 * 5 + 8, gr.QUESTIONS[:4], timing_count=3, page=16)
+    prefix = p["warm"]
+    assert len(prefix) == 88 and prefix[0] == 1  # BOS counted in the prefix length
+    assert p["prefix_tokens"] == 88 and p["expected_cached_tokens"] == 80
+    assert p["prefix_ends_mid_page"]
+    prompts = p["compare"] + p["timing"]
+    assert len(p["compare"]) == 4 and len(p["timing"]) == 3
+    assert all(q[:88] == prefix and len(q) > 88 for q in prompts)
+    assert len({tuple(q) for q in prompts}) == len(prompts)  # the suffixes differ
+    # Nothing beyond the prefix's partial last page is shared, so every hit is 80 tokens.
+    assert 88 <= p["longest_shared_run"] < 96
+    assert p["prompt_tokens"] == [len(q) for q in prompts]
+
+
+def test_prefix_layout_refuses_prompts_sharing_more_than_the_prefix():
+    prefix = list(range(100, 188))
+    ok = gr.prefix_layout(prefix, [prefix + [1, 2], prefix + [1, 3]], page=16)
+    assert ok["expected_cached_tokens"] == 80 and ok["longest_shared_run"] == 89
+    with pytest.raises(ValueError, match="past the prefix's last partial page"):
+        gr.prefix_layout(prefix, [prefix + [7] * 10, prefix + [7] * 9 + [8]], page=16)
+    with pytest.raises(ValueError, match="identical"):
+        gr.prefix_layout(prefix, [prefix + [1], prefix + [1]], page=16)
+    with pytest.raises(ValueError, match="does not extend"):
+        gr.prefix_layout(prefix, [prefix[:-1] + [5, 6]], page=16)
+
+
+def test_long_prompts_have_the_exact_length_and_differ():
+    tok = WordTokenizer(bos=False)
+    prompts = gr.build_long_prompts(tok, essay_ids(3000), count=8, tokens=1200)
+    assert [len(p) for p in prompts] == [1200] * 8
+    assert len({tuple(p[:50]) for p in prompts}) == 8
+    with pytest.raises(ValueError):
+        gr.build_long_prompts(tok, essay_ids(), count=1, tokens=5)
+
+
+def test_take_tokens_wraps_around_short_essays():
+    assert gr.take_tokens([1, 2, 3], 2, 5) == [3, 1, 2, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing outputs
+
+
+def test_compare_tokens_reports_the_first_difference_and_the_margin_there():
+    same = gr.compare_tokens([1, 2, 3], [1, 2, 3], [0.5, 0.1, 2.0])
+    assert same == {"identical": True, "first_difference": None,
+                    "reference_margin_at_difference": None, "matching_prefix": 3}
+    diff = gr.compare_tokens([1, 2, 3, 4], [1, 2, 9, 9], [0.5, 0.1, 0.004, 1.0])
+    assert diff["identical"] is False and diff["first_difference"] == 2
+    assert diff["reference_margin_at_difference"] == 0.004 and diff["matching_prefix"] == 2
+    short = gr.compare_tokens([1, 2, 3], [1, 2])  # a request that stopped early differs too
+    assert short["first_difference"] == 2 and short["reference_margin_at_difference"] is None
+    agree = gr.agreement([same, gr.compare_tokens([1, 2, 3], [1, 5, 3])], 3)
+    assert agree == {"identical": 1, "n": 2, "mean_matching_prefix_fraction": 4 / 6}
+
+
+def test_compare_rows_adds_the_logprob_gap_before_the_first_difference():
+    ref = {"tokens": [1, 2, 3], "margins": [1.0, 0.01, 1.0], "token_logprobs": [-0.1, -0.5, -0.2]}
+    same = {"tokens": [1, 2, 3], "token_logprobs": [-0.1, -0.52, -0.25]}
+    flipped = {"tokens": [1, 9, 3], "token_logprobs": [-0.13, -0.6, -3.0]}
+    rows = gr.compare_rows([ref, ref], [same, flipped])
+    assert rows[0]["identical"] and rows[0]["max_abs_logprob_diff"] == pytest.approx(0.05)
+    assert rows[1]["first_difference"] == 1 and rows[1]["reference_margin_at_difference"] == 0.01
+    assert rows[1]["max_abs_logprob_diff"] == pytest.approx(0.03)  # position 0 only
+    assert gr.max_gap(rows) == pytest.approx(0.05)
+    assert gr.logprob_gap([], [], None) is None
+
+
+def test_margins_are_top1_minus_top2():
+    lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731
+    steps = [{5: lp(-0.1), 6: lp(-2.1)}, {7: lp(-0.3)}, {1: lp(-1.0), 2: lp(-0.5), 3: lp(-3.0)}]
+    assert gr.margins_of(steps) == [pytest.approx(2.0), None, pytest.approx(0.5)]
+    assert gr.margins_of(None) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and report
+
+
+def prefix_part(identical: bool) -> dict:
+    row = gr.compare_tokens([1, 2], [1, 2] if identical else [1, 3], [1.0, 0.002])
+    summary = {"rows": [row], **gr.agreement([row], 2), "num_cached_tokens": [16512],
+               "hits_as_expected": True, "first_chunk_ctx": 16512,
+               "cached_part_ends_mid_selection_block": True,
+               "ttft_uncached_s": 0.2, "ttft_cached_s": 0.02, "ttft_speedup": 10.0}
+    return {"status": "ok", "expected_cached_tokens": 16512,
+            "configs": {"full": {"identity_expected": True, "summary": summary},
+                        "sparse": {"identity_expected": False, "summary": summary}}}
+
+
+def test_summary_rows_judge_identity_only_where_expected():
+    report = {"parts": {"prefix": prefix_part(identical=False),
+                        "preemption": {"status": "timeout", "error": "PartTimeout: ran past 420 s"}}}
+    rows = {(part, check): (verdict, detail) for part, check, verdict, detail in gr.summary_rows(report)}
+    assert rows[("prefix full", "greedy tokens")][0] == "FAIL"
+    assert "(1, 0.002)" in rows[("prefix full", "greedy tokens")][1]  # position and margin
+    assert rows[("prefix sparse", "greedy tokens")][0] == "INFO"
+    assert rows[("prefix full", "cache hits")][0] == "PASS"
+    assert "mid selection block" in rows[("prefix full", "cache hits")][1]
+    assert rows[("prefix full", "TTFT")] == ("PASS", "200.0 ms uncached -> 20.0 ms cached (10.0x)")
+    assert rows[("preemption", "ran")][0] == "FAIL" and "timeout" in rows[("preemption", "ran")][1]
+    table = gr.format_summary(report)
+    assert table.splitlines()[0].split() == ["part", "check", "verdict", "detail"]
+    assert len(table.splitlines()) == 1 + len(rows)
+    assert gr.format_summary({"parts": {}}) == "(no checks to report)"
+
+
+def test_preemption_summary_needs_preemptions_and_complete_requests():
+    rows = [{"tokens": [1, 2, 3], "margins": [1.0] * 3, "prompt_tokens": 100} for _ in range(2)]
+    run = lambda preemptions, computed: {  # noqa: E731
+        "rows": rows, "engine": {"kv_cache_tokens": 150}, "preemptions": preemptions,
+        "preemptions_metric": preemptions, "prefill_tokens_computed": computed}
+    res = {"identity_expected": True, "ample": run(0, 200), "pressured": run(3, 260)}
+    s = res["summary"] = gr.summarize_preemption_config(res, 3)
+    assert s["completed_pressured"] == 2 and s["identical"] == 2
+    assert s["cache_smaller_than_prompts"] and s["recomputed_tokens"] == 60
+    verdicts = {check: v for _, check, v, _ in gr.summary_rows({"parts": {"preemption": {
+        "status": "ok", "configs": {"full": res}}}})}
+    assert verdicts == {"all complete": "PASS", "preempted": "PASS", "greedy tokens": "PASS"}
+    res["pressured"] = run(0, 200)
+    res["summary"] = gr.summarize_preemption_config(res, 3)
+    rows_ = gr.summary_rows({"parts": {"preemption": {"status": "ok", "configs": {"full": res}}}})
+    assert [v for _, c, v, _ in rows_ if c == "preempted"] == ["FAIL"]
+
+
+def test_soak_verdict_measures_growth_from_the_end_of_the_first_round():
+    sample = lambda rss, gpu, alive=True: {"server_rss_mib": rss, "processes_mib": gpu,  # noqa: E731
+                                           "device_used_mib": 99999, "server_alive": alive}
+    part = {"long": {"failed": 0, "completed": 5}, "short": {"failed": 0, "completed": 20},
+            "memory": [sample(500, 1000), sample(1000, 9000), sample(1050, 9000)]}
+    v = gr.soak_verdict(part)
+    assert v["gpu_memory_key"] == "processes_mib" and v["gpu_growth_mib"] == 0
+    assert v["server_rss_growth_mib"] == 50 and v["memory_ok"] and v["passed"]
+    part["memory"].append(sample(1200, 9000))  # +20% RSS
+    assert not gr.soak_verdict(part)["passed"]
+    part["memory"][-1] = sample(1000, 9000, alive=False)
+    assert not gr.soak_verdict(part)["passed"]
+    part["memory"][-1] = sample(1000, 9000)
+    part["short"]["failed"] = 1
+    assert not gr.soak_verdict(part)["passed"]
+
+
+def test_json_report_is_strict_json():
+    value = gr.jsonable({"a": [math.inf, 1.0, (2, float("nan"))], "b": {"c": -math.inf}})
+    assert value == {"a": [None, 1.0, [2, None]], "b": {"c": None}}
+    json.dumps(value, allow_nan=False)
+
+
+def test_a_failing_or_slow_part_is_recorded_and_the_next_part_runs(tmp_path):
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--part-timeout-s", "0.3"])
+    report = {"date": "d", "command": "c", "parts": {}}
+    writes = []
+
+    def boom(args, part, write):
+        part["partial"] = 1
+        raise RuntimeError("engine died")
+
+    def slow(args, part, write):
+        time.sleep(5)
+
+    def fine(args, part, write):
+        part["value"] = 42
+
+    t0 = time.perf_counter()
+    gr.run_part("prefix", boom, args, report, lambda: writes.append(1))
+    gr.run_part("preemption", slow, args, report, lambda: writes.append(1))
+    assert time.perf_counter() - t0 < 3
+    gr.run_part("soak", fine, args, report, lambda: writes.append(1))
+    parts = report["parts"]
+    assert parts["prefix"]["status"] == "failed" and parts["prefix"]["error"] == "RuntimeError: engine died"
+    assert parts["prefix"]["partial"] == 1  # what it measured before failing is kept
+    assert parts["preemption"]["status"] == "timeout" and "time guard" in parts["preemption"]["error"]
+    assert parts["soak"]["status"] == "ok" and parts["soak"]["value"] == 42
+    assert len(writes) == 6
+
+
+def test_main_writes_gpu_date_versions_command_and_appends_parts(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.json"
+
+    def fake(name):
+        def run(args, part, write):
+            part["ran"] = name
+        return run
+
+    monkeypatch.setattr(gr, "run_prefix", fake("prefix"))
+    monkeypatch.setattr(gr, "run_preemption", fake("preemption"))
+    monkeypatch.setattr(gr.ttft_sweep, "gpu_name", lambda: "Fake H200")
+    assert gr.main(BASE + ["--out", str(out), "--parts", "prefix"]) == 0
+    assert gr.main(BASE + ["--out", str(out), "--parts", "preemption", "--append"]) == 0
+    report = json.loads(out.read_text())
+    assert report["gpu"] == "Fake H200" and report["date"] and "vllm" in report["versions"]
+    assert "--parts preemption" in report["command"] and len(report["earlier_commands"]) == 1
+    assert report["parts"]["prefix"]["ran"] == "prefix"
+    assert report["parts"]["preemption"]["ran"] == "preemption"
+    assert "--parts prefix" in report["parts"]["prefix"]["command"]
+    assert capsys.readouterr().out.rstrip().endswith("(no checks to report)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Soak against the fake server
+
+
+def test_soak_loop_against_a_fake_server(tmp_path):
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "soak.json"
+    serve = f"{shlex.quote(sys.executable)} {FAKE_SERVER} --itl-s 0.001"
+    rc = gr.main(["--model", "fake-model", "--essays", str(tmp_path), "--out", str(out),
+                  "--parts", "soak", "--soak-s", "1.5", "--soak-round-s", "0.5", "--soak-token-ids",
+                  "--max-model-len", "2048", "--soak-long-rate", "6", "--soak-short-rate", "12",
+                  "--soak-short-output", "8", "--serve-cmd", serve, "--health-timeout-s", "30"])
+    report = json.loads(out.read_text())
+    soak = report["parts"]["soak"]
+    assert rc == 0, soak.get("error")
+    assert soak["status"] == "ok" and len(soak["rounds"]) >= 2
+    assert soak["long"]["failed"] == 0 and soak["short"]["failed"] == 0
+    assert soak["long"]["completed"] == 3 * len(soak["rounds"])
+    assert soak["short"]["completed"] == 6 * len(soak["rounds"])
+    lens = [r["total_input_tokens"] / r["completed"] for r in (x["long"] for x in soak["rounds"])]
+    assert all(512 <= n <= 2048 - 32 for n in lens)
+    assert soak["memory"][0]["label"] == "before load" and soak["memory"][1]["label"] == "after round 1"
+    assert soak["memory"][-1]["server_rss_mib"] > 0
+    assert soak["verdict"]["passed"]
+    assert "--host 127.0.0.1" in soak["cmd"] and "--attention-backend proxyattn" in soak["cmd"]
+
+
+def test_soak_server_command():
+    args = gr.parse_args(BASE + ["--out", "r.json", "--parts", "soak", "--soak-eager",
+                                 "--proxyattn-overrides", '{"gamma": 0.9}', "--serve-cmd", "vllm serve"])
+    cmd = gr.soak_serve_cmd(args, 1234)
+    assert cmd[:3] == ["vllm", "serve", "m"]
+    assert cmd[cmd.index("--port") + 1] == "1234" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--enforce-eager" in cmd
+    assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {"proxyattn": {"gamma": 0.9}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix part on the tiny CPU model
+
+
+def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """Pages of 16 tokens, selection blocks of 32, an 88-token prefix: the cached part (80
+    tokens) ends mid-block; full density must give the uncached tokens."""
+    from tests._vllm_cpu import (
+        honour_custom_backend_on_cpu,
+        kv_cache_layout_restored,
+        skip_unless_vllm_on_cpu,
+    )
+
+    skip_unless_vllm_on_cpu()
+    from tests._tiny_llama import prompt_words, write_tiny_llama
+
+    model = str(write_tiny_llama(tmp_path / "tiny"))
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "a.txt").write_text(prompt_words(0, 400))
+    # The word-level tokenizer knows only its own words: questions made of them.
+    monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
+    honour_custom_backend_on_cpu(monkeypatch.setattr)
+    out = tmp_path / "out.json"
+    with kv_cache_layout_restored():
+        rc = gr.main([
+            "--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
+            "--parts", "prefix", "--prefix-configs", "full", "--prefix-tokens", "88",
+            "--prefix-prompts", "2", "--prefix-output-tokens", "6", "--timing-repeats", "1",
+            "--page-size", "16", "--chunk", "32", "--max-model-len", "256", "--dtype", "float32",
+            "--proxyattn-overrides", '{"min_sparse_len": 48, "block_size": 32, "stride": 4}',
+            "--engine-args", json.dumps({"kv_cache_memory_bytes": 16 << 20, "max_num_seqs": 4,
+                                         "distributed_executor_backend": "uni"})])
+    part = json.loads(out.read_text())["parts"]["prefix"]
+    assert rc == 0, part.get("error")
+    res = part["configs"]["full"]
+    s = res["summary"]
+    assert s["identical"] == s["n"] == 2
+    assert s["max_abs_logprob_diff"] < 1e-3  # fp32: the cached chunk computes the same numbers
+    assert s["num_cached_tokens"] == [80, 80] and s["hits_as_expected"] and s["reference_had_no_hits"]
+    assert s["first_chunk_ctx"] == 80 and s["cached_part_ends_mid_selection_block"]
+    assert res["cached"]["counters"]["vllm:prefix_cache_hits"] == 160
+    assert res["uncached"]["counters"]["vllm:prefix_cache_hits"] == 0
+    assert s["ttft_cached_s"] > 0 and s["ttft_uncached_s"] > 0
+    assert res["cached"]["engine"]["page_size"] == 16
