@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -27,6 +26,11 @@ import time
 import urllib.request
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: count impl calls
+
+if __package__:  # imported as benchmarks.gpu_backend_check
+    from . import vllm_engine
+else:  # run as a script: the script's folder is on sys.path
+    import vllm_engine
 
 
 def log(msg):
@@ -47,14 +51,7 @@ def essay_prompts(tokenizer, essays_dir, lengths):
     return prompts
 
 
-def cleanup():
-    import torch
-    from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
-
-    destroy_model_parallel()
-    destroy_distributed_environment()
-    gc.collect()
-    torch.cuda.empty_cache()
+cleanup = vllm_engine.release_memory  # the name other scripts import
 
 
 FULL_DENSITY = {"proxyattn": {"gamma": 1.0, "min_budget_tokens": 0, "min_sparse_len": 1024}}
@@ -132,8 +129,8 @@ def check_equivalence(args, report):
         forced = _teacher_forced_logprobs(llm, prompt_ids, reference["tokens"])
         if "forced" not in reference:
             reference["forced"] = forced
+        vllm_engine.shut_down(llm)
         del llm
-        cleanup()
         rows = []
         for i, n in enumerate(lens):
             a, b = reference["tokens"][i], tokens[i]
@@ -180,8 +177,8 @@ def check_cudagraphs(args, report):
             calls["n"] = 0
             llm.generate(["The capital of France is"], sp(n))
             counts[n] = calls["n"]
+        vllm_engine.shut_down(llm)
         del llm
-        cleanup()
     finally:
         impl_mod.ProxyAttnImpl.forward = forward
     replay = counts[64] == counts[8]
@@ -210,8 +207,8 @@ def check_dummy_128k(args, report):
     log(f"dummy 8B: {n} prompt tokens -> {'completed' if ok else 'FAILED'} in {ttft:.2f} s (1 output token)")
     report["dummy_8b_128k"] = {"prompt_tokens": n, "completed": ok, "seconds_to_first_token": ttft,
                                "config": "default", "enforce_eager": args.eager}
+    vllm_engine.shut_down(llm)
     del llm
-    cleanup()
 
 
 def check_serve(args, report):

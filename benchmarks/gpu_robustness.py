@@ -62,11 +62,12 @@ import urllib.request
 _MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 if __package__:  # imported as benchmarks.gpu_robustness (tests)
     from . import gpu_backend_check as gbc
-    from . import loadtest, ttft_sweep
+    from . import loadtest, ttft_sweep, vllm_engine
 else:  # run as a script: the script's folder is on sys.path
     import gpu_backend_check as gbc
     import loadtest
     import ttft_sweep
+    import vllm_engine
 if _MULTIPROCESSING is None:
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
@@ -387,9 +388,7 @@ def with_engine(kwargs: dict, fn):
     """``fn(llm)`` on a new in-process ``vllm.LLM``, which is shut down and dropped afterwards
     (also when construction or ``fn`` fails; no caller keeps a reference to it).
 
-    ``EngineCore.shutdown`` releases the model runner's GPU memory and undoes the engine's
-    ``gc.freeze()``; without it a deleted in-process engine keeps its memory (vLLM 0.26,
-    v1/engine/core.py, v1/worker/gpu_worker.py)."""
+    (``benchmarks/vllm_engine.py``: a deleted in-process engine keeps its GPU memory.)"""
     from vllm import LLM
 
     llm = None
@@ -398,12 +397,10 @@ def with_engine(kwargs: dict, fn):
         return fn(llm)
     finally:
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as exc:  # noqa: BLE001 - tear down as much as possible
-                log(f"engine shutdown: {type(exc).__name__}: {exc}")
+            vllm_engine.shut_down(llm)
+        else:
+            vllm_engine.release_memory()
         llm = None
-        gbc.cleanup()
 
 
 def engine_info(llm) -> dict:

@@ -30,7 +30,12 @@ def model_dir(tmp_path_factory) -> str:
 def test_runner_end_to_end_on_cpu(model_dir, tmp_path, monkeypatch, restore_kv_cache_layout):
     from benchmarks.quality import run_eval
 
+    from benchmarks import vllm_engine
+
     honour_custom_backend_on_cpu(monkeypatch.setattr)
+    shut_down = []  # every engine is shut down, not just deleted (it would keep its GPU memory)
+    real_shut_down = vllm_engine.shut_down
+    monkeypatch.setattr(vllm_engine, "shut_down", lambda llm: (shut_down.append(llm), real_shut_down(llm)))
     out = tmp_path / "quality.json"
     doc = run_eval.main([
         "--models", f"tiny={model_dir}", "--lengths", str(LENGTH),
@@ -45,6 +50,7 @@ def test_runner_end_to_end_on_cpu(model_dir, tmp_path, monkeypatch, restore_kv_c
 
     saved = json.loads(out.read_text())
     assert saved["cells"] == doc["cells"] and not saved.get("errors")
+    assert len(shut_down) == 2 and all(llm is not None for llm in shut_down)  # dense, proxyattn
     assert {"gpu", "date", "command", "models", "cells", "fidelity", "layer_stats"} <= saved.keys()
     assert saved["models"]["tiny"]["lengths"] == [LENGTH]
     backends = {c["proxyattn"]["gamma"] if c["proxyattn"] else None: c for c in saved["config"]["backends"]}

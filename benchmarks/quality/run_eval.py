@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import math
 import os
@@ -46,6 +45,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks import vllm_engine  # noqa: E402
 from benchmarks.quality import fidelity, tasks  # noqa: E402
 
 DEFAULT_TASKS = "niah_multikey,niah_multivalue,variable_tracking,common_words"
@@ -249,23 +249,21 @@ def wait_for_gpu_memory(fraction: float, timeout_s: float = 120.0) -> None:
         free, total = torch.cuda.mem_get_info()
     if free < fraction * total:
         print(f"[quality] only {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB free after {timeout_s:.0f} s; "
-              f"another process holds the GPU (nvidia-smi shows which)", flush=True)
+              f"another process (or an engine of this one that was not shut down) holds the GPU "
+              f"(nvidia-smi shows which)", flush=True)
 
 
-def free_engine() -> None:
-    """Release what a deleted ``LLM`` held, so the next engine of this process fits."""
-    gc.collect()
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    destroy_model_parallel()
-    destroy_distributed_environment()
-    gc.collect()
+def free_engine(llm=None) -> None:
+    """Shut ``llm`` down (if it started) and release what it held, so the next engine of this
+    process fits (``benchmarks/vllm_engine.py``: deleting it is not enough)."""
+    if llm is not None:
+        vllm_engine.shut_down(llm)
+    else:
+        vllm_engine.release_memory()
     import torch
 
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        # In-process engines may not free everything; the next one needs utilization x total.
         print(f"[quality] GPU memory free after teardown: {free / 2**30:.1f} / {total / 2**30:.1f} GiB", flush=True)
 
 
@@ -348,9 +346,9 @@ def run_offline(args, models, lengths_by_model, results: Results) -> None:
                 record_error(results, name, cfg, "generate", exc)
             finally:
                 stats.configure(None)
-                del llm
                 t0 = time.time()
-                free_engine()
+                free_engine(llm)
+                del llm
                 results.timing(f"{name} {cfg['label']}: engine teardown", time.time() - t0)
             if fid_prompts and "dense" in fid_logprobs:
                 add_fidelity(results, name, configs, fid_prompts, fid_logprobs)
