@@ -100,7 +100,7 @@ def test_gpu_no_compile_after_warm_up():
     physical = torch.randn(pages, page, hkv, 2 * d, device="cuda", dtype=torch.bfloat16, generator=gen)
     kv_cache = physical.permute(0, 2, 1, 3)
     table = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
-    # positions and lengths unlike the warm-up's: odd ctx, key-block counts of every residue
+    # positions and lengths unlike the warm-up's: odd ctx, key-block counts of several residues mod 16
     for ctx, q_len in [(0, 8192), (8192, 8192), (1000, 3000), (12345, 8192), (40000, 77),
                        (61000, 4536), (8190, 5)]:
         qkv = torch.randn(q_len, hq + 2 * hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
