@@ -58,15 +58,23 @@ def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.de
         return False
     _warmed.add(key)
     start = time.perf_counter()
-    chunks = warm_up(
-        num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-        page_size=shape.page_size, dtype=dtype, device=device, params=shape.params,
-        max_seq_len=shape.max_seq_len,
-    )
-    if flashinfer:
-        fi.warm_up(device, dtype, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
-                   shape.page_size, shape.params.block_size)
-    torch.cuda.synchronize(device)
+    try:
+        chunks = warm_up(
+            num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+            page_size=shape.page_size, dtype=dtype, device=device, params=shape.params,
+            max_seq_len=shape.max_seq_len,
+        )
+        if flashinfer:
+            fi.warm_up(device, dtype, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
+                       shape.page_size, shape.params.block_size)
+        torch.cuda.synchronize(device)
+    except Exception as exc:
+        # The same kernels would fail on the first long prompt: stop the startup here instead.
+        raise RuntimeError(
+            f"proxyattn: compiling the sparse-prefill kernels at startup failed for {shape} in "
+            f"{dtype} ({type(exc).__name__}: {exc}). Serve this model with --attention-backend "
+            "FLASH_ATTN, or report the error with this message."
+        ) from exc
     logger.info(
         "proxyattn: compiled the sparse-prefill kernels%s for prompts up to %d tokens "
         "(%d warm-up chunks, %.1f s)", " and FlashInfer's" if flashinfer else "", shape.max_seq_len,

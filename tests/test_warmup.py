@@ -140,3 +140,17 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
     shapes = {c[0] for c in calls}
     assert {(s.max_seq_len, s.page_size, s.params.block_size) for s in shapes} == {(192, 32, 32)}
     assert all(c[3] == {"flashinfer": False} for c in calls)
+
+
+def test_a_failing_warm_up_stops_startup_with_the_shape(monkeypatch):
+    pytest.importorskip("vllm")
+    from proxyattn_vllm import warmup as glue
+
+    def broken(**kwargs):
+        raise ValueError("no kernel for this shape")
+
+    monkeypatch.setattr(glue, "warm_up", broken)
+    shape = glue.WarmupShape(32, 8, 128, 128, 65536, ProxyAttnParams())
+    with pytest.raises(RuntimeError, match="compiling the sparse-prefill kernels at startup failed.*"
+                                           "no kernel for this shape.*FLASH_ATTN"):
+        glue.warm_up_once(shape, torch.bfloat16, torch.device("cuda"))
