@@ -161,7 +161,8 @@ class ProxyAttnConfig:
                 "num_proxy_groups",
                 self.num_proxy_groups,
                 f'"auto" or a divisor of the {num_kv_heads} KV heads per rank (the model\'s KV '
-                f"heads divided by the tensor-parallel size): {divisors}",
+                f"heads divided by the tensor-parallel size, at least 1: vLLM replicates KV heads "
+                f"when there are fewer than ranks): {divisors}",
             )
         return int(self.num_proxy_groups)
 
