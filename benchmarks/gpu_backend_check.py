@@ -14,6 +14,10 @@
    default config (sparse path on), with the time to the first token.
 4. ``--serve``: ``vllm serve --attention-backend proxyattn`` answers /v1/completions and
    /v1/chat/completions, streamed and not.
+
+Tensor parallelism (issue #7; needs N GPUs): ``--tensor-parallel 2 --model /tmp/models/qwen05b
+--skip cudagraphs --dummy-8b DIR`` compares TP=2 with TP=1 instead (FLASH_ATTN TP=2 vs TP=1 is the
+noise floor: the all-reduce changes the summation order), and runs the 128K prompt at TP=2.
 """
 from __future__ import annotations
 
@@ -62,11 +66,22 @@ EQUIVALENCE_TOKENS = 32
 # measure how identical dense bf16 attention is to itself when only the summation order changes
 # (a different chunking, a different kernel): the noise floor for "identical greedy tokens".
 EQUIVALENCE_ENGINES = [
-    ("FLASH_ATTN chunk 2048 (reference)", "FLASH_ATTN", 2048, None),
-    ("FLASH_ATTN chunk 8192", "FLASH_ATTN", 8192, None),
-    ("TRITON_ATTN chunk 2048", "TRITON_ATTN", 2048, None),
-    ("proxyattn full density chunk 2048", "proxyattn", 2048, FULL_DENSITY),
+    ("FLASH_ATTN chunk 2048 (reference)", "FLASH_ATTN", 2048, None, 1),
+    ("FLASH_ATTN chunk 8192", "FLASH_ATTN", 8192, None, 1),
+    ("TRITON_ATTN chunk 2048", "TRITON_ATTN", 2048, None, 1),
+    ("proxyattn full density chunk 2048", "proxyattn", 2048, FULL_DENSITY, 1),
 ]
+
+
+def tensor_parallel_engines(tp: int) -> list[tuple]:
+    """``--tensor-parallel N``: TP=N against TP=1, for FLASH_ATTN (the noise floor: the
+    all-reduce sums in another order) and for proxyattn at full density."""
+    return [
+        ("FLASH_ATTN TP1 (reference)", "FLASH_ATTN", 2048, None, 1),
+        (f"FLASH_ATTN TP{tp}", "FLASH_ATTN", 2048, None, tp),
+        ("proxyattn full density TP1", "proxyattn", 2048, FULL_DENSITY, 1),
+        (f"proxyattn full density TP{tp}", "proxyattn", 2048, FULL_DENSITY, tp),
+    ]
 
 
 def _greedy_with_margins(llm, prompts, max_tokens):
@@ -116,11 +131,12 @@ def check_equivalence(args, report):
     prompt_ids = [tok.encode(p) for p in prompts]
     token_prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
     results, reference = {}, None
-    for label, backend, chunk, extra in EQUIVALENCE_ENGINES:
+    engines = tensor_parallel_engines(args.tensor_parallel) if args.tensor_parallel > 1 else EQUIVALENCE_ENGINES
+    for label, backend, chunk, extra, tp in engines:
         llm = LLM(model=args.model, attention_backend=backend, dtype="bfloat16", seed=0,
                   additional_config=extra or {}, enforce_eager=True, max_model_len=8192,
                   enable_prefix_caching=False, max_num_batched_tokens=chunk,
-                  gpu_memory_utilization=0.2)
+                  gpu_memory_utilization=0.2, tensor_parallel_size=tp)
         t0 = time.perf_counter()
         tokens, margins, lens = _greedy_with_margins(llm, token_prompts, EQUIVALENCE_TOKENS)
         seconds = time.perf_counter() - t0
@@ -149,9 +165,10 @@ def check_equivalence(args, report):
             f"margins there {[round(r['reference_margin_at_difference'], 4) for r in rows if not r['identical']]}; "
             f"teacher-forced max |d logprob| {worst:.4f} ({seconds:.1f} s)")
         results[label] = {"backend": backend, "max_num_batched_tokens": chunk, "additional_config": extra,
-                          "identical": identical, "n": len(rows), "rows": rows, "generate_seconds": seconds}
+                          "tensor_parallel_size": tp, "identical": identical, "n": len(rows), "rows": rows,
+                          "generate_seconds": seconds}
     report["equivalence"] = {"model": args.model, "output_tokens": EQUIVALENCE_TOKENS,
-                             "reference": EQUIVALENCE_ENGINES[0][0], "engines": results}
+                             "reference": engines[0][0], "engines": results}
 
 
 def check_cudagraphs(args, report):
@@ -196,7 +213,8 @@ def check_dummy_128k(args, report):
     n = 131072 - 64
     llm = LLM(model=args.dummy_8b, load_format="dummy", attention_backend="proxyattn", dtype="bfloat16",
               max_model_len=131072, enable_prefix_caching=False, max_num_batched_tokens=8192,
-              gpu_memory_utilization=0.45, enforce_eager=args.eager)
+              gpu_memory_utilization=0.45, enforce_eager=args.eager,
+              tensor_parallel_size=args.tensor_parallel)
     rng = random.Random(0)
     prompt = TokensPrompt(prompt_token_ids=[rng.randrange(3, 250) for _ in range(n)])
     llm.generate([TokensPrompt(prompt_token_ids=[5] * 32)], SamplingParams(max_tokens=2))
@@ -206,7 +224,8 @@ def check_dummy_128k(args, report):
     ok = len(out[0].outputs[0].token_ids) == 1
     log(f"dummy 8B: {n} prompt tokens -> {'completed' if ok else 'FAILED'} in {ttft:.2f} s (1 output token)")
     report["dummy_8b_128k"] = {"prompt_tokens": n, "completed": ok, "seconds_to_first_token": ttft,
-                               "config": "default", "enforce_eager": args.eager}
+                               "config": "default", "enforce_eager": args.eager,
+                               "tensor_parallel_size": args.tensor_parallel}
     vllm_engine.shut_down(llm)
     del llm
 
@@ -260,6 +279,10 @@ def main():
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--serve", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: equivalence,cudagraphs")
+    ap.add_argument("--tensor-parallel", type=int, default=1,
+                    help="N > 1: the equivalence check compares TP=N with TP=1 (FLASH_ATTN and "
+                         "proxyattn at full density; the model's KV heads must divide by N, e.g. "
+                         "Qwen2.5-0.5B for N=2), and the dummy 8B runs at TP=N")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     args.logdir = os.path.dirname(args.out) or "."
