@@ -103,7 +103,7 @@ class ProxyAttnBackend(FlashAttentionBackend):
         if reasons:
             reasons.append(
                 "proxyattn (ProxyAttn sparse prefill) supports causal decoder self-attention "
-                "without attention sinks, with an auto/float16/bfloat16 KV "
+                "(not MLA) without attention sinks, with an auto/float16/bfloat16 KV "
                 "cache: serve this model with --attention-backend FLASH_ATTN (dense) instead"
             )
         return reasons

@@ -173,3 +173,19 @@ def test_unsupported_attention_layer_fails_at_construction(tiny_llama_dir, featu
             layer_cls(**args, prefix=f"model.layers.0.self_attn.{feature}")
     msg = str(err.value)
     assert expected in msg and FALLBACK in msg, msg
+
+
+def test_mla_models_fail_at_backend_selection(tiny_llama_dir):
+    """MLA (DeepSeek-V2/V3 style) layers ask vLLM's selector for an MLA backend; proxyattn is
+    not one, so the selection fails with MLA named and the dense fallback. (A DeepSeek-V2 model
+    cannot be built on this CPU setup: it runs on the GPU model runner, as BLOOM does above.)"""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.selector import get_attn_backend
+
+    from tests._tiny_llama import make_vllm_config
+
+    with set_current_vllm_config(make_vllm_config(tiny_llama_dir)):
+        with pytest.raises(ValueError) as err:
+            get_attn_backend(576, torch.bfloat16, "auto", use_mla=True)
+    msg = str(err.value)
+    assert "MLA not supported" in msg and "(not MLA)" in msg and FALLBACK in msg, msg
