@@ -230,12 +230,24 @@ class ProxyAttnImpl(FlashAttentionImpl):
         return output
 
     def _resolve_sparse_kernel(self, kv_cache: torch.Tensor) -> str:
-        """The kernel of this layer's sparse chunks: ``sparse_kernel``, "auto" looked up by
-        shape, and the union kernels ("fa3", "flashinfer") fall back to Triton, with one
-        warning naming the fix, where they cannot run. Decided once (the page size and dtype
-        are fixed for the layer's lifetime)."""
+        """The kernel of this layer's sparse chunks (:meth:`_choose_sparse_kernel`), with one
+        warning per reason where a union kernel falls back to Triton. Decided once (the page
+        size and dtype are fixed for the layer's lifetime)."""
+        kernel, fallback = self._choose_sparse_kernel(kv_cache.shape[2], kv_cache.dtype)
+        if fallback is not None:
+            if fallback not in ProxyAttnImpl._warned_kernel_fallbacks:
+                ProxyAttnImpl._warned_kernel_fallbacks.add(fallback)
+                logger.warning("proxyattn: %s; using the Triton block-sparse kernel.", fallback)
+            kernel = "triton"
+        self._sparse_kernel = kernel
+        return kernel
+
+    def _choose_sparse_kernel(self, page_size: int, dtype: torch.dtype) -> tuple[str, str | None]:
+        """``(kernel, why it cannot run or None)``: ``sparse_kernel``, with "auto" looked up by
+        shape; a union kernel ("fa3", "flashinfer") needs pages that divide the selection block,
+        and FlashInfer needs to be importable and to support the head size and dtype."""
         configured = self.proxyattn_config.sparse_kernel
-        page_size, block_size = kv_cache.shape[2], self.proxyattn_params.block_size
+        block_size = self.proxyattn_params.block_size
         kernel = configured
         if configured == "auto":
             kernel = auto_sparse_kernel(self.head_size, page_size, self.num_heads, self.num_kv_heads)
@@ -248,31 +260,23 @@ class ProxyAttnImpl(FlashAttentionImpl):
             )
         elif kernel == "flashinfer" and not fi.flashinfer_available():
             reason = f"cannot import FlashInfer ({fi.flashinfer_import_error()}); {fi.INSTALL_HINT}"
-        elif kernel == "flashinfer" and not fi.flashinfer_supports(kv_cache.dtype, self.head_size):
+        elif kernel == "flashinfer" and not fi.flashinfer_supports(dtype, self.head_size):
             reason = (
                 f"FlashInfer takes head sizes {fi.SUPPORTED_HEAD_DIMS} in float16/bfloat16, got "
-                f"{self.head_size} in {kv_cache.dtype}"
+                f"{self.head_size} in {dtype}"
             )
-        if reason is not None:
-            chosen = f'sparse_kernel "{configured}"' + (f' (chose "{kernel}")' if configured == "auto" else "")
-            if reason not in ProxyAttnImpl._warned_kernel_fallbacks:
-                ProxyAttnImpl._warned_kernel_fallbacks.add(reason)
-                logger.warning("proxyattn: %s %s; using the Triton block-sparse kernel.", chosen, reason)
-            kernel = "triton"
-        self._sparse_kernel = kernel
-        return kernel
+        if reason is None:
+            return kernel, None
+        chosen = f'sparse_kernel "{configured}"' + (f' (chose "{kernel}")' if configured == "auto" else "")
+        return kernel, f"{chosen} {reason}"
 
     def _warmup_flashinfer(self, dtype: torch.dtype) -> bool:
         """Whether this layer's sparse chunks will run FlashInfer (whose first use compiles it
-        for minutes): the choice of :meth:`_resolve_sparse_kernel`, from the engine's page size."""
-        shape = self._warmup_shape
-        if shape is None or shape.page_size > self.proxyattn_params.block_size:
+        for minutes): :meth:`_choose_sparse_kernel` with the engine's page size."""
+        if self._warmup_shape is None:
             return False
-        kernel = self.proxyattn_config.sparse_kernel
-        if kernel == "auto":
-            kernel = auto_sparse_kernel(self.head_size, shape.page_size, self.num_heads, self.num_kv_heads)
-        return (kernel == "flashinfer" and self.proxyattn_params.block_size % shape.page_size == 0
-                and fi.flashinfer_available() and fi.flashinfer_supports(dtype, self.head_size))
+        kernel, fallback = self._choose_sparse_kernel(self._warmup_shape.page_size, dtype)
+        return kernel == "flashinfer" and fallback is None
 
     def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None):
         """Like :func:`sparse_prefill`, but the selected blocks run through a dense paged kernel,
