@@ -55,9 +55,6 @@ def essay_prompts(tokenizer, essays_dir, lengths):
     return prompts
 
 
-cleanup = vllm_engine.release_memory  # the name other scripts import
-
-
 FULL_DENSITY = {"proxyattn": {"gamma": 1.0, "min_budget_tokens": 0, "min_sparse_len": 1024}}
 EQUIVALENCE_LENGTHS = [2048, 2500, 3000, 3500, 4096, 5000, 6000, 7000, 7600, 8100]
 EQUIVALENCE_TOKENS = 32

@@ -999,7 +999,7 @@ def run_part(name: str, func, args, report: dict, write) -> None:
     write()
     if part["status"] != "ok" and name != "soak":  # free what a failed in-process engine left
         try:
-            gbc.cleanup()
+            vllm_engine.release_memory()
         except Exception:  # noqa: BLE001
             pass
 
