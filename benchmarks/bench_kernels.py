@@ -211,6 +211,15 @@ def timed(fn):
     return {"median": ms[0], "p10": ms[1], "p90": ms[2]}
 
 
+def gate_compare(label: str, out: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
+    """``(ok, max_abs_err)`` of a gate output against its reference (bf16 tolerance; a NaN left
+    in ``out`` fails), logged as one line."""
+    err = (out.float() - ref.float()).abs().max().item()
+    ok = not out.isnan().any().item() and err < 2e-2
+    log(f"gate {label}: max_abs_err={err:.2e} {'ok' if ok else 'FAIL'}")
+    return ok, err
+
+
 def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[str]:
     """Returns failures; empty means the kernels may be timed. FlashInfer failures disable
     ``fib`` (logged) instead: they must not stop the Triton and FA3 rows."""
@@ -228,18 +237,14 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
                 k, v = gather_paged_kv(kv, table, ctx + q_len)
                 mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
                 ref = block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block)
-                err = (out.float() - ref.float()).abs().max().item()
-                ok = not out.isnan().any().item() and err < 2e-2
-                log(f"gate naive  {name:13s} page={page:3d} density={density}: max_abs_err={err:.2e} {'ok' if ok else 'FAIL'}")
+                where = f"{name:13s} page={page:3d} density={density}"
+                ok, err = gate_compare(f"naive     {where}", out, ref)
                 if not ok:
                     failures.append(f"naive {name} page {page} density {density}: {err}")
                 if fa3 is not None:  # equal budgets, one group: the union is each head's selection
                     union_out = torch.full_like(q, float("nan"))
                     fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, d**-0.5, union_out)
-                    err = (union_out.float() - ref.float()).abs().max().item()
-                    ok = not union_out.isnan().any().item() and err < 2e-2
-                    log(f"gate fa3-union {name:10s} page={page:3d} density={density}: max_abs_err={err:.2e} "
-                        f"{'ok' if ok else 'FAIL'}")
+                    ok, err = gate_compare(f"fa3-union {where}", union_out, ref)
                     if not ok:
                         failures.append(f"fa3-union {name} page {page} density {density}: {err}")
                 if fib is not None and fib.fi is not None:
@@ -252,19 +257,14 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
                         except Exception as exc:  # noqa: BLE001 - compile or launch failure
                             fib.disable(f"{kernel} {name} page {page}: {type(exc).__name__}: {exc}")
                             break
-                        err = (fi_out.float() - union_ref.float()).abs().max().item()
-                        ok = not fi_out.isnan().any().item() and err < 2e-2
-                        log(f"gate {kernel} {name:10s} page={page:3d} density={density}: max_abs_err={err:.2e} "
-                            f"{'ok' if ok else 'FAIL'}")
+                        ok, err = gate_compare(f"{kernel} {where}", fi_out, union_ref)
                         if not ok:
                             fib.disable(f"gate {kernel} {name} page {page} density {density}: {err}")
                             break
                 if fa3 is not None and density == 1.0:
                     dense = torch.empty_like(q)
                     fa3_dense(fa3, q, kv, table, ctx + q_len, d**-0.5, dense)
-                    err = (out.float() - dense.float()).abs().max().item()
-                    ok = err < 2e-2
-                    log(f"gate fa3    {name:13s} page={page:3d} full density: max_abs_err={err:.2e} {'ok' if ok else 'FAIL'}")
+                    ok, err = gate_compare(f"fa3 dense {where}", out, dense)
                     if not ok:
                         failures.append(f"fa3 {name} page {page}: {err}")
     return failures
