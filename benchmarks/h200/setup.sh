@@ -10,4 +10,6 @@ done
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/pa . > "$OUT/pip.log" 2>&1 \
   || { echo "project install failed"; tail -20 "$OUT/pip.log"; exit 1; }
 echo "installed after $(( $(date +%s) - t0 )) s"; gpu_mem
-timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs 2>&1 | tail -15
+# SKIP_GPU_TESTS=1 leaves the GPU tests for a later call (gpu_tests.sh) when device time is short.
+[ "${SKIP_GPU_TESTS:-0}" = 1 ] && { echo "GPU tests skipped (SKIP_GPU_TESTS=1)"; exit 0; }
+bash benchmarks/h200/gpu_tests.sh
