@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--min-sparse-len", type=int, default=1024,
                      help="proxyattn min_sparse_len (the product default 8192 would leave 2K/4K dense)")
     eng.add_argument("--proxyattn-config", default="{}", help="extra proxyattn keys as JSON")
+    eng.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
+                     help="one more proxyattn engine after the --gammas ones, with these keys on top of "
+                          "--proxyattn-config (gamma: the first --gammas value unless given), e.g. "
+                          "'dl0={\"dense_layers\": [0]}' (repeatable; labels must be unique)")
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     eng.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     eng.add_argument("--keep-going", action="store_true",
@@ -198,14 +202,39 @@ def engine_configs(args: argparse.Namespace, on_cuda: bool) -> list[dict]:
     dense_backend = args.dense_backend if args.dense_backend != "auto" else ("FLASH_ATTN" if on_cuda else "CPU_ATTN")
     extra = json.loads(args.proxyattn_config)
     dense = {"label": "dense", "backend": dense_backend, "gamma": None, "proxyattn": None}
+    gammas = [float(x) for x in args.gammas.split(",") if x.strip()]
     sparse = [
         {
             "label": f"proxyattn-{g:g}", "backend": "proxyattn", "gamma": g,
             "proxyattn": {**extra, "gamma": g, "min_sparse_len": args.min_sparse_len},
         }
-        for g in (float(x) for x in args.gammas.split(",") if x.strip())
+        for g in gammas
     ]
+    for label, keys in parse_variants(args.variant):
+        config = {**extra, "gamma": gammas[0] if gammas else 0.95, "min_sparse_len": args.min_sparse_len, **keys}
+        sparse.append({"label": label, "backend": "proxyattn", "gamma": config["gamma"], "proxyattn": config})
+    labels = [c["label"] for c in sparse]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--variant labels must differ from each other and from the gamma engines "
+                         f"(proxyattn-<gamma>); got {labels}")
     return [dense] + sparse if on_cuda else sparse + [dense]
+
+
+def parse_variants(specs: list[str]) -> list[tuple[str, dict]]:
+    """``['label={"key": value}', ...]`` -> ``[(label, {key: value}), ...]`` with clear errors."""
+    variants = []
+    for spec in specs:
+        label, sep, text = spec.partition("=")
+        if not sep or not label.strip():
+            raise SystemExit(f"--variant must be LABEL=JSON, e.g. 'dl0={{\"dense_layers\": [0]}}'; got {spec!r}")
+        try:
+            keys = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--variant {label}: the keys are not JSON ({exc}): {text!r}") from exc
+        if not isinstance(keys, dict):
+            raise SystemExit(f"--variant {label}: expected a JSON object of proxyattn keys; got {text!r}")
+        variants.append((label.strip(), keys))
+    return variants
 
 
 def effective_proxyattn(config: dict) -> dict:
@@ -235,22 +264,28 @@ def make_llm(path: str, cfg: dict, args: argparse.Namespace, max_model_len: int)
     return LLM(**kwargs)
 
 
-def wait_for_gpu_memory(fraction: float, timeout_s: float = 120.0) -> None:
-    """Block until ``fraction`` of the GPU is free (vLLM's start-up requirement), so a GPU still
-    being released by an earlier engine or process delays the next engine instead of failing it."""
+def wait_for_gpu_memory(fraction: float, timeout_s: float = 60.0, settle_s: float = 6.0) -> None:
+    """Wait while an earlier engine or process is still releasing the GPU: until ``fraction`` of
+    it is free (vLLM's start-up requirement), the free memory has not grown for ``settle_s``, or
+    ``timeout_s``. On the H200 a shut-down in-process engine left ~70 GiB that only the next
+    engine's start released, so waiting longer than the memory keeps moving buys nothing."""
     import torch
 
     if not torch.cuda.is_available():
         return
-    deadline = time.time() + timeout_s
+    t0 = time.time()
     free, total = torch.cuda.mem_get_info()
-    while free < fraction * total and time.time() < deadline:
-        time.sleep(2.0)
-        free, total = torch.cuda.mem_get_info()
+    last_growth = t0
+    while free < fraction * total and time.time() - t0 < timeout_s and time.time() - last_growth < settle_s:
+        time.sleep(1.0)
+        now_free, total = torch.cuda.mem_get_info()
+        if now_free > free + (1 << 28):  # 256 MiB
+            last_growth = time.time()
+        free = max(free, now_free)
     if free < fraction * total:
-        print(f"[quality] only {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB free after {timeout_s:.0f} s; "
-              f"another process (or an engine of this one that was not shut down) holds the GPU "
-              f"(nvidia-smi shows which)", flush=True)
+        print(f"[quality] {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB free after {time.time() - t0:.0f} s "
+              f"(not growing); starting anyway: vLLM fails with a clear error if it does not fit "
+              f"(nvidia-smi shows what holds the GPU)", flush=True)
 
 
 def free_engine(llm=None) -> None:
@@ -587,6 +622,45 @@ def plot(doc: dict, png_path: str | Path) -> None:
     print(f"[quality] heat map: {png_path}")
 
 
+def summarize(doc: dict) -> list[dict]:
+    """Per model and sparse configuration, the issue-#6 numbers: mean accuracy over the task x
+    length cells that both it and dense have (points, 0-100), the worst cell's drop, the mean
+    density over those cells and the mean kept dense attention mass of the fidelity rows that
+    ran sparse (a length below ``min_budget_tokens`` computes every block and keeps all mass)."""
+    rows = []
+    for model in dict.fromkeys(c["model"] for c in doc["cells"]):
+        dense = {(c["task"], c["length"]): c["accuracy"] for c in doc["cells"]
+                 if c["model"] == model and c["gamma"] is None}
+        for label in dict.fromkeys(c["label"] for c in doc["cells"] if c["model"] == model and c["gamma"] is not None):
+            cells = [c for c in doc["cells"] if c["model"] == model and c["label"] == label
+                     and (c["task"], c["length"]) in dense]
+            if not cells:
+                continue
+            drops = [100 * (dense[(c["task"], c["length"])] - c["accuracy"]) for c in cells]
+            worst = max(range(len(cells)), key=lambda i: drops[i])
+            kept = [f["kept_mass"] for f in doc.get("fidelity", [])
+                    if f["model"] == model and f["label"] == label and f.get("kept_mass") is not None
+                    and (f.get("density") is None or f["density"] < 0.999)]
+            rows.append({
+                "model": model, "label": label, "gamma": cells[0]["gamma"], "cells": len(cells),
+                "dense_mean": 100 * _mean([dense[(c["task"], c["length"])] for c in cells]),
+                "sparse_mean": 100 * _mean([c["accuracy"] for c in cells]),
+                "mean_drop": _mean(drops),
+                "worst_drop": drops[worst], "worst_cell": f"{cells[worst]['task']} @ {cells[worst]['length']}",
+                "density": _mean([c["density"] for c in cells if c["density"] is not None]),
+                "kept_mass": _mean(kept),
+            })
+    return rows
+
+
+def print_summary(rows: list[dict]) -> None:
+    print("\nSummary (points; targets at gamma 0.95: mean drop <= 1.0, worst cell <= 5, kept >= 0.95)")
+    print(f"{'model':<10} {'config':<16} {'dense':>6} {'sparse':>6} {'drop':>6} {'worst':>6}  {'worst cell':<26} {'density':>7} {'kept':>6}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['label']:<16} {r['dense_mean']:>6.2f} {r['sparse_mean']:>6.2f} {r['mean_drop']:>6.2f} "
+              f"{r['worst_drop']:>6.1f}  {r['worst_cell']:<26} {_fmt(r['density']):>7} {_fmt(r['kept_mass']):>6}")
+
+
 def print_tables(doc: dict) -> None:
     if doc["fidelity"]:
         print("\nFidelity vs dense (essay windows; KL on the top-K support, see fidelity.py)")
@@ -609,6 +683,7 @@ def print_tables(doc: dict) -> None:
                 extra = f" [{cell['density']:.2f}]" if cell["density"] is not None else ""
                 row.append(f"{cell['accuracy']:.3f} (n={cell['n']}){extra}".rjust(20))
         print(f"{model:<10} {task:<18} {length:>6} " + " ".join(row))
+    print_summary(summarize(doc))
 
 
 def _fmt(value) -> str:
