@@ -24,6 +24,8 @@ class ProxyAttnParams:
         local_blocks: key blocks ending at the diagonal block that every row keeps (>= 1).
         min_sparse_len: sequences shorter than this (total tokens) run dense.
         max_density: optional cap on a head's budget as a fraction of the key blocks.
+        dense_tail_tokens: the query blocks holding a chunk's last ``dense_tail_tokens``
+            tokens compute every causal key block (0: none).
     """
 
     gamma: float = 0.95
@@ -35,6 +37,7 @@ class ProxyAttnParams:
     local_blocks: int = 1
     min_sparse_len: int = 8192
     max_density: float | None = None
+    dense_tail_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Config validation with user-facing messages lives in ProxyAttnConfig; these are
@@ -44,6 +47,7 @@ class ProxyAttnParams:
         assert self.num_groups >= 1 and self.min_budget_blocks >= 1
         assert self.sink_blocks >= 0 and self.local_blocks >= 1
         assert self.max_density is None or 0.0 < self.max_density <= 1.0
+        assert self.dense_tail_tokens >= 0
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,11 @@ class ChunkGeometry:
     def row_extent(self, row: int) -> int:
         """Number of key blocks row ``row`` may attend to (causal frontier + 1)."""
         return self.first_q_block + row + 1
+
+    def first_tail_row(self, tail_tokens: int) -> int:
+        """The first row holding one of the chunk's last ``tail_tokens`` query tokens
+        (``num_q_blocks`` when ``tail_tokens`` is 0)."""
+        if tail_tokens <= 0:
+            return self.num_q_blocks
+        first_tail_token = max(self.ctx, self.seq_len - tail_tokens)
+        return first_tail_token // self.block_size - self.first_q_block

@@ -158,7 +158,8 @@ def proxyattn_prefill_reference(
         dense_reason = "short"
         budget = torch.full_like(budget, geo.num_k_blocks)
     ranking, counts, num_forced = select_blocks(
-        scores, budget, ctx, geo.q_len, params.block_size, params.sink_blocks, params.local_blocks
+        scores, budget, ctx, geo.q_len, params.block_size, params.sink_blocks, params.local_blocks,
+        params.dense_tail_tokens,
     )
     selection = Selection(geo, scores, ranking, counts, num_forced, budget, gamma_counts, dense_reason)
     out = block_sparse_attention(q, k, v, ctx, selection.block_mask(), scale, params.block_size)

@@ -89,7 +89,8 @@ def select_blocks_paged(
     if geo.seq_len < params.min_sparse_len:
         budget = torch.full_like(budget, geo.num_k_blocks)
     ranking, counts, num_forced = select_blocks(
-        scores, budget, ctx, q_len, params.block_size, params.sink_blocks, params.local_blocks
+        scores, budget, ctx, q_len, params.block_size, params.sink_blocks, params.local_blocks,
+        params.dense_tail_tokens,
     )
     return PagedSelection(ranking, counts, num_forced, budget, gamma_counts, scores)
 

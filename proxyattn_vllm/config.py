@@ -79,6 +79,10 @@ class ProxyAttnConfig:
         max_density: benchmarking override: cap each head's budget at this fraction of the
             key blocks (None = no cap).
         dense_layers: layer indices that always run dense.
+        dense_tail_tokens: the query blocks holding each prefill chunk's last this-many tokens
+            attend to every earlier block. In a prompt's last chunk these are the tokens
+            generation starts from (usually the question), so retrieval does not hinge on one
+            row's budget and proxy ranking. 0 turns it off.
         sparse_kernel: ``"triton"`` (the block-sparse kernel: each head computes exactly its
             own blocks), ``"fa3"`` (vLLM's FlashAttention over each query block's union of
             the selected blocks: every head computes the blocks any head selected),
@@ -97,6 +101,7 @@ class ProxyAttnConfig:
     min_sparse_len: int = 8192
     max_density: float | None = None
     dense_layers: tuple[int, ...] = ()
+    dense_tail_tokens: int = 128
     sparse_kernel: str = "triton"
 
     def __post_init__(self) -> None:
@@ -113,6 +118,7 @@ class ProxyAttnConfig:
         _check_int("sink_blocks", self.sink_blocks, 0)
         _check_int("local_blocks", self.local_blocks, 1)
         _check_int("min_sparse_len", self.min_sparse_len, 0)
+        _check_int("dense_tail_tokens", self.dense_tail_tokens, 0)
         if self.max_density is not None and (
             not _is_number(self.max_density) or not 0.0 < self.max_density <= 1.0
         ):
@@ -189,6 +195,7 @@ class ProxyAttnConfig:
             local_blocks=self.local_blocks,
             min_sparse_len=self.min_sparse_len,
             max_density=self.max_density,
+            dense_tail_tokens=self.dense_tail_tokens,
         )
 
     def to_dict(self) -> dict[str, Any]:

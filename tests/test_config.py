@@ -88,6 +88,8 @@ def test_kernel_params():
     p = ProxyAttnConfig(min_budget_tokens=2000, block_size=64, max_density=0.1).kernel_params(32, 8)
     assert (p.min_budget_blocks, p.block_size, p.num_groups, p.max_density) == (32, 64, 1, 0.1)
     assert ProxyAttnConfig(min_budget_tokens=0).kernel_params(32, 8).min_budget_blocks == 1
+    assert ProxyAttnConfig().kernel_params(32, 8).dense_tail_tokens == 128
+    assert ProxyAttnConfig(dense_tail_tokens=0).kernel_params(32, 8).dense_tail_tokens == 0
 
 
 # Every key, every kind of wrong value: a bool where a number is expected (JSON true/false,
@@ -95,7 +97,7 @@ def test_kernel_params():
 _INT_KEYS = {  # key: (smallest accepted, largest accepted or None)
     "stride": (1, 64), "block_size": (16, 1024), "num_proxy_groups": (1, None),
     "min_budget_tokens": (0, None), "sink_blocks": (0, None), "local_blocks": (1, None),
-    "min_sparse_len": (0, None),
+    "min_sparse_len": (0, None), "dense_tail_tokens": (0, None),
 }
 _BAD_VALUES = (
     [(key, bad) for key in _INT_KEYS for bad in (True, False, 16.0, "16", None, math.nan, math.inf)]

@@ -240,6 +240,40 @@ def test_select_matches_naive(rng_seed, ctx, q_len, block, groups, hq, sink, loc
         assert torch.equal(got, want)
 
 
+# (ctx, q_len, block, tail tokens): the tail inside the last block, across a block boundary,
+# longer than the chunk, a chunk ending mid-block and one starting mid-block.
+TAIL_CASES = [(0, 100, 16, 1), (37, 90, 16, 20), (130, 33, 32, 500), (260, 40, 16, 16), (15, 2, 16, 3)]
+
+
+@pytest.mark.parametrize("ctx,q_len,block,tail", TAIL_CASES)
+def test_dense_tail_rows(rng_seed, ctx, q_len, block, tail):
+    geo = ChunkGeometry(ctx, q_len, block)
+    scores = random_scores(geo, 2)
+    budget = torch.ones(4, dtype=torch.int32, device=DEVICE)  # sparse everywhere but the tail
+    expected = select_naive.select_blocks(scores, budget, ctx, q_len, block, 1, 1, tail)
+    result = select_blocks(scores, budget, ctx, q_len, block, 1, 1, tail)
+    for got, want in zip(result, expected):
+        assert torch.equal(got, want)
+    # Rows holding one of the last `tail` tokens (absolute positions) count every causal block.
+    last_tokens = range(max(ctx, ctx + q_len - tail), ctx + q_len)
+    tail_rows = sorted({p // block - geo.first_q_block for p in last_tokens})
+    assert geo.first_tail_row(tail) == tail_rows[0]
+    counts = result[1].cpu()
+    for row in range(geo.num_q_blocks):
+        if row in tail_rows:
+            assert (counts[:, row] == geo.row_extent(row)).all(), row
+    without = select_naive.select_blocks(scores, budget, ctx, q_len, block, 1, 1)[1].cpu()
+    head_rows = slice(0, tail_rows[0])
+    assert torch.equal(counts[:, head_rows], without[:, head_rows])
+    assert geo.first_tail_row(0) == geo.num_q_blocks
+
+
+def test_dense_tail_rejects_negative():
+    geo = ChunkGeometry(0, 64, 16)
+    with pytest.raises(ValueError, match="dense_tail_tokens"):
+        select_blocks(random_scores(geo, 1), torch.ones(2, dtype=torch.int32, device=DEVICE), 0, 64, 16, 1, 1, -1)
+
+
 # ------------------------------------------------------------------------------------------
 # Composition
 # ------------------------------------------------------------------------------------------
@@ -259,7 +293,8 @@ def check_against_reference(sel, ref, q, k, ctx, scale, params, rtol, atol):
         budget = torch.full_like(sel.gamma_counts, ref.geometry.num_k_blocks)
     assert torch.equal(sel.budget, budget)
     ranking, counts, num_forced = select_naive.select_blocks(
-        sel.scores, sel.budget, ctx, q.shape[0], params.block_size, params.sink_blocks, params.local_blocks)
+        sel.scores, sel.budget, ctx, q.shape[0], params.block_size, params.sink_blocks, params.local_blocks,
+        params.dense_tail_tokens)
     assert torch.equal(sel.ranking, ranking) and torch.equal(sel.counts, counts)
     assert torch.equal(sel.num_forced, num_forced) and torch.equal(sel.num_forced, ref.num_forced)
 

@@ -19,10 +19,12 @@ MAX_PAGES = 8
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 32
 SCALE = HEAD_DIM**-0.5
 # Real sparsity: a low gamma, no minimum budget and a density cap, so the sparse rows differ
-# clearly from dense attention (a test that can tell the paths apart).
+# clearly from dense attention (a test that can tell the paths apart). The dense tail covers the
+# long row's last block only (the default 128 tokens would cover this whole 40-token chunk).
 SPARSE = {
     "min_sparse_len": 64, "block_size": 16, "stride": 4, "gamma": 0.5,
     "min_budget_tokens": 0, "max_density": 0.3, "sink_blocks": 1, "local_blocks": 1,
+    "dense_tail_tokens": 8,
 }
 MIXED_Q = [1, 1, 9, 40, 5, 0, 0]  # 2 decodes, short, long (ctx 53), short extend, 2 padded
 MIXED_SEQ = [37, 20, 9, 93, 15, 0, 0]
@@ -156,6 +158,9 @@ def test_mixed_batch_matches_reference(vllm_config, dtype):
         if r == 3:  # the sparse row: the reference on contiguous K/V (no paging involved)
             expected, selection = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params, scale=SCALE)
             assert selection.density < 0.9, selection.stats()
+            last = selection.geometry.num_q_blocks - 1  # the dense tail row
+            assert (selection.counts[:, last] == selection.geometry.row_extent(last)).all()
+            assert (selection.counts[:, :last] < selection.geometry.row_extent(last) - 1).any()
             assert (output[tokens] - dense).abs().max() > 1e-2, "sparse row ran dense"
         else:
             expected = dense
@@ -184,7 +189,8 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
         monkeypatch.setattr(fi, "SUPPORTED_DTYPES", (torch.float32,))
         monkeypatch.setattr(fi, "SUPPORTED_HEAD_DIMS", (HEAD_DIM,))
     # Two proxy groups rank blocks differently, so the union exceeds what each head selected.
-    config = {**SPARSE, "sparse_kernel": kernel, "num_proxy_groups": 2, "max_density": 0.6}
+    # Without the dense tail row all three rows have room for the groups to differ.
+    config = {**SPARSE, "sparse_kernel": kernel, "num_proxy_groups": 2, "max_density": 0.6, "dense_tail_tokens": 0}
     batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=3)
     md = _builder(vllm_config).build(0, batch.common)
     stats_path = tmp_path / "stats.jsonl"

@@ -9,7 +9,10 @@ Per proxy group and query-block row, the key blocks are ranked as:
 
 Head ``h`` of group ``g`` computes the first ``counts[h, row]`` entries of ``ranking[g, row]``:
 ``min(extent, max(budget[h], num_forced[row]))``, so the heads of one group select nested
-prefixes of one list. A row with no proxy estimate (all scores ``-inf``) is computed densely.
+prefixes of one list. A row with no proxy estimate (all scores ``-inf``) is computed densely, and
+so are the rows holding the chunk's last ``dense_tail_tokens`` tokens: in a prompt's last chunk
+they are the tokens generation starts from (typically the question), whose own attention must
+find whatever the prompt holds; the budget and proxy ranking of one row can miss a needle.
 """
 from __future__ import annotations
 
@@ -47,12 +50,14 @@ def select_blocks(
     block_size: int,
     sink_blocks: int,
     local_blocks: int,
+    dense_tail_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank key blocks per group and row, and count each head's prefix.
 
     Args:
         scores: ``[G, num_q_blocks, num_k_blocks]`` float32 proxy scores (``-inf`` = no score).
         budget: ``[Hq]`` per-row block budget of each query head; ``Hq % G == 0``.
+        dense_tail_tokens: rows holding the chunk's last this-many tokens count every block.
 
     Returns:
         ranking ``[G, num_q_blocks, num_k_blocks]`` int32 (``-1`` past the frontier),
@@ -80,4 +85,6 @@ def select_blocks(
     want = torch.maximum(budget[:, None].long(), num_forced[None, :].long())
     counts = torch.minimum(want, extent[None, :])
     counts = torch.where(has_estimate[group_of_head], counts, extent[None, :].expand_as(counts))
+    tail = torch.arange(geo.num_q_blocks, device=scores.device) >= geo.first_tail_row(dense_tail_tokens)
+    counts = torch.where(tail[None, :], extent[None, :].expand_as(counts), counts)
     return ranking, counts.to(torch.int32), num_forced

@@ -33,12 +33,12 @@ _INDEX_BITS = 24
 
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
 # shape while serving (kernels/warmup.py compiles the rest at startup).
-@triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "sink_blocks", "local_blocks",
+@triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "sink_blocks", "local_blocks", "first_tail_row",
                                "stride_sc_group", "stride_sc_row", "stride_rk_group", "stride_rk_row",
                                "stride_cnt_head"])
 def _select_kernel(
     scores_ptr, budget_ptr, ranking_ptr, counts_ptr, num_forced_ptr,
-    first_q_block, num_k_blocks, sink_blocks, local_blocks,
+    first_q_block, num_k_blocks, sink_blocks, local_blocks, first_tail_row,
     stride_sc_group, stride_sc_row, stride_rk_group, stride_rk_row, stride_cnt_head,
     HEADS_PER_GROUP: tl.constexpr, HEADS_PAD: tl.constexpr, KB_PAD: tl.constexpr,
     NOT_FORCED: tl.constexpr,
@@ -79,7 +79,7 @@ def _select_kernel(
     head_ok = tl.arange(0, HEADS_PAD) < HEADS_PER_GROUP
     budget = tl.load(budget_ptr + heads, mask=head_ok, other=0)
     count = tl.minimum(tl.maximum(budget, num_forced), extent)
-    count = tl.where(has_estimate, count, extent)
+    count = tl.where(has_estimate & (row < first_tail_row), count, extent)
     tl.store(counts_ptr + heads * stride_cnt_head + row, count, mask=head_ok)
     if g == 0:
         tl.store(num_forced_ptr + row, num_forced)
@@ -93,6 +93,7 @@ def select_blocks(
     block_size: int,
     sink_blocks: int,
     local_blocks: int,
+    dense_tail_tokens: int = 0,
     *,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     max_triton_blocks: int = MAX_TRITON_BLOCKS,
@@ -105,6 +106,8 @@ def select_blocks(
         budget: ``[Hq]`` int32 per-row block budget of each query head; ``Hq % G == 0``.
         ctx, q_len, block_size: the chunk geometry.
         sink_blocks (>= 0), local_blocks (>= 1): forced blocks, see ``select/naive.py``.
+        dense_tail_tokens (>= 0): rows holding the chunk's last this-many tokens count every
+            causal block (``select/naive.py``).
         out: optional preallocated ``(ranking, counts, num_forced)`` (every element is written).
         max_triton_blocks: rows with more key blocks use the naive torch ops.
 
@@ -125,8 +128,9 @@ def select_blocks(
                          f"got {budget.dtype}{tuple(budget.shape)}")
     if budget.device != scores.device:
         raise ValueError(f"scores and budget on different devices: {scores.device}, {budget.device}")
-    if sink_blocks < 0 or local_blocks < 1:
-        raise ValueError(f"need sink_blocks >= 0 and local_blocks >= 1; got {sink_blocks}, {local_blocks}")
+    if sink_blocks < 0 or local_blocks < 1 or dense_tail_tokens < 0:
+        raise ValueError(f"need sink_blocks >= 0, local_blocks >= 1 and dense_tail_tokens >= 0; "
+                         f"got {sink_blocks}, {local_blocks}, {dense_tail_tokens}")
     if geo.num_k_blocks >= 1 << _INDEX_BITS:
         raise ValueError(f"{geo.num_k_blocks} key blocks: at most {(1 << _INDEX_BITS) - 1} supported")
     num_q_heads = budget.shape[0]
@@ -134,7 +138,8 @@ def select_blocks(
     rows, num_k_blocks = geo.num_q_blocks, geo.num_k_blocks
 
     if num_k_blocks > max_triton_blocks:
-        result = naive.select_blocks(scores, budget, ctx, q_len, block_size, sink_blocks, local_blocks)
+        result = naive.select_blocks(scores, budget, ctx, q_len, block_size, sink_blocks, local_blocks,
+                                     dense_tail_tokens)
         if out is None:
             return result
         for dst, src in zip(out, result):
@@ -159,7 +164,7 @@ def select_blocks(
     num_warps = 4 if kb_pad <= 1024 else (8 if kb_pad <= 4096 else 16)
     _select_kernel[(rows, num_groups)](
         scores, budget, ranking, counts, num_forced,
-        geo.first_q_block, num_k_blocks, sink_blocks, local_blocks,
+        geo.first_q_block, num_k_blocks, sink_blocks, local_blocks, geo.first_tail_row(dense_tail_tokens),
         scores.stride(0), scores.stride(1), ranking.stride(0), ranking.stride(1), counts.stride(0),
         HEADS_PER_GROUP=heads_per_group, HEADS_PAD=max(2, triton.next_power_of_2(heads_per_group)),
         KB_PAD=kb_pad, NOT_FORCED=naive.NOT_FORCED, num_warps=num_warps,
