@@ -102,3 +102,24 @@ def test_oracle_row_mask():
     mask = sparse_sim.oracle_row_mask(mass, 0.85, forced)
     assert mask.tolist() == [[True, False, True, True, True], [True, False, False, False, True]]
     assert bool(sparse_sim.oracle_row_mask(mass, 1.0, forced).all())
+
+
+def test_exact_row_mask_keeps_forced_then_heaviest_per_head():
+    mass = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05], [0.6, 0.0, 0.3, 0.0, 0.1]])
+    forced = torch.tensor([False, False, False, False, True])  # the diagonal block
+    mask = sparse_sim.exact_row_mask(mass, torch.tensor([2, 3]), forced)
+    assert mask.tolist() == [[False, True, False, False, True], [True, False, True, False, True]]
+
+
+def test_exact_tail_changes_only_the_final_row(tiny):
+    model, ids = tiny
+    overrides = {**OVERRIDES, "gamma": 0.5}
+    _logits(model, ids, sparse_sim.ATTN_NAME, sparse_sim.VARIANTS["base"], overrides)
+    base = {layer: r["mask"].clone() for layer, r in sparse_sim.STATE.records.items()}
+    base_kept = {layer: r["kept_mass_last_row"] for layer, r in sparse_sim.STATE.records.items()}
+    _logits(model, ids, sparse_sim.ATTN_NAME, sparse_sim.VARIANTS["exact_tail"], overrides)
+    for layer, record in sparse_sim.STATE.records.items():
+        assert torch.equal(record["mask"][:, :-1], base[layer][:, :-1]), layer
+        assert torch.equal(record["mask"][:, -1].sum(-1), base[layer][:, -1].sum(-1)), layer  # same counts
+        # The heaviest blocks of a given count keep at least the mass of any other choice.
+        assert record["kept_mass_last_row"] >= base_kept[layer] - 1e-6, layer

@@ -17,6 +17,9 @@ Selection variants (``--variants``):
 * ``oracle_row_gamma``: per head and query-block row, the fewest key blocks, ranked by the TRUE
   block attention mass of that row (full resolution, mean over the row's queries), that reach
   gamma of the row's mass, plus the forced (sink, local/diagonal) blocks. No minimum budget.
+* ``exact_tail``: ``base``, but in the final row each head keeps as many blocks as ``base`` gives
+  it, chosen by that head's TRUE block mass of the row (forced blocks first): the zero-cost
+  alternative to a dense final row (the budget kernel already computes this mass).
 * ``dense_layers_3_10``: ``base`` with layers 3..10 dense (``dense_layers`` of the config).
 * ``base_g098``: ``base`` at gamma 0.98.
 
@@ -95,6 +98,7 @@ VARIANTS = {
     "base": Variant("base"),
     "last_row_dense": Variant("last_row_dense", config={"dense_tail_tokens": 128}),
     "oracle_row_gamma": Variant("oracle_row_gamma", rule="oracle"),
+    "exact_tail": Variant("exact_tail", rule="proxy_exact_tail"),
     "dense_layers_3_10": Variant("dense_layers_3_10", config={"dense_layers": list(range(3, 11))}),
     "base_g098": Variant("base_g098", config={"gamma": 0.98}),
     # Not in the default list: the correctness gate (every block computed).
@@ -209,6 +213,18 @@ def oracle_row_mask(mass_row: torch.Tensor, gamma: float, forced: torch.Tensor) 
     return mask | forced[None, :]
 
 
+def exact_row_mask(mass_row: torch.Tensor, counts_row: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """``mass_row [Hq, ext]`` true block mass, ``counts_row [Hq]`` blocks per head, ``forced
+    [ext]`` bool -> ``[Hq, ext]`` bool: the forced blocks, then each head's heaviest blocks up to
+    its count."""
+    key = torch.where(forced[None, :], torch.full_like(mass_row, float("inf")), mass_row)
+    order = key.sort(dim=-1, descending=True, stable=True).indices
+    keep_sorted = torch.arange(mass_row.shape[-1])[None, :] < counts_row.long()[:, None]
+    mask = torch.zeros_like(keep_sorted)
+    mask.scatter_(1, order, keep_sorted)
+    return mask
+
+
 def sparse_prefill(q, k, v, ctx: int, params: ProxyAttnParams, scale: float, variant: Variant,
                    needle_tokens: list[int] | None = None):
     """One chunk's attention under ``variant``, row by row, plus its statistics.
@@ -228,8 +244,9 @@ def sparse_prefill(q, k, v, ctx: int, params: ProxyAttnParams, scale: float, var
     rows, num_kb = geo.num_q_blocks, geo.num_k_blocks
 
     ranking = budget = None
-    if variant.rule == "proxy":
+    if variant.rule in ("proxy", "proxy_exact_tail"):
         mask, ranking, counts, budget = proxy_selection(q, k, ctx, params, scale)
+        forced = forced_rank(geo, params.sink_blocks, params.local_blocks) < NOT_FORCED  # [R, Kb]
     elif variant.rule == "oracle":
         mask = torch.zeros(num_q_heads, rows, num_kb, dtype=torch.bool)
         forced = forced_rank(geo, params.sink_blocks, params.local_blocks) < NOT_FORCED  # [R, Kb]
@@ -257,6 +274,8 @@ def sparse_prefill(q, k, v, ctx: int, params: ProxyAttnParams, scale: float, var
         mass[:, r, :ext] /= q1 - q0
         if variant.rule == "oracle":
             mask[:, r, :ext] = oracle_row_mask(mass[:, r, :ext], params.gamma, forced[r, :ext])
+        elif variant.rule == "proxy_exact_tail" and r == rows - 1:
+            mask[:, r, :ext] = exact_row_mask(mass[:, r, :ext], counts[:, r], forced[r, :ext])
         keep = mask[:, r, k_blk]  # [Hq, kend]
         if not bool(keep.all()):
             probs = probs * keep[:, None, :]
