@@ -142,10 +142,24 @@ def proxyattn_prefill_reference(
         assert k is None and v is None and block_table is not None
         k, v = gather_paged_kv(kv_cache, block_table, geo.seq_len)
     assert k is not None and v is not None and k.shape[0] == geo.seq_len, (k.shape if k is not None else None, geo)
-    num_q_heads, head_size = q.shape[1], q.shape[2]
-    assert num_q_heads % k.shape[1] == 0 and k.shape[1] % params.num_groups == 0
-    scale = head_size**-0.5 if scale is None else scale
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    selection = reference_selection(q, k, ctx=ctx, params=params, scale=scale)
+    out = block_sparse_attention(q, k, v, ctx, selection.block_mask(), scale, params.block_size)
+    return out, selection
 
+
+def reference_selection(
+    q: torch.Tensor, k: torch.Tensor, *, ctx: int, params: ProxyAttnParams, scale: float
+) -> Selection:
+    """The blocks one chunk computes (``proxyattn_prefill_reference`` up to the attention).
+
+    Args:
+        q: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``.
+        k: ``[ctx + q_len, Hkv, D]`` contiguous keys.
+        ctx, params, scale: as in :func:`proxyattn_prefill_reference`.
+    """
+    geo = ChunkGeometry(ctx, q.shape[0], params.block_size)
+    assert q.shape[1] % k.shape[1] == 0 and k.shape[1] % params.num_groups == 0
     scores = proxy_block_scores(
         q, k, ctx, scale, params.num_groups, params.stride, params.block_size
     )
@@ -161,6 +175,4 @@ def proxyattn_prefill_reference(
         scores, budget, ctx, geo.q_len, params.block_size, params.sink_blocks, params.local_blocks,
         params.dense_tail_tokens,
     )
-    selection = Selection(geo, scores, ranking, counts, num_forced, budget, gamma_counts, dense_reason)
-    out = block_sparse_attention(q, k, v, ctx, selection.block_mask(), scale, params.block_size)
-    return out, selection
+    return Selection(geo, scores, ranking, counts, num_forced, budget, gamma_counts, dense_reason)

@@ -1,9 +1,9 @@
 """CPU simulation of ProxyAttn on a real Hugging Face model: which selection rule loses the needle?
 
 Runs a transformers causal LM on CPU (fp32) with its attention replaced: every prefill
-(query length > 1) goes through a ProxyAttn selection built from the torch reference's pieces
-(``proxyattn_kernels.proxy_scores.naive``, ``budget.naive``, ``select.naive``,
-``block_sparse_attn.naive``), decode steps (query length 1) attend densely over the KV cache, as
+(query length > 1) goes through the torch reference's selection
+(``proxyattn_kernels.reference.reference_selection``) or a variant of it, decode steps (query
+length 1) attend densely over the KV cache, as
 in the vLLM backend (sparse prefill, dense decode). The prompts are the quality runner's
 (``run_eval.prepare_model``: same tokenizer path, chat template, seed, essay haystack, answer
 budget) and they are scored with ``tasks.score``, greedy decoding, stopping at EOS.
@@ -58,11 +58,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from proxyattn_kernels.block_sparse_attn.naive import selection_block_mask  # noqa: E402
-from proxyattn_kernels.budget.naive import head_budgets  # noqa: E402
 from proxyattn_kernels.params import ChunkGeometry, ProxyAttnParams  # noqa: E402
-from proxyattn_kernels.proxy_scores.naive import proxy_block_scores  # noqa: E402
-from proxyattn_kernels.select.naive import NOT_FORCED, forced_rank, select_blocks  # noqa: E402
+from proxyattn_kernels.reference import reference_selection  # noqa: E402
+from proxyattn_kernels.select.naive import NOT_FORCED, forced_rank  # noqa: E402
 
 ATTN_NAME = "proxyattn_sim"
 DEFAULT_OUT = "benchmarks/results/quality_cpu_sim_smollm2.json"
@@ -185,17 +183,9 @@ def register_attention() -> str:
 
 
 def proxy_selection(q, k, ctx, params: ProxyAttnParams, scale: float):
-    """The reference's selection (``proxyattn_prefill_reference`` up to the attention):
-    ``(block_mask [Hq, R, Kb], ranking, counts, budget)``."""
-    geo = ChunkGeometry(ctx, q.shape[0], params.block_size)
-    scores = proxy_block_scores(q, k, ctx, scale, params.num_groups, params.stride, params.block_size)
-    budget, _ = head_budgets(q, k, ctx, scale, params.block_size, params.gamma,
-                             params.min_budget_blocks, params.max_density)
-    if geo.seq_len < params.min_sparse_len:
-        budget = torch.full_like(budget, geo.num_k_blocks)
-    ranking, counts, _ = select_blocks(scores, budget, ctx, geo.q_len, params.block_size,
-                                       params.sink_blocks, params.local_blocks, params.dense_tail_tokens)
-    return selection_block_mask(ranking, counts, geo.num_k_blocks), ranking, counts, budget
+    """The reference's selection: ``(block_mask [Hq, R, Kb], ranking, counts, budget)``."""
+    sel = reference_selection(q, k, ctx=ctx, params=params, scale=scale)
+    return sel.block_mask(), sel.ranking, sel.counts, sel.budget
 
 
 def oracle_row_mask(mass_row: torch.Tensor, gamma: float, forced: torch.Tensor) -> torch.Tensor:
