@@ -91,3 +91,58 @@ def test_variant_errors_are_clear(spec, message):
     args = run_eval.parse_args(["--models", "m=/m", "--gammas", "0.95", "--variant", spec])
     with pytest.raises(SystemExit, match=message):
         run_eval.engine_configs(args, on_cuda=True)
+
+
+def test_relabel_renames_one_part_before_the_join(tmp_path):
+    old = _part([_cell("m", "dense", None, "t1", 4096, 0.5), _cell("m", "proxyattn-0.95", 0.95, "t1", 4096, 0.2, 0.5)],
+                fidelity=[{"model": "m", "label": "proxyattn-0.95", "length": 4096, "top1_agreement": 0.9,
+                           "mean_kl": 0.1, "density": 0.5, "kept_mass": 0.9}])
+    new = _part([_cell("m", "proxyattn-0.95", 0.95, "t1", 4096, 0.4, 0.6)], date="2026-11-30T00:00:00+00:00")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    doc = merge.main([str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--out", str(tmp_path / "m.json"),
+                      "--no-plot", "--relabel", "old.json:proxyattn-0.95=notail-0.95"])
+    keyed = {c["label"]: c["accuracy"] for c in doc["cells"]}
+    assert keyed == {"proxyattn-0.95": 0.4, "notail-0.95": 0.2, "dense": 0.5}
+    assert not doc["repeats"]  # renamed rows are not repeats of the new configuration
+    assert doc["fidelity"][0]["label"] == "notail-0.95"
+    assert doc["parts"][1]["relabeled"] == {"proxyattn-0.95": "notail-0.95"} and "relabeled" not in doc["parts"][0]
+    assert {r["label"]: r["mean_drop"] for r in doc["summary"]} == pytest.approx({"proxyattn-0.95": 10.0, "notail-0.95": 30.0})
+    with pytest.raises(SystemExit, match="no rows labelled 'gone'"):
+        merge.main([str(tmp_path / "old.json"), "--out", str(tmp_path / "x.json"), "--relabel", "old.json:gone=x"])
+    with pytest.raises(SystemExit, match="not one of the parts"):
+        merge.main([str(tmp_path / "old.json"), "--out", str(tmp_path / "x.json"), "--relabel", "other.json:a=b"])
+    with pytest.raises(SystemExit, match="PART:OLD=NEW"):
+        merge.main([str(tmp_path / "old.json"), "--out", str(tmp_path / "x.json"), "--relabel", "old.json"])
+
+
+def test_no_dense_runs_only_sparse_engines_and_keeps_kept_mass():
+    args = run_eval.parse_args(["--models", "m=/m", "--gammas", "0.95", "--no-dense"])
+    assert [c["label"] for c in run_eval.engine_configs(args, on_cuda=True)] == ["proxyattn-0.95"]
+    with pytest.raises(SystemExit, match="nothing to run"):
+        run_eval.engine_configs(run_eval.parse_args(["--models", "m=/m", "--gammas", "", "--no-dense"]), on_cuda=True)
+
+    class _Logprobs:  # what fidelity.from_vllm returns, as far as add_fidelity reads it
+        def __init__(self, n):
+            self.token_logprobs = [0.0] * n
+
+    results = type("R", (), {})()
+    results.doc = {"fidelity": [], "layer_stats": [
+        {"model": "m", "label": "proxyattn-0.95", "length": 64, "layer": 0, "density": 0.5, "kept_mass": 0.9},
+        {"model": "m", "label": "proxyattn-0.95", "length": 64, "layer": 1, "density": 0.3, "kept_mass": None},
+    ]}
+    configs = run_eval.engine_configs(args, on_cuda=True)
+    run_eval.add_fidelity(results, "m", configs, [(64, [1] * 64)], {"proxyattn-0.95": [_Logprobs(63)]})
+    (row,) = results.doc["fidelity"]
+    assert row["top1_agreement"] is None and row["mean_kl"] is None and row["positions"] == 63
+    assert row["density"] == pytest.approx(0.4) and row["kept_mass"] == pytest.approx(0.9)
+
+
+def test_sparse_rows_wait_for_their_dense_twin():
+    """On CPU the sparse engines run first; their fidelity rows are written once dense ran."""
+    args = run_eval.parse_args(["--models", "m=/m", "--gammas", "0.95"])
+    configs = run_eval.engine_configs(args, on_cuda=False)
+    results = type("R", (), {})()
+    results.doc = {"fidelity": [], "layer_stats": []}
+    run_eval.add_fidelity(results, "m", configs, [(64, [1] * 64)], {"proxyattn-0.95": [object()]})
+    assert results.doc["fidelity"] == []

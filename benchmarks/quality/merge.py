@@ -8,6 +8,10 @@ configuration re-run with greedy decoding should agree exactly). ``parts`` recor
 file, date and command.
 
     python benchmarks/quality/merge.py part1.json part2.json --out benchmarks/results/quality_h200.json
+
+``--relabel PART:OLD=NEW`` renames one configuration of one part before the join, for a part
+whose label means something else today (e.g. ``proxyattn-0.95`` measured before a default
+changed, joined with a new ``proxyattn-0.95``); the rename is recorded under ``parts``.
 """
 from __future__ import annotations
 
@@ -30,6 +34,26 @@ _COMPARED = {"cells": ("accuracy", "n"), "fidelity": ("top1_agreement", "mean_kl
              "layer_stats": ("density", "kept_mass")}
 
 
+def relabel(doc: dict, old: str, new: str) -> dict:
+    """A copy of ``doc`` whose configuration ``old`` is called ``new`` (cells, fidelity, layer
+    statistics, timings' text and the recorded backends)."""
+    doc = json.loads(json.dumps(doc))
+    found = False
+    for field in _KEYS:
+        for row in doc.get(field, []):
+            if row.get("label") == old:
+                row["label"], found = new, True
+    for backend in doc.get("config", {}).get("backends", []):
+        if backend.get("label") == old:
+            backend["label"] = new
+    for timing in doc.get("timings", []):
+        timing["what"] = timing.get("what", "").replace(f" {old}", f" {new}")
+    if not found:
+        raise ValueError(f"--relabel: no rows labelled {old!r} in that part")
+    doc.setdefault("relabeled", {})[old] = new
+    return doc
+
+
 def merge(docs: list[dict], names: list[str]) -> dict:
     """One document from ``docs`` (in order of precedence); ``names`` label them in ``parts``."""
     if not docs:
@@ -38,7 +62,8 @@ def merge(docs: list[dict], names: list[str]) -> dict:
         "gpu": docs[0].get("gpu"),
         "date": max(d.get("date", "") for d in docs),
         "command": [d.get("command") for d in docs],
-        "parts": [{"file": n, "date": d.get("date"), "command": d.get("command")} for n, d in zip(names, docs)],
+        "parts": [{"file": n, "date": d.get("date"), "command": d.get("command"),
+                   **({"relabeled": d["relabeled"]} if d.get("relabeled") else {})} for n, d in zip(names, docs)],
         "models": {},
         "config": json.loads(json.dumps(docs[0].get("config", {}))),
         "cells": [], "fidelity": [], "layer_stats": [], "timings": [], "errors": [], "repeats": [],
@@ -77,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("parts", nargs="+", help="run_eval.py JSON files, first one wins on repeats")
     p.add_argument("--out", required=True, help="merged JSON (the heat map goes next to it)")
+    p.add_argument("--relabel", action="append", default=[], metavar="PART:OLD=NEW",
+                   help="rename configuration OLD of the part whose file name is PART (repeatable)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     docs = []
@@ -85,7 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
             docs.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"cannot read quality results {path}: {exc}") from exc
-    doc = merge(docs, [Path(p).name for p in args.parts])
+    names = [Path(p).name for p in args.parts]
+    for spec in args.relabel:
+        part, sep1, rest = spec.rpartition(":")
+        old, sep2, new = rest.partition("=")
+        if not (sep1 and sep2 and part and old and new):
+            raise SystemExit(f"--relabel must be PART:OLD=NEW (PART: a file name given); got {spec!r}")
+        if part not in names:
+            raise SystemExit(f"--relabel {spec!r}: {part!r} is not one of the parts {names}")
+        i = names.index(part)
+        try:
+            docs[i] = relabel(docs[i], old, new)
+        except ValueError as exc:
+            raise SystemExit(f"{exc} ({part})") from exc
+    doc = merge(docs, names)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

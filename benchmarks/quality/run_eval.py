@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "'dl0={\"dense_layers\": [0]}' (repeatable; labels must be unique)")
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     eng.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    eng.add_argument("--no-dense", action="store_true",
+                     help="skip the dense engine (its cells come from an earlier run of the same prompts: "
+                          "join them with merge.py); fidelity rows then carry density and kept mass only")
     eng.add_argument("--keep-going", action="store_true",
                      help="run the other configurations when an engine fails to start (default: stop)")
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
@@ -217,6 +220,10 @@ def engine_configs(args: argparse.Namespace, on_cuda: bool) -> list[dict]:
     if len(set(labels)) != len(labels):
         raise SystemExit(f"--variant labels must differ from each other and from the gamma engines "
                          f"(proxyattn-<gamma>); got {labels}")
+    if args.no_dense:
+        if not sparse:
+            raise SystemExit("--no-dense leaves nothing to run: give --gammas or --variant")
+        return sparse
     return [dense] + sparse if on_cuda else sparse + [dense]
 
 
@@ -385,7 +392,7 @@ def run_offline(args, models, lengths_by_model, results: Results) -> None:
                 free_engine(llm)
                 del llm
                 results.timing(f"{name} {cfg['label']}: engine teardown", time.time() - t0)
-            if fid_prompts and "dense" in fid_logprobs:
+            if fid_prompts:
                 add_fidelity(results, name, configs, fid_prompts, fid_logprobs)
             results.save()
 
@@ -489,15 +496,23 @@ def run_fidelity(llm, prompts, args, stats_dir, model, cfg, results) -> list:
 
 
 def add_fidelity(results, model, configs, prompts, logprobs) -> None:
-    """Fidelity rows of every proxyattn config measured so far (against dense), per length."""
+    """Fidelity rows of every proxyattn config measured so far, per length: agreement with dense
+    (once dense ran; ``None`` under ``--no-dense``), density and kept mass."""
     done = {(r["model"], r["label"]) for r in results.doc["fidelity"]}
-    dense = logprobs["dense"]
+    dense = logprobs.get("dense")
+    has_dense = any(cfg["proxyattn"] is None for cfg in configs)
     for cfg in configs:
         if cfg["proxyattn"] is None or cfg["label"] not in logprobs or (model, cfg["label"]) in done:
             continue
+        if has_dense and dense is None:
+            continue  # CPU order (sparse first): wait for the dense twin
         for length in sorted({length for length, _ in prompts}):
             idx = [i for i, (l, _) in enumerate(prompts) if l == length]
-            row = fidelity.compare([dense[i] for i in idx], [logprobs[cfg["label"]][i] for i in idx])
+            if dense is None:
+                row = dict.fromkeys(("top1_agreement", "mean_kl", "nll_dense", "nll_sparse"))
+                row["positions"] = int(sum(len(logprobs[cfg["label"]][i].token_logprobs) for i in idx))
+            else:
+                row = fidelity.compare([dense[i] for i in idx], [logprobs[cfg["label"]][i] for i in idx])
             layer_rows = [r for r in results.doc["layer_stats"]
                           if r["model"] == model and r["label"] == cfg["label"] and r["length"] == length]
             results.doc["fidelity"].append({
@@ -666,9 +681,9 @@ def print_tables(doc: dict) -> None:
         print("\nFidelity vs dense (essay windows; KL on the top-K support, see fidelity.py)")
         print(f"{'model':<10} {'config':<16} {'length':>6} {'top1':>6} {'KL':>8} {'nll d/s':>13} {'density':>8} {'kept':>6}")
         for r in doc["fidelity"]:
-            print(f"{r['model']:<10} {r['label']:<16} {r['length']:>6} {r['top1_agreement']:>6.3f} "
-                  f"{r['mean_kl']:>8.4f} {r['nll_dense']:>6.3f}/{r['nll_sparse']:<6.3f} "
-                  f"{_fmt(r['density']):>8} {_fmt(r['kept_mass']):>6}")
+            nll = f"{_fmt(r.get('nll_dense'))}/{_fmt(r.get('nll_sparse'))}"
+            print(f"{r['model']:<10} {r['label']:<16} {r['length']:>6} {_fmt(r.get('top1_agreement')):>6} "
+                  f"{_fmt(r.get('mean_kl'), 4):>8} {nll:>13} {_fmt(r.get('density')):>8} {_fmt(r.get('kept_mass')):>6}")
     labels = list(dict.fromkeys(c["label"] for c in doc["cells"]))
     print("\nAccuracy (density of the sparse configs in brackets)")
     print(f"{'model':<10} {'task':<18} {'length':>6} " + " ".join(f"{label:>20}" for label in labels))
@@ -686,8 +701,8 @@ def print_tables(doc: dict) -> None:
     print_summary(summarize(doc))
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 # --------------------------------------------------------------------------------------------
