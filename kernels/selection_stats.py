@@ -43,18 +43,53 @@ def selection_density(counts: torch.Tensor, ctx: int, q_len: int, block_size: in
 
 
 def query_rows(ctx: int, q_len: int, block_size: int, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's last ``min(num_queries, q_len)`` queries: absolute positions and block rows.
+    """``min(num_queries, q_len)`` queries spread evenly over the whole chunk, and their rows.
+
+    With ``n = num_queries < q_len`` the chunk offsets are ``i * (q_len - 1) // (n - 1)`` for
+    ``i = 0 .. n - 1``: deterministic, strictly increasing, always the chunk's first and last
+    query, consecutive gaps differing by at most one (``n == 1``: the last query only). With
+    ``q_len <= num_queries`` every query of the chunk.
+
+    Not the chunk's last queries: the query-block rows holding a chunk's last
+    ``dense_tail_tokens`` tokens compute every causal block by construction, so sampling the
+    tail would report a kept mass of ~1 whatever the sparse rows keep.
 
     Returns:
-        positions ``[n]`` int64 (absolute), rows ``[n]`` int64 (query-block row of the chunk).
+        positions ``[n]`` int64 (absolute, in ``[ctx, ctx + q_len)``), rows ``[n]`` int64
+        (query-block row of the chunk: ``position // block_size - ctx // block_size``).
     """
-    n = min(num_queries, q_len)
-    positions = torch.arange(ctx + q_len - n, ctx + q_len)
+    if num_queries < 1:
+        raise ValueError(f"num_queries must be >= 1; got {num_queries}")
+    if q_len <= num_queries:
+        offsets = torch.arange(q_len)
+    elif num_queries == 1:
+        offsets = torch.tensor([q_len - 1])
+    else:
+        offsets = torch.arange(num_queries) * (q_len - 1) // (num_queries - 1)
+    positions = ctx + offsets
     rows = positions // block_size - ctx // block_size
     return positions, rows
 
 
-def kept_attention_mass(
+def dense_tail_rows(counts: torch.Tensor, ctx: int, q_len: int, block_size: int) -> torch.Tensor:
+    """``[R]`` bool: the chunk's trailing rows in which every head computes every causal block.
+
+    The selection does not say which rows ``dense_tail_tokens`` made dense; this is the longest
+    run of fully dense rows ending at the chunk's last row, i.e. the dense tail (and any fully
+    dense rows just before it). All rows when the whole chunk runs dense (a short sequence), none
+    when the last row is sparse for some head. Device ops only (no host sync).
+
+    Args:
+        counts: ``[Hq, R]`` int blocks each head computes per query-block row.
+        ctx, q_len, block_size: the chunk geometry (host ints).
+    """
+    geo = ChunkGeometry(ctx, q_len, block_size)
+    extents = geo.first_q_block + 1 + torch.arange(counts.shape[1], device=counts.device)
+    dense = (counts >= extents).all(dim=0)  # [R]
+    return dense.flip(0).int().cumprod(0).flip(0).bool()
+
+
+def kept_mass_per_query(
     q: torch.Tensor,
     k: torch.Tensor,
     ranking: torch.Tensor,
@@ -66,27 +101,13 @@ def kept_attention_mass(
     heads: list[int],
     num_queries: int = 128,
 ) -> torch.Tensor:
-    """Share of each head's dense causal attention mass inside the blocks it computes.
+    """The kept mass of each sampled head and query, before averaging over the queries.
 
-    For head ``h`` and each of the chunk's last ``min(num_queries, q_len)`` queries (absolute
-    position ``p``), the dense softmax over keys ``[0, p]`` (fp32, ``scale`` applied) is summed
-    over the keys whose block is among the first ``counts[h, row(p)]`` entries of
-    ``ranking[group(h), row(p)]``; the result is the mean over those queries. A head that
-    computes every causal block keeps exactly 1.
-
-    Args:
-        q: ``[q_len, Hq, D]`` queries of the chunk, absolute positions ``[ctx, ctx + q_len)``.
-        k: ``[ctx + q_len, Hkv, D]`` keys (e.g. ``reference.gather_paged_kv`` of the cache).
-        ranking: ``[G, R, Kb]`` int key blocks per group and row (``-1`` past the frontier).
-        counts: ``[Hq, R]`` int prefix of ``ranking`` each head computes.
-        ctx: tokens before the chunk.
-        scale: softmax scale of the layer.
-        block_size: selection block size in tokens.
-        heads: query heads to measure (indices into ``Hq``).
-        num_queries: how many of the chunk's last queries to average over.
+    Arguments as :func:`kept_attention_mass`; the queries are those of :func:`query_rows`
+    (``query_rows(ctx, q_len, block_size, num_queries)`` gives their positions and rows).
 
     Returns:
-        ``[len(heads)]`` float32 on ``q.device``, each in ``[0, 1]``.
+        ``[len(heads), n]`` float32 on ``q.device``, each in ``[0, 1]``.
     """
     q_len, num_q_heads, _ = q.shape
     seq_len = ctx + q_len
@@ -106,8 +127,54 @@ def kept_attention_mass(
         logits = (q[positions - ctx, head].float() @ k[:, head // heads_per_kv].float().T) * scale
         probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [n, S]
         inside = block_mask[head, rows][:, key_block]  # [n, S]: the key's block is computed
-        kept.append((probs * inside).sum(dim=-1).mean())
+        kept.append((probs * inside).sum(dim=-1))
     return torch.stack(kept).clamp_(0.0, 1.0)
+
+
+def kept_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ranking: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    ctx: int,
+    scale: float,
+    block_size: int,
+    heads: list[int],
+    num_queries: int = 128,
+) -> torch.Tensor:
+    """Share of each head's dense causal attention mass inside the blocks it computes.
+
+    For head ``h`` and each of ``min(num_queries, q_len)`` queries spread evenly over the whole
+    chunk (:func:`query_rows`: always its first and last query; absolute position ``p``), the
+    dense softmax over keys ``[0, p]`` (fp32, ``scale`` applied) is summed over the keys whose
+    block is among the first ``counts[h, row(p)]`` entries of ``ranking[group(h), row(p)]``; the
+    result is the mean over those queries, an estimate of the whole chunk's average. A head that
+    computes every causal block keeps exactly 1.
+
+    The queries are spread over the chunk rather than taken from its end: the rows holding the
+    chunk's last ``dense_tail_tokens`` tokens compute every causal block, so the last queries
+    would measure the dense tail (kept mass 1 by construction), not the selection.
+
+    Args:
+        q: ``[q_len, Hq, D]`` queries of the chunk, absolute positions ``[ctx, ctx + q_len)``.
+        k: ``[ctx + q_len, Hkv, D]`` keys (e.g. ``reference.gather_paged_kv`` of the cache).
+        ranking: ``[G, R, Kb]`` int key blocks per group and row (``-1`` past the frontier).
+        counts: ``[Hq, R]`` int prefix of ``ranking`` each head computes.
+        ctx: tokens before the chunk.
+        scale: softmax scale of the layer.
+        block_size: selection block size in tokens.
+        heads: query heads to measure (indices into ``Hq``).
+        num_queries: how many evenly spaced queries of the chunk to average over (all of them
+            when the chunk has no more).
+
+    Returns:
+        ``[len(heads)]`` float32 on ``q.device``, each in ``[0, 1]``.
+    """
+    return kept_mass_per_query(
+        q, k, ranking, counts, ctx=ctx, scale=scale, block_size=block_size, heads=heads,
+        num_queries=num_queries,
+    ).mean(dim=-1)
 
 
 def sample_heads(num_q_heads: int, num_samples: int) -> list[int]:
@@ -120,7 +187,9 @@ def sample_heads(num_q_heads: int, num_samples: int) -> list[int]:
 
 __all__ = [
     "causal_blocks",
+    "dense_tail_rows",
     "kept_attention_mass",
+    "kept_mass_per_query",
     "query_rows",
     "sample_heads",
     "selection_density",

@@ -6,14 +6,21 @@ Disabled, the cost is one Python bool check per sparse chunk (``stats.ENABLED`` 
 ``impl.sparse_prefill``). Enabled, each sparse chunk appends one line::
 
     {"layer": 3, "ctx": 8192, "q_len": 8192, "causal_blocks": 192, "density": 0.41,
-     "kept_mass": 0.97, "pid": 1234}
+     "kept_mass": 0.93, "kept_mass_sparse_rows": 0.92, "pid": 1234}
 
 * ``density``: selected / causal key blocks of the chunk, averaged over query heads
   (``proxyattn_kernels.selection_stats.selection_density``; rows that run dense count as 1).
 * ``kept_mass``: with ``PROXYATTN_STATS_MASS_HEADS=N`` > 0 (default 4), for ``N`` evenly spaced
-  query heads and the chunk's last (up to) 128 queries, the share of the dense causal softmax
-  mass that falls inside the blocks the head computes, averaged over those heads and queries
-  (``kept_attention_mass``); ``null`` when ``N`` is 0.
+  query heads and (up to) 128 queries spread evenly over the whole chunk (its first and last
+  included), the share of the dense causal softmax mass that falls inside the blocks the head
+  computes, averaged over those heads and queries (``kept_attention_mass``); ``null`` when ``N``
+  is 0. The whole chunk, not its last queries: the rows of the chunk's last
+  ``dense_tail_tokens`` tokens compute every block, and sampling only them reported 1.0 at any
+  density. (Files written before this change measured the chunk's last 128 queries.)
+* ``kept_mass_sparse_rows``: the same heads and sampled queries, restricted to the queries in
+  rows before the chunk's dense tail (``selection_stats.dense_tail_rows``: the trailing rows
+  that compute every causal block for every head); ``null`` when ``N`` is 0 or no sampled query
+  lies before the tail (e.g. a chunk that runs dense).
 * ``causal_blocks``: causal key blocks of one head over the chunk's query-block rows, the
   weight of the chunk's density in a whole-prompt density (selected / causal blocks).
 * ``layer``: the layer index from the attention layer's name (``null`` if it has none).
@@ -27,13 +34,21 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 from collections import defaultdict
 
 import torch
 
 from proxyattn_kernels.reference import gather_paged_kv
-from proxyattn_kernels.selection_stats import causal_blocks, kept_attention_mass, sample_heads, selection_density
+from proxyattn_kernels.selection_stats import (
+    causal_blocks,
+    dense_tail_rows,
+    kept_mass_per_query,
+    query_rows,
+    sample_heads,
+    selection_density,
+)
 
 ENV_PATH = "PROXYATTN_STATS"
 ENV_MASS_HEADS = "PROXYATTN_STATS_MASS_HEADS"
@@ -51,8 +66,9 @@ class _Collector:
     def __init__(self, path: str, mass_heads: int):
         self.path = path
         self.mass_heads = mass_heads
-        # (fixed fields, density 0-dim tensor, kept mass [N] tensor or None)
-        self.pending: list[tuple[dict, torch.Tensor, torch.Tensor | None]] = []
+        # (fixed fields, density 0-dim tensor, kept mass and kept mass of the sparse rows,
+        # 0-dim tensors (the latter NaN when no sampled query is before the tail) or None)
+        self.pending: list[tuple[dict, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = []
 
     def record(self, query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index):
         q_len = query.shape[0]
@@ -60,11 +76,16 @@ class _Collector:
         kept = None
         if self.mass_heads > 0:
             keys, _ = gather_paged_kv(kv_cache, block_table_row, ctx + q_len)
-            kept = kept_attention_mass(
+            per_query = kept_mass_per_query(
                 query, keys, selection.ranking, selection.counts, ctx=ctx, scale=scale,
                 block_size=block_size, heads=sample_heads(query.shape[1], self.mass_heads),
                 num_queries=MASS_QUERIES,
-            )
+            )  # [N, n]
+            _, rows = query_rows(ctx, q_len, block_size, MASS_QUERIES)
+            sparse = ~dense_tail_rows(selection.counts, ctx, q_len, block_size)[rows.to(query.device)]  # [n]
+            # Masked mean, no host sync: 0 / 0 = NaN (written as null) when no query is sparse.
+            kept_sparse = (per_query * sparse).sum() / (sparse.sum() * per_query.shape[0])
+            kept = (per_query.mean(), kept_sparse)
         fields = {"layer": layer_index, "ctx": ctx, "q_len": q_len,
                   "causal_blocks": causal_blocks(ctx, q_len, block_size)}
         self.pending.append((fields, density, kept))
@@ -77,7 +98,9 @@ class _Collector:
         lines = []
         for fields, density, kept in self.pending:
             line = dict(fields, density=round(float(density), 6))
-            line["kept_mass"] = None if kept is None else round(float(kept.mean()), 6)
+            line["kept_mass"] = None if kept is None else round(float(kept[0]), 6)
+            sparse = None if kept is None else float(kept[1])
+            line["kept_mass_sparse_rows"] = None if sparse is None or math.isnan(sparse) else round(sparse, 6)
             line["pid"] = os.getpid()
             lines.append(json.dumps(line))
         self.pending.clear()
@@ -143,24 +166,28 @@ def read_lines(path: str | os.PathLike) -> list[dict]:
 
 
 def _means(lines: list[dict]) -> dict:
-    """``{"chunks", "density", "kept_mass"}`` over ``lines`` (non-empty).
+    """``{"chunks", "density", "kept_mass", "kept_mass_sparse_rows"}`` over ``lines`` (non-empty).
 
     ``density`` is selected / causal blocks over all the chunks: each chunk's density weighs
-    its ``causal_blocks`` (lines of older files, without it, weigh the same). ``kept_mass`` is
-    the mean over the chunks that have one (None when none has)."""
-    kept = [line["kept_mass"] for line in lines if line.get("kept_mass") is not None]
+    its ``causal_blocks`` (lines of older files, without it, weigh the same). ``kept_mass`` and
+    ``kept_mass_sparse_rows`` are the means over the chunks that have one (None when none has)."""
     weights = [line.get("causal_blocks") or 1 for line in lines]
-    return {
+    out = {
         "chunks": len(lines),
         "density": sum(w * line["density"] for w, line in zip(weights, lines)) / sum(weights),
-        "kept_mass": sum(kept) / len(kept) if kept else None,
     }
+    for key in ("kept_mass", "kept_mass_sparse_rows"):
+        values = [line[key] for line in lines if line.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 def summarize(lines: list[dict]) -> list[dict]:
-    """Per-layer means: ``[{"layer", "chunks", "density", "kept_mass"}]`` sorted by layer.
+    """Per-layer means: ``[{"layer", "chunks", "density", "kept_mass", "kept_mass_sparse_rows"}]``
+    sorted by layer.
 
-    ``kept_mass`` is None for a layer without kept-mass values. Every chunk weighs the same.
+    ``kept_mass`` (``kept_mass_sparse_rows``) is None for a layer without such values. For the
+    kept masses every chunk weighs the same.
     """
     by_layer: dict = defaultdict(list)
     for line in lines:
@@ -170,9 +197,9 @@ def summarize(lines: list[dict]) -> list[dict]:
 
 
 def overall(lines: list[dict]) -> dict:
-    """Means over every chunk of every layer: ``{"chunks", "density", "kept_mass"}``."""
+    """Means over every chunk of every layer: ``{"chunks", "density", "kept_mass", "kept_mass_sparse_rows"}``."""
     if not lines:
-        return {"chunks": 0, "density": None, "kept_mass": None}
+        return {"chunks": 0, "density": None, "kept_mass": None, "kept_mass_sparse_rows": None}
     return _means(lines)
 
 

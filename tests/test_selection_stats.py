@@ -10,7 +10,10 @@ import torch
 from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.selection_stats import (
     causal_blocks,
+    dense_tail_rows,
     kept_attention_mass,
+    kept_mass_per_query,
+    query_rows,
     sample_heads,
     selection_density,
 )
@@ -19,14 +22,23 @@ HQ, HKV, D, BLOCK = 4, 2, 16, 16
 SCALE = D**-0.5
 
 
-def _brute_kept(q, k, ranking, counts, ctx, block, heads, num_queries):
-    """Loops over heads, queries and keys: the definition of the kept mass."""
+def _spread(q_len, num_queries):
+    """Chunk offsets of ``num_queries`` queries spread evenly over ``q_len`` (first and last
+    included; all of them when there are no more), rounded down."""
+    if q_len <= num_queries:
+        return list(range(q_len))
+    return [int(i * (q_len - 1) / (num_queries - 1)) for i in range(num_queries)]
+
+
+def _brute_kept(q, k, ranking, counts, ctx, block, heads, num_queries=None, queries=None):
+    """Loops over heads, queries and keys: the definition of the kept mass, averaged over the
+    chunk offsets ``queries`` (default: ``num_queries`` spread evenly over the chunk)."""
     q_len, hq, _ = q.shape
+    queries = _spread(q_len, num_queries) if queries is None else list(queries)
     out = []
     for h in heads:
         g, kv = h // (hq // ranking.shape[0]), h // (hq // k.shape[1])
         total = 0.0
-        queries = range(max(0, q_len - num_queries), q_len)
         for i in queries:
             p = ctx + i
             logits = torch.stack([(q[i, h].double() @ k[j, kv].double()) * SCALE for j in range(p + 1)])
@@ -57,6 +69,102 @@ def test_density_and_kept_mass_match_brute_force(ctx, q_len, rng_seed):
     torch.testing.assert_close(kept.double(), expected, atol=1e-5, rtol=0)
 
 
+def test_query_rows_spread_over_the_whole_chunk():
+    # 1000 queries, 128 samples: first and last query, strictly increasing, gaps 7 or 8
+    positions, rows = query_rows(ctx=300, q_len=1000, block_size=64, num_queries=128)
+    assert positions.tolist() == [300 + i for i in _spread(1000, 128)]
+    assert len(positions) == 128 and int(positions[0]) == 300 and int(positions[-1]) == 1299
+    assert set(positions.diff().tolist()) == {7, 8}
+    assert rows.tolist() == [int(p) // 64 - 300 // 64 for p in positions]
+    assert int(rows[0]) == 0 and int(rows[-1]) == (1299 // 64) - (300 // 64)
+    # no more queries than samples: every query
+    positions, rows = query_rows(ctx=10, q_len=50, block_size=16, num_queries=128)
+    assert positions.tolist() == list(range(10, 60)) and rows.tolist() == [p // 16 for p in range(10, 60)]
+    assert query_rows(ctx=10, q_len=5, block_size=16, num_queries=5)[0].tolist() == [10, 11, 12, 13, 14]
+    # two samples: the chunk's ends; one: its last query
+    assert query_rows(ctx=0, q_len=70, block_size=16, num_queries=2)[0].tolist() == [0, 69]
+    assert query_rows(ctx=0, q_len=70, block_size=16, num_queries=1)[0].tolist() == [69]
+    with pytest.raises(ValueError, match="num_queries"):
+        query_rows(ctx=0, q_len=70, block_size=16, num_queries=0)
+
+
+def test_kept_mass_is_the_whole_chunk_not_its_dense_last_row():
+    """Uniform attention (q = k = 0); 4 rows of 16 queries. Rows 0..2 compute only their diagonal
+    block, the last row (a dense tail) every block. Sampling the chunk's last 16 queries (the old
+    rule) measured only the dense row: 1.0. The whole-chunk average is far lower."""
+    q_len = 64
+    q, k = torch.zeros(q_len, 1, D), torch.zeros(q_len, 1, D)
+    ranking = torch.tensor([[[r] + [b for b in range(4) if b != r] for r in range(4)]], dtype=torch.int32)
+    counts = torch.tensor([[1, 1, 1, 4]], dtype=torch.int32)
+    kept = kept_attention_mass(q, k, ranking, counts, ctx=0, scale=1.0, block_size=BLOCK,
+                               heads=[0], num_queries=16)
+
+    def kept_of(p):  # query p sees p + 1 keys; rows 0..2 keep those of their own block
+        r = p // BLOCK
+        return 1.0 if r == 3 else (p - BLOCK * r + 1) / (p + 1)
+
+    offsets = [i * 63 // 15 for i in range(16)]  # 0, 4, 8, ..., 63
+    assert offsets[0] == 0 and offsets[-1] == 63
+    expected = sum(kept_of(p) for p in offsets) / 16
+    torch.testing.assert_close(kept, torch.tensor([expected]))
+    assert float(kept) < 0.7
+    # the old sampling: the chunk's last 16 queries, all in the dense row
+    old = _brute_kept(q, k, ranking, counts, 0, BLOCK, [0], queries=range(q_len - 16, q_len))
+    assert float(old) == pytest.approx(1.0)
+    # per query: the dense row's samples keep 1, the others less
+    per_query = kept_mass_per_query(q, k, ranking, counts, ctx=0, scale=1.0, block_size=BLOCK,
+                                    heads=[0], num_queries=16)
+    torch.testing.assert_close(per_query, torch.tensor([[kept_of(p) for p in offsets]]))
+    assert dense_tail_rows(counts, 0, q_len, BLOCK).tolist() == [False, False, False, True]
+
+
+def test_kept_mass_with_a_dense_tail_matches_a_direct_computation(rng_seed):
+    """A reference selection with ``dense_tail_tokens``: the kept mass equals the mean over the
+    evenly spaced queries computed directly in torch, and is below the tail's 1.0."""
+    ctx, q_len, tail, n = 48, 200, 32, 24
+    q = torch.randn(q_len, HQ, D)
+    k = torch.randn(ctx + q_len, HKV, D) * 2
+    params = ProxyAttnParams(gamma=0.6, stride=4, block_size=BLOCK, num_groups=1, min_budget_blocks=1,
+                             min_sparse_len=0, max_density=0.3, dense_tail_tokens=tail)
+    _, sel = proxyattn_prefill_reference(q, k, k, ctx=ctx, params=params, scale=SCALE)
+    heads = list(range(HQ))
+    kept = kept_attention_mass(q, k, sel.ranking, sel.counts, ctx=ctx, scale=SCALE, block_size=BLOCK,
+                               heads=heads, num_queries=n)
+
+    # direct: dense softmax of every query, masked to the selected blocks, at the spread offsets
+    offsets = torch.tensor(_spread(q_len, n))
+    pos = ctx + offsets
+    rows = pos // BLOCK - ctx // BLOCK
+    key_pos = torch.arange(ctx + q_len)
+    expected = []
+    for h in heads:
+        logits = (q[offsets, h].double() @ k[:, h // (HQ // HKV)].double().T) * SCALE
+        probs = torch.softmax(logits.masked_fill(key_pos[None] > pos[:, None], float("-inf")), dim=-1)
+        chosen = torch.zeros(len(offsets), ctx + q_len, dtype=torch.bool)
+        for j, r in enumerate(rows.tolist()):
+            for b in sel.ranking[0, r, : sel.counts[h, r]].tolist():
+                chosen[j, b * BLOCK : (b + 1) * BLOCK] = True
+        expected.append(float((probs * chosen).sum(-1).mean()))
+    torch.testing.assert_close(kept.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
+
+    # the tail rows are dense; the last queries (the old sampling) keep everything
+    tail_rows = dense_tail_rows(sel.counts, ctx, q_len, BLOCK)
+    first_tail = sel.geometry.first_tail_row(tail)
+    assert tail_rows.tolist() == [r >= first_tail for r in range(sel.geometry.num_q_blocks)]
+    old = _brute_kept(q, k, sel.ranking, sel.counts, ctx, BLOCK, heads, queries=range(q_len - tail, q_len))
+    torch.testing.assert_close(old, torch.ones(HQ, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert float(kept.mean()) < 0.99
+
+
+def test_dense_tail_rows_is_the_trailing_fully_dense_run():
+    # ctx 32, 4 rows of 16: extents 3, 4, 5, 6
+    counts = torch.tensor([[3, 2, 5, 6], [3, 4, 5, 6]])  # row 0 dense, row 1 sparse (head 0), 2..3 dense
+    assert dense_tail_rows(counts, 32, 64, 16).tolist() == [False, False, True, True]
+    counts[0, 3] = 5  # the last row sparse for one head: no tail
+    assert dense_tail_rows(counts, 32, 64, 16).tolist() == [False] * 4
+    assert dense_tail_rows(torch.tensor([[3, 4, 5, 6]]), 32, 64, 16).tolist() == [True] * 4
+
+
 def test_full_selection_keeps_all_mass_and_is_dense():
     ctx, q_len = 40, 60
     q, k = torch.randn(q_len, HQ, D), torch.randn(ctx + q_len, HKV, D)
@@ -70,7 +178,8 @@ def test_full_selection_keeps_all_mass_and_is_dense():
 
 def test_hand_built_selection_exact_value():
     """One query at position 31 (block 1), uniform attention over its 32 keys: a head keeping
-    only block 1 keeps 16/32 of the mass; one keeping blocks 1 and 0 keeps all of it."""
+    only block 1 keeps 16/32 of the mass; one keeping blocks 1 and 0 keeps all of it. Two
+    queries: the chunk's first (position 0, its one key in block 0, kept by both heads) too."""
     q = torch.zeros(32, 2, D)
     k = torch.zeros(32, 1, D)
     ranking = torch.tensor([[[0, -1], [1, 0]]], dtype=torch.int32)  # [G=1, R=2, Kb=2]
@@ -78,6 +187,9 @@ def test_hand_built_selection_exact_value():
     kept = kept_attention_mass(q, k, ranking, counts, ctx=0, scale=1.0, block_size=BLOCK,
                                heads=[0, 1], num_queries=1)
     torch.testing.assert_close(kept, torch.tensor([0.5, 1.0]))
+    kept = kept_attention_mass(q, k, ranking, counts, ctx=0, scale=1.0, block_size=BLOCK,
+                               heads=[0, 1], num_queries=2)
+    torch.testing.assert_close(kept, torch.tensor([0.75, 1.0]))
     assert float(selection_density(counts, 0, 32, BLOCK)) == pytest.approx((1 + 1 + 1 + 2) / (2 * 3))
 
 
@@ -117,8 +229,9 @@ def _chunk(ctx, q_len, seed=0):
     [
         (dict(gamma=1.0, min_budget_blocks=1000), True),
         (dict(gamma=0.5, min_budget_blocks=1, max_density=0.3), False),
+        (dict(gamma=0.5, min_budget_blocks=1, max_density=0.3, dense_tail_tokens=16), False),
     ],
-    ids=["full-density", "sparse"],
+    ids=["full-density", "sparse", "sparse-dense-tail"],
 )
 def test_collector_writes_sane_lines(collector, params, full):
     from proxyattn_vllm.impl import sparse_prefill
@@ -140,13 +253,24 @@ def test_collector_writes_sane_lines(collector, params, full):
         assert 0.0 < line["density"] <= 1.0 and 0.0 <= line["kept_mass"] <= 1.0
         if full:
             assert line["density"] == 1.0 and line["kept_mass"] == pytest.approx(1.0, abs=1e-5)
+            assert line["kept_mass_sparse_rows"] is None  # every row dense: no sparse row
+        elif line["kept_mass_sparse_rows"] is not None:
+            # the tail keeps everything, so leaving it out can only lower the mean
+            assert 0.0 <= line["kept_mass_sparse_rows"] <= line["kept_mass"] + 1e-6
     if not full:
         assert any(line["density"] < 1.0 for line in lines)
+        assert any(line["kept_mass_sparse_rows"] is not None for line in lines)
+        if p.dense_tail_tokens:
+            assert any(x["kept_mass_sparse_rows"] is not None and x["kept_mass_sparse_rows"] < x["kept_mass"] - 1e-4
+                       for x in lines)
 
     (row,) = stats.summarize(lines)
     assert row["layer"] == 5 and row["chunks"] == 2
     # selected / causal blocks of both chunks: each chunk's density weighs its causal blocks
     assert row["density"] == pytest.approx((6 * lines[0]["density"] + 15 * lines[1]["density"]) / 21)
+    assert row["kept_mass"] == pytest.approx((lines[0]["kept_mass"] + lines[1]["kept_mass"]) / 2)
+    sparse_rows = [x["kept_mass_sparse_rows"] for x in lines if x["kept_mass_sparse_rows"] is not None]
+    assert row["kept_mass_sparse_rows"] == (pytest.approx(sum(sparse_rows) / len(sparse_rows)) if sparse_rows else None)
 
 
 def test_collector_off_writes_nothing_and_density_only_mode(collector):
@@ -162,4 +286,5 @@ def test_collector_off_writes_nothing_and_density_only_mode(collector):
     stats.configure(None)  # flushes
     (line,) = [json.loads(x) for x in path.read_text().splitlines()]
     assert line["layer"] is None and line["kept_mass"] is None and 0.0 < line["density"] <= 1.0
+    assert line["kept_mass_sparse_rows"] is None
     assert stats.overall([line])["density"] == line["density"]
