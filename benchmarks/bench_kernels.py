@@ -34,14 +34,15 @@ from dataclasses import asdict, replace
 import torch
 import triton
 
-from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, default_tile_config
-from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask, union_page_plan
+from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_block_mask, union_page_plan
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
+TAIL_TOKENS = 128  # the default dense_tail_tokens
 
 
 def log(msg: str) -> None:
@@ -56,7 +57,7 @@ def make_cache(seq_len, hkv, d, page, dtype, device):
     return physical.permute(0, 2, 1, 3), table
 
 
-def synthetic_selection(hq, groups, ctx, q_len, block, density, device):
+def synthetic_selection(hq, groups, ctx, q_len, block, density, device, tail_tokens=0):
     """A selection with the real structure (diagonal + sink first, then a random ranking) and a
     per-head budget of ``ceil(density * Kb)`` blocks: random weights give flat proxy scores,
     so benchmarks control density explicitly and report the density actually used."""
@@ -64,7 +65,7 @@ def synthetic_selection(hq, groups, ctx, q_len, block, density, device):
     num_k_blocks = -(-(ctx + q_len) // block)
     scores = torch.rand(groups, num_rows, num_k_blocks, device=device)
     budget = torch.full((hq,), max(1, math.ceil(density * num_k_blocks)), dtype=torch.int32, device=device)
-    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1)
+    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, tail_tokens)
     extents = ctx // block + 1 + torch.arange(num_rows, device=device)
     used = float(counts.sum() / (extents.sum() * hq))
     return ranking, counts, used
@@ -102,18 +103,22 @@ def fa3_dense(fa3, q, kv, table, seq_len, scale, out):
     )
 
 
-def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out):
+def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=0):
     """The selection through FA3: one pseudo-request per query block over the union of its
-    heads' selected blocks (kernels/block_sparse_attn/union_pages.py; plan included in the time)."""
+    heads' selected blocks (kernels/block_sparse_attn/union_pages.py; plan included in the time).
+    ``tail_tokens`` > 0: the dense tail rows in a call of their own, first, as the backend does."""
     d = q.shape[-1]
     plan = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
                            page_size=kv.shape[2])
     k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
-    return fa3(
-        q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_q=plan.max_seqlen_q,
-        seqused_k=plan.seqused_k, max_seqlen_k=plan.max_seqlen_k, softmax_scale=scale, causal=True,
-        block_table=plan.block_table, fa_version=3,
-    )
+    geo = ChunkGeometry(ctx, q.shape[0], block)
+    for tokens, rows in tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens)):
+        fa3(
+            q=q[tokens], k=k_cache, v=v_cache, out=out[tokens], cu_seqlens_q=rows.cu_seqlens_q,
+            max_seqlen_q=rows.max_seqlen_q, seqused_k=rows.seqused_k, max_seqlen_k=rows.max_seqlen_k,
+            softmax_scale=scale, causal=True, block_table=rows.block_table, fa_version=3,
+        )
+    return out
 
 
 def union_density(ranking, counts, ctx, q_len, block):
@@ -328,6 +333,27 @@ def main() -> int:
                                  density=density, used=used, counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms)
                 cases.append(case)
                 log(f"{case['name']}: attn {t['median']:.3f} ms, fa3 {case['fa3_dense_ms']}, sel {case['selection_ms']}")
+            # The dense tail (the default dense_tail_tokens rows compute every causal block): its
+            # rows launched first (default) vs in their natural place (last); FA3 in two calls
+            # (the tail first, as the backend does) vs one.
+            ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 0.1, device, TAIL_TOKENS)
+            heavy = ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS)
+            for heavy_rows, suffix in (() if args.only_sweep else ((heavy, ""), (0, " launched-last"))):
+                t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                                    block_size=block, tile=tile, heavy_rows=heavy_rows))
+                cases.append(make_case(f"{name} page{page} density0.1 tail{TAIL_TOKENS}{suffix}", "triton",
+                                       asdict(tile), shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page,
+                                       block=block, density=0.1, used=used, counts=counts, t=t, sel_ms=sel_ms,
+                                       fa3_ms=fa3_ms))
+                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+            for tail, suffix in (() if args.only_sweep or fa3 is None else ((TAIL_TOKENS, ""), (0, " one-call"))):
+                t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail))
+                cases.append(make_case(f"{name} page{page} density0.1 tail{TAIL_TOKENS} fa3-union{suffix}",
+                                       "fa3-union", None, shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len,
+                                       page=page, block=block, density=0.1,
+                                       used=union_density(ranking, counts, ctx, q_len, block), counts=counts,
+                                       t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
+                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
             for density in () if args.only_sweep or fa3 is None else (1.0, 0.1):
                 ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
                 used = union_density(ranking, counts, ctx, q_len, block)

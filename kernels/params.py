@@ -93,3 +93,7 @@ class ChunkGeometry:
             return self.num_q_blocks
         first_tail_token = max(self.ctx, self.seq_len - tail_tokens)
         return first_tail_token // self.block_size - self.first_q_block
+
+    def num_tail_rows(self, tail_tokens: int) -> int:
+        """Rows from :meth:`first_tail_row` to the chunk's end (0 when ``tail_tokens`` is 0)."""
+        return self.num_q_blocks - self.first_tail_row(tail_tokens)

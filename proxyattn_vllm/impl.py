@@ -22,10 +22,11 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
-from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
+
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
-from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
+from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_page_plan
 from proxyattn_kernels.selection import select_blocks_paged
 
 from . import stats, warmup
@@ -82,9 +83,11 @@ def sparse_prefill(
             query, kv_cache, block_table_row, selection, ctx=ctx, scale=scale,
             block_size=params.block_size, layer_index=layer_index,
         )
+    geometry = ChunkGeometry(ctx, query.shape[0], params.block_size)
     block_sparse_attn(
         query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
         ctx=ctx, scale=scale, block_size=params.block_size,
+        heavy_rows=geometry.num_tail_rows(params.dense_tail_tokens),  # dense tail rows start first
     )
 
 
@@ -302,10 +305,13 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 query, kv_cache, pages, output, ctx=ctx, scale=self.scale, block_size=params.block_size
             )
             return
-        self._dense_varlen(
-            layer, query, kv_cache, output, pages.cu_seqlens_q, pages.max_seqlen_q,
-            pages.seqused_k, pages.max_seqlen_k, pages.block_table,
-        )
+        # The dense tail rows read every causal page: their own call first (tail_first_calls).
+        geometry = ChunkGeometry(ctx, query.shape[0], params.block_size)
+        for tokens, rows in tail_first_calls(pages, geometry, geometry.first_tail_row(params.dense_tail_tokens)):
+            self._dense_varlen(
+                layer, query[tokens], kv_cache, output[tokens], rows.cu_seqlens_q, rows.max_seqlen_q,
+                rows.seqused_k, rows.max_seqlen_k, rows.block_table,
+            )
 
     def _is_dense_layer(self, layer: torch.nn.Module) -> bool:
         if self._dense_layer is None:

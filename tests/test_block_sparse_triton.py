@@ -20,12 +20,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6, full=False, tile=None,
-             atol=None):
+             atol=None, tail_tokens=0, heavy_rows=0):
     q = torch.randn(q_len, hq, d, device=DEVICE).to(dtype)
     k = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
     v = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
     params = ProxyAttnParams(gamma=1.0 if full else gamma, block_size=block, num_groups=groups,
-                             min_budget_blocks=1, sink_blocks=1, local_blocks=1, min_sparse_len=0)
+                             min_budget_blocks=1, sink_blocks=1, local_blocks=1, min_sparse_len=0,
+                             dense_tail_tokens=tail_tokens)
     _, sel = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params)
     assert (sel.ranking[:, :, 0] == sel.geometry.first_q_block + torch.arange(
         sel.geometry.num_q_blocks, device=DEVICE)).all(), "the kernel relies on the diagonal first"
@@ -33,7 +34,7 @@ def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6,
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
     block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, out, ctx=ctx, scale=scale,
-                      block_size=block, tile=tile)
+                      block_size=block, tile=tile, heavy_rows=heavy_rows)
     expected = block_sparse_attention(q, k, v, ctx, sel.block_mask(), scale, block)
     assert not out.isnan().any(), "every output element must be written"
     tol = atol if atol is not None else {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
@@ -94,6 +95,17 @@ def test_score_order_equals_naive(rng_seed):
              tile=TileConfig(32, 32, 4, 1, use_tma=False, position_order=False))
 
 
+@pytest.mark.parametrize("tail_tokens,heavy_rows", [(20, 1), (40, 2), (40, 3), (1000, None)])
+@pytest.mark.parametrize("tile", [None, TileConfig(16, 16, 4, 1, use_tma=False)])
+def test_heavy_rows_first_covers_every_tile_once(rng_seed, tail_tokens, heavy_rows, tile):
+    """Launching the dense tail rows first (``heavy_rows``) changes only the programs' order:
+    every query tile of every head is still computed (the output is NaN-poisoned), with several
+    query tiles per block too. ``None``: every row of the chunk is heavy."""
+    geometry_rows = (61 + 67 - 1) // 32 - 61 // 32 + 1
+    run_case(6, 2, 16, 61, 67, 32, 16, torch.float32, groups=2, tile=tile, tail_tokens=tail_tokens,
+             heavy_rows=geometry_rows if heavy_rows is None else heavy_rows)
+
+
 def test_head_block_lists_are_each_heads_selection_by_position(rng_seed):
     groups, rows, num_k_blocks, hq = 2, 3, 9, 6
 
@@ -128,6 +140,8 @@ def test_rejects_bad_inputs():
                           block_size=16)
     with pytest.raises(ValueError, match="ranking shape"):
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=20, scale=1.0, block_size=16)
+    with pytest.raises(ValueError, match=r"heavy_rows=2 must be in \[0, 1\]"):
+        block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16, heavy_rows=2)
     with pytest.raises(ValueError, match="covers 16 tokens"):
         block_sparse_attn(q, kv, table[:1], sel[0], sel[1], q.clone(), ctx=7, scale=1.0, block_size=16) \
             if False else block_sparse_attn(torch.zeros(20, 4, 32), kv, table[:1], *select_blocks(

@@ -11,7 +11,7 @@ import torch
 
 from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
-from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask, union_page_plan
+from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_block_mask, union_page_plan
 
 from tests._paged import make_paged
 
@@ -75,3 +75,34 @@ def test_union_plan_rejects_pages_larger_than_blocks():
     with pytest.raises(ValueError, match="multiple of page_size"):
         union_page_plan(ranking, torch.ones(1, 1, dtype=torch.int32), torch.zeros(4, dtype=torch.int32),
                         ctx=0, q_len=8, block_size=16, page_size=32)
+
+
+@pytest.mark.parametrize("ctx,q_len,tail_tokens,expected_calls", [
+    (37, 100, 20, 2),   # ctx not block-aligned; the tail is the last row
+    (37, 100, 40, 2),   # the tail spans two rows
+    (0, 100, 0, 1),     # no tail: one call
+    (37, 20, 50, 1),    # the tail covers the whole chunk: one call
+])
+def test_tail_first_calls_cover_the_chunk_once(rng_seed, ctx, q_len, tail_tokens, expected_calls):
+    """The dense tail's own call, then the rest: together the calls compute what the whole plan
+    does (each call's queries through its rows' rebased offsets)."""
+    block, page, hq, hkv, d = 32, 16, 4, 2, 16
+    q = torch.randn(q_len, hq, d)
+    k = torch.randn(ctx + q_len, hkv, d)
+    v = torch.randn(ctx + q_len, hkv, d)
+    params = ProxyAttnParams(gamma=0.5, block_size=block, num_groups=1, min_budget_blocks=1, sink_blocks=1,
+                             local_blocks=1, min_sparse_len=0, dense_tail_tokens=tail_tokens)
+    _, sel = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params)
+    kv_cache, table = make_paged(k, v, page)
+    plan = union_page_plan(sel.ranking, sel.counts, table, ctx=ctx, q_len=q_len, block_size=block, page_size=page)
+    geo = sel.geometry
+    calls = tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens))
+    assert len(calls) == expected_calls
+    out = torch.full_like(q, float("nan"))
+    for tokens, sub in calls:
+        assert int(sub.cu_seqlens_q[0]) == 0 and int(sub.cu_seqlens_q[-1]) == tokens.stop - tokens.start
+        out[tokens] = varlen_paged_causal(q[tokens], kv_cache, sub, d**-0.5)
+    if expected_calls == 2:  # the tail first: the rows from first_tail_row, to the chunk's end
+        assert calls[0][0].stop == q_len and calls[1][0].start == 0 and calls[0][0].start == calls[1][0].stop
+        assert len(calls[0][1].seqused_k) == geo.num_tail_rows(tail_tokens)
+    torch.testing.assert_close(out, varlen_paged_causal(q, kv_cache, plan, d**-0.5), atol=0, rtol=0)

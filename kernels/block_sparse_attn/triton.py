@@ -113,28 +113,42 @@ def _attend_tile_tma(
 # JIT-compile new variants while serving.
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
 # shape while serving (kernels/warmup.py compiles the rest at startup).
-@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "stride_rank_group", "stride_rank_row",
-                               "stride_count_head"])
+@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows", "stride_rank_group",
+                               "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
-    ctx, seq_len, first_q_block, qk_scale,
+    ctx, seq_len, first_q_block, num_rows, heavy_rows, qk_scale,
     stride_q_tok, stride_q_head,
     stride_kv_page, stride_kv_head, stride_kv_tok,
     stride_rank_group, stride_rank_row,
     stride_count_head,
     stride_o_tok, stride_o_head,
-    HEADS_PER_KV: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, HEADS_PER_KV: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     SEQUENTIAL_KEYS: tl.constexpr,
 ):
     SUB_M: tl.constexpr = BLOCK_SIZE // BLOCK_M  # query tiles per query block
     SUB_N: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key tiles per key block
+    # Launch order (programs start roughly in id order): the query tiles of the chunk's last
+    # ``heavy_rows`` rows, all heads, last tile first; then every other tile, head by head (rows
+    # of one head side by side share their key tiles in L2). A heavy row (a dense tail row
+    # computes every causal block, ~1/density times the others' work) left at its natural place
+    # would start when the GPU is nearly done and run alone; first, it overlaps with the rest.
     pid = tl.program_id(0)
-    head = tl.program_id(1)
-    row = pid // SUB_M
+    tiles_per_head = num_rows * SUB_M
+    heavy_tiles = heavy_rows * SUB_M
+    num_heavy = heavy_tiles * NUM_Q_HEADS
+    if pid < num_heavy:
+        head = pid % NUM_Q_HEADS
+        tile = tiles_per_head - 1 - pid // NUM_Q_HEADS
+    else:
+        light_tiles = tl.maximum(tiles_per_head - heavy_tiles, 1)
+        head = (pid - num_heavy) // light_tiles
+        tile = (pid - num_heavy) % light_tiles
+    row = tile // SUB_M
     q_block = first_q_block + row
-    tile_start = q_block * BLOCK_SIZE + (pid % SUB_M) * BLOCK_M
+    tile_start = q_block * BLOCK_SIZE + (tile % SUB_M) * BLOCK_M
     # A tile entirely before the chunk (first row) or past its end (last row) has no queries.
     if tile_start + BLOCK_M <= ctx or tile_start >= seq_len:
         return
@@ -254,6 +268,7 @@ def block_sparse_attn(
     scale: float,
     block_size: int,
     tile: TileConfig | None = None,
+    heavy_rows: int = 0,
 ) -> torch.Tensor:
     """Block-sparse causal attention of one prefill chunk, written into ``out``.
 
@@ -271,6 +286,10 @@ def block_sparse_attn(
         scale: softmax scale.
         block_size: selection block size (a multiple of 16).
         tile: launch parameters; defaults to :func:`default_tile_config`.
+        heavy_rows: the chunk's last ``heavy_rows`` query-block rows are launched before the
+            others (rows that compute far more blocks, e.g. the dense tail of
+            ``dense_tail_tokens``: ``num_rows - geometry.first_tail_row(...)``). Only the order
+            of the programs changes, not the result.
 
     Returns:
         ``out``.
@@ -298,6 +317,8 @@ def block_sparse_attn(
                          f"block_size={block_size}")
     if counts.shape != (num_q_heads, num_rows) or counts.stride(-1) != 1 or ranking.stride(-1) != 1:
         raise ValueError(f"counts shape {tuple(counts.shape)} != {(num_q_heads, num_rows)} or not contiguous")
+    if not 0 <= heavy_rows <= num_rows:
+        raise ValueError(f"heavy_rows={heavy_rows} must be in [0, {num_rows}] (the chunk's query-block rows)")
     if block_table.numel() * page_size < seq_len:
         raise ValueError(f"block_table covers {block_table.numel() * page_size} tokens < seq_len={seq_len}")
     tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu", page_size)
@@ -314,16 +335,16 @@ def block_sparse_attn(
         if not ranking.is_contiguous():
             raise ValueError("ranking must be contiguous")
         tile_rows = ranked_tile_rows(ranking, block_table, block_size, tile.block_n, page_size)
-    grid = (num_rows * (block_size // tile.block_m), num_q_heads)
+    grid = (num_rows * (block_size // tile.block_m) * num_q_heads,)
     _block_sparse_attn_kernel[grid](
         q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out,
-        ctx, seq_len, first_q_block, scale * _LOG2E,
+        ctx, seq_len, first_q_block, num_rows, heavy_rows, scale * _LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         ranking.stride(0), ranking.stride(1),
         counts.stride(0),
         out.stride(0), out.stride(1),
-        HEADS_PER_KV=num_q_heads // num_kv_heads,
+        NUM_Q_HEADS=num_q_heads, HEADS_PER_KV=num_q_heads // num_kv_heads,
         HEADS_PER_GROUP=heads_per_group,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,

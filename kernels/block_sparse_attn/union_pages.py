@@ -108,3 +108,26 @@ def union_page_plan(
         cu_seqlens_q, seqused_k, pages, min(block_size, q_len), num_k_blocks * block_size, union_blocks,
         ordered.to(torch.int32)[None],
     )
+
+
+def tail_first_calls(plan: UnionPagePlan, geo: ChunkGeometry, first_tail_row: int) -> list[tuple[slice, UnionPagePlan]]:
+    """The kernel calls of a plan: ``[(chunk token slice, plan of those rows)]``.
+
+    Rows ``[first_tail_row, R)`` (the dense tail of ``dense_tail_tokens``, which reads every
+    causal page) come first, in a call of their own, then the other rows. In one call the tail's
+    pseudo-requests would be scheduled last and run alone on a nearly idle GPU; alone, a
+    split-KV kernel (FA3's heuristic) spreads their keys over the GPU. One call when there is
+    no tail or only tail. Slices of the plan's tensors (``cu_seqlens_q`` rebased: one tensor op)."""
+    num_rows = geo.num_q_blocks
+    if not 0 < first_tail_row < num_rows:
+        return [(slice(0, geo.q_len), plan)]
+    split = max(geo.ctx, (geo.first_q_block + first_tail_row) * geo.block_size) - geo.ctx
+    calls = []
+    for rows, tokens in ((slice(first_tail_row, num_rows), slice(split, geo.q_len)),
+                         (slice(0, first_tail_row), slice(0, split))):
+        calls.append((tokens, plan._replace(
+            cu_seqlens_q=plan.cu_seqlens_q[rows.start : rows.stop + 1] - tokens.start,
+            seqused_k=plan.seqused_k[rows], block_table=plan.block_table[rows],
+            union_blocks=plan.union_blocks[rows], union_ranking=plan.union_ranking[:, rows],
+        )))
+    return calls
