@@ -43,6 +43,7 @@ from proxyattn_kernels.select.naive import select_blocks
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
 TAIL_TOKENS = 128  # the default dense_tail_tokens
+SPREAD = 0.5  # head budgets from 0.5x to 1.5x the mean (the spread cases)
 
 
 def log(msg: str) -> None:
@@ -57,14 +58,17 @@ def make_cache(seq_len, hkv, d, page, dtype, device):
     return physical.permute(0, 2, 1, 3), table
 
 
-def synthetic_selection(hq, groups, ctx, q_len, block, density, device, tail_tokens=0):
+def synthetic_selection(hq, groups, ctx, q_len, block, density, device, tail_tokens=0, spread=0.0):
     """A selection with the real structure (diagonal + sink first, then a random ranking) and a
     per-head budget of ``ceil(density * Kb)`` blocks: random weights give flat proxy scores,
-    so benchmarks control density explicitly and report the density actually used."""
+    so benchmarks control density explicitly and report the density actually used.
+    ``spread`` > 0: head ``h``'s budget is scaled by ``1 - spread + 2 * spread * h / (Hq - 1)``
+    (same mean, unequal heads, as gamma budgets are; a union kernel computes the largest)."""
     num_rows = (ctx + q_len - 1) // block - ctx // block + 1
     num_k_blocks = -(-(ctx + q_len) // block)
     scores = torch.rand(groups, num_rows, num_k_blocks, device=device)
-    budget = torch.full((hq,), max(1, math.ceil(density * num_k_blocks)), dtype=torch.int32, device=device)
+    scale = 1 - spread + 2 * spread * torch.arange(hq, device=device) / max(hq - 1, 1)
+    budget = (density * num_k_blocks * scale).ceil().clamp(min=1).to(torch.int32)
     ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, tail_tokens)
     extents = ctx // block + 1 + torch.arange(num_rows, device=device)
     used = float(counts.sum() / (extents.sum() * hq))
@@ -353,6 +357,23 @@ def main() -> int:
                                        page=page, block=block, density=0.1,
                                        used=union_density(ranking, counts, ctx, q_len, block), counts=counts,
                                        t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
+                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+            # Unequal head budgets (as gamma gives): the union kernel computes the largest head's.
+            ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 0.1, device, spread=SPREAD)
+            for kernel in () if args.only_sweep else ("triton", "fa3-union"):
+                if kernel == "triton":
+                    t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                                        block_size=block, tile=tile))
+                elif fa3 is not None:
+                    t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out))
+                else:
+                    continue
+                cases.append(make_case(
+                    f"{name} page{page} density0.1 spread{SPREAD}{'' if kernel == 'triton' else ' fa3-union'}",
+                    kernel, asdict(tile) if kernel == "triton" else None, shape=(name, hq, hkv, d), ctx=ctx,
+                    q_len=q_len, page=page, block=block, density=0.1,
+                    used=used if kernel == "triton" else union_density(ranking, counts, ctx, q_len, block),
+                    counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
                 log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
             for density in () if args.only_sweep or fa3 is None else (1.0, 0.1):
                 ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
