@@ -23,7 +23,11 @@ SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 #: Triton / FlashInfer fa2 / FlashInfer Hopper: the ``kernel`` with the lowest ``attn_ms``,
 #: except where a union kernel wins only on the benchmark's equal-selection case (every head
 #: the same blocks, the union's best case; real budgets differ per head, and the union then
-#: computes the largest). Shapes not listed get "triton". "fa3" is not timed yet.
+#: computes the largest). Shapes not listed get "triton". "fa3" (FA3 over the union pages) was
+#: faster than Triton at every shape with equal budgets (benchmarks/results/kernels_h200.json,
+#: 2026-11-29 08:15: Llama page 128 3.33 vs 4.13 ms, page 16 3.45 vs 5.31; Qwen 1.08 vs 1.20,
+#: 1.21 vs 1.30), but gamma budgets make the union the largest head's selection (the benchmark's
+#: spread case, not yet timed), so it is not chosen here until that case is measured.
 AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
     (128, 16, 4): "triton",   # Llama-3.1-8B, 32/8 heads, D 128: 5.28 / 5.09 / 5.03 (union best case)
     (128, 128, 4): "triton",  # 4.03 / 5.12 / 4.99
