@@ -146,3 +146,11 @@ def test_sparse_rows_wait_for_their_dense_twin():
     results.doc = {"fidelity": [], "layer_stats": []}
     run_eval.add_fidelity(results, "m", configs, [(64, [1] * 64)], {"proxyattn-0.95": [object()]})
     assert results.doc["fidelity"] == []
+
+
+def test_a_merged_part_keeps_its_own_parts_and_repeats():
+    inner = merge.merge([_part([_cell("m", "dense", None, "t1", 4096, 0.5)]),
+                         _part([_cell("m", "dense", None, "t1", 4096, 0.5)], command="run B")], ["a.json", "b.json"])
+    doc = merge.merge([_part([_cell("m", "g", 0.95, "t1", 4096, 0.4, 0.5)], command="run C"), inner], ["c.json", "ab.json"])
+    assert [p["file"] for p in doc["parts"][1]["parts"]] == ["a.json", "b.json"]
+    assert [(r["part"], r["agrees"]) for r in doc["repeats"]] == [("ab.json/b.json", True)]

@@ -63,7 +63,9 @@ def merge(docs: list[dict], names: list[str]) -> dict:
         "date": max(d.get("date", "") for d in docs),
         "command": [d.get("command") for d in docs],
         "parts": [{"file": n, "date": d.get("date"), "command": d.get("command"),
-                   **({"relabeled": d["relabeled"]} if d.get("relabeled") else {})} for n, d in zip(names, docs)],
+                   **({"relabeled": d["relabeled"]} if d.get("relabeled") else {}),
+                   **({"parts": d["parts"]} if d.get("parts") else {})}  # a part that is itself a merge
+                  for n, d in zip(names, docs)],
         "models": {},
         "config": json.loads(json.dumps(docs[0].get("config", {}))),
         "cells": [], "fidelity": [], "layer_stats": [], "timings": [], "errors": [], "repeats": [],
@@ -92,6 +94,7 @@ def merge(docs: list[dict], names: list[str]) -> dict:
                     continue
                 seen[key] = row
                 out[field].append(row)
+        out["repeats"] += [{**r, "part": f"{name}/{r.get('part')}"} for r in doc.get("repeats", [])]
         out["timings"] += [{**t, "part": name} for t in doc.get("timings", [])]
         out["errors"] += [{**e, "part": name} for e in doc.get("errors", [])]
     out["summary"] = run_eval.summarize(out)
