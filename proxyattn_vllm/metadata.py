@@ -16,11 +16,11 @@ prefill rows; never the deprecated ``seq_lens_cpu``, which syncs the device and 
 the impl can slice tensors without ``.item()``.
 
 **Fast path.** Most steps of a serving engine are pure decode, where no row can be sparse. The
-builder sees that from two scalars vLLM already computed (``max_query_len``, ``max_seq_len``)
-and then does exactly what FlashAttention's builder does plus O(1) work: no :func:`plan_batch`
-(about 18 us of numpy and tuple building per step on a CPU core, 5x FA's whole build), no
-per-request loop, no tensor. Its plan (:meth:`ProxyAttnPlan.dense_only`) leaves the per-row
-classification unset.
+builder sees that from one scalar vLLM already computed (``max_query_len``) and then does
+exactly what FlashAttention's builder does plus O(1) work: no :func:`plan_batch` (about 18 us
+of numpy and tuple building per step on the CI CPU, 5x FA's whole build there), no per-request
+loop, no tensor. Its plan (:meth:`ProxyAttnPlan.dense_only`) leaves the per-row classification
+unset.
 
 The FlashAttention metadata is wrapped, not subclassed: its fields differ between vLLM 0.26 and
 0.33, and the wrapper keeps ours separate from theirs.
@@ -277,8 +277,8 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
     * No cascade attention and no in-place block-table update (both would bypass the plan).
     * On a machine without vLLM's FlashAttention (CPU CI) FA3 ahead-of-time scheduling is
       switched off: ``get_scheduler_metadata`` does not exist there.
-    * Batches where no row can be sparse (:meth:`no_row_can_be_sparse`: every decode step) take
-      a fast path: FA's build plus O(1) work.
+    * Decode-only batches (:meth:`is_decode_only`: every decode step) take a fast path:
+      FA's build plus O(1) work.
     """
 
     _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
@@ -302,23 +302,21 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False
 
-    def no_row_can_be_sparse(self, cm: CommonAttentionMetadata) -> bool:
-        """True when :func:`plan_batch` could not sparsify any row of this batch, decided from
-        scalars alone (O(1)).
+    def is_decode_only(self, cm: CommonAttentionMetadata) -> bool:
+        """True for batches of decode rows only (spec-decode verify rows and cudagraph padding
+        rows included), where no row can be sparse. O(1): it reads ``max_query_len``, which
+        bounds every row's query length (FA's kernels rely on that too).
 
-        A row is sparse only if ``q_len > max_dense_query_len`` and its
-        ``seq_lens_cpu_upper_bound >= min_sparse_len`` (see :func:`plan_batch`), and vLLM's
-        ``max_query_len`` / ``max_seq_len`` bound every row's query length and upper bound
-        (both model runners take ``max_seq_len`` as the maximum of that same CPU bound, or
-        ``max_model_len`` at cudagraph capture; FA's kernels rely on these maxima too). Should
-        a runner ever understate them, the batch would run dense, which is exact: the fast path
-        can turn a sparse row dense, never a dense row sparse.
+        :func:`plan_batch` never sparsifies a row with ``q_len <= max_dense_query_len``. Should
+        a model runner ever understate ``max_query_len``, the batch would run dense, which is
+        exact: this test can turn a sparse row dense, never a dense row sparse.
+
+        Batches with prefill chunks that are all shorter than ``min_sparse_len`` take the
+        general path on purpose: their per-row plan costs ~20 us next to milliseconds of
+        prefill, and ``benchmarks/gpu_robustness.py`` counts computed prefill tokens through
+        :func:`plan_batch`.
         """
-        return (
-            cm.max_query_len <= self.max_dense_query_len  # decodes (and spec-decode verifies)
-            or cm.max_seq_len < self.proxyattn_config.min_sparse_len  # every row is short
-            or cm.seq_lens_cpu_upper_bound is None  # plan_batch sparsifies nothing then
-        )
+        return cm.max_query_len <= self.max_dense_query_len
 
     def build(
         self,
@@ -327,18 +325,19 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
         fast_build: bool = False,
     ) -> ProxyAttnMetadata:
         cm = common_attn_metadata
+        if self.is_decode_only(cm):
+            # Fast path (every decode step, and FULL-cudagraph capture of decode batches): what
+            # FlashAttentionMetadataBuilder.build does, with the arguments the general path
+            # gives it for a batch without sparse rows.
+            dense = super().build(0, cm, fast_build=fast_build)
+            return ProxyAttnMetadata(dense=dense, plan=ProxyAttnPlan.dense_only(cm.num_reqs))
         upper = cm.seq_lens_cpu_upper_bound
-        if upper is None and cm.max_query_len > 1 and not self._warned_no_upper_bound:
+        if upper is None and not self._warned_no_upper_bound:
             self._warned_no_upper_bound = True
             logger.warning(
                 "proxyattn: the model runner gave no seq_lens_cpu_upper_bound; prefill runs "
                 "dense for such batches (ProxyAttn never syncs the device to plan)."
             )
-        if self.no_row_can_be_sparse(cm):
-            # Fast path (every decode step): what FlashAttentionMetadataBuilder.build does, with
-            # the same arguments as the general path gives it for a batch without sparse rows.
-            dense = super().build(0, cm, fast_build=fast_build)
-            return ProxyAttnMetadata(dense=dense, plan=ProxyAttnPlan.dense_only(cm.num_reqs))
         plan = plan_batch(
             cm.query_start_loc_cpu,
             upper,

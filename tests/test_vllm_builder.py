@@ -1,6 +1,7 @@
 """ProxyAttnMetadataBuilder: the CPU-side plan of a batch, on vLLM's CPU platform."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -123,13 +124,123 @@ def test_mixed_batch_plan(vllm_config, monkeypatch):
     assert plan.dense_runs[0].cu_seqlens_q.dtype == torch.int32
 
 
-def test_pure_decode_and_short_batches_have_no_sparse_work(vllm_config):
+class _Untouchable(torch.Tensor):
+    """A CPU tensor that fails the test on any torch operation (indexing, ``.numpy()``,
+    ``np.asarray``, ``.tolist()``, arithmetic): proof that the fast path does no per-row work."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"the decode fast path used a per-row CPU tensor ({func})")
+
+
+def _assert_same_fa_metadata(ours, expected):
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    assert type(ours) is FlashAttentionMetadata
+    for f in dataclasses.fields(FlashAttentionMetadata):
+        a, b = getattr(ours, f.name), getattr(expected, f.name)
+        if isinstance(a, torch.Tensor):
+            assert a is b or torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
+
+
+# Decode-only batches: one row, cudagraph padding rows (query_len 0), long rows (seq_len far
+# above min_sparse_len, so only the query lengths keep them dense).
+DECODE_BATCHES = [([1], [4000]), ([1, 1, 1, 0], [70, 90, 5, 0]), ([1] * 8 + [0] * 8, [200] * 8 + [0] * 8)]
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", DECODE_BATCHES)
+def test_decode_batches_take_the_fast_path(vllm_config, monkeypatch, q_lens, seq_lens):
+    """Every decode step: FlashAttention's build with the same arguments plus O(1) work; no
+    plan_batch, no operation on the per-row CPU tensors, exactly FA's metadata."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from proxyattn_vllm import metadata
+
+    def _forbidden(*args, **kwargs):
+        raise AssertionError("plan_batch ran for a decode-only batch")
+
+    fa_calls = []
+    fa_build = FlashAttentionMetadataBuilder.build
+
+    def recording_build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        fa_calls.append((common_prefix_len, fast_build))
+        return fa_build(self, common_prefix_len, common_attn_metadata, fast_build)
+
+    monkeypatch.setattr(metadata, "plan_batch", _forbidden)
+    monkeypatch.setattr(FlashAttentionMetadataBuilder, "build", recording_build)
+    cm = common_metadata(q_lens, seq_lens, pad_tokens=3)
+    expected = FlashAttentionMetadataBuilder(
+        _builder(vllm_config).kv_cache_spec, ["model.layers.0.self_attn.attn"], vllm_config,
+        torch.device("cpu"),
+    ).build(0, cm)
+    cm.query_start_loc_cpu = cm.query_start_loc_cpu.as_subclass(_Untouchable)
+    cm.seq_lens_cpu_upper_bound = cm.seq_lens_cpu_upper_bound.as_subclass(_Untouchable)
+
     builder = _builder(vllm_config)
-    md = builder.build(0, common_metadata([1, 1, 1, 0], [70, 90, 5, 0]))
-    assert md.plan.decode_rows == (0, 1, 2) and md.plan.padded_rows == (3,)
-    assert not md.plan.has_sparse and md.plan.dense_runs == ()
+    assert builder.is_decode_only(cm)
+    fa_calls.clear()
+    md = builder.build(0, cm)
+    assert fa_calls == [(0, False)]  # as FA's own build: no cascade, AOT schedule allowed
+    _assert_same_fa_metadata(md.dense, expected)
+    plan = md.plan
+    assert plan.num_reqs == len(q_lens) and not plan.has_sparse
+    assert plan.sparse_rows == () and plan.dense_runs == () and not plan.is_classified
+    assert plan is metadata.ProxyAttnPlan.dense_only(len(q_lens))  # one shared immutable plan
+    # The FULL-cudagraph capture of decode batches builds through the same path.
+    assert builder.build_for_cudagraph_capture(cm).plan is plan
+
+
+def test_batches_with_prefill_rows_are_planned(vllm_config):
+    """One prefill row, however short, sends the batch through plan_batch (and its per-row
+    classification); the fast path must not swallow it."""
+    builder = _builder(vllm_config)
+    for q_lens, seq_lens in (([1, 2], [80, 70]), ([1, 30, 12], [80, 63, 12])):
+        cm = common_metadata(q_lens, seq_lens)
+        assert not builder.is_decode_only(cm)
+        assert builder.build(0, cm).plan.is_classified
+    md = builder.build(0, common_metadata([1, 2], [80, 70]))
+    assert [r.req_idx for r in md.plan.sparse_rows] == [1]  # a 2-token chunk of a long prompt
     md = builder.build(0, common_metadata([1, 30, 12], [80, 63, 12]))
-    assert md.plan.short_rows == (1, 2) and not md.plan.has_sparse
+    assert md.plan.decode_rows == (0,) and md.plan.short_rows == (1, 2) and not md.plan.has_sparse
+
+
+def test_fast_path_never_hides_a_sparse_row(vllm_config):
+    """Random batches (with and without speculative decoding): whenever the builder takes the
+    fast path, plan_batch would not have sparsified any row either."""
+    from proxyattn_vllm.metadata import plan_batch
+
+    gen = torch.Generator().manual_seed(0)
+    builder = _builder(vllm_config)
+    taken = 0
+    for trial in range(400):
+        builder.max_dense_query_len = 1 + (trial % 3)  # 0, 1 or 2 speculative tokens
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        q_lens = torch.randint(0, builder.max_dense_query_len + 2, (n,), generator=gen).tolist()
+        if not any(q_lens):
+            q_lens[0] = 1
+        seq_lens = [q + int(torch.randint(0, 130, (1,), generator=gen)) if q else 0 for q in q_lens]
+        cm = common_metadata(q_lens, seq_lens)
+        plan = plan_batch(cm.query_start_loc_cpu, cm.seq_lens_cpu_upper_bound, n,
+                          builder.proxyattn_config.min_sparse_len, builder.max_dense_query_len)
+        if builder.is_decode_only(cm):
+            taken += 1
+            assert not plan.has_sparse, (q_lens, seq_lens)
+            assert builder.build(0, cm).plan == builder.build(0, cm).plan.dense_only(n)
+        else:
+            assert builder.build(0, cm).plan == plan
+    assert 50 < taken < 350  # both paths exercised
+
+
+def test_decode_batch_classification():
+    """plan_batch (the general path) still classifies decode and padded rows."""
+    from proxyattn_vllm.metadata import plan_batch
+
+    qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
+    plan = plan_batch(qsl, torch.tensor([70, 90, 5, 0], dtype=torch.int32), 4, min_sparse_len=64)
+    assert plan.decode_rows == (0, 1, 2) and plan.padded_rows == (3,) and plan.num_decodes == 3
+    assert plan.num_tokens == 3 and plan.num_decode_tokens == 3 and not plan.has_sparse
 
 
 def test_min_sparse_len_boundary_and_spec_decode_guard():

@@ -323,6 +323,18 @@ def test_dense_layers_and_pure_dense_batches(vllm_config):
         torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4)
 
 
+def test_decode_batch_fast_path_metadata_attends_correctly(vllm_config):
+    """A decode-only batch (long rows, cudagraph padding rows and tokens) gets the builder's
+    fast-path plan, which leaves rows unclassified: the impl still attends every row densely."""
+    batch = Batch([1, 1, 1, 0, 0], [100, 37, 70, 0, 0], torch.float32, pad_tokens=5, seed=3)
+    md = _builder(vllm_config).build(0, batch.common)
+    assert not md.plan.has_sparse and not md.plan.is_classified  # the fast path was taken
+    output = batch.run(_impl(), md, _Layer(0))
+    for r, tokens, ctx in batch.rows():
+        expected = dense_causal_attention(batch.query[tokens], batch.keys[r], batch.values[r], ctx, SCALE)
+        torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4)
+
+
 def test_profiling_run_zero_fills():
     impl = _impl()
     output = torch.ones(5, NUM_HEADS, HEAD_DIM)
