@@ -17,31 +17,37 @@ step() {
   echo "[chain] $name: rc $? after $(( $(date +%s) - t0 )) s"
   tail -25 "$RES/$name.log"
 }
-quality=(python3 benchmarks/quality/run_eval.py --samples 50 --essay-dir .essays --gpu-memory-utilization 0.5 --gammas 0.95)
-# Quality of the dense-tail default: SmolLM2 dense (the cross-session check of the earlier run's
-# dense cells, which the merge reports as repeats) + 0.95; Qwen 0.95 only (dense from the earlier run).
-step quality_smollm2 200 "${quality[@]}" --models smollm2=/tmp/models/smollm2 --lengths 2048,4096,8192 \
-  --out "$RES/quality_smollm2.json"
-step quality_qwen 230 "${quality[@]}" --no-dense --models qwen05b=/tmp/models/qwen05b \
-  --lengths 4096,8192,16384,32768 --out "$RES/quality_qwen.json"
-# TTFT, dense FA3 first (it pays the cold compile), then proxyattn (Triton kernel, dense tail on);
-# ~505 s expected, at most 700 s (each backend gets half).
-step ttft 420 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
+# ---- The plan of the next session (session 6); session 5's plan is in git history. ----
+# 1. Kernels (~100 s): the dense-tail launch order (tail128 vs tail128 launched-last), FA3 in two
+#    calls vs one, unequal head budgets (spread) Triton vs fa3-union; then the GPU tests (~30 s).
+step kernels 150 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
+step gpu_tests 60 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
+# 2. TTFT (~720 s): dense, Triton (tail rows first) and fa3 (tail call first) in one run; 6 decode
+#    requests (the 2 of session 5 gave 9.4 and 12.0 ms against 8.1 and 8.4 ms: noisy).
+step ttft 600 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
   --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml \
-  --backends FLASH_ATTN,proxyattn --lengths 32K,64K,128K,256K --repeats 2 --warmups 1 --warmup-len 131072 \
-  --decode-requests 2 --decode-len 256 --mix-long 6 --time-budget-s "$(( $(left) < 715 ? $(left) - 15 : 700 ))" \
-  --startup-estimate-s 190 \
+  --backends FLASH_ATTN,proxyattn,proxyattn:fa3 --lengths 32K,64K,128K,256K --repeats 2 --warmups 1 \
+  --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 6 \
+  --time-budget-s "$(( $(left) < 915 ? $(left) - 15 : 900 ))" --startup-estimate-s 190 \
   --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs"
-# Compiled artifacts for the next session's carry (only if small).
-for d in /root/.cache/vllm/torch_compile_cache /root/.triton/cache; do du -sm "$d" 2>/dev/null; done
-step kernels 280 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
-# Issue #8: end-to-end TTFT of the FA3-union sparse kernel, appended to the same JSON.
-step ttft_fa3 130 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
-  --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --append \
-  --backends proxyattn:fa3 --lengths 32K,128K --repeats 2 --warmups 1 --warmup-len 131072 \
-  --decode-requests 0 --mix-long 0 --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 90 \
-  --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs"
-step gpu_tests 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
+# 3. Kept mass with the dense tail, sampled over whole chunks (~200 s): fidelity prompts and one
+#    sample per task (labels kept-*: not to be merged with the accuracy cells).
+kept=(python3 benchmarks/quality/run_eval.py --samples 1 --essay-dir .essays --gpu-memory-utilization 0.5
+      --no-dense --gammas "" --variant 'kept-0.95={}' --variant 'kept-0.9={"gamma": 0.9}' --fidelity-prompts 4)
+step kept_smollm2 150 "${kept[@]}" --models smollm2=/tmp/models/smollm2 --lengths 4096,8192 \
+  --out "$RES/kept_smollm2.json"
+step kept_qwen 120 "${kept[@]}" --models qwen05b=/tmp/models/qwen05b --lengths 8192,16384,32768 \
+  --out "$RES/kept_qwen.json"
+# 4. Real weights, Qwen2.5-Coder-0.5B at 32K with the default gamma budget, and its density (~200 s).
+step ttft_qwen 200 python3 benchmarks/ttft_sweep.py --model /tmp/models/qwen05b \
+  --config serve_configs/qwen2.5-coder-0.5b-32k-proxyattn.yaml --backends FLASH_ATTN,proxyattn \
+  --lengths 8K,32K --repeats 3 --warmups 1 --warmup-len 16384 --decode-requests 0 --mix-long 0 \
+  --tokenizer /tmp/models/qwen05b --text-dir .essays --density-pass \
+  --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 90 \
+  --out "$RES/ttft_qwen05b_h200.json" --logdir "$RES/ttft_qwen_logs"
+# 5. Prefix caching and preemption with the FLASH_ATTN control (see gpu_robustness.py).
+step robustness 200 python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
+  --parts prefix,preemption --part-timeout-s 200 --out "$RES/robustness_h200.json"
 kill_gpu
 echo "[chain] done ($(left) s left)"
 touch "$BG/chain.done"
