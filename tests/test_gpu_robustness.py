@@ -1,7 +1,8 @@
 """benchmarks/gpu_robustness.py without a GPU: arguments, prompt layout (the cached part ends
 inside the prefix), output comparison, the summary and the JSON report, the time guard; the
-soak loop against tests/_fake_openai_server.py; and the prefix part itself on the tiny CPU
-model (full density: the cached run must equal the uncached one, with the expected hits)."""
+soak loop against tests/_fake_openai_server.py; the greedy-token verdict (near-ties vs clear
+margins, the dense control); and the prefix and preemption parts themselves on the tiny CPU
+model (full density and the dense control, CPU_ATTN: fp32 outputs equal the reference's)."""
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ def test_importing_the_module_leaves_the_environment_alone():
 def test_defaults_run_prefix_and_preemption_with_a_low_memory_share(tmp_path):
     args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json")])
     assert args.parts == ["prefix", "preemption"]
-    assert args.prefix_configs == ["full", "full_block256", "sparse"]
+    assert args.prefix_configs == ["dense_fa", "full", "full_block256", "sparse"]
+    assert args.preempt_configs == ["dense_fa", "full", "sparse"]
+    assert args.dense_backend == "FLASH_ATTN" and args.near_tie_margin == gr.NEAR_TIE_MARGIN == 0.25
     assert args.gpu_memory_utilization <= 0.2
     assert args.logdir == str(tmp_path)
     # The default prefix is not page aligned, and its whole pages end mid 256-token block.
@@ -87,15 +90,48 @@ def test_parts_configs_and_json_options_are_validated(tmp_path):
                 ["--prefix-prompts", "0"], ["--soak-long-range", "9K:8K"]):
         with pytest.raises(SystemExit):
             gr.parse_args(BASE + out + bad)
+    # The dense control runs first whatever the order given (the others are compared with it).
+    args = gr.parse_args(BASE + out + ["--prefix-configs", "full,dense_fa,full",
+                                       "--preempt-configs", "sparse,dense_fa"])
+    assert args.prefix_configs == ["dense_fa", "full"] and args.preempt_configs == ["dense_fa", "sparse"]
+    with pytest.raises(SystemExit):
+        gr.parse_args(BASE + out + ["--near-tie-margin", "-0.1"])
     # A soak-only run does not check the prefix settings.
     assert gr.parse_args(BASE + out + ["--parts", "soak", "--max-model-len", "64"]).parts == ["soak"]
 
 
 def test_identity_is_expected_only_at_full_density():
+    assert gr.identity_expected(gr.CONFIGS["dense_fa"])  # None: the dense control
     assert gr.identity_expected(gr.CONFIGS["full"])
     assert gr.identity_expected(gr.CONFIGS["full_block256"])
     assert not gr.identity_expected(gr.CONFIGS["sparse"])
     assert not gr.identity_expected({**gr.CONFIGS["full"], "max_density": 0.1})
+
+
+def test_dense_control_builds_engine_kwargs_without_proxyattn_config(tmp_path):
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--engine-args", '{"max_num_seqs": 4}',
+                                 "--proxyattn-overrides", '{"sparse_kernel": "fa3"}'])
+    assert gr.proxyattn_config(args, "dense_fa") is None  # the overrides are proxyattn's only
+    assert gr.config_backend(args, "dense_fa") == "FLASH_ATTN"
+    res = gr.new_config_result(args, "dense_fa")
+    assert res == {"backend": "FLASH_ATTN", "proxyattn": None, "identity_expected": True}
+    dense = gr.engine_kwargs(args, proxyattn=res["proxyattn"], backend=res["backend"], prefix_caching=True,
+                             max_model_len=4096, num_gpu_blocks_override=7)
+    assert dense["attention_backend"] == "FLASH_ATTN" and "additional_config" not in dense
+    assert dense["enable_prefix_caching"] and dense["num_gpu_blocks_override"] == 7
+    assert dense["max_num_seqs"] == 4 and dense["block_size"] == args.page_size
+    full = gr.new_config_result(args, "full")
+    assert full["backend"] == "proxyattn" and full["identity_expected"]
+    kw = gr.engine_kwargs(args, proxyattn=full["proxyattn"], backend=full["backend"], prefix_caching=False,
+                          max_model_len=4096)
+    assert kw["attention_backend"] == "proxyattn"
+    assert kw["additional_config"] == {"proxyattn": {**gr.FULL, "sparse_kernel": "fa3"}}
+    # Everything but the backend and its config is the same for both.
+    strip = lambda k: {x: v for x, v in k.items() if x not in ("attention_backend", "additional_config")}  # noqa: E731
+    same = {x: v for x, v in strip(dense).items() if x != "num_gpu_blocks_override"}
+    assert strip(kw) == {**same, "enable_prefix_caching": False}
+    other = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--dense-backend", "CPU_ATTN"])
+    assert gr.config_backend(other, "dense_fa") == "CPU_ATTN" and gr.config_backend(other, "sparse") == "proxyattn"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,29 +214,138 @@ def test_margins_are_top1_minus_top2():
     steps = [{5: lp(-0.1), 6: lp(-2.1)}, {7: lp(-0.3)}, {1: lp(-1.0), 2: lp(-0.5), 3: lp(-3.0)}]
     assert gr.margins_of(steps) == [pytest.approx(2.0), None, pytest.approx(0.5)]
     assert gr.margins_of(None) == []
+    assert gr.runner_ups_of(steps) == [6, None, 1]
+    assert gr.runner_ups_of(None) == []
+
+
+def test_compare_rows_records_the_other_runs_margin_and_token_at_the_difference():
+    ref = {"tokens": [1, 2, 3], "margins": [1.0, 0.0625, 1.0], "runner_ups": [7, 9, 8]}
+    swapped = {"tokens": [1, 9, 3], "margins": [1.0, 0.125, 1.0]}  # took the runner-up
+    elsewhere = {"tokens": [1, 5, 3], "margins": [1.0, 0.0, 1.0]}  # took a third token
+    old = {"tokens": [1, 9, 3]}  # rows from before margins/runner-ups were kept for both
+    rows = gr.compare_rows([ref, ref, ref, {"tokens": [1, 2, 3], "margins": [1.0] * 3}],
+                           [swapped, elsewhere, ref, old])
+    assert rows[0]["other_margin_at_difference"] == 0.125 and rows[0]["other_took_reference_runner_up"]
+    assert rows[1]["other_took_reference_runner_up"] is False
+    assert rows[2]["identical"] and rows[2]["other_margin_at_difference"] is None
+    assert rows[3]["other_margin_at_difference"] is None and rows[3]["other_took_reference_runner_up"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The greedy-token verdict
+
+
+def diverged(position: int | None, ref_margin=None, other_margin=None, took=True) -> dict:
+    """A compare_rows row: identical (position None) or diverging at ``position``."""
+    if position is None:
+        return {"identical": True, "first_difference": None, "reference_margin_at_difference": None,
+                "other_margin_at_difference": None, "other_took_reference_runner_up": None}
+    return {"identical": False, "first_difference": position, "reference_margin_at_difference": ref_margin,
+            "other_margin_at_difference": other_margin, "other_took_reference_runner_up": took}
+
+
+def control(diverging: int, n: int) -> dict:
+    return {"config": "dense_fa", "backend": "FLASH_ATTN", "identical": n - diverging, "n": n,
+            "diverging": diverging, "max_abs_logprob_diff": 0.07, "verdict": "PASS"}
+
+
+def test_a_divergence_at_a_bf16_tie_passes():
+    rows = [diverged(None), diverged(25, 0.0, 0.0), diverged(None), diverged(None)]  # today's prefix full
+    v = gr.greedy_verdict(rows, identity_expected=True, control=control(0, 4))
+    assert v["verdict"] == "PASS", v["reason"]
+    assert v["identical"] == 3 and v["diverging"] == 1 and v["near_tie_divergences"] == 1
+    assert v["first_differences"] == [{"prompt": 1, "position": 25, "reference_margin": 0.0, "other_margin": 0.0,
+                                       "other_took_reference_runner_up": True, "near_tie": True,
+                                       "why_not_near_tie": None}]
+    assert v["near_tie_margin"] == 0.25 and v["control"]["diverging"] == 0 and v["allowed_extra_diverging"] == 1
+    assert "all near-ties" in v["reason"] and "vs 0 for dense_fa" in v["reason"]
+    # The tolerance is inclusive; old rows without the other run's margin use the reference's.
+    edge = [diverged(3, 0.25, None, None)]
+    assert gr.greedy_verdict(edge, identity_expected=True)["verdict"] == "PASS"
+    identical = gr.greedy_verdict([diverged(None)] * 4, identity_expected=True, control=control(2, 4))
+    assert identical["verdict"] == "PASS" and identical["reason"].startswith("identical")
+
+
+@pytest.mark.parametrize("row, why", [
+    (diverged(9, 0.5, 0.5), "reference margin 0.5 > 0.25"),
+    (diverged(9, 0.0625, 1.5), "other run's margin 1.5 > 0.25"),  # a tie, flipped to a confident token
+    (diverged(9, 0.0, 0.0, took=False), "outside the reference's top 2"),
+    (diverged(9, None, None, None), "no reference margin"),  # a length difference
+])
+def test_a_divergence_at_a_clear_margin_fails(row, why):
+    rows = [diverged(None), diverged(4, 0.0, 0.0), row, diverged(None)]
+    v = gr.greedy_verdict(rows, identity_expected=True, control=control(3, 4))  # the control can't excuse it
+    assert v["verdict"] == "FAIL" and why in v["reason"] and "prompt 2 at 9" in v["reason"]
+    assert v["clear_divergences"] == 1 and v["near_tie_divergences"] == 1
+    assert [d["near_tie"] for d in v["first_differences"]] == [True, False]
+    # A larger tolerance explains it (where there is a margin to compare).
+    if row["reference_margin_at_difference"] is not None and row["other_took_reference_runner_up"]:
+        assert gr.greedy_verdict(rows, identity_expected=True, tol=2.0)["verdict"] == "PASS"
+
+
+def test_more_tie_flips_than_the_dense_control_fail_beyond_the_allowance():
+    assert [gr.allowed_extra(n) for n in (1, 4, 5, 8, 16)] == [1, 1, 2, 2, 4]
+    ties = lambda k, n: [diverged(5, 0.0, 0.0)] * k + [diverged(None)] * (n - k)  # noqa: E731
+    # Today's preemption full: 4 of 8 tie flips.
+    assert gr.greedy_verdict(ties(4, 8), identity_expected=True, control=control(2, 8))["verdict"] == "PASS"
+    v = gr.greedy_verdict(ties(4, 8), identity_expected=True, control=control(1, 8))
+    assert v["verdict"] == "FAIL" and "near-ties only, but 4 diverging vs 1 for dense_fa (+2 allowed)" in v["reason"]
+    assert gr.greedy_verdict(ties(2, 4), identity_expected=True, control=control(1, 4))["verdict"] == "PASS"
+    assert gr.greedy_verdict(ties(2, 4), identity_expected=True, control=control(0, 4))["verdict"] == "FAIL"
+    # No control (not run, or another prompt count): the tie rule alone, said so.
+    v = gr.greedy_verdict(ties(4, 4), identity_expected=True)
+    assert v["verdict"] == "PASS" and "no dense_fa control" in v["reason"] and v["control"] is None
+    assert gr.greedy_verdict(ties(4, 4), identity_expected=True, control=control(0, 8))["verdict"] == "PASS"
+    # The control itself is judged by the tie rule only.
+    v = gr.greedy_verdict(ties(4, 4), identity_expected=True, is_control=True)
+    assert v["verdict"] == "PASS" and "dense control" in v["reason"] and v["allowed_extra_diverging"] is None
+
+
+def test_sparse_stays_info_whatever_the_divergences():
+    rows = [diverged(3, 3.0, 2.0), diverged(7, 0.0, 0.0, took=False), diverged(None)]
+    v = gr.greedy_verdict(rows, identity_expected=False, control=control(0, 3))
+    assert v["verdict"] == "INFO" and v["clear_divergences"] == 2 and "2 diverging" in v["reason"]
+
+
+def test_control_stats_come_from_the_control_summary():
+    summary = {"rows": [diverged(None), diverged(3, 0.0, 0.0)], "max_abs_logprob_diff": 0.05,
+               "backend": "FLASH_ATTN", "greedy": {"verdict": "PASS"}}
+    assert gr.control_stats(summary) == {"config": "dense_fa", "backend": "FLASH_ATTN", "identical": 1,
+                                         "n": 2, "diverging": 1, "max_abs_logprob_diff": 0.05,
+                                         "verdict": "PASS"}
+    assert gr.control_stats(None) is None and gr.control_stats({}) is None
 
 
 # ---------------------------------------------------------------------------------------------
 # Summary and report
 
 
-def prefix_part(identical: bool) -> dict:
-    row = gr.compare_tokens([1, 2], [1, 2] if identical else [1, 3], [1.0, 0.002])
-    summary = {"rows": [row], **gr.agreement([row], 2), "num_cached_tokens": [16512],
-               "hits_as_expected": True, "first_chunk_ctx": 16512,
-               "cached_part_ends_mid_selection_block": True,
-               "ttft_uncached_s": 0.2, "ttft_cached_s": 0.02, "ttft_speedup": 10.0}
-    return {"status": "ok", "expected_cached_tokens": 16512,
-            "configs": {"full": {"identity_expected": True, "summary": summary},
-                        "sparse": {"identity_expected": False, "summary": summary}}}
+def prefix_part(identical: bool, margin: float = 0.002, control_identical: bool | None = None) -> dict:
+    def summary(same, m):
+        ref = {"tokens": [1, 2], "margins": [1.0, m], "runner_ups": [5, 3]}
+        row = gr.compare_rows([ref], [{"tokens": [1, 2] if same else [1, 3], "margins": [1.0, m]}])[0]
+        return {"rows": [row], **gr.agreement([row], 2), "num_cached_tokens": [16512],
+                "hits_as_expected": True, "first_chunk_ctx": 16512,
+                "cached_part_ends_mid_selection_block": True, "max_abs_logprob_diff": 0.01,
+                "ttft_uncached_s": 0.2, "ttft_cached_s": 0.02, "ttft_speedup": 10.0}
+
+    configs = {}
+    if control_identical is not None:
+        s = summary(control_identical, 0.0)
+        configs["dense_fa"] = {"identity_expected": True, "proxyattn": None,
+                               "summary": {**s, "cached_part_ends_mid_selection_block": None}}
+    configs["full"] = {"identity_expected": True, "proxyattn": gr.FULL, "summary": summary(identical, margin)}
+    configs["sparse"] = {"identity_expected": False, "proxyattn": {}, "summary": summary(identical, margin)}
+    return {"status": "ok", "expected_cached_tokens": 16512, "configs": configs}
 
 
 def test_summary_rows_judge_identity_only_where_expected():
-    report = {"parts": {"prefix": prefix_part(identical=False),
+    report = {"parts": {"prefix": prefix_part(identical=False, margin=0.5),
                         "preemption": {"status": "timeout", "error": "PartTimeout: ran past 420 s"}}}
     rows = {(part, check): (verdict, detail) for part, check, verdict, detail in gr.summary_rows(report)}
     assert rows[("prefix full", "greedy tokens")][0] == "FAIL"
-    assert "(1, 0.002)" in rows[("prefix full", "greedy tokens")][1]  # position and margin
+    assert "1: 0.5/0.5 !" in rows[("prefix full", "greedy tokens")][1]  # position, both margins, not a tie
+    assert "not a near-tie" in rows[("prefix full", "greedy tokens")][1]
     assert rows[("prefix sparse", "greedy tokens")][0] == "INFO"
     assert rows[("prefix full", "cache hits")][0] == "PASS"
     assert "mid selection block" in rows[("prefix full", "cache hits")][1]
@@ -210,6 +355,46 @@ def test_summary_rows_judge_identity_only_where_expected():
     assert table.splitlines()[0].split() == ["part", "check", "verdict", "detail"]
     assert len(table.splitlines()) == 1 + len(rows)
     assert gr.format_summary({"parts": {}}) == "(no checks to report)"
+
+
+def test_summary_rows_pass_a_tie_and_show_the_dense_control():
+    part = prefix_part(identical=False, margin=0.0625, control_identical=False)
+    rows = {(p, c): (v, d) for p, c, v, d in gr.summary_rows({"parts": {"prefix": part}})}
+    verdict, detail = rows[("prefix full", "greedy tokens")]
+    assert verdict == "PASS", detail
+    assert "0/1 identical to caching off (dense_fa: 0/1)" in detail and "1: 0.0625/0.0625;" in detail
+    assert rows[("prefix dense_fa", "greedy tokens")][0] == "PASS"
+    assert "first chunk ctx 16512" in rows[("prefix dense_fa", "cache hits")][1]
+    assert "mid selection block" not in rows[("prefix dense_fa", "cache hits")][1]
+    # Same tie, but the control had none on one request (allowance 1): still a PASS; with no
+    # control row at all, a PASS that says so.
+    part = prefix_part(identical=False, margin=0.0625, control_identical=True)
+    assert {(p, c): v for p, c, v, _ in gr.summary_rows({"parts": {"prefix": part}})}[
+        ("prefix full", "greedy tokens")] == "PASS"
+    part = prefix_part(identical=False, margin=0.0625)
+    assert "no dense_fa control" in gr.summary_rows({"parts": {"prefix": part}})[0][3]
+    # A stored verdict (what run_prefix writes) is what the table shows.
+    part["configs"]["full"]["summary"]["greedy"] = {**gr.greedy_verdict(
+        part["configs"]["full"]["summary"]["rows"], identity_expected=True), "verdict": "FAIL", "reason": "stored"}
+    row = gr.summary_rows({"parts": {"prefix": part}})[0]
+    assert row[2] == "FAIL" and row[3].endswith("stored")
+
+
+def test_judge_greedy_compares_with_the_control_of_the_same_part(tmp_path):
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--near-tie-margin", "0.1"])
+    part = prefix_part(identical=False, margin=0.0625, control_identical=True)
+    for name in ("dense_fa", "full", "sparse"):
+        part["configs"][name]["backend"] = gr.config_backend(args, name)
+        s = gr.judge_greedy(args, part, name, part["configs"][name])
+    g = part["configs"]["full"]["summary"]["greedy"]
+    assert g["near_tie_margin"] == 0.1 and g["control"]["config"] == "dense_fa" and g["control"]["identical"] == 1
+    assert g["verdict"] == "PASS" and part["configs"]["dense_fa"]["summary"]["greedy"]["control"] is None
+    assert s["backend"] == "proxyattn" and part["configs"]["dense_fa"]["summary"]["backend"] == "FLASH_ATTN"
+    assert s["greedy"]["verdict"] == "INFO"
+    args.near_tie_margin = 0.05  # the tie at 0.0625 is no longer one
+    assert gr.judge_greedy(args, part, "full", part["configs"]["full"])["greedy"]["verdict"] == "FAIL"
+    rule = gr.greedy_rule(args)
+    assert rule["near_tie_margin"] == 0.05 and rule["control_backend"] == "FLASH_ATTN"
 
 
 def test_preemption_summary_needs_preemptions_and_complete_requests():
@@ -362,11 +547,15 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     # The word-level tokenizer knows only its own words: questions made of them.
     monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
     honour_custom_backend_on_cpu(monkeypatch.setattr)
+    built = []
+    with_engine = gr.with_engine
+    monkeypatch.setattr(gr, "with_engine", lambda kwargs, fn: (built.append(kwargs), with_engine(kwargs, fn))[1])
     out = tmp_path / "out.json"
     with kv_cache_layout_restored():
         rc = gr.main([
             "--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
-            "--parts", "prefix", "--prefix-configs", "full", "--prefix-tokens", "88",
+            "--parts", "prefix", "--prefix-configs", "full,dense_fa", "--dense-backend", "CPU_ATTN",
+            "--prefix-tokens", "88",
             "--prefix-prompts", "2", "--prefix-output-tokens", "6", "--timing-repeats", "1",
             "--page-size", "16", "--chunk", "32", "--max-model-len", "256", "--dtype", "float32",
             "--proxyattn-overrides", '{"min_sparse_len": 48, "block_size": 32, "stride": 4}',
@@ -384,3 +573,62 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     assert res["uncached"]["counters"]["vllm:prefix_cache_hits"] == 0
     assert s["ttft_cached_s"] > 0 and s["ttft_uncached_s"] > 0
     assert res["cached"]["engine"]["page_size"] == 16
+    # The scheduler saw the same prefill chunks as proxyattn's plan (the cached one at ctx 80).
+    assert s["first_chunk_ctx_scheduled"] == 80 and res["uncached"]["scheduled"]["min_prefill_ctx"] == 0
+    for key in ("cached", "uncached"):
+        assert res[key]["scheduled"]["prefill_tokens"] == res[key]["plan"]["prefill_tokens"] > 0
+    assert s["greedy"]["verdict"] == "PASS" and s["greedy"]["control"]["config"] == "dense_fa"
+    # The dense control ran first, on vLLM's own backend with no proxyattn config, and passes.
+    assert list(part["configs"]) == ["dense_fa", "full"]
+    assert [k["attention_backend"] for k in built] == ["CPU_ATTN"] * 2 + ["proxyattn"] * 2
+    assert all("additional_config" not in k for k in built[:2]) and "additional_config" in built[2]
+    dense = part["configs"]["dense_fa"]
+    d = dense["summary"]
+    assert dense["backend"] == "CPU_ATTN" and dense["proxyattn"] is None
+    assert d["identical"] == 2 and d["greedy"]["verdict"] == "PASS" and d["hits_as_expected"]
+    assert d["first_chunk_ctx"] == 80 and d["cached_part_ends_mid_selection_block"] is None
+    assert dense["cached"]["plan"]["sparse_chunks"] == 0  # proxyattn's plan never ran
+    assert part["greedy_rule"]["near_tie_margin"] == 0.25
+
+
+def test_preemption_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """A KV cache of 1.5 prompts for 4 concurrent prompts: requests are preempted and recomputed,
+    on the dense control (CPU_ATTN) and proxyattn at full density alike; fp32, so the outputs
+    match the ample run and both verdicts pass; the scheduler counts the recompute for both."""
+    from tests._vllm_cpu import (
+        honour_custom_backend_on_cpu,
+        kv_cache_layout_restored,
+        skip_unless_vllm_on_cpu,
+    )
+
+    skip_unless_vllm_on_cpu()
+    from tests._tiny_llama import prompt_words, write_tiny_llama
+
+    model = str(write_tiny_llama(tmp_path / "tiny"))
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "a.txt").write_text(prompt_words(0, 400))
+    monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
+    honour_custom_backend_on_cpu(monkeypatch.setattr)
+    out = tmp_path / "out.json"
+    with kv_cache_layout_restored():
+        rc = gr.main([
+            "--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
+            "--parts", "preemption", "--preempt-configs", "full,dense_fa", "--dense-backend", "CPU_ATTN",
+            "--preempt-prompts", "4", "--preempt-prompt-tokens", "100", "--preempt-output-tokens", "12",
+            "--preempt-cache-prompts", "1.5", "--page-size", "16", "--chunk", "64", "--dtype", "float32",
+            "--proxyattn-overrides", '{"min_sparse_len": 48, "block_size": 32, "stride": 4}',
+            "--engine-args", json.dumps({"max_num_seqs": 4, "distributed_executor_backend": "uni"})])
+    part = json.loads(out.read_text())["parts"]["preemption"]
+    assert rc == 0, part.get("error")
+    assert list(part["configs"]) == ["dense_fa", "full"]
+    for name in ("dense_fa", "full"):
+        res = part["configs"][name]
+        s = res["summary"]
+        assert s["completed_pressured"] == s["n"] == 4 and s["preemptions"] > 0, (name, s)
+        assert s["identical"] == 4 and s["greedy"]["verdict"] == "PASS", (name, s["greedy"])
+        assert s["recomputed_tokens"] > 0 and s["prefill_tokens_computed"] > 4 * 100
+        assert res["ample"]["prefill_tokens_computed"] == 4 * 100  # no preemption, no recompute
+    assert part["configs"]["dense_fa"]["pressured"]["prefill_tokens_planned"] is None
+    full = part["configs"]["full"]["pressured"]
+    assert full["prefill_tokens_planned"] == full["prefill_tokens_computed"]  # plan and scheduler agree
+    assert part["configs"]["full"]["summary"]["greedy"]["control"]["identical"] == 4
