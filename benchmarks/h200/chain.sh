@@ -46,8 +46,9 @@ step ttft_qwen 200 python3 benchmarks/ttft_sweep.py --model /tmp/models/qwen05b 
   --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 90 \
   --out "$RES/ttft_qwen05b_h200.json" --logdir "$RES/ttft_qwen_logs"
 # 5. Prefix caching and preemption with the FLASH_ATTN control (see gpu_robustness.py).
-step robustness 200 python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
-  --parts prefix,preemption --part-timeout-s 200 --out "$RES/robustness_h200.json"
+step robustness 180 python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
+  --parts prefix,preemption --prefix-configs dense_fa,full,full_block256 --preempt-configs dense_fa,full \
+  --part-timeout-s 200 --out "$RES/robustness_h200.json"
 kill_gpu
 echo "[chain] done ($(left) s left)"
 touch "$BG/chain.done"
