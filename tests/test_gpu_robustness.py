@@ -529,14 +529,10 @@ def test_soak_server_command():
 # The prefix part on the tiny CPU model
 
 
-def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
-    """Pages of 16 tokens, selection blocks of 32, an 88-token prefix: the cached part (80
-    tokens) ends mid-block; full density must give the uncached tokens."""
-    from tests._vllm_cpu import (
-        honour_custom_backend_on_cpu,
-        kv_cache_layout_restored,
-        skip_unless_vllm_on_cpu,
-    )
+def _tiny_model_and_essays(tmp_path, monkeypatch) -> str:
+    """The tiny word-level CPU Llama (skipped without vLLM's CPU ops), an essay folder of its
+    words, questions made of its words, and the CUSTOM backend honoured on CPU; the model path."""
+    from tests._vllm_cpu import honour_custom_backend_on_cpu, skip_unless_vllm_on_cpu
 
     skip_unless_vllm_on_cpu()
     from tests._tiny_llama import prompt_words, write_tiny_llama
@@ -547,6 +543,15 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     # The word-level tokenizer knows only its own words: questions made of them.
     monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
     honour_custom_backend_on_cpu(monkeypatch.setattr)
+    return model
+
+
+def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """Pages of 16 tokens, selection blocks of 32, an 88-token prefix: the cached part (80
+    tokens) ends mid-block; full density must give the uncached tokens."""
+    from tests._vllm_cpu import kv_cache_layout_restored
+
+    model = _tiny_model_and_essays(tmp_path, monkeypatch)
     built = []
     with_engine = gr.with_engine
     monkeypatch.setattr(gr, "with_engine", lambda kwargs, fn: (built.append(kwargs), with_engine(kwargs, fn))[1])
@@ -595,20 +600,9 @@ def test_preemption_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     """A KV cache of 1.5 prompts for 4 concurrent prompts: requests are preempted and recomputed,
     on the dense control (CPU_ATTN) and proxyattn at full density alike; fp32, so the outputs
     match the ample run and both verdicts pass; the scheduler counts the recompute for both."""
-    from tests._vllm_cpu import (
-        honour_custom_backend_on_cpu,
-        kv_cache_layout_restored,
-        skip_unless_vllm_on_cpu,
-    )
+    from tests._vllm_cpu import kv_cache_layout_restored
 
-    skip_unless_vllm_on_cpu()
-    from tests._tiny_llama import prompt_words, write_tiny_llama
-
-    model = str(write_tiny_llama(tmp_path / "tiny"))
-    (tmp_path / "essays").mkdir()
-    (tmp_path / "essays" / "a.txt").write_text(prompt_words(0, 400))
-    monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
-    honour_custom_backend_on_cpu(monkeypatch.setattr)
+    model = _tiny_model_and_essays(tmp_path, monkeypatch)
     out = tmp_path / "out.json"
     with kv_cache_layout_restored():
         rc = gr.main([
