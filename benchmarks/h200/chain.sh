@@ -49,6 +49,12 @@ step ttft_qwen 200 python3 benchmarks/ttft_sweep.py --model /tmp/models/qwen05b 
 step robustness 180 python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
   --parts prefix,preemption --prefix-configs dense_fa,full,full_block256 --preempt-configs dense_fa,full \
   --part-timeout-s 200 --out "$RES/robustness_h200.json"
+# 6. If time is left: end-to-end TTFT of sparse_kernel "flashinfer" (issue #8), into the same JSON.
+step ttft_flashinfer 140 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
+  --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --append \
+  --backends proxyattn:flashinfer --lengths 32K,128K --repeats 2 --warmups 1 --warmup-len 131072 \
+  --decode-requests 0 --mix-long 0 --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 110 \
+  --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs"
 kill_gpu
 echo "[chain] done ($(left) s left)"
 touch "$BG/chain.done"
