@@ -12,7 +12,7 @@ step() {
   local name=$1 need=$2; shift 2
   if [ "$(left)" -lt "$need" ]; then echo "[chain] skip $name: $(left) s left, needs ~$need s"; return; fi
   echo "[chain] $name: start ($(left) s left)"; local t0=$(date +%s)
-  kill_gpu; sleep 2
+  kill_gpu; sleep "${PROXYATTN_KILL_WAIT_S:-2}"  # let the driver free the memory
   timeout "$(left)" "$@" > "$RES/$name.log" 2>&1
   echo "[chain] $name: rc $? after $(( $(date +%s) - t0 )) s"
   tail -25 "$RES/$name.log"

@@ -2,7 +2,7 @@
 export PYTHONPATH=/tmp/pa:/tmp/site
 export FLASHINFER_WORKSPACE_BASE=/root/fi_ws
 export PYTHONUNBUFFERED=1
-BG=/root/bg  # work that outlives a call
+BG=${PROXYATTN_BG:-/root/bg}  # work that outlives a call (PROXYATTN_BG: tests)
 mkdir -p "$BG"
 gpu_mem() { nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader; }
 # Kill what holds the GPU (a `pkill -f vllm` pattern would also match the calling shell).

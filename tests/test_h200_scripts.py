@@ -1,0 +1,74 @@
+"""benchmarks/h200/chain.sh and poll.sh, the GPU session's background chain, with every command
+stubbed: the steps run in order while the estimate fits, are skipped (and say so) when it does
+not, and poll.sh packs what the chain wrote into one archive. A shell error here would cost a
+session's device time, which is why it is tested on CPU."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STUB = '#!/bin/bash\necho "stub $(basename "$0") $*" >> "$PROXYATTN_BG/calls.log"\n'
+
+
+@pytest.fixture
+def stubbed(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python3", "nvidia-smi"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PROXYATTN_BG": str(bg),
+           "OUT": str(tmp_path / "out"), "PROXYATTN_KILL_WAIT_S": "0"}
+    (tmp_path / "out").mkdir()
+    return env, bg, tmp_path / "out"
+
+
+def run(script, *args, env):
+    return subprocess.run(["bash", f"benchmarks/h200/{script}", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
+    env, bg, _ = stubbed
+    result = run("chain.sh", 100000, env=env)
+    assert result.returncode == 0, result.stderr
+    started = re.findall(r"\[chain\] (\w+): start", result.stdout)
+    assert started[:3] == ["kernels", "gpu_tests", "ttft"] and len(started) >= 6
+    assert "skip" not in result.stdout and (bg / "chain.done").exists()
+    calls = (bg / "calls.log").read_text()
+    assert "benchmarks/bench_kernels.py" in calls and "--backends FLASH_ATTN,proxyattn,proxyattn:fa3" in calls
+    assert "--time-budget-s 900" in calls  # capped: each TTFT backend gets its share of 900 s
+    assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
+
+
+def test_chain_skips_what_does_not_fit_and_says_so(stubbed):
+    env, bg, _ = stubbed
+    result = run("chain.sh", 100, env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\[chain\] skip ttft: \d+ s left, needs ~600 s", result.stdout)
+    assert "bench_kernels.py" not in (bg / "calls.log").read_text()  # 150 s do not fit in 100
+    assert (bg / "chain.done").exists()
+
+
+def test_poll_packs_the_results_into_one_archive(stubbed):
+    env, bg, out = stubbed
+    (bg / "res" / "ttft_logs").mkdir(parents=True)
+    (bg / "res" / "ttft_h200.json").write_text("{}")
+    (bg / "res" / "ttft_logs" / "server.log").write_text("log")
+    (bg / "chain.log").write_text("[chain] ttft: rc 0 after 1 s\n")
+    (bg / "chain.done").touch()
+    result = run("poll.sh", 5, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "chain: done" in result.stdout and "[chain] ttft: rc 0" in result.stdout
+    with tarfile.open(out / "res.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"res/ttft_h200.json", "res/ttft_logs/server.log", "chain.log"} <= names
+    assert sorted(p.name for p in out.iterdir()) == ["chain.log", "res.tgz"]  # well under 8 files
