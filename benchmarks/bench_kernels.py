@@ -208,6 +208,7 @@ def make_case(name, kernel, tile, *, shape, ctx, q_len, page, block, density, us
         "proxyattn_ms": t["median"] + (sel_ms["median"] if sel_ms else 0.0),
         "attn_ms": t["median"], "attn_ms_p10": t["p10"], "attn_ms_p90": t["p90"],
         "selection_ms": sel_ms["median"] if sel_ms else None,
+        "selection_stages_ms": sel_ms.get("stages_ms") if sel_ms else None,
         "fa3_dense_ms": fa3_ms["median"] if fa3_ms else None,
         "fa3_dense_ms_p10": fa3_ms["p10"] if fa3_ms else None,
         "fa3_dense_ms_p90": fa3_ms["p90"] if fa3_ms else None,
@@ -286,9 +287,32 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device):
     except ImportError as exc:
         log(f"selection kernels unavailable ({exc}); selection_ms left empty")
         return None
-    params = ProxyAttnParams(block_size=block, num_groups=1 if hq // hkv <= 4 else hkv, min_sparse_len=0)
+    from proxyattn_kernels.budget.triton import head_budgets_paged
+    from proxyattn_kernels.proxy_scores.triton import proxy_block_scores_paged
+    from proxyattn_kernels.select.triton import select_blocks as select_blocks_triton
+
+    params = ProxyAttnParams(block_size=block, num_groups=1 if hq // hkv <= 4 else hkv, min_sparse_len=0,
+                             dense_tail_tokens=TAIL_TOKENS)
     scale = q.shape[-1] ** -0.5
-    return timed(lambda: select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params))
+    total = timed(lambda: select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params))
+    # The three stages alone (where the selection's time goes), each on the same inputs.
+    scores = proxy_block_scores_paged(q, kv, table, ctx=ctx, scale=scale, num_groups=params.num_groups,
+                                      stride=params.stride, block_size=block)
+    budget, _ = head_budgets_paged(q, kv, table, ctx=ctx, scale=scale, block_size=block, gamma=params.gamma,
+                                   min_budget_blocks=params.min_budget_blocks, max_density=params.max_density)
+    total["stages_ms"] = {
+        "proxy_scores": timed(lambda: proxy_block_scores_paged(
+            q, kv, table, ctx=ctx, scale=scale, num_groups=params.num_groups, stride=params.stride,
+            block_size=block))["median"],
+        "budgets": timed(lambda: head_budgets_paged(
+            q, kv, table, ctx=ctx, scale=scale, block_size=block, gamma=params.gamma,
+            min_budget_blocks=params.min_budget_blocks, max_density=params.max_density))["median"],
+        "select": timed(lambda: select_blocks_triton(
+            scores, budget, ctx, q.shape[0], block, params.sink_blocks, params.local_blocks,
+            params.dense_tail_tokens))["median"],
+    }
+    log(f"selection {total['median']:.3f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in total["stages_ms"].items()))
+    return total
 
 
 def main() -> int:
