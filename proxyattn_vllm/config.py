@@ -18,26 +18,36 @@ ADDITIONAL_CONFIG_KEY = "proxyattn"
 SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 
 #: ``sparse_kernel: "auto"``: the kernel that was fastest for a layer shape, keyed by
-#: ``(head_dim, page_size, Hq // Hkv)``. Source: ``benchmarks/bench_kernels.py`` on the H200
-#: (benchmarks/results/kernels_flashinfer_h200.json, 2026-11-29), ms per layer at density 0.1,
-#: Triton / FlashInfer fa2 / FlashInfer Hopper: the ``kernel`` with the lowest ``attn_ms``,
-#: except where a union kernel wins only on the benchmark's equal-selection case (every head
-#: the same blocks, the union's best case; real budgets differ per head, and the union then
-#: computes the largest). Shapes not listed get "triton". "fa3" (FA3 over the union pages) was
-#: faster than Triton at every shape with equal budgets (benchmarks/results/kernels_h200.json,
-#: 2026-11-29 08:15: Llama page 128 3.33 vs 4.13 ms, page 16 3.45 vs 5.31; Qwen 1.08 vs 1.20,
-#: 1.21 vs 1.30), but gamma budgets make the union the largest head's selection (the benchmark's
-#: spread case, not yet timed), so it is not chosen here until that case is measured.
+#: ``(head_dim, page_size, Hq // Hkv)``; it applies to layers with ONE proxy group (otherwise
+#: "triton", see below). Unlisted shapes get "triton".
+#:
+#: Sources, both on 2026-11-29. Per layer at density 0.1 with every head at the same budget
+#: (benchmarks/results/kernels_h200.json, H200, 128K context, last 8K chunk; Triton / FA3 over
+#: the union pages), and how many blocks the union computes under real gamma budgets
+#: (benchmarks/results/union_density_cpu.json, CPU, real weights, gamma 0.95; union / exact).
+#: The union path wins when its per-block advantage exceeds that ratio:
+#:
+#: * one proxy group (SmolLM2-135M, 9/3 heads): union / exact 1.07 at 4K, 1.18 at 8K;
+#: * two proxy groups (Qwen2.5-Coder-0.5B): 1.17 at 4K, 1.48 at 8K, 1.85 at 16K. Their
+#:   rankings differ and the union approaches dense, so several groups always get "triton".
 AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
-    (128, 16, 4): "triton",   # Llama-3.1-8B, 32/8 heads, D 128: 5.28 / 5.09 / 5.03 (union best case)
-    (128, 128, 4): "triton",  # 4.03 / 5.12 / 4.99
-    (64, 16, 7): "triton",    # Qwen2.5-0.5B, 14/2 heads, D 64: 1.30 / 1.69 / 3.24
-    (64, 128, 7): "triton",   # 1.19 / 1.67 / 3.06
+    # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.31 vs 3.45 ms, FA3 1.54x
+    # faster per block, more than any one-group union ratio measured.
+    (128, 16, 4): "fa3",
+    # Page 128: 4.13 vs 3.33 ms, only 1.24x, within reach of the 1.18 measured at 8K (rising with
+    # length): Triton until a long-context union ratio of a 32-head model is measured.
+    (128, 128, 4): "triton",
+    (64, 16, 7): "triton",    # Qwen2.5-0.5B, 14/2 heads, D 64: 1.30 vs 1.21 (1.07x); two groups anyway
+    (64, 128, 7): "triton",   # 1.20 vs 1.08 (1.11x)
 }
 
 
-def auto_sparse_kernel(head_dim: int, page_size: int, num_q_heads: int, num_kv_heads: int) -> str:
-    """What ``sparse_kernel: "auto"`` runs for a layer shape (see :data:`AUTO_SPARSE_KERNEL`)."""
+def auto_sparse_kernel(head_dim: int, page_size: int, num_q_heads: int, num_kv_heads: int,
+                       num_groups: int = 1) -> str:
+    """What ``sparse_kernel: "auto"`` runs for a layer shape (see :data:`AUTO_SPARSE_KERNEL`):
+    "triton" whenever the layer has several proxy groups (their union is much larger)."""
+    if num_groups != 1:
+        return "triton"
     return AUTO_SPARSE_KERNEL.get((head_dim, page_size, num_q_heads // num_kv_heads), "triton")
 
 

@@ -253,7 +253,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
         block_size = self.proxyattn_params.block_size
         kernel = configured
         if configured == "auto":
-            kernel = auto_sparse_kernel(self.head_size, page_size, self.num_heads, self.num_kv_heads)
+            kernel = auto_sparse_kernel(self.head_size, page_size, self.num_heads, self.num_kv_heads,
+                                        self.proxyattn_params.num_groups)
         name = {"fa3": "FA3", "flashinfer": "FlashInfer"}.get(kernel)
         reason = None
         if name is not None and block_size % page_size:

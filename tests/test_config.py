@@ -168,3 +168,9 @@ def test_sparse_kernel_values():
     for (head_dim, page_size, group), kernel in AUTO_SPARSE_KERNEL.items():
         assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2) == kernel
     assert auto_sparse_kernel(96, 32, 8, 8) == "triton"
+    # Several proxy groups: their union approaches dense (union_density_cpu.json), so Triton.
+    fa3_shapes = [key for key, kernel in AUTO_SPARSE_KERNEL.items() if kernel == "fa3"]
+    assert fa3_shapes, "the table lists a shape where the union path was measured faster"
+    head_dim, page_size, group = fa3_shapes[0]
+    assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2, num_groups=1) == "fa3"
+    assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2, num_groups=2) == "triton"

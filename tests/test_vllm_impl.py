@@ -297,6 +297,9 @@ def test_auto_takes_the_measured_kernel(monkeypatch):
     assert _impl({**SPARSE, "sparse_kernel": "auto"})._resolve_sparse_kernel(kv_cache) == "triton"
     monkeypatch.setitem(config_module.AUTO_SPARSE_KERNEL, (HEAD_DIM, PAGE, NUM_HEADS // NUM_KV_HEADS), "fa3")
     assert _impl({**SPARSE, "sparse_kernel": "auto"})._resolve_sparse_kernel(kv_cache) == "fa3"
+    # Two proxy groups: the union of their rankings is much larger, so Triton whatever the table says.
+    two_groups = {**SPARSE, "sparse_kernel": "auto", "num_proxy_groups": 2}
+    assert _impl(two_groups)._resolve_sparse_kernel(kv_cache) == "triton"
 
 
 def test_dense_layers_and_pure_dense_batches(vllm_config):
