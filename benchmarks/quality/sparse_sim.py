@@ -546,22 +546,46 @@ def paired(doc: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+def add_common_args(p: argparse.ArgumentParser, gguf_default: str | None) -> None:
+    """The options this study shares with ``union_density.py``: model, prompts, CPU threads."""
     from benchmarks.quality import tasks
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", default="/tmp/sim/smollm2_hf", help="HF folder (written from --gguf if absent)")
-    p.add_argument("--gguf", default="/tmp/sim/smollm2.gguf", help="source GGUF (loaded if --model-dir is absent; hashed)")
-    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--gguf", default=gguf_default, help="source GGUF (loaded if --model-dir is absent; hashed)")
     p.add_argument("--task", default="niah_multikey")
-    p.add_argument("--samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--essay-dir", default=".essays" if Path(".essays").is_dir() else str(tasks.DEFAULT_ESSAY_DIR))
+    p.add_argument("--time-budget-min", type=float, default=None, help="start no new prompt after this")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def start(args, tag: str):
+    """CPU threads, a timestamped stderr logger, the model with the selection attention
+    registered: ``(model, tokenizer, model_dir, log)``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{tag} {time.time() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model, tokenizer, model_dir = load_model(args.model_dir, args.gguf, args.model_dir)
+    register_attention()
+    set_attention(model, ATTN_NAME)
+    return model, tokenizer, model_dir, log
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p, gguf_default="/tmp/sim/smollm2.gguf")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=20)
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--gate", action="store_true", help="run the correctness gate on sample 0 first")
     p.add_argument("--measure", action="store_true", help="time one dense and one base prefill, then stop")
-    p.add_argument("--time-budget-min", type=float, default=None, help="start no new sample after this")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--keep-sample-layers", action="store_true",
                    help="also write every sample's per-layer statistics (large)")
@@ -570,19 +594,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.time()
-    log = lambda msg: print(f"[sim {time.time() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     import transformers
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     variants = [VARIANTS[v.strip()] for v in args.variants.split(",") if v.strip()]
-    model, tokenizer, model_dir = load_model(args.model_dir, args.gguf, args.model_dir)
-    register_attention()
-    set_attention(model, ATTN_NAME)
+    model, tokenizer, model_dir, log = start(args, "sim")
+    t_start = time.time()
     eos = eos_ids(model, tokenizer)
     log(f"model loaded from {model_dir}; eos {sorted(eos)}; threads {torch.get_num_threads()}")
     samples, max_tokens = make_samples(model_dir, args.length, args.samples, args)

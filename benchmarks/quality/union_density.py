@@ -147,38 +147,23 @@ def print_table(doc: dict) -> None:
 
 
 def parse_args(argv=None):
-    from benchmarks.quality import tasks
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default="/tmp/sim/smollm2_hf", help="HF folder (written from --gguf if absent)")
-    p.add_argument("--gguf", default=None, help="source GGUF, loaded and saved to --model-dir if that is absent")
+    sparse_sim.add_common_args(p, gguf_default=None)
     p.add_argument("--model-name", default=None)
     p.add_argument("--lengths", default="4096,8192")
     p.add_argument("--gammas", default="0.95,0.90")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (vLLM max_num_batched_tokens)")
-    p.add_argument("--task", default="niah_multikey")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--essay-dir", default=".essays" if Path(".essays").is_dir() else str(tasks.DEFAULT_ESSAY_DIR))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--time-budget-min", type=float, default=None, help="start no new prompt after this")
     p.add_argument("--out", default=DEFAULT_OUT)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t_start = time.time()
-    log = lambda msg: print(f"[union {time.time() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     import transformers
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    model, _, model_dir = sparse_sim.load_model(args.model_dir, args.gguf, args.model_dir)
-    sparse_sim.register_attention()
-    sparse_sim.set_attention(model, sparse_sim.ATTN_NAME)
+    model, _, model_dir, log = sparse_sim.start(args, "union")
     cfg = model.config
     num_heads, num_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     gammas = [float(g) for g in args.gammas.split(",")]
