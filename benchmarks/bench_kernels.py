@@ -349,65 +349,54 @@ def main() -> int:
                 fa3_ms = timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))
             sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device)
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)
+            if not args.only_sweep:
+                log(f"{name} page{page}: fa3 dense {fa3_ms and fa3_ms['median']}, selection {sel_ms and sel_ms['median']}")
+
+            def add_case(label, kernel, case_tile, density, used, counts, t):
+                """One timed case of this shape and page (name prefix, geometry, FA3 and selection)."""
+                cases.append(make_case(f"{name} page{page} {label}", kernel, case_tile, shape=(name, hq, hkv, d),
+                                       ctx=ctx, q_len=q_len, page=page, block=block, density=density, used=used,
+                                       counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
+                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+
+            def triton_t(ranking, counts, variant, heavy_rows=0):
+                return timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
+                                                       block_size=block, tile=variant, heavy_rows=heavy_rows))
+
+            def union_t(ranking, counts, tail_tokens=0):
+                return timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out,
+                                               tail_tokens))
+
             # Default: each head visits its blocks by position; "score-order" is the previous
             # visiting order (by proxy score), kept as an A/B in the same run.
             variants = [(tile, ""), (replace(tile, position_order=False), " score-order")]
             for density, (variant, suffix) in itertools.product(() if args.only_sweep else (1.0, 0.1), variants):
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
-                t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
-                                                    block_size=block, tile=variant))
-                case = make_case(f"{name} page{page} density{density}{suffix}", "triton", asdict(variant),
-                                 shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page, block=block,
-                                 density=density, used=used, counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms)
-                cases.append(case)
-                log(f"{case['name']}: attn {t['median']:.3f} ms, fa3 {case['fa3_dense_ms']}, sel {case['selection_ms']}")
+                add_case(f"density{density}{suffix}", "triton", asdict(variant), density, used, counts,
+                         triton_t(ranking, counts, variant))
             # The dense tail (the default dense_tail_tokens rows compute every causal block): its
             # rows launched first (default) vs in their natural place (last); FA3 in two calls
             # (the tail first, as the backend does) vs one.
             ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 0.1, device, TAIL_TOKENS)
             heavy = ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS)
             for heavy_rows, suffix in (() if args.only_sweep else ((heavy, ""), (0, " launched-last"))):
-                t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
-                                                    block_size=block, tile=tile, heavy_rows=heavy_rows))
-                cases.append(make_case(f"{name} page{page} density0.1 tail{TAIL_TOKENS}{suffix}", "triton",
-                                       asdict(tile), shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page,
-                                       block=block, density=0.1, used=used, counts=counts, t=t, sel_ms=sel_ms,
-                                       fa3_ms=fa3_ms))
-                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+                add_case(f"density0.1 tail{TAIL_TOKENS}{suffix}", "triton", asdict(tile), 0.1, used, counts,
+                         triton_t(ranking, counts, tile, heavy_rows))
             for tail, suffix in (() if args.only_sweep or fa3 is None else ((TAIL_TOKENS, ""), (0, " one-call"))):
-                t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail))
-                cases.append(make_case(f"{name} page{page} density0.1 tail{TAIL_TOKENS} fa3-union{suffix}",
-                                       "fa3-union", None, shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len,
-                                       page=page, block=block, density=0.1,
-                                       used=union_density(ranking, counts, ctx, q_len, block), counts=counts,
-                                       t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
-                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+                add_case(f"density0.1 tail{TAIL_TOKENS} fa3-union{suffix}", "fa3-union", None, 0.1,
+                         union_density(ranking, counts, ctx, q_len, block), counts, union_t(ranking, counts, tail))
             # Unequal head budgets (as gamma gives): the union kernel computes the largest head's.
             ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, 0.1, device, spread=SPREAD)
-            for kernel in () if args.only_sweep else ("triton", "fa3-union"):
-                if kernel == "triton":
-                    t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
-                                                        block_size=block, tile=tile))
-                elif fa3 is not None:
-                    t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out))
-                else:
-                    continue
-                cases.append(make_case(
-                    f"{name} page{page} density0.1 spread{SPREAD}{'' if kernel == 'triton' else ' fa3-union'}",
-                    kernel, asdict(tile) if kernel == "triton" else None, shape=(name, hq, hkv, d), ctx=ctx,
-                    q_len=q_len, page=page, block=block, density=0.1,
-                    used=used if kernel == "triton" else union_density(ranking, counts, ctx, q_len, block),
-                    counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
-                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+            if not args.only_sweep:
+                add_case(f"density0.1 spread{SPREAD}", "triton", asdict(tile), 0.1, used, counts,
+                         triton_t(ranking, counts, tile))
+            if not args.only_sweep and fa3 is not None:
+                add_case(f"density0.1 spread{SPREAD} fa3-union", "fa3-union", None, 0.1,
+                         union_density(ranking, counts, ctx, q_len, block), counts, union_t(ranking, counts))
             for density in () if args.only_sweep or fa3 is None else (1.0, 0.1):
                 ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
-                used = union_density(ranking, counts, ctx, q_len, block)
-                t = timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out))
-                cases.append(make_case(f"{name} page{page} density{density} fa3-union", "fa3-union", None,
-                                       shape=(name, hq, hkv, d), ctx=ctx, q_len=q_len, page=page, block=block,
-                                       density=density, used=used, counts=counts, t=t, sel_ms=sel_ms,
-                                       fa3_ms=fa3_ms))
-                log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
+                add_case(f"density{density} fa3-union", "fa3-union", None, density,
+                         union_density(ranking, counts, ctx, q_len, block), counts, union_t(ranking, counts))
             for (kernel, backend), density in itertools.product(
                 () if args.only_sweep else FlashInferBench.variants.items(), (1.0, 0.1)
             ):
