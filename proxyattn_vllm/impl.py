@@ -23,7 +23,6 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
-
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
 from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_page_plan
