@@ -538,6 +538,56 @@ async def run_benchmark(config: LoadTestConfig) -> dict:
     return result
 
 
+# Engine-side latency histograms of vLLM's GET /metrics (Prometheus text). Their timestamps come
+# from the engine core, so they measure decode steps without the HTTP streaming and client-side
+# delays that a client's TPOT includes.
+SERVER_HISTOGRAMS = {"itl": "vllm:inter_token_latency_seconds",
+                     "tpot": "vllm:request_time_per_output_token_seconds"}
+
+
+def parse_server_histograms(text: str) -> dict[str, float]:
+    """``{"itl_sum": s, "itl_count": n, "tpot_sum": ..., "tpot_count": ...}`` from a Prometheus
+    text exposition, summed over label sets (engines, models); keys absent when not exposed."""
+    wanted = {f"{name}_{part}": f"{key}_{part}" for key, name in SERVER_HISTOGRAMS.items()
+              for part in ("sum", "count")}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            totals[wanted[name]] = totals.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def fetch_server_histograms(base_url: str, timeout_s: float = 10.0) -> dict[str, float] | None:
+    """:func:`parse_server_histograms` of ``GET base_url/metrics``; None when the server has no
+    metrics endpoint or does not answer (the caller then reports client-side numbers only)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+            return parse_server_histograms(resp.read().decode("utf-8", "replace"))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def server_latency_ms(before: dict | None, after: dict | None) -> dict:
+    """Engine-side means over the requests between two :func:`fetch_server_histograms` snapshots:
+    ``server_mean_itl_ms`` (per token) and ``server_mean_tpot_ms`` (per request, then averaged);
+    None where a snapshot is missing or no request finished in between."""
+    out = {}
+    for key in SERVER_HISTOGRAMS:
+        mean = None
+        if before is not None and after is not None and f"{key}_count" in after:
+            count = after[f"{key}_count"] - before.get(f"{key}_count", 0.0)
+            if count > 0:
+                mean = (after[f"{key}_sum"] - before.get(f"{key}_sum", 0.0)) / count * 1e3
+        out[f"server_mean_{key}_ms"] = mean
+    return out
+
+
 def run(config: LoadTestConfig) -> dict:
     """Synchronous wrapper of run_benchmark for callers without an event loop."""
     return asyncio.run(run_benchmark(config))

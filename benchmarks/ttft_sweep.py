@@ -513,20 +513,26 @@ class Sweep:
             return
         config = dataclasses.replace(self.load_config(server.base_url, [prompt_len], args.decode_requests, 0,
                                                       f"{backend} decode"), output_len=args.decode_len)
+        # The engine's own per-token times as well: streamed tokens reach the client in bursts,
+        # so the client's TPOT also measures the HTTP path.
+        before = loadtest.fetch_server_histograms(server.base_url)
         try:
             result = loadtest.run(config)
         except loadtest.ServerUnreachable:
             self.results["decode"][backend] = {"status": "failed", "reason": str(server.failure("server died"))}
             self.write()
             return
+        server_side = loadtest.server_latency_ms(before, loadtest.fetch_server_histograms(server.base_url))
         self.add_requests(backend, "decode", result)
         self.results["decode"][backend] = {
             "status": "ok" if result["completed"] else "failed", "prompt_len": prompt_len,
             "output_len": args.decode_len, "n": result["completed"], "failed": result["failed"],
             **{k: result[k] for k in ("mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms")},
+            **server_side,
         }
         self.write()
-        log(f"[{backend}] decode after {prompt_len} tokens: mean TPOT {fmt_ms(result['mean_tpot_ms'])} ms")
+        log(f"[{backend}] decode after {prompt_len} tokens: mean TPOT {fmt_ms(result['mean_tpot_ms'])} ms "
+            f"(engine-side {fmt_ms(server_side['server_mean_tpot_ms'])} ms)")
 
     def load_config(self, base_url: str, lengths: list[int], count: int, warmups: int,
                     label: str) -> loadtest.LoadTestConfig:
@@ -752,12 +758,16 @@ def format_table(results: dict) -> str:
         if dec.get("status") != "ok":
             lines.append(f"decode {backend}: {dec.get('status')} ({dec.get('reason', '')})")
             continue
-        vs = ""
+        vs = engine_vs = ""
+        engine = dec.get("server_mean_tpot_ms")
         if dense_decode and dense_decode.get("status") == "ok" and backend != reference:
             vs = f" ({dec['mean_tpot_ms'] / dense_decode['mean_tpot_ms']:.3f}x {reference})"
+            if engine and dense_decode.get("server_mean_tpot_ms"):
+                engine_vs = f" ({engine / dense_decode['server_mean_tpot_ms']:.3f}x)"
         lines.append(f"decode {backend}: mean TPOT {fmt_ms(dec['mean_tpot_ms'])} ms, p99 "
                      f"{fmt_ms(dec['p99_tpot_ms'])} ms after {dec['prompt_len']} prompt tokens, "
-                     f"{dec['output_len']} output tokens x {dec['n']}{vs}")
+                     f"{dec['output_len']} output tokens x {dec['n']}{vs}; engine-side "
+                     f"{fmt_ms(engine)} ms{engine_vs}")
     for backend, mix in results["poisson_mix"].items():
         if mix.get("status") != "ok":
             lines.append(f"poisson mix {backend}: {mix.get('status')} ({mix.get('reason', '')})")

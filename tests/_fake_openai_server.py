@@ -9,7 +9,9 @@ Timing model (what the tests check the client's metrics against): the first toke
 `ttft_s + ttft_per_token_s * prompt_tokens` after the request arrives, each further token
 `itl_s` after the previous one, then a usage chunk. Prompts longer than `max_model_len` get a
 400 with a vLLM-style error body; with `stream_error_after`, an error event ends the stream after
-that many tokens. With PROXYATTN_STATS set, every request appends stats lines as
+that many tokens. GET /metrics serves vLLM's inter-token-latency and time-per-output-token
+histogram sums and counts of the finished requests, from the scheduled (not the sent) token
+times. With PROXYATTN_STATS set, every request appends stats lines as
 proxyattn_vllm.stats would: one per layer per `chunk` tokens of prefill, density 1.0 in the
 first chunk and `density` in later ones.
 """
@@ -39,6 +41,8 @@ class FakeOptions:
     stream_error_after: int | None = None  # tokens sent before a mid-stream error event
     stats_path: str | None = None
     prompts: list = field(default_factory=list)  # every prompt received, in order
+    # Engine-side histogram totals served at GET /metrics, as vLLM names them (see make_app).
+    histograms: dict = field(default_factory=dict)
 
 
 def prompt_tokens(body: dict) -> int:
@@ -100,11 +104,24 @@ def make_app(options: FakeOptions):
                      "total_tokens": n_prompt + n_out}
             await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        if n_out > 1:  # what vLLM's engine-side histograms would add for this request
+            for name, total, count in (("vllm:inter_token_latency_seconds", options.itl_s * (n_out - 1), n_out - 1),
+                                       ("vllm:request_time_per_output_token_seconds", options.itl_s, 1)):
+                old_total, old_count = options.histograms.get(name, (0.0, 0))
+                options.histograms[name] = (old_total + total, old_count + count)
         return response
+
+    async def metrics(request):
+        lines = []
+        for name, (total, count) in options.histograms.items():
+            labels = f'{{engine="0",model_name="{options.model}"}}'
+            lines += [f"# TYPE {name} histogram", f"{name}_sum{labels} {total}", f"{name}_count{labels} {count}.0"]
+        return web.Response(text="\n".join(lines) + "\n")
 
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/chat/completions", generate)
     return app

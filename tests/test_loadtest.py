@@ -364,3 +364,37 @@ def test_plot_series_and_missing_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert loadtest.main(["--plot", str(tmp_path / "x.png"), str(tmp_path / "s.json")]) == 2
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+METRICS_TEXT = """# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="m"} 7.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="m"} 0.5
+vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 50.0
+vllm:inter_token_latency_seconds_sum{engine="1",model_name="m"} 0.25
+vllm:inter_token_latency_seconds_count{engine="1",model_name="m"} 50.0
+vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="m"} 0.02
+vllm:request_time_per_output_token_seconds_count{engine="0",model_name="m"} 2.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 9.0
+"""
+
+
+def test_server_histograms_are_summed_over_engines_and_differenced_between_snapshots():
+    before = loadtest.parse_server_histograms(METRICS_TEXT)
+    assert before == {"itl_sum": 0.75, "itl_count": 100.0, "tpot_sum": 0.02, "tpot_count": 2.0}
+    after = dict(before, itl_sum=0.75 + 0.9, itl_count=100.0 + 100, tpot_sum=0.02 + 0.027, tpot_count=5.0)
+    assert loadtest.server_latency_ms(before, after) == {
+        "server_mean_itl_ms": pytest.approx(9.0), "server_mean_tpot_ms": pytest.approx(9.0)}
+    # Missing snapshot (no /metrics), no finished request in between, or a metric not exposed.
+    none = {"server_mean_itl_ms": None, "server_mean_tpot_ms": None}
+    assert loadtest.server_latency_ms(None, after) == none
+    assert loadtest.server_latency_ms(before, before) == none
+    assert loadtest.server_latency_ms({}, {"itl_sum": 0.1, "itl_count": 10.0}) == {
+        "server_mean_itl_ms": pytest.approx(10.0), "server_mean_tpot_ms": None}
+
+
+def test_fetching_server_histograms_from_a_server_without_metrics_gives_none():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert loadtest.fetch_server_histograms(f"http://127.0.0.1:{port}", timeout_s=2) is None

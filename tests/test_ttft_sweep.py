@@ -335,5 +335,7 @@ def test_decode_phase_measures_tpot_against_the_dense_backend(tmp_path, capsys):
         d = decode[backend]
         assert (d["status"], d["n"], d["prompt_len"], d["output_len"]) == ("ok", 2, 200, 12)
         assert 3.0 <= d["mean_tpot_ms"] <= 4.0 + 40, d  # the fake server sleeps 4 ms between tokens
+        # Engine-side: the fake's /metrics reports its scheduled 4 ms per token, load or not.
+        assert d["server_mean_tpot_ms"] == pytest.approx(4.0) and d["server_mean_itl_ms"] == pytest.approx(4.0)
     out = capsys.readouterr().out
-    assert "decode proxyattn: mean TPOT" in out and "x FLASH_ATTN)" in out
+    assert "decode proxyattn: mean TPOT" in out and "x FLASH_ATTN); engine-side 4.0 ms (1.000x)" in out
