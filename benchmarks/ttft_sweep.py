@@ -614,9 +614,15 @@ class Sweep:
                 # The writer buffers lines and flushes them every 64 lines; at exit it may not
                 # get to (engine processes end with os._exit). One more long request pushes the
                 # measured requests' lines out; its own length is not a measured one.
+                # It must fit max-model-len (a rejected flush loses the last request's lines).
                 chunk = int(self.yaml[SPARSE_BACKEND].get("max-num-batched-tokens") or 8192)
-                summary["flush_request_len"] = 4 * chunk + 1
-                loadtest.run(self.load_config(server.base_url, [4 * chunk + 1], 1, 0, "density flush"))
+                flush_len = self.effective_len(SPARSE_BACKEND, 4 * chunk + 1)
+                while flush_len in {n for n, _ in measured}:
+                    flush_len -= 1
+                summary["flush_request_len"] = flush_len
+                flushed = loadtest.run(self.load_config(server.base_url, [flush_len], 1, 0, "density flush"))
+                if not flushed["completed"]:
+                    summary["flush_failed"] = (flushed.get("errors") or [{"error": "no completion"}])[0]
         except loadtest.ServerUnreachable:
             summary["status"] = "failed"
             summary["reason"] = str(server.failure("server died"))

@@ -339,3 +339,18 @@ def test_decode_phase_measures_tpot_against_the_dense_backend(tmp_path, capsys):
         assert d["server_mean_tpot_ms"] == pytest.approx(4.0) and d["server_mean_itl_ms"] == pytest.approx(4.0)
     out = capsys.readouterr().out
     assert "decode proxyattn: mean TPOT" in out and "x FLASH_ATTN); engine-side 4.0 ms (1.000x)" in out
+
+
+def test_density_flush_request_fits_max_model_len_and_is_not_a_measured_length(tmp_path):
+    # Session 6 on the H200: with max-model-len 32768 the flush (4 chunks + 1 = 32769 tokens) was
+    # rejected, so the 32K request's statistics were never written.
+    args = sweep_args(tmp_path, "--backends", "proxyattn", "--density-only")
+    args[args.index("--lengths") + 1] = "100,400"
+    for name in ("fake-proxyattn.yaml", "fake-dense.yaml"):
+        path = tmp_path / name
+        path.write_text(path.read_text().replace("max-model-len: 4096", "max-model-len: 404"))
+    assert ttft_sweep.main(args) == 0
+    summary = json.loads((tmp_path / "out.json").read_text())["density_pass"]
+    # 4 * 100 + 1 = 401 would fit, 404 - 4 output tokens = 400 is the measured length: 399.
+    assert summary["flush_request_len"] == 399 and "flush_failed" not in summary
+    assert summary["lengths"]["400"]["status"] == "ok"
