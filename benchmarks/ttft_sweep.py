@@ -7,9 +7,10 @@
 
 For each backend, one `vllm serve --config YAML` subprocess (proxyattn takes --config, the
 other backends its dense twin, the same file name with -dense.yaml), logged to a file, then:
-  (a) prompts one at a time at each length (warm-ups first, then --repeats timed requests),
-  (b) decode speed: --decode-requests requests of --decode-len output tokens after a
-      --decode-prompt-len prompt, one at a time (TPOT vs the dense backend),
+  (a) decode speed, after the warm-ups: --decode-requests requests of --decode-len output
+      tokens after a --decode-prompt-len prompt, one at a time (TPOT vs the dense backend, at
+      the client and engine-side from the server's /metrics),
+  (b) prompts one at a time at each length (--repeats timed requests),
   (c) a Poisson mix: long prompts (--mix-long-range) arriving with concurrent short requests
       whose decode speed (TPOT) shows how much the long prefills disturb running decodes.
 With --density-pass, proxyattn is started once more with PROXYATTN_STATS set (after the timed
@@ -448,8 +449,8 @@ class Sweep:
     # -- phases -------------------------------------------------------------------------------
 
     def run_backend(self, backend: str, deadline: float) -> None:
-        """Start the backend's server, warm it up, time each length one request at a time,
-        run the Poisson mix; every step that would end after `deadline` is cut or skipped."""
+        """Start the backend's server, warm it up, time decode, time each length one request at
+        a time, run the Poisson mix; every step that would end after `deadline` is cut or skipped."""
         args = self.args
         predictor = self.predictors.setdefault(backend, TimePredictor(args.output_len))
         server = self.start_server(backend, backend, [], {})
@@ -469,6 +470,10 @@ class Sweep:
                 self.results["servers"][-1]["warmup_failed"] = failed
                 if failed:
                     log(f"[{backend}] {failed} of {args.warmups} warm-up requests failed")
+            # Decode before the sweep: it is short, and a budget cut should fall on the longest
+            # prompt rather than on the decode comparison (session 6 lost FLASH_ATTN's this way).
+            if args.decode_requests:
+                self.run_decode(backend, server, deadline)
             for n in self.lengths:
                 n = self.effective_len(backend, n)
                 # As many repeats as fit (a long prompt measured once beats one not measured).
@@ -492,8 +497,6 @@ class Sweep:
                 self.add_run(backend, n, "ok" if result["completed"] else "failed", result, reason)
                 log(f"[{backend}] {n} tokens: mean TTFT {fmt_s(result['mean_ttft_ms'])} s "
                     f"({result['completed']} ok, {result['failed']} failed)")
-            if args.decode_requests:
-                self.run_decode(backend, server, deadline)
             if args.mix_long:
                 self.run_mix(backend, server, predictor, deadline)
         finally:
