@@ -230,6 +230,16 @@ def gate_compare(label: str, out: torch.Tensor, ref: torch.Tensor) -> tuple[bool
     return ok, err
 
 
+def triton_fa3_tail(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_rows, tile=None):
+    """The backend's Triton path where FlashAttention exists: the chunk's last ``tail_rows``
+    query-block rows (the dense tail) in an FA3 call first (its two small host-to-device copies
+    included), then the block-sparse kernel over the other rows."""
+    split = ChunkGeometry(ctx, q.shape[0], block).row_token_start(ranking.shape[1] - tail_rows)
+    fa3_dense(fa3, q[split:], kv, table, ctx + q.shape[0], scale, out[split:])
+    block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale, block_size=block, tile=tile,
+                      skip_rows=tail_rows)
+
+
 def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[str]:
     """Returns failures; empty means the kernels may be timed. FlashInfer failures disable
     ``fib`` (logged) instead: they must not stop the Triton and FA3 rows."""
@@ -271,6 +281,17 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
                         if not ok:
                             fib.disable(f"gate {kernel} {name} page {page} density {density}: {err}")
                             break
+                if fa3 is not None and density == 0.2:  # the dense tail through FA3, the rest Triton
+                    t_ranking, t_counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device,
+                                                                 TAIL_TOKENS)
+                    tail_rows = ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS)
+                    tail_out = torch.full_like(q, float("nan"))
+                    triton_fa3_tail(fa3, q, kv, table, t_ranking, t_counts, ctx, block, d**-0.5, tail_out, tail_rows)
+                    t_mask = selection_block_mask(t_ranking, t_counts, -(-(ctx + q_len) // block))
+                    ok, err = gate_compare(f"fa3-tail  {where}", tail_out,
+                                           block_sparse_attention(q, k, v, ctx, t_mask, d**-0.5, block))
+                    if not ok:
+                        failures.append(f"fa3-tail {name} page {page}: {err}")
                 if fa3 is not None and density == 1.0:
                     dense = torch.empty_like(q)
                     fa3_dense(fa3, q, kv, table, ctx + q_len, d**-0.5, dense)
@@ -363,6 +384,10 @@ def main() -> int:
                 return timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale,
                                                        block_size=block, tile=variant, heavy_rows=heavy_rows))
 
+            def triton_fa3_tail_t(ranking, counts, variant, tail_rows):
+                return timed(lambda: triton_fa3_tail(fa3, q, kv, table, ranking, counts, ctx, block, scale, out,
+                                                     tail_rows, variant))
+
             def union_t(ranking, counts, tail_tokens=0):
                 return timed(lambda: fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out,
                                                tail_tokens))
@@ -382,6 +407,9 @@ def main() -> int:
             for heavy_rows, suffix in (() if args.only_sweep else ((heavy, ""), (0, " launched-last"))):
                 add_case(f"density0.1 tail{TAIL_TOKENS}{suffix}", "triton", asdict(tile), 0.1, used, counts,
                          triton_t(ranking, counts, tile, heavy_rows))
+            if not args.only_sweep and fa3 is not None:
+                add_case(f"density0.1 tail{TAIL_TOKENS} fa3-tail", "triton+fa3-tail", asdict(tile), 0.1, used,
+                         counts, triton_fa3_tail_t(ranking, counts, tile, heavy))
             for tail, suffix in (() if args.only_sweep or fa3 is None else ((TAIL_TOKENS, ""), (0, " one-call"))):
                 add_case(f"density0.1 tail{TAIL_TOKENS} fa3-union{suffix}", "fa3-union", None, 0.1,
                          union_density(ranking, counts, ctx, q_len, block), counts, union_t(ranking, counts, tail))

@@ -97,3 +97,9 @@ class ChunkGeometry:
     def num_tail_rows(self, tail_tokens: int) -> int:
         """Rows from :meth:`first_tail_row` to the chunk's end (0 when ``tail_tokens`` is 0)."""
         return self.num_q_blocks - self.first_tail_row(tail_tokens)
+
+    def row_token_start(self, row: int) -> int:
+        """Chunk-relative index of row ``row``'s first query token (``q_len`` for ``num_q_blocks``)."""
+        if row >= self.num_q_blocks:
+            return self.q_len
+        return max(self.ctx, (self.first_q_block + row) * self.block_size) - self.ctx

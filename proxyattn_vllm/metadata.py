@@ -42,6 +42,8 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from proxyattn_kernels import ChunkGeometry
+
 from ._compat import dense_kernel_is_flash_attn
 from .config import ProxyAttnConfig
 
@@ -82,6 +84,10 @@ class SparseRow:
         q_len: tokens in the chunk.
         ctx: tokens of the request already in the cache before the chunk.
         seq_len: ``ctx + q_len``, the keys the chunk attends to.
+        tail_tokens: the chunk's last tokens that form its dense tail (whole query-block rows
+            holding the last ``dense_tail_tokens``; 0 without a tail).
+        tail_cu_seqlens_q: ``[2]`` int32 on the device, ``[0, tail_tokens]``: the tail as one
+            varlen sequence for a dense kernel (None without a tail).
     """
 
     req_idx: int
@@ -89,6 +95,8 @@ class SparseRow:
     q_len: int
     ctx: int
     seq_len: int
+    tail_tokens: int = 0
+    tail_cu_seqlens_q: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def token_end(self) -> int:
@@ -165,6 +173,8 @@ def plan_batch(
     num_reqs: int,
     min_sparse_len: int,
     max_dense_query_len: int = 1,
+    block_size: int = 128,
+    dense_tail_tokens: int = 0,
 ) -> ProxyAttnPlan:
     """Classify a batch's rows; CPU only, no device access.
 
@@ -177,6 +187,8 @@ def plan_batch(
         max_dense_query_len: rows with ``query_len <= this`` are never sparse. It is
             ``1 + num_speculative_tokens``: a speculative-verify row looks like a short prefill,
             and its ``seq_lens_cpu_upper_bound`` is only an optimistic bound.
+        block_size, dense_tail_tokens: the selection block size and the dense tail, for each
+            sparse row's ``tail_tokens`` (``tail_cu_seqlens_q`` is left to the builder).
 
     Returns:
         The plan; ``dense_runs`` is filled (without device tensors) only when some row is sparse.
@@ -197,7 +209,9 @@ def plan_batch(
     sparse_rows = []
     for r in np.flatnonzero(sparse).tolist():
         q_len, seq_len = int(q_lens[r]), int(seq_lens[r])
-        sparse_rows.append(SparseRow(r, int(qsl[r]), q_len, seq_len - q_len, seq_len))
+        geometry = ChunkGeometry(seq_len - q_len, q_len, block_size)
+        tail = q_len - geometry.row_token_start(geometry.first_tail_row(dense_tail_tokens))
+        sparse_rows.append(SparseRow(r, int(qsl[r]), q_len, seq_len - q_len, seq_len, tail))
 
     runs: list[DenseRun] = []
     if sparse_rows:
@@ -344,10 +358,14 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
             cm.num_reqs,
             self.proxyattn_config.min_sparse_len,
             self.max_dense_query_len,
+            self.proxyattn_config.block_size,
+            self.proxyattn_config.dense_tail_tokens,
         )
         # With sparse rows the dense kernels run on slices, so FA3's whole-batch AOT schedule
         # would be wasted: fast_build skips it.
         dense = super().build(0, cm, fast_build=fast_build or plan.has_sparse)
+        if any(row.tail_tokens for row in plan.sparse_rows):
+            plan = dataclasses.replace(plan, sparse_rows=self._with_tail_tensors(plan.sparse_rows))
         if plan.dense_runs:
             qsl_cpu = cm.query_start_loc_cpu
             runs = []
@@ -362,3 +380,10 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
                 )
             plan = dataclasses.replace(plan, dense_runs=tuple(runs))
         return ProxyAttnMetadata(dense=dense, plan=plan)
+
+    def _with_tail_tensors(self, rows: tuple[SparseRow, ...]) -> tuple[SparseRow, ...]:
+        """``rows`` with their ``tail_cu_seqlens_q`` (one host-to-device copy for all of them)."""
+        cu = torch.tensor([[0, row.tail_tokens] for row in rows], dtype=torch.int32)
+        cu = cu.to(self.device, non_blocking=True)
+        return tuple(dataclasses.replace(row, tail_cu_seqlens_q=cu[i] if row.tail_tokens else None)
+                     for i, row in enumerate(rows))

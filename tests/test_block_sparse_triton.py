@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6, full=False, tile=None,
-             atol=None, tail_tokens=0, heavy_rows=0):
+             atol=None, tail_tokens=0, heavy_rows=0, skip_rows=0):
     q = torch.randn(q_len, hq, d, device=DEVICE).to(dtype)
     k = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
     v = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
@@ -34,8 +34,13 @@ def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6,
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
     block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, out, ctx=ctx, scale=scale,
-                      block_size=block, tile=tile, heavy_rows=heavy_rows)
+                      block_size=block, tile=tile, heavy_rows=heavy_rows, skip_rows=skip_rows)
     expected = block_sparse_attention(q, k, v, ctx, sel.block_mask(), scale, block)
+    geo = sel.geometry
+    # Tokens of the skipped last rows stay as they were (NaN); every other element is written.
+    split = geo.row_token_start(geo.num_q_blocks - skip_rows)
+    assert out[split:].isnan().all(), "a skipped row was written"
+    out, expected = out[:split], expected[:split]
     assert not out.isnan().any(), "every output element must be written"
     tol = atol if atol is not None else {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
@@ -106,6 +111,15 @@ def test_heavy_rows_first_covers_every_tile_once(rng_seed, tail_tokens, heavy_ro
              heavy_rows=geometry_rows if heavy_rows is None else heavy_rows)
 
 
+@pytest.mark.parametrize("ctx,q_len,skip_rows", [(61, 67, 1), (61, 67, 2), (64, 64, 1), (61, 67, 3), (0, 30, 1)])
+@pytest.mark.parametrize("tile", [None, TileConfig(16, 16, 4, 1, use_tma=False)])
+def test_skipped_tail_rows_are_left_to_the_caller(rng_seed, ctx, q_len, skip_rows, tile):
+    """``skip_rows``: the chunk's last rows get no program (a dense kernel computes the dense
+    tail instead); the others are exact, including a partial first row and every row skipped."""
+    run_case(6, 2, 16, ctx, q_len, 32, 16, torch.float32, groups=2, tile=tile, tail_tokens=20,
+             skip_rows=skip_rows)
+
+
 def test_head_block_lists_are_each_heads_selection_by_position(rng_seed):
     groups, rows, num_k_blocks, hq = 2, 3, 9, 6
 
@@ -142,6 +156,9 @@ def test_rejects_bad_inputs():
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=20, scale=1.0, block_size=16)
     with pytest.raises(ValueError, match=r"heavy_rows=2 must be in \[0, 1\]"):
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16, heavy_rows=2)
+    with pytest.raises(ValueError, match=r"skip_rows=1 must be in \[0, 1\] and heavy_rows=1 0 with it"):
+        block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16,
+                          heavy_rows=1, skip_rows=1)
     with pytest.raises(ValueError, match="covers 16 tokens"):
         block_sparse_attn(q, kv, table[:1], sel[0], sel[1], q.clone(), ctx=7, scale=1.0, block_size=16) \
             if False else block_sparse_attn(torch.zeros(20, 4, 32), kv, table[:1], *select_blocks(

@@ -110,7 +110,9 @@ def test_mixed_batch_plan(vllm_config, monkeypatch):
     assert plan.decode_rows == (0, 1) and plan.num_decodes == 2 and plan.num_decode_tokens == 2
     assert plan.short_rows == (2, 4)
     assert plan.padded_rows == (5, 6)
-    assert plan.sparse_rows == (SparseRow(req_idx=3, token_start=11, q_len=40, ctx=53, seq_len=93),)
+    # The default dense tail (128 tokens) covers this whole 40-token chunk.
+    assert plan.sparse_rows == (SparseRow(req_idx=3, token_start=11, q_len=40, ctx=53, seq_len=93, tail_tokens=40),)
+    assert plan.sparse_rows[0].tail_cu_seqlens_q.tolist() == [0, 40]
     row = plan.sparse_rows[0]
     assert all(type(v) is int for v in (row.req_idx, row.token_start, row.q_len, row.ctx, row.seq_len))
     assert row.token_end == 51
@@ -222,8 +224,9 @@ def test_fast_path_never_hides_a_sparse_row(vllm_config):
             q_lens[0] = 1
         seq_lens = [q + int(torch.randint(0, 130, (1,), generator=gen)) if q else 0 for q in q_lens]
         cm = common_metadata(q_lens, seq_lens)
-        plan = plan_batch(cm.query_start_loc_cpu, cm.seq_lens_cpu_upper_bound, n,
-                          builder.proxyattn_config.min_sparse_len, builder.max_dense_query_len)
+        config = builder.proxyattn_config
+        plan = plan_batch(cm.query_start_loc_cpu, cm.seq_lens_cpu_upper_bound, n, config.min_sparse_len,
+                          builder.max_dense_query_len, config.block_size, config.dense_tail_tokens)
         if builder.is_decode_only(cm):
             taken += 1
             assert not plan.has_sparse, (q_lens, seq_lens)
@@ -260,6 +263,24 @@ def test_min_sparse_len_boundary_and_spec_decode_guard():
     plan = plan_batch(torch.tensor([0, 1, 9], dtype=torch.int32), torch.tensor([5, 8]), 2, 0)
     assert plan.decode_rows == (0,) and [r.req_idx for r in plan.sparse_rows] == [1]
     assert plan.dense_runs[0].req_start == 0 and plan.dense_runs[0].req_end == 1
+    assert plan.sparse_rows[0].tail_tokens == 0  # no dense tail unless asked for
+
+
+@pytest.mark.parametrize("ctx,q_len,tail,expected", [
+    (0, 300, 128, 140),    # the last 128 tokens [172, 300) start in block 10 = [160, 176)
+    (53, 40, 8, 13),       # block 5 = [80, 96) holds the last 8 tokens; the chunk's tokens 80-92
+    (53, 40, 128, 40),     # the tail covers the whole chunk
+    (100, 28, 0, 0),       # no tail
+    (96, 64, 16, 16),      # block-aligned end: exactly one block
+])
+def test_sparse_rows_know_their_dense_tail(ctx, q_len, tail, expected):
+    """``tail_tokens``: the chunk's tokens in whole 16-token query blocks that hold its last
+    ``tail`` tokens (what the dense kernel computes first when FlashAttention is there)."""
+    from proxyattn_vllm.metadata import plan_batch
+
+    qsl = torch.tensor([0, q_len], dtype=torch.int32)
+    plan = plan_batch(qsl, torch.tensor([ctx + q_len]), 1, 0, block_size=16, dense_tail_tokens=tail)
+    assert plan.sparse_rows[0].tail_tokens == expected
 
 
 def test_missing_upper_bound_runs_dense(vllm_config):

@@ -135,16 +135,35 @@ def _tol(dtype):
     return dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_mixed_batch_matches_reference(vllm_config, dtype):
+@pytest.mark.parametrize("dtype,tail_by_dense", [(torch.float32, False), (torch.float16, False),
+                                                 (torch.float32, True), (torch.float16, True)])
+def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkeypatch):
+    """``tail_by_dense``: the sparse row's dense-tail rows go to the dense kernel first (as with
+    FlashAttention on a GPU; here vLLM's Triton kernel), the block-sparse kernel skips them."""
     from proxyattn_vllm import ProxyAttnConfig
+    from proxyattn_vllm.impl import ProxyAttnImpl
 
     batch = Batch(MIXED_Q, MIXED_SEQ, dtype, pad_tokens=PAD_TOKENS)
     md = _builder(vllm_config).build(0, batch.common)
     assert [r.req_idx for r in md.plan.sparse_rows] == [3]
+    # The long row (ctx 53, 40 tokens, 16-token blocks): its last 8 tokens lie in block 5, whose
+    # chunk tokens are the last 13 (positions 80-92).
+    row = md.plan.sparse_rows[0]
+    assert row.tail_tokens == 13 and row.tail_cu_seqlens_q.tolist() == [0, 13]
     params = ProxyAttnConfig.from_dict(SPARSE).kernel_params(NUM_HEADS, NUM_KV_HEADS)
 
-    output = batch.run(_impl(), md, _Layer(0))
+    impl = _impl()
+    monkeypatch.setattr(ProxyAttnImpl, "_tail_by_dense_kernel", lambda self: tail_by_dense)
+    dense_calls = []  # (query rows, max_seq_len) of each dense varlen call
+    real_dense_varlen = impl._dense_varlen
+
+    def recording_dense_varlen(layer, query, *args):
+        dense_calls.append((query.shape[0], args[-2]))
+        return real_dense_varlen(layer, query, *args)
+
+    monkeypatch.setattr(impl, "_dense_varlen", recording_dense_varlen)
+    output = batch.run(impl, md, _Layer(0))
+    assert ((13, 93) in dense_calls) == tail_by_dense, dense_calls
 
     # The KV write put every new token where the block table says.
     for r, _, _ in batch.rows():

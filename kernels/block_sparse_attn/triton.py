@@ -113,11 +113,11 @@ def _attend_tile_tma(
 # JIT-compile new variants while serving.
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
 # shape while serving (kernels/warmup.py compiles the rest at startup).
-@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows", "stride_rank_group",
+@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows", "skip_rows", "stride_rank_group",
                                "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
-    ctx, seq_len, first_q_block, num_rows, heavy_rows, qk_scale,
+    ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, qk_scale,
     stride_q_tok, stride_q_head,
     stride_kv_page, stride_kv_head, stride_kv_tok,
     stride_rank_group, stride_rank_row,
@@ -135,8 +135,9 @@ def _block_sparse_attn_kernel(
     # of one head side by side share their key tiles in L2). A heavy row (a dense tail row
     # computes every causal block, ~1/density times the others' work) left at its natural place
     # would start when the GPU is nearly done and run alone; first, it overlaps with the rest.
+    # The chunk's last ``skip_rows`` rows get no program at all (a dense kernel computes them).
     pid = tl.program_id(0)
-    tiles_per_head = num_rows * SUB_M
+    tiles_per_head = (num_rows - skip_rows) * SUB_M
     heavy_tiles = heavy_rows * SUB_M
     num_heavy = heavy_tiles * NUM_Q_HEADS
     if pid < num_heavy:
@@ -269,6 +270,7 @@ def block_sparse_attn(
     block_size: int,
     tile: TileConfig | None = None,
     heavy_rows: int = 0,
+    skip_rows: int = 0,
 ) -> torch.Tensor:
     """Block-sparse causal attention of one prefill chunk, written into ``out``.
 
@@ -290,6 +292,9 @@ def block_sparse_attn(
             others (rows that compute far more blocks, e.g. the dense tail of
             ``dense_tail_tokens``: ``num_rows - geometry.first_tail_row(...)``). Only the order
             of the programs changes, not the result.
+        skip_rows: the chunk's last ``skip_rows`` query-block rows are not computed: their
+            tokens in ``out`` are left as they are (for a caller that runs the dense tail with a
+            dense split-KV kernel). Not combined with ``heavy_rows``.
 
     Returns:
         ``out``.
@@ -319,6 +324,8 @@ def block_sparse_attn(
         raise ValueError(f"counts shape {tuple(counts.shape)} != {(num_q_heads, num_rows)} or not contiguous")
     if not 0 <= heavy_rows <= num_rows:
         raise ValueError(f"heavy_rows={heavy_rows} must be in [0, {num_rows}] (the chunk's query-block rows)")
+    if not 0 <= skip_rows <= num_rows or (skip_rows and heavy_rows):
+        raise ValueError(f"skip_rows={skip_rows} must be in [0, {num_rows}] and heavy_rows={heavy_rows} 0 with it")
     if block_table.numel() * page_size < seq_len:
         raise ValueError(f"block_table covers {block_table.numel() * page_size} tokens < seq_len={seq_len}")
     tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu", page_size)
@@ -335,10 +342,12 @@ def block_sparse_attn(
         if not ranking.is_contiguous():
             raise ValueError("ranking must be contiguous")
         tile_rows = ranked_tile_rows(ranking, block_table, block_size, tile.block_n, page_size)
-    grid = (num_rows * (block_size // tile.block_m) * num_q_heads,)
+    grid = ((num_rows - skip_rows) * (block_size // tile.block_m) * num_q_heads,)
+    if grid[0] == 0:
+        return out
     _block_sparse_attn_kernel[grid](
         q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out,
-        ctx, seq_len, first_q_block, num_rows, heavy_rows, scale * _LOG2E,
+        ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, scale * _LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         ranking.stride(0), ranking.stride(1),

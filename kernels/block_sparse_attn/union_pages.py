@@ -121,7 +121,7 @@ def tail_first_calls(plan: UnionPagePlan, geo: ChunkGeometry, first_tail_row: in
     num_rows = geo.num_q_blocks
     if not 0 < first_tail_row < num_rows:
         return [(slice(0, geo.q_len), plan)]
-    split = max(geo.ctx, (geo.first_q_block + first_tail_row) * geo.block_size) - geo.ctx
+    split = geo.row_token_start(first_tail_row)
     calls = []
     for rows, tokens in ((slice(first_tail_row, num_rows), slice(split, geo.q_len)),
                          (slice(0, first_tail_row), slice(0, split))):

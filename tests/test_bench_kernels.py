@@ -1,0 +1,37 @@
+"""benchmarks/bench_kernels.py helpers on CPU (Triton interpreter): the composite paths it times
+compute the selection exactly, so a timing never measures a wrong kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bench_kernels
+from proxyattn_kernels import ChunkGeometry
+from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
+from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
+
+
+def torch_fa3(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+              causal, block_table, fa_version):
+    """vLLM's flash_attn_varlen_func for one sequence (all that fa3_dense passes), in torch:
+    the queries are the sequence's last ``len(q)`` tokens, causal."""
+    assert causal and fa_version == 3 and cu_seqlens_q.tolist() == [0, q.shape[0]] and block_table.shape[0] == 1
+    seq_len = int(seqused_k[0])
+    kv = torch.cat([k, v], dim=-1).transpose(1, 2)  # back to the logical [pages, Hkv, page, 2D] view
+    keys, values = gather_paged_kv(kv, block_table[0], seq_len)
+    out.copy_(dense_causal_attention(q, keys, values, seq_len - q.shape[0], softmax_scale))
+    return out
+
+
+@pytest.mark.parametrize("ctx,q_len,tail", [(37, 70, 20), (64, 64, 16), (0, 50, 100)])
+def test_triton_with_the_tail_through_fa3_equals_the_selection(rng_seed, ctx, q_len, tail):
+    hq, hkv, d, block, page = 4, 2, 16, 16, 16
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    ranking, counts, _ = bench_kernels.synthetic_selection(hq, 1, ctx, q_len, block, 0.3, "cpu", tail)
+    tail_rows = ChunkGeometry(ctx, q_len, block).num_tail_rows(tail)
+    out = torch.full_like(q, float("nan"))
+    bench_kernels.triton_fa3_tail(torch_fa3, q, kv, table, ranking, counts, ctx, block, d**-0.5, out, tail_rows)
+    k, v = gather_paged_kv(kv, table, ctx + q_len)
+    mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block), atol=2e-5, rtol=1e-4)
