@@ -320,14 +320,14 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device):
     scores = proxy_block_scores_paged(q, kv, table, ctx=ctx, scale=scale, num_groups=params.num_groups,
                                       stride=params.stride, block_size=block)
     budget, _ = head_budgets_paged(q, kv, table, ctx=ctx, scale=scale, block_size=block, gamma=params.gamma,
-                                   min_budget_blocks=params.min_budget_blocks, max_density=params.max_density)
+                                   min_budget_blocks=params.min_budget_blocks, max_blocks=None)
     total["stages_ms"] = {
         "proxy_scores": timed(lambda: proxy_block_scores_paged(
             q, kv, table, ctx=ctx, scale=scale, num_groups=params.num_groups, stride=params.stride,
             block_size=block))["median"],
         "budgets": timed(lambda: head_budgets_paged(
             q, kv, table, ctx=ctx, scale=scale, block_size=block, gamma=params.gamma,
-            min_budget_blocks=params.min_budget_blocks, max_density=params.max_density))["median"],
+            min_budget_blocks=params.min_budget_blocks, max_blocks=None))["median"],
         "select": timed(lambda: select_blocks_triton(
             scores, budget, ctx, q.shape[0], block, params.sink_blocks, params.local_blocks,
             params.dense_tail_tokens))["median"],

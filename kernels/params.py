@@ -5,6 +5,7 @@ configuration (e.g. ``num_proxy_groups="auto"``) into a :class:`ProxyAttnParams`
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,10 @@ class ProxyAttnParams:
         sink_blocks: leading key blocks every row keeps.
         local_blocks: key blocks ending at the diagonal block that every row keeps (>= 1).
         min_sparse_len: sequences shorter than this (total tokens) run dense.
-        max_density: optional cap on a head's budget as a fraction of the key blocks.
+        max_density: optional cap on the fraction of a chunk's causal key blocks it computes,
+            the forced blocks and the dense tail included: each head's per-row budget is capped
+            at :meth:`budget_cap_blocks` (the forced blocks of a row are always computed, so a
+            cap below them is exceeded).
         dense_tail_tokens: the query blocks holding a chunk's last ``dense_tail_tokens``
             tokens compute every causal key block (0: none).
     """
@@ -48,6 +52,50 @@ class ProxyAttnParams:
         assert self.sink_blocks >= 0 and self.local_blocks >= 1
         assert self.max_density is None or 0.0 < self.max_density <= 1.0
         assert self.dense_tail_tokens >= 0
+
+    def budget_cap_blocks(self, geo: "ChunkGeometry") -> int | None:
+        """The per-row budget cap that ``max_density`` gives one chunk (None: no cap); see
+        :func:`density_budget_cap`."""
+        if self.max_density is None:
+            return None
+        return density_budget_cap(geo.ctx, geo.q_len, geo.block_size, self.max_density,
+                                  self.sink_blocks, self.local_blocks, self.dense_tail_tokens)
+
+
+def num_forced_blocks(diagonal: int, sink_blocks: int, local_blocks: int) -> int:
+    """Forced blocks of the row whose diagonal key block is ``diagonal``: the ``local_blocks``
+    blocks ending at the diagonal and the ``sink_blocks`` first blocks, each counted once and
+    only if causal (``select/naive.py``)."""
+    first_local = max(0, diagonal - local_blocks + 1)
+    sinks = min(sink_blocks, diagonal + 1)
+    return (diagonal - first_local + 1) + sinks - max(0, sinks - first_local)
+
+
+@functools.lru_cache(maxsize=4096)  # one computation per chunk, shared by its layers
+def density_budget_cap(ctx: int, q_len: int, block_size: int, max_density: float, sink_blocks: int,
+                       local_blocks: int, dense_tail_tokens: int) -> int:
+    """The largest per-row budget ``b`` (blocks, >= 1) for which the chunk computes at most
+    ``max_density`` of its causal blocks when every head uses ``b``: the dense-tail rows count
+    their whole extent, every other row ``min(extent, max(b, forced))``. 1 when even ``b = 1``
+    exceeds it (the forced blocks and the tail alone do). Host-side, O(rows * log(blocks))."""
+    geo = ChunkGeometry(ctx, q_len, block_size)
+    first_tail = geo.first_tail_row(dense_tail_tokens)
+    extents = [geo.row_extent(r) for r in range(geo.num_q_blocks)]
+    tail_blocks = sum(extents[first_tail:])
+    rows = [(e, num_forced_blocks(e - 1, sink_blocks, local_blocks)) for e in extents[:first_tail]]
+    allowed = max_density * sum(extents)
+
+    def computed(budget: int) -> int:
+        return tail_blocks + sum(min(e, max(budget, forced)) for e, forced in rows)
+
+    lo, hi = 1, geo.num_k_blocks  # computed() is nondecreasing in the budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if computed(mid) <= allowed + 1e-9:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass(frozen=True)

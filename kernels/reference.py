@@ -165,7 +165,7 @@ def reference_selection(
     )
     budget, gamma_counts = head_budgets(
         q, k, ctx, scale, params.block_size, params.gamma, params.min_budget_blocks,
-        params.max_density,
+        params.budget_cap_blocks(geo),
     )
     dense_reason = None
     if geo.seq_len < params.min_sparse_len:

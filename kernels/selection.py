@@ -84,7 +84,7 @@ def select_blocks_paged(
     budget, gamma_counts = head_budgets_paged(
         q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=params.block_size,
         gamma=params.gamma, min_budget_blocks=params.min_budget_blocks,
-        max_density=params.max_density, tile=budget_tile,
+        max_blocks=params.budget_cap_blocks(geo), tile=budget_tile,
     )
     if geo.seq_len < params.min_sparse_len:
         budget = torch.full_like(budget, geo.num_k_blocks)

@@ -93,8 +93,9 @@ class ProxyAttnConfig:
         sink_blocks: leading key blocks every row keeps.
         local_blocks: key blocks ending at the diagonal that every row keeps (>= 1).
         min_sparse_len: requests whose total length is below this run dense.
-        max_density: benchmarking override: cap each head's budget at this fraction of the
-            key blocks (None = no cap).
+        max_density: benchmarking override: the most of a chunk's causal key blocks it
+            computes, forced blocks and dense tail included (None = no cap); see
+            ``ProxyAttnParams.budget_cap_blocks``.
         dense_layers: layer indices that always run dense.
         dense_tail_tokens: the query blocks holding each prefill chunk's last this-many tokens
             attend to every earlier block. In a prompt's last chunk these are the tokens

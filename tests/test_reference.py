@@ -166,8 +166,45 @@ def test_budget_limits_min_and_max_density(rng_seed):
     assert (sel.counts == torch.minimum(torch.tensor(9), sel.extents())).all()
     _, sel = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=ProxyAttnParams(
         gamma=1.0, min_budget_blocks=1, max_density=0.1, **base))
-    assert (sel.budget == 8).all()  # ceil(0.1 * 75)
-    assert 0.09 < sel.density < 0.12
+    # 13 rows of extent 63..75 (897 causal blocks, 89.7 allowed): 6 per row is 78, 7 would be 91.
+    assert (sel.budget == 6).all()
+    assert 0.08 < sel.density <= 0.1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_max_density_caps_the_whole_chunk_and_is_the_largest_such_budget(seed):
+    """``max_density`` bounds what the chunk computes, forced blocks and dense tail included
+    (with every head at the cap), and the cap is the largest budget that does: one block more
+    per row would exceed it (unless the forced blocks and the tail alone already do)."""
+    from proxyattn_kernels.params import density_budget_cap
+    from proxyattn_kernels.select.naive import select_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    block = (16, 32)[pick(0, 1)]
+    ctx, q_len = pick(0, 3000), pick(40, 700)
+    sink, local, tail = pick(0, 2), pick(1, 3), (0, 16, 128)[pick(0, 2)]
+    max_density = (0.05, 0.1, 0.3, 0.7, 1.0)[pick(0, 4)]
+    geo = ChunkGeometry(ctx, q_len, block)
+    causal = sum(geo.row_extent(r) for r in range(geo.num_q_blocks))
+    scores = torch.randn(1, geo.num_q_blocks, geo.num_k_blocks, generator=gen)
+
+    def density(budget: int) -> float:
+        _, counts, _ = select_blocks(scores, torch.full((2,), budget, dtype=torch.int32), ctx, q_len, block,
+                                     sink, local, tail)
+        return float(counts[0].sum()) / causal
+
+    cap = density_budget_cap(ctx, q_len, block, max_density, sink, local, tail)
+    assert 1 <= cap <= geo.num_k_blocks
+    if density(1) <= max_density:
+        assert density(cap) <= max_density + 1e-9
+    else:
+        assert cap == 1  # the forced blocks and the tail alone exceed the cap
+    if cap < geo.num_k_blocks:
+        assert density(cap + 1) > max_density
+    assert ProxyAttnParams(max_density=max_density, block_size=block, sink_blocks=sink, local_blocks=local,
+                           dense_tail_tokens=tail).budget_cap_blocks(geo) == cap
+    assert ProxyAttnParams(block_size=block).budget_cap_blocks(geo) is None
 
 
 def test_short_sequences_run_dense(rng_seed):

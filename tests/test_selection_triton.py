@@ -160,7 +160,7 @@ def test_budget_matches_naive(rng_seed, hq, hkv, d, ctx, q_len, block, stride, p
     mass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block, out=out)
     assert mass is out and not out.isnan().any()
     budget, gamma_counts = head_budgets_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block,
-                                              gamma=0.7, min_budget_blocks=2, max_density=None)
+                                              gamma=0.7, min_budget_blocks=2, max_blocks=None)
     check_mass(mass, q, k, ctx, scale, block, 0.7, *TOL[dtype])
     # The budgets are exactly the naive count and limits applied to this mass.
     counts = gamma_block_counts(mass, 0.7)
@@ -192,7 +192,7 @@ def test_budget_gamma_one_keeps_every_block(rng_seed):
     q, k, v = make_chunk(4, 2, 16, 90, 30, torch.float32)
     kv_cache, table = make_paged(k, v, 32)
     budget, counts = head_budgets_paged(q, kv_cache, table, ctx=90, scale=0.25, block_size=16, gamma=1.0,
-                                        min_budget_blocks=1, max_density=None)
+                                        min_budget_blocks=1, max_blocks=None)
     assert (counts == 8).all() and (budget == 8).all()
 
 
@@ -288,7 +288,7 @@ def check_against_reference(sel, ref, q, k, ctx, scale, params, rtol, atol):
     assert torch.equal(sel.gamma_counts[stable], expected_counts[stable])
     if ref.dense_reason is None:
         budget = limit_budget(sel.gamma_counts, ref.geometry.num_k_blocks, params.min_budget_blocks,
-                              params.max_density)
+                              params.budget_cap_blocks(ref.geometry))
     else:
         budget = torch.full_like(sel.gamma_counts, ref.geometry.num_k_blocks)
     assert torch.equal(sel.budget, budget)

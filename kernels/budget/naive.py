@@ -5,15 +5,14 @@ against all keys of its KV head at full resolution, causal softmax, sums the pro
 per key block and averages it over the queries. Sorting the blocks by mass, the head's budget
 is the number of blocks needed for the cumulative mass to reach ``gamma`` (gamma = 1 means all
 blocks). The count is then floored at ``min_budget_blocks`` and, when ``max_density`` is set,
-capped at ``ceil(max_density * num_k_blocks)``.
+capped at the per-row budget that keeps the whole chunk (forced blocks and dense tail included)
+within that fraction of its causal blocks (``params.density_budget_cap``).
 
 Deviation from the paper's text (which average-pools): we sum within a key block so that the
 budget is the exact attention mass the selected blocks cover; for full blocks the two agree
 after normalisation.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -58,12 +57,13 @@ def gamma_block_counts(block_mass: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def limit_budget(
-    counts: torch.Tensor, num_k_blocks: int, min_budget_blocks: int, max_density: float | None
+    counts: torch.Tensor, num_k_blocks: int, min_budget_blocks: int, max_blocks: int | None
 ) -> torch.Tensor:
-    """Apply the minimum budget and the optional density cap; result in ``[1, num_k_blocks]``."""
+    """Apply the minimum budget, then the optional cap (``ProxyAttnParams.budget_cap_blocks``,
+    from ``max_density``); result in ``[1, num_k_blocks]``."""
     budget = counts.clamp(min=min_budget_blocks)
-    if max_density is not None:
-        budget = budget.clamp(max=max(1, math.ceil(max_density * num_k_blocks)))
+    if max_blocks is not None:
+        budget = budget.clamp(max=max(1, max_blocks))
     return budget.clamp(min=1, max=num_k_blocks).to(torch.int32)
 
 
@@ -75,9 +75,9 @@ def head_budgets(
     block_size: int,
     gamma: float,
     min_budget_blocks: int,
-    max_density: float | None,
+    max_blocks: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(budget [Hq], gamma_counts [Hq])``, int32 block counts."""
     num_k_blocks = ChunkGeometry(ctx, q.shape[0], block_size).num_k_blocks
     counts = gamma_block_counts(last_block_mass(q, k, ctx, scale, block_size), gamma)
-    return limit_budget(counts, num_k_blocks, min_budget_blocks, max_density), counts
+    return limit_budget(counts, num_k_blocks, min_budget_blocks, max_blocks), counts

@@ -290,7 +290,7 @@ def head_budgets_paged(
     block_size: int,
     gamma: float,
     min_budget_blocks: int,
-    max_density: float | None,
+    max_blocks: int | None,
     tile: BudgetTileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head block budgets of one chunk, keys from the paged cache.
@@ -302,7 +302,7 @@ def head_budgets_paged(
     mass = last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block_size,
                                  tile=tile)
     counts = gamma_block_counts(mass, gamma)
-    return limit_budget(counts, mass.shape[-1], min_budget_blocks, max_density), counts
+    return limit_budget(counts, mass.shape[-1], min_budget_blocks, max_blocks), counts
 
 
 __all__ = ["BudgetTileConfig", "default_budget_tile_config", "last_block_mass_paged", "head_budgets_paged"]
