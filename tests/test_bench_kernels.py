@@ -35,3 +35,26 @@ def test_triton_with_the_tail_through_fa3_equals_the_selection(rng_seed, ctx, q_
     k, v = gather_paged_kv(kv, table, ctx + q_len)
     mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d,page", [(32, 8, 128, 128), (14, 2, 64, 16)])
+def test_triton_with_the_tail_through_real_fa3_on_the_gpu(hq, hkv, d, page):
+    """The same with vLLM's FA3 on the H200 in bf16 (what the backend runs where FlashAttention
+    exists): the chunk's dense-tail rows by FA3, the rest by the block-sparse kernel."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fa_utils = pytest.importorskip("vllm.v1.attention.backends.fa_utils")
+    ctx, q_len, block, tail = 8192 + 37, 2048 + 5, 128, 128  # as the benchmark gate
+    torch.manual_seed(0)
+    q = torch.randn(q_len, hq, d, device="cuda", dtype=torch.bfloat16)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.bfloat16, "cuda")
+    ranking, counts, _ = bench_kernels.synthetic_selection(hq, 1, ctx, q_len, block, 0.2, "cuda", tail)
+    tail_rows = ChunkGeometry(ctx, q_len, block).num_tail_rows(tail)
+    out = torch.full_like(q, float("nan"))
+    bench_kernels.triton_fa3_tail(fa_utils.flash_attn_varlen_func, q, kv, table, ranking, counts, ctx, block,
+                                  d**-0.5, out, tail_rows)
+    k, v = gather_paged_kv(kv, table, ctx + q_len)
+    mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
+    expected = block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
