@@ -232,6 +232,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
                      output[row.token_start : row.token_end], row.ctx)
             if kernel == "triton":
                 tail_done = self._dense_tail_first(layer, query, kv_cache, output, row, dense)
+                if tail_done and row.tail_tokens == row.q_len and not stats.ENABLED:
+                    continue  # a short chunk that is all dense tail: nothing left to select
                 sparse_prefill(*chunk, self.scale, self.proxyattn_params, layer_index=layer_index,
                                tail_done=tail_done)
             else:

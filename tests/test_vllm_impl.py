@@ -3,6 +3,7 @@ under the interpreter): sparse rows equal the torch reference, dense rows equal 
 and unsupported features fail at construction."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -185,6 +186,30 @@ def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkey
             expected = dense
         torch.testing.assert_close(output[tokens], expected, **_tol(dtype), msg=f"row {r}")
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
+
+
+def test_a_chunk_that_is_all_dense_tail_skips_the_selection(vllm_config, monkeypatch):
+    """With the tail through the dense kernel, a chunk whose dense tail covers it whole (a short
+    last chunk) is one dense call: no selection runs for it."""
+    from proxyattn_vllm import impl as impl_module
+    from proxyattn_vllm.impl import ProxyAttnImpl
+
+    config = {**SPARSE, "dense_tail_tokens": 64}  # covers the long row's 40 tokens
+    batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=5)
+    md = _builder(vllm_config).build(0, batch.common)
+    md.plan = dataclasses.replace(md.plan, sparse_rows=tuple(
+        dataclasses.replace(r, tail_tokens=r.q_len, tail_cu_seqlens_q=torch.tensor([0, r.q_len], dtype=torch.int32))
+        for r in md.plan.sparse_rows))
+    monkeypatch.setattr(ProxyAttnImpl, "_tail_by_dense_kernel", lambda self: True)
+
+    def no_selection(*args, **kwargs):
+        raise AssertionError("selection ran for a chunk that is all dense tail")
+
+    monkeypatch.setattr(impl_module, "select_blocks_paged", no_selection)
+    output = batch.run(_impl(config), md, _Layer(0))
+    for r, tokens, ctx in batch.rows():
+        expected = dense_causal_attention(batch.query[tokens], batch.keys[r], batch.values[r], ctx, SCALE)
+        torch.testing.assert_close(output[tokens], expected, **_tol(torch.float32), msg=f"row {r}")
 
 
 @pytest.mark.parametrize("kernel,tail", [("fa3", 0), ("fa3", 8), ("flashinfer", 0)])
