@@ -61,10 +61,10 @@ def limit_budget(
 ) -> torch.Tensor:
     """Apply the minimum budget, then the optional cap (``ProxyAttnParams.budget_cap_blocks``,
     from ``max_density``); result in ``[1, num_k_blocks]``."""
-    budget = counts.clamp(min=min_budget_blocks)
-    if max_blocks is not None:
-        budget = budget.clamp(max=max(1, max_blocks))
-    return budget.clamp(min=1, max=num_k_blocks).to(torch.int32)
+    # One clamp (one kernel on the device): the minimum first, then the cap wins, as
+    # min(max(counts, min_budget), cap, num_k_blocks) with every bound >= 1.
+    upper = num_k_blocks if max_blocks is None else max(1, min(max_blocks, num_k_blocks))
+    return counts.clamp(min=max(1, min_budget_blocks), max=upper).to(torch.int32)
 
 
 def head_budgets(
