@@ -245,8 +245,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
         done. Those rows read every causal key: in the block-sparse kernel each of their query
         tiles walks the whole context in one program, which bounds the kernel's time at long
         context (H200, last 8K chunk of 128K, Qwen2.5-0.5B shape: 2.94 ms with the tail, 1.31
-        without, for 14% more blocks); FA3 splits their keys across the GPU. Without FlashAttention (CPU) the
-        block-sparse kernel keeps them, launched first."""
+        without, for 14% more blocks); FA3 splits their keys across the GPU. Without
+        FlashAttention (CPU) the block-sparse kernel keeps them, launched first."""
         if not (self._tail_by_dense_kernel() and row.tail_tokens):
             return False
         tokens = slice(row.token_end - row.tail_tokens, row.token_end)

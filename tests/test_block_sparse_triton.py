@@ -156,7 +156,7 @@ def test_rejects_bad_inputs():
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=20, scale=1.0, block_size=16)
     with pytest.raises(ValueError, match=r"heavy_rows=2 must be in \[0, 1\]"):
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16, heavy_rows=2)
-    with pytest.raises(ValueError, match=r"skip_rows=1 must be in \[0, 1\] and heavy_rows=1 0 with it"):
+    with pytest.raises(ValueError, match=r"skip_rows=1 must be in \[0, 1\], with heavy_rows 0 \(got 1\)"):
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16,
                           heavy_rows=1, skip_rows=1)
     with pytest.raises(ValueError, match="covers 16 tokens"):

@@ -113,8 +113,8 @@ def _attend_tile_tma(
 # JIT-compile new variants while serving.
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
 # shape while serving (kernels/warmup.py compiles the rest at startup).
-@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows", "skip_rows", "stride_rank_group",
-                               "stride_rank_row", "stride_count_head"])
+@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows", "skip_rows",
+                               "stride_rank_group", "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
     ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, qk_scale,
@@ -325,7 +325,7 @@ def block_sparse_attn(
     if not 0 <= heavy_rows <= num_rows:
         raise ValueError(f"heavy_rows={heavy_rows} must be in [0, {num_rows}] (the chunk's query-block rows)")
     if not 0 <= skip_rows <= num_rows or (skip_rows and heavy_rows):
-        raise ValueError(f"skip_rows={skip_rows} must be in [0, {num_rows}] and heavy_rows={heavy_rows} 0 with it")
+        raise ValueError(f"skip_rows={skip_rows} must be in [0, {num_rows}], with heavy_rows 0 (got {heavy_rows})")
     if block_table.numel() * page_size < seq_len:
         raise ValueError(f"block_table covers {block_table.numel() * page_size} tokens < seq_len={seq_len}")
     tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu", page_size)
