@@ -257,3 +257,16 @@ def test_geometry():
     assert ChunkGeometry(ctx=0, q_len=1, block_size=64).num_q_blocks == 1
     edge = ChunkGeometry(ctx=63, q_len=2, block_size=64)  # starts on a block's last token
     assert (edge.first_q_block, edge.num_q_blocks, edge.num_k_blocks) == (0, 2, 2)
+
+
+def test_forced_block_count_matches_the_selection():
+    """``num_forced_blocks`` (host-side, for the density cap) counts what ``select_blocks`` forces."""
+    from proxyattn_kernels.params import num_forced_blocks
+    from proxyattn_kernels.select.naive import select_blocks
+
+    for sink, local in itertools.product(range(4), range(1, 5)):
+        geo = ChunkGeometry(0, 16 * 12, 16)
+        scores = torch.zeros(1, geo.num_q_blocks, geo.num_k_blocks)
+        _, _, num_forced = select_blocks(scores, torch.ones(1, dtype=torch.int32), 0, geo.q_len, 16, sink, local)
+        expected = [num_forced_blocks(r, sink, local) for r in range(geo.num_q_blocks)]
+        assert num_forced.tolist() == expected, (sink, local)
