@@ -2,6 +2,8 @@
 compute the selection exactly, so a timing never measures a wrong kernel."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -58,3 +60,9 @@ def test_triton_with_the_tail_through_real_fa3_on_the_gpu(hq, hkv, d, page):
     mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
     expected = block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_host_launch_time_counts_the_host_work_per_call():
+    calls = []
+    ms = bench_kernels.host_launch_ms(lambda: (calls.append(1), time.sleep(0.002)), calls=5)
+    assert len(calls) == 5 and 2.0 <= ms < 50
