@@ -594,25 +594,63 @@ def counter_delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
-class PlanRecorder:
+class _AttributePatch:
+    """While entered, ``owner.name`` (from :meth:`_target`) is replaced by
+    ``self._wrap(original)`` and restored on exit; ``available`` says whether the target existed
+    (if not, nothing is patched and the subclass records nothing)."""
+
+    def __init__(self):
+        self.available = False
+        self._owner = self._name = self._original = None
+
+    def _target(self) -> tuple[object, str] | None:
+        raise NotImplementedError
+
+    def _wrap(self, original):
+        raise NotImplementedError
+
+    def __enter__(self):
+        target = self._target()
+        original = getattr(*target, None) if target is not None else None
+        if original is None:
+            return self
+        self._owner, self._name = target
+        self._original = original
+        setattr(self._owner, self._name, self._wrap(original))
+        self.available = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._owner is not None:
+            setattr(self._owner, self._name, self._original)
+
+
+def _scheduler_method(name: str) -> tuple[object, str] | None:
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+    except ImportError:
+        return None
+    return Scheduler, name
+
+
+class PlanRecorder(_AttributePatch):
     """Wraps ``proxyattn_vllm.metadata.plan_batch`` (called once per scheduler step): records the
     (ctx, q_len) of every sparse prefill chunk and counts prefill tokens, while ``active``."""
 
     def __init__(self):
+        super().__init__()
         self.active = False
-        self.available = False
         self.sparse: list[tuple[int, int]] = []
         self.prefill_tokens = 0
-        self._module = self._original = None
 
-    def __enter__(self):
+    def _target(self):
         try:
             import proxyattn_vllm.metadata as module
         except ImportError:
-            return self
-        self._module, self._original = module, module.plan_batch
-        original = module.plan_batch
+            return None
+        return module, "plan_batch"
 
+    def _wrap(self, original):
         def recording(*a, **k):
             plan = original(*a, **k)
             if self.active:
@@ -623,13 +661,7 @@ class PlanRecorder:
                     pass
             return plan
 
-        module.plan_batch = recording
-        self.available = True
-        return self
-
-    def __exit__(self, *exc):
-        if self._module is not None:
-            self._module.plan_batch = self._original
+        return recording
 
     @contextlib.contextmanager
     def recording(self):
@@ -649,26 +681,20 @@ class PlanRecorder:
                 "prefill_tokens": self.prefill_tokens}
 
 
-class SchedulerRecorder:
+class SchedulerRecorder(_AttributePatch):
     """Wraps ``Scheduler._update_after_schedule`` (every backend): records the (ctx, q_len) of
     every prefill chunk the scheduler sends (q_len > 1, as plan_batch counts prefill; ctx = the
     request's computed tokens before it, so a cache hit or a recompute shows), while active."""
 
     def __init__(self):
+        super().__init__()
         self.active = False
-        self.available = False
         self.chunks: list[tuple[int, int]] = []
-        self._cls = self._original = None
 
-    def __enter__(self):
-        try:
-            from vllm.v1.core.sched.scheduler import Scheduler
-        except ImportError:
-            return self
-        original = getattr(Scheduler, "_update_after_schedule", None)
-        if original is None:
-            return self
+    def _target(self):
+        return _scheduler_method("_update_after_schedule")
 
+    def _wrap(self, original):
         def recording(sched, scheduler_output, *a, **k):
             if self.active:
                 try:
@@ -679,14 +705,7 @@ class SchedulerRecorder:
                     pass
             return original(sched, scheduler_output, *a, **k)
 
-        self._cls, self._original = Scheduler, original
-        Scheduler._update_after_schedule = recording
-        self.available = True
-        return self
-
-    def __exit__(self, *exc):
-        if self._cls is not None:
-            self._cls._update_after_schedule = self._original
+        return recording
 
     @contextlib.contextmanager
     def recording(self):
@@ -713,35 +732,22 @@ def recording_both(recorder: PlanRecorder, scheduled: SchedulerRecorder | None):
         yield
 
 
-class PreemptionCounter:
+class PreemptionCounter(_AttributePatch):
     """Counts ``Scheduler._preempt_request`` calls (the scheduler runs in this process)."""
 
     def __init__(self):
+        super().__init__()
         self.count = 0
-        self.available = False
-        self._cls = self._original = None
 
-    def __enter__(self):
-        try:
-            from vllm.v1.core.sched.scheduler import Scheduler
-        except ImportError:
-            return self
-        original = getattr(Scheduler, "_preempt_request", None)
-        if original is None:
-            return self
+    def _target(self):
+        return _scheduler_method("_preempt_request")
 
+    def _wrap(self, original):
         def counting(sched, *a, **k):
             self.count += 1
             return original(sched, *a, **k)
 
-        self._cls, self._original = Scheduler, original
-        Scheduler._preempt_request = counting
-        self.available = True
-        return self
-
-    def __exit__(self, *exc):
-        if self._cls is not None:
-            self._cls._preempt_request = self._original
+        return counting
 
 
 def greedy(max_tokens: int, logprobs: int | None = None):

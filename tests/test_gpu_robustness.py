@@ -626,3 +626,23 @@ def test_preemption_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     full = part["configs"]["full"]["pressured"]
     assert full["prefill_tokens_planned"] == full["prefill_tokens_computed"]  # plan and scheduler agree
     assert part["configs"]["full"]["summary"]["greedy"]["control"]["identical"] == 4
+
+
+def test_recorders_patch_their_targets_while_entered_and_restore_them():
+    pytest.importorskip("vllm")
+    import torch
+
+    import proxyattn_vllm.metadata as metadata
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    originals = (metadata.plan_batch, Scheduler._preempt_request, Scheduler._update_after_schedule)
+    with gr.PlanRecorder() as plans, gr.PreemptionCounter() as preempted, gr.SchedulerRecorder() as scheduled:
+        assert plans.available and preempted.available and scheduled.available
+        patched = (metadata.plan_batch, Scheduler._preempt_request, Scheduler._update_after_schedule)
+        assert all(p is not o for p, o in zip(patched, originals))
+        metadata.plan_batch(torch.tensor([0, 1, 300], dtype=torch.int32), torch.tensor([10, 400]), 2, 64)
+        assert plans.sparse == []  # not recording
+        with plans.recording():
+            metadata.plan_batch(torch.tensor([0, 1, 300], dtype=torch.int32), torch.tensor([10, 400]), 2, 64)
+        assert plans.sparse == [(101, 299)] and plans.prefill_tokens == 299
+    assert (metadata.plan_batch, Scheduler._preempt_request, Scheduler._update_after_schedule) == originals
