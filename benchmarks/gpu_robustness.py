@@ -68,7 +68,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 # gpu_backend_check sets VLLM_ENABLE_V1_MULTIPROCESSING=0 when imported; main() does that here,
 # so that importing this module (the tests) changes nothing for other engines of the process.
@@ -1078,22 +1077,8 @@ def scrape_metrics(base_url: str) -> dict:
     wanted = ("vllm:num_preemptions_total", "vllm:request_success_total", "vllm:prompt_tokens_total",
               "vllm:generation_tokens_total", "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
               "vllm:num_requests_waiting", "vllm:prefix_cache_hits_total")
-    out: dict[str, float] = {}
-    try:
-        with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
-            text = resp.read().decode("utf-8", "replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in wanted:
-            try:
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                continue
-    return out
+    text = loadtest.fetch_metrics_text(base_url)
+    return {} if text is None else loadtest.parse_prometheus(text, wanted)
 
 
 def memory_sample(server, label: str, started: float) -> dict:

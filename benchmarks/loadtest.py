@@ -545,32 +545,46 @@ SERVER_HISTOGRAMS = {"itl": "vllm:inter_token_latency_seconds",
                      "tpot": "vllm:request_time_per_output_token_seconds"}
 
 
-def parse_server_histograms(text: str) -> dict[str, float]:
-    """``{"itl_sum": s, "itl_count": n, "tpot_sum": ..., "tpot_count": ...}`` from a Prometheus
-    text exposition, summed over label sets (engines, models); keys absent when not exposed."""
-    wanted = {f"{name}_{part}": f"{key}_{part}" for key, name in SERVER_HISTOGRAMS.items()
-              for part in ("sum", "count")}
+def parse_prometheus(text: str, names) -> dict[str, float]:
+    """The values of the metrics ``names`` in a Prometheus text exposition, each summed over its
+    label sets (engines, models); a name that is not exposed is absent, an unparsable line skipped."""
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in wanted:
-            totals[wanted[name]] = totals.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+        if name in names:
+            try:
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
     return totals
+
+
+def fetch_metrics_text(base_url: str, timeout_s: float = 10.0) -> str | None:
+    """The body of ``GET base_url/metrics``; None when the server does not answer or has none."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+            return resp.read().decode("utf-8", "replace")
+    except OSError:  # URLError and HTTPError included
+        return None
+
+
+def parse_server_histograms(text: str) -> dict[str, float]:
+    """``{"itl_sum": s, "itl_count": n, "tpot_sum": ..., "tpot_count": ...}`` from a Prometheus
+    text exposition, summed over label sets (engines, models); keys absent when not exposed."""
+    wanted = {f"{name}_{part}": f"{key}_{part}" for key, name in SERVER_HISTOGRAMS.items()
+              for part in ("sum", "count")}
+    return {wanted[name]: value for name, value in parse_prometheus(text, wanted).items()}
 
 
 def fetch_server_histograms(base_url: str, timeout_s: float = 10.0) -> dict[str, float] | None:
     """:func:`parse_server_histograms` of ``GET base_url/metrics``; None when the server has no
     metrics endpoint or does not answer (the caller then reports client-side numbers only)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
-            return parse_server_histograms(resp.read().decode("utf-8", "replace"))
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+    text = fetch_metrics_text(base_url, timeout_s)
+    return None if text is None else parse_server_histograms(text)
 
 
 def server_latency_ms(before: dict | None, after: dict | None) -> dict:
