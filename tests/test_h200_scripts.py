@@ -41,11 +41,15 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert started[:3] == ["kernels", "gpu_tests", "ttft"] and len(started) >= 6
+    assert started[:4] == ["kernels", "gpu_tests", "ttft_dense", "ttft_sparse"] and len(started) >= 7
     assert "skip" not in result.stdout and (bg / "chain.done").exists()
     calls = (bg / "calls.log").read_text()
-    assert "benchmarks/bench_kernels.py" in calls and "--backends FLASH_ATTN,proxyattn,proxyattn:fa3" in calls
-    assert "--time-budget-s 900" in calls  # capped: each TTFT backend gets its share of 900 s
+    assert "benchmarks/bench_kernels.py" in calls
+    # Dense alone first, then the sparse kernels appended to the same JSON.
+    dense, sparse = [line for line in calls.splitlines() if "ttft_h200.json" in line]
+    assert "--backends FLASH_ATTN " in dense and "--append" not in dense
+    assert "--append" in sparse and "--backends proxyattn,proxyattn:fa3,proxyattn:flashinfer" in sparse
+    assert "--time-budget-s 700" in sparse  # capped, the quality steps' reserve kept
     assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
 
 
@@ -53,7 +57,7 @@ def test_chain_skips_what_does_not_fit_and_says_so(stubbed):
     env, bg, _ = stubbed
     result = run("chain.sh", 100, env=env)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\[chain\] skip ttft: \d+ s left, needs ~600 s", result.stdout)
+    assert re.search(r"\[chain\] skip ttft_dense: \d+ s left, needs ~330 s", result.stdout)
     assert "bench_kernels.py" not in (bg / "calls.log").read_text()  # 150 s do not fit in 100
     assert (bg / "chain.done").exists()
 

@@ -22,16 +22,21 @@ step() {
 #    tail-first and fa3-union; then the GPU tests (~45 s; new: the FA3-tail composition).
 step kernels 150 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
 step gpu_tests 60 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
-# 2. TTFT (~700 s): dense, Triton (tail through FA3) and fa3 at 32K-256K with max_density now
-#    capping the whole chunk; decode first (6 requests, engine-side TPOT for all three); the
-#    density pass, since the densities change (~0.10 predicted).
-step ttft 600 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
-  --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml \
-  --backends FLASH_ATTN,proxyattn,proxyattn:fa3 --lengths 32K,64K,128K,256K --repeats 2 --warmups 1 \
-  --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 0 --density-pass \
-  --time-budget-s "$(( $(left) < 915 ? $(left) - 15 : 900 ))" --startup-estimate-s 190 \
-  --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs"
-# 3. Accuracy at gamma 0.90 with the dense tail (issue #6's last cells; ~360 s), 50 samples per
+# 2. TTFT: dense FA3 alone first (~340 s: the host's first vLLM start is cold, ~220 s, and
+#    256K takes 33 s a request; the sweep's equal shares per backend would cut its 256K), then the
+#    three sparse kernels appended to the same JSON with the density pass (~620 s). max_density
+#    now caps the whole chunk (~0.10 predicted). Decode first (6 requests, engine-side TPOT).
+#    flashinfer's end-to-end TTFT (issue #8) rides along; its 256K is the first thing cut.
+ttft=(python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b"
+      --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --lengths 32K,64K,128K,256K
+      --repeats 2 --warmups 1 --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 0
+      --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs")
+step ttft_dense 330 "${ttft[@]}" --backends FLASH_ATTN --time-budget-s 420 --startup-estimate-s 220
+quality_reserve=410  # step 3 below
+step ttft_sparse 450 "${ttft[@]}" --append --backends proxyattn,proxyattn:fa3,proxyattn:flashinfer \
+  --density-pass --time-budget-s "$(( $(left) - quality_reserve < 700 ? $(left) - quality_reserve : 700 ))" \
+  --startup-estimate-s 110
+# 3. Accuracy at gamma 0.90 with the dense tail (issue #6's last cells; ~360-400 s), 50 samples per
 #    cell, no dense (the dense cells of quality_h200.json are reused; merge with merge.py).
 quality=(python3 benchmarks/quality/run_eval.py --samples 50 --essay-dir .essays --gpu-memory-utilization 0.5
          --no-dense --gammas 0.9)
@@ -39,13 +44,7 @@ step quality_smollm2_09 170 "${quality[@]}" --models smollm2=/tmp/models/smollm2
   --out "$RES/quality_smollm2_09.json"
 step quality_qwen_09 230 "${quality[@]}" --models qwen05b=/tmp/models/qwen05b \
   --lengths 4096,8192,16384,32768 --out "$RES/quality_qwen_09.json"
-# 4. End-to-end TTFT of sparse_kernel "flashinfer" (issue #8), into the same JSON (~140 s).
-step ttft_flashinfer 140 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
-  --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --append \
-  --backends proxyattn:flashinfer --lengths 32K,128K --repeats 2 --warmups 1 --warmup-len 131072 \
-  --decode-requests 0 --mix-long 0 --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 110 \
-  --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs"
-# 5. Real weights again, Qwen2.5-Coder-0.5B at 8K/32K (0.78x / 0.80x in session 6, before the
+# 4. Real weights again, Qwen2.5-Coder-0.5B at 8K/32K (0.78x / 0.80x in session 6, before the
 #    FA3 tail), with the density pass (its flush now fits max-model-len).
 step ttft_qwen 200 python3 benchmarks/ttft_sweep.py --model /tmp/models/qwen05b \
   --config serve_configs/qwen2.5-coder-0.5b-32k-proxyattn.yaml --backends FLASH_ATTN,proxyattn \
