@@ -342,6 +342,62 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device):
     return total
 
 
+CHUNK_CTXS = (0, 8192, 32768, 122880)  # chunk_costs: where the chunk starts
+
+
+def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, page: int = 128, block: int = 128,
+                ctxs=CHUNK_CTXS, dtype=torch.bfloat16) -> list[dict]:
+    """The whole per-layer cost of one sparse chunk at several context lengths, as the backend
+    runs it with ``sparse_kernel: "fa3"`` and the TTFT sweep's settings (``max_density`` 0.1,
+    the default dense tail): selection, then the union page plan, then the FA3 calls (tail
+    first), next to FA3 dense at the same context. Llama-3.1-8B shape by default.
+
+    End to end, the sparse TTFT has a per-token term 5% above dense's (session 7 fit over
+    32K-256K): a cost paid per chunk and layer whatever the context. The rows at small ``ctx``
+    show it (``path_ms`` minus a density-0.1 share of ``fa3_dense_ms``)."""
+    from proxyattn_kernels.selection import select_blocks_paged
+
+    hq, hkv, d = shape
+    scale = d**-0.5
+    params = ProxyAttnParams(block_size=block, num_groups=1, max_density=0.1, dense_tail_tokens=TAIL_TOKENS)
+    rows = []
+    for ctx in ctxs:
+        seq_len = ctx + q_len
+        torch.manual_seed(0)
+        q = torch.randn(q_len, hq, d, device=device, dtype=dtype)
+        kv, table = make_cache(seq_len, hkv, d, page, dtype, device)
+        out = torch.empty_like(q)
+
+        def select():
+            return select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params)
+
+        def select_and_plan():
+            sel = select()
+            return union_page_plan(sel.ranking, sel.counts, table, ctx=ctx, q_len=q_len, block_size=block,
+                                   page_size=page)
+
+        def path():
+            sel = select()
+            return fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS)
+
+        sel = select()
+        row = {
+            "ctx": ctx, "q_len": q_len, "page_size": page, "hq": hq, "hkv": hkv, "head_dim": d,
+            "density": union_density(sel.ranking, sel.counts, ctx, q_len, block),
+            "fa3_dense_ms": timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))["median"],
+            "selection_ms": timed(select)["median"],
+            "selection_plan_ms": timed(select_and_plan)["median"],
+            "path_ms": timed(path)["median"],
+            "path_host_ms": host_launch_ms(path),
+        }
+        rows.append(row)
+        log(f"chunk ctx={ctx:6d}: density {row['density']:.3f}, fa3 dense {row['fa3_dense_ms']:.3f} ms, "
+            f"selection {row['selection_ms']:.3f}, +plan {row['selection_plan_ms']:.3f}, whole fa3 path "
+            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f})")
+        del q, kv, out
+    return rows
+
+
 def host_launch_ms(fn, calls: int = 20) -> float:
     """Host milliseconds per call of ``fn`` without waiting for the device (its launch cost);
     the device is drained before and after, and ``calls`` stays far below the launch queue's
@@ -374,6 +430,12 @@ def main() -> int:
             log("CORRECTNESS GATE FAILED, no timings: " + "; ".join(failures))
             return 1
 
+    chunk_rows = []
+    if not args.only_sweep and fa3 is not None:
+        try:
+            chunk_rows = chunk_costs(fa3, device)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic: never lose the cases to it
+            log(f"chunk_costs failed ({type(exc).__name__}: {exc}); the cases follow")
     ctx, q_len, block = args.ctx, args.q_len, 128
     seq_len = ctx + q_len
     cases = []
@@ -509,6 +571,7 @@ def main() -> int:
                         "diagonal+sink forced, per-head budget ceil(density*Kb))",
         "cases": cases,
         "tile_sweep": sweep,
+        "chunk_costs": chunk_rows,
         "flashinfer_first_call_s": fib.first_call_s,
         "flashinfer_skipped": fib.skipped,
     }

@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--soak-token-ids", action="store_true",
                     help="long prompts as random token ids instead of essay text")
     ap.add_argument("--soak-eager", action="store_true", help="serve with --enforce-eager")
+    ap.add_argument("--soak-serve-args", default="",
+                    help="more vllm serve arguments, e.g. '--load-format dummy' for a weightless model")
     ap.add_argument("--health-timeout-s", type=float, default=420.0)
     ap.add_argument("--serve-cmd",
                     default=f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main serve",
@@ -1096,6 +1098,7 @@ def soak_serve_cmd(args, port: int) -> list[str]:
         "--dtype", args.dtype, "--seed", "0"]
     if args.soak_eager:
         cmd.append("--enforce-eager")
+    cmd += shlex.split(args.soak_serve_args)
     if args.proxyattn_overrides:
         cmd += ["--additional-config", json.dumps({"proxyattn": args.proxyattn_overrides})]
     return cmd

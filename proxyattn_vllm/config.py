@@ -23,25 +23,27 @@ SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 #:
 #: Sources, both on 2026-11-29. Per layer at density 0.1 with every head at the same budget
 #: (benchmarks/results/kernels_h200.json, H200, 128K context, last 8K chunk; Triton / FA3 over
-#: the union pages; kernels_h200_session5.json, an earlier run, agrees within 3%), with head
-#: budgets 0.5x-1.5x the mean ("spread0.5": the union computes 0.155 for a mean of 0.104), and
-#: how many blocks the union computes under real gamma budgets
+#: the union pages; the two earlier runs, kernels_h200_session5/6.json, agree within 3%), with
+#: head budgets 0.5x-1.5x the mean ("spread0.5": the union computes 0.155 for a mean of 0.104),
+#: and how many blocks the union computes under real gamma budgets
 #: (benchmarks/results/union_density_cpu.json, CPU, real weights, gamma 0.95; union / exact).
 #: The union path wins when its per-block advantage exceeds that ratio:
 #:
 #: * one proxy group (SmolLM2-135M, 9/3 heads): union / exact 1.07 at 4K, 1.18 at 8K;
 #: * two proxy groups (Qwen2.5-Coder-0.5B): 1.17 at 4K, 1.48 at 8K, 1.85 at 16K. Their
 #:   rankings differ and the union approaches dense, so several groups always get "triton".
+#:
+#: FlashInfer ("flashinfer") was slower than both at every shape, so no entry names it.
 AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
-    # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.25 vs 3.37 ms, FA3 1.56x
-    # faster per block, more than any one-group union ratio measured; spread0.5 5.37 vs 5.03.
+    # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.25 vs 3.35 ms, FA3 1.57x
+    # faster per block, more than any one-group union ratio measured; spread0.5 5.36 vs 4.91.
     (128, 16, 4): "fa3",
-    # Page 128: 4.06 vs 3.24 ms, only 1.25x, within reach of the 1.18 measured at 8K (rising with
-    # length); spread0.5 4.34 vs 4.74, Triton ahead. Triton until a long-context union ratio of a
-    # 32-head model is measured.
+    # Page 128: 4.06 vs 3.20 ms, only 1.27x (with the dense tail 4.68 vs 3.67), within reach of
+    # the 1.18 measured at 8K (rising with length); spread0.5 4.24 vs 4.88, Triton ahead. Triton
+    # until a long-context union ratio of a 32-head model is measured.
     (128, 128, 4): "triton",
-    (64, 16, 7): "triton",    # Qwen2.5-0.5B, 14/2 heads, D 64: 1.31 vs 1.21 (1.08x); two groups anyway
-    (64, 128, 7): "triton",   # 1.21 vs 1.00 (1.21x)
+    (64, 16, 7): "triton",    # Qwen2.5-0.5B, 14/2 heads, D 64: 1.30 vs 1.07 (1.21x); two groups anyway
+    (64, 128, 7): "triton",   # 1.14 vs 0.98 (1.16x)
 }
 
 

@@ -209,8 +209,9 @@ class ProxyAttnImpl(FlashAttentionImpl):
         dense_layer = self._is_dense_layer(layer)
         if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
             if not dense_layer and not self.sliding_window_layer:
+                kernel = self._warmup_kernel(query.dtype)
                 warmup.warm_up_once(self._warmup_shape, query.dtype, query.device,
-                                    flashinfer=self._warmup_flashinfer(query.dtype))
+                                    flashinfer=kernel == "flashinfer", union_plan=kernel in ("fa3", "flashinfer"))
             return output.fill_(0)
 
         plan = attn_metadata.plan
@@ -303,13 +304,15 @@ class ProxyAttnImpl(FlashAttentionImpl):
         chosen = f'sparse_kernel "{configured}"' + (f' (chose "{kernel}")' if configured == "auto" else "")
         return kernel, f"{chosen} {reason}"
 
-    def _warmup_flashinfer(self, dtype: torch.dtype) -> bool:
-        """Whether this layer's sparse chunks will run FlashInfer (whose first use compiles it
-        for minutes): :meth:`_choose_sparse_kernel` with the engine's page size."""
+    def _warmup_kernel(self, dtype: torch.dtype) -> str | None:
+        """The kernel this layer's sparse chunks will run (:meth:`_choose_sparse_kernel` with the
+        engine's page size; "triton" where a union kernel falls back), None if not known yet:
+        FlashInfer's first use compiles it for minutes, and the union kernels' page plan has
+        variants per prompt length."""
         if self._warmup_shape is None:
-            return False
+            return None
         kernel, fallback = self._choose_sparse_kernel(self._warmup_shape.page_size, dtype)
-        return kernel == "flashinfer" and fallback is None
+        return "triton" if fallback is not None else kernel
 
     def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None):
         """Like :func:`sparse_prefill`, but the selected blocks run through a dense paged kernel,

@@ -48,9 +48,10 @@ def shape_from_vllm_config(vllm_config, num_q_heads: int, num_kv_heads: int, hea
 
 
 def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device, *,
-                 flashinfer: bool = False) -> bool:
+                 flashinfer: bool = False, union_plan: bool = False) -> bool:
     """Compile the kernels for ``shape`` unless done already in this process; True if it ran.
-    ``flashinfer``: FlashInfer's prefill kernel too (``sparse_kernel`` chose it)."""
+    ``flashinfer``: FlashInfer's prefill kernel too (``sparse_kernel`` chose it); ``union_plan``:
+    the union page plan of the "fa3" and "flashinfer" kernels."""
     if shape is None or device.type != "cuda" or shape.max_seq_len < shape.params.min_sparse_len:
         return False
     key = (shape, dtype, device)
@@ -62,7 +63,7 @@ def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.de
         chunks = warm_up(
             num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
             page_size=shape.page_size, dtype=dtype, device=device, params=shape.params,
-            max_seq_len=shape.max_seq_len,
+            max_seq_len=shape.max_seq_len, union_plan=union_plan,
         )
         if flashinfer:
             fi.warm_up(device, dtype, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,

@@ -62,6 +62,28 @@ def test_triton_with_the_tail_through_real_fa3_on_the_gpu(hq, hkv, d, page):
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
+    """chunk_costs composes selection -> union plan -> FA3 calls (tail first) per context; on CPU
+    with do_bench replaced by one call and FA3 by a recorder: one row per context, every timing
+    present, the selection's density, and the tail's call before the others'."""
+    calls = []
+
+    def fake_fa3(*, q, out, cu_seqlens_q, **kwargs):
+        calls.append((q.shape[0], int(cu_seqlens_q.numel()) - 1))
+        return out.zero_()
+
+    monkeypatch.setattr(bench_kernels, "timed", lambda fn: (fn(), {"median": 1.0, "p10": 1.0, "p90": 1.0})[1])
+    rows = bench_kernels.chunk_costs(fake_fa3, "cpu", shape=(4, 2, 16), q_len=160, page=16, block=16,
+                                     ctxs=(0, 200), dtype=torch.float32)
+    assert [r["ctx"] for r in rows] == [0, 200]
+    for r in rows:
+        assert r["selection_ms"] == r["selection_plan_ms"] == r["path_ms"] == r["fa3_dense_ms"] == 1.0
+        assert 0 < r["density"] <= 1 and r["path_host_ms"] > 0  # short prompts run dense
+    # ctx 0: FA3 dense over the 160 queries (one sequence), then the path: the 128-token dense
+    # tail (8 query-block rows of 16) in its own call first, then the other 2 rows.
+    assert calls[:3] == [(160, 1), (128, 8), (32, 2)]
+
+
 def test_host_launch_time_counts_the_host_work_per_call():
     calls = []
     ms = bench_kernels.host_launch_ms(lambda: (calls.append(1), time.sleep(0.002)), calls=5)

@@ -517,9 +517,11 @@ def test_soak_loop_against_a_fake_server(tmp_path):
 
 def test_soak_server_command():
     args = gr.parse_args(BASE + ["--out", "r.json", "--parts", "soak", "--soak-eager",
-                                 "--proxyattn-overrides", '{"gamma": 0.9}', "--serve-cmd", "vllm serve"])
+                                 "--proxyattn-overrides", '{"gamma": 0.9}', "--serve-cmd", "vllm serve",
+                                 "--soak-serve-args", "--load-format dummy"])
     cmd = gr.soak_serve_cmd(args, 1234)
     assert cmd[:3] == ["vllm", "serve", "m"]
+    assert cmd[cmd.index("--load-format") + 1] == "dummy"
     assert cmd[cmd.index("--port") + 1] == "1234" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert "--enforce-eager" in cmd
     assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {"proxyattn": {"gamma": 0.9}}

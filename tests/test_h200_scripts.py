@@ -41,15 +41,17 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert started[:4] == ["kernels", "gpu_tests", "ttft_dense", "ttft_sparse"] and len(started) >= 7
+    assert started == ["kernels", "gpu_tests", "ttft_dense", "ttft_sparse", "soak", "ttft_qwen"]
     assert "skip" not in result.stdout and (bg / "chain.done").exists()
     calls = (bg / "calls.log").read_text()
     assert "benchmarks/bench_kernels.py" in calls
     # Dense alone first, then the sparse kernels appended to the same JSON.
     dense, sparse = [line for line in calls.splitlines() if "ttft_h200.json" in line]
     assert "--backends FLASH_ATTN " in dense and "--append" not in dense
-    assert "--append" in sparse and "--backends proxyattn,proxyattn:fa3,proxyattn:flashinfer" in sparse
-    assert "--time-budget-s 700" in sparse  # capped, the quality steps' reserve kept
+    assert "--append" in sparse and "--backends proxyattn:fa3,proxyattn " in sparse
+    assert "--time-budget-s 510" in sparse  # capped
+    soak = next(line for line in calls.splitlines() if "--parts soak" in line)
+    assert "--soak-s 600" in soak and "--load-format dummy" in soak
     assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
 
 

@@ -72,11 +72,12 @@ def _compiled_variants() -> dict[str, int]:
     import proxyattn_kernels.block_sparse_attn.triton as attn
     import proxyattn_kernels.budget.triton as budget
     import proxyattn_kernels.proxy_scores.triton as proxy
+    import proxyattn_kernels.block_sparse_attn.union_pages as union
     import proxyattn_kernels.select.triton as select
 
     device = torch.cuda.current_device()
     counts = {}
-    for module in (attn, budget, proxy, select):
+    for module in (attn, budget, proxy, select, union):
         for name, fn in vars(module).items():
             if isinstance(fn, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 counts[name] = len(fn.device_caches[device][0])
@@ -87,12 +88,13 @@ def _compiled_variants() -> dict[str, int]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_no_compile_after_warm_up():
     from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
+    from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
     from proxyattn_kernels.selection import select_blocks_paged
 
     hq, hkv, d, page, max_len = 32, 8, 128, 128, 65536
     params = ProxyAttnParams(max_density=0.1)
     warm_up(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=torch.bfloat16,
-            device=torch.device("cuda"), params=params, max_seq_len=max_len)
+            device=torch.device("cuda"), params=params, max_seq_len=max_len, union_plan=True)
     torch.cuda.synchronize()
     before = _compiled_variants()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -108,13 +110,18 @@ def test_gpu_no_compile_after_warm_up():
         sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, params=params)
         block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, torch.empty_like(q),
                           ctx=ctx, scale=d**-0.5, block_size=params.block_size)
+        union_page_plan(sel.ranking, sel.counts, table, ctx=ctx, q_len=q_len, block_size=params.block_size,
+                        page_size=page)
     torch.cuda.synchronize()
     assert _compiled_variants() == before
 
 
-def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sparse_kernel,union_plan", [("triton", False), ("fa3", True)])
+def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, monkeypatch, sparse_kernel,
+                                                                  union_plan):
     """Through vLLM on CPU: the memory-profiling forward asks for the warm-up with the engine's
-    max_model_len and page size (the call itself compiles nothing on CPU)."""
+    max_model_len and page size, and for the union page plan's variants where the layer's kernel
+    uses it (the call itself compiles nothing on CPU)."""
     from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
 
     skip_unless_vllm_on_cpu()
@@ -134,12 +141,12 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
     model_dir = str(write_tiny_llama(tmp_path / "tiny"))
     with kv_cache_layout_restored(), tiny_llm(
             model_dir, attention_backend="proxyattn", max_model_len=192, block_size=32,
-            additional_config={"proxyattn": {"block_size": 32, "stride": 4}}):
+            additional_config={"proxyattn": {"block_size": 32, "stride": 4, "sparse_kernel": sparse_kernel}}):
         pass  # the profiling run happens while the engine starts
     assert calls, "the profiling run did not ask for the warm-up"
     shapes = {c[0] for c in calls}
     assert {(s.max_seq_len, s.page_size, s.params.block_size) for s in shapes} == {(192, 32, 32)}
-    assert all(c[3] == {"flashinfer": False} for c in calls)
+    assert all(c[3] == {"flashinfer": False, "union_plan": union_plan} for c in calls)
 
 
 def test_a_failing_warm_up_stops_startup_with_the_shape(monkeypatch):

@@ -17,43 +17,38 @@ step() {
   echo "[chain] $name: rc $? after $(( $(date +%s) - t0 )) s"
   tail -25 "$RES/$name.log"
 }
-# ---- The plan of the next session (session 7); earlier sessions' plans are in git history. ----
-# 1. Kernels (~100 s): the Triton path with the dense tail through FA3 (tail128 fa3-tail) next to
-#    tail-first and fa3-union; then the GPU tests (~45 s; new: the FA3-tail composition).
+# ---- The plan of the next session (session 8); earlier sessions' plans are in git history. ----
+# 1. Kernels (~110 s; new: chunk_costs, the per-chunk fa3 path at ctx 0-120K, to find the ~0.3 ms
+#    per layer and chunk that the session-7 TTFT fit puts above dense), then the GPU tests.
 step kernels 150 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
 step gpu_tests 60 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
-# 2. TTFT: dense FA3 alone first (~340 s: the host's first vLLM start is cold, ~220 s, and
-#    256K takes 33 s a request; the sweep's equal shares per backend would cut its 256K), then the
-#    three sparse kernels appended to the same JSON with the density pass (~620 s). max_density
-#    now caps the whole chunk (~0.10 predicted). Decode first (6 requests, engine-side TPOT).
-#    flashinfer's end-to-end TTFT (issue #8) rides along; its 256K is the first thing cut.
+# 2. TTFT (~750 s): dense FA3 alone first (the host's first vLLM start is cold, ~165-220 s, and
+#    256K takes 33 s a request; the sweep's equal shares per backend would cut its 256K), then
+#    fa3 and the default kernel appended with the density pass. New since session 7: the budget
+#    epilogue in one kernel and the union mask per group (predictions in benchmarks/NOTES.md).
 ttft=(python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b"
       --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --lengths 32K,64K,128K,256K
       --repeats 2 --warmups 1 --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 0
       --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs")
 step ttft_dense 330 "${ttft[@]}" --backends FLASH_ATTN --time-budget-s 420 --startup-estimate-s 220
-quality_reserve=410  # step 3 below
-step ttft_sparse 450 "${ttft[@]}" --append --backends proxyattn,proxyattn:fa3,proxyattn:flashinfer \
-  --density-pass --time-budget-s "$(( $(left) - quality_reserve < 700 ? $(left) - quality_reserve : 700 ))" \
-  --startup-estimate-s 110
-# 3. Accuracy at gamma 0.90 with the dense tail (issue #6's last cells; ~360-400 s), 50 samples per
-#    cell, no dense (the dense cells of quality_h200.json are reused; merge with merge.py).
-quality=(python3 benchmarks/quality/run_eval.py --samples 50 --essay-dir .essays --gpu-memory-utilization 0.5
-         --no-dense --gammas 0.9)
-step quality_smollm2_09 170 "${quality[@]}" --models smollm2=/tmp/models/smollm2 --lengths 2048,4096,8192 \
-  --out "$RES/quality_smollm2_09.json"
-step quality_qwen_09 230 "${quality[@]}" --models qwen05b=/tmp/models/qwen05b \
-  --lengths 4096,8192,16384,32768 --out "$RES/quality_qwen_09.json"
+step ttft_sparse 450 "${ttft[@]}" --append --backends proxyattn:fa3,proxyattn --density-pass \
+  --time-budget-s "$(( $(left) < 520 ? $(left) - 10 : 510 ))" --startup-estimate-s 110
+# 3. Issue #7's soak (~720 s), if it fits: 10 minutes of mixed load on the 8B shape, 8K-128K
+#    prefills next to 128-token decodes, loopback only, bounded rounds; zero failures and flat
+#    memory expected.
+step soak 720 python3 benchmarks/gpu_robustness.py --model "$PWD/.dummy8b" --essays .essays --parts soak \
+  --soak-s 600 --soak-token-ids --max-model-len 131072 --soak-long-range 8192:131000 \
+  --soak-long-rate 0.1 --soak-short-rate 2 --gpu-memory-utilization 0.85 --soak-serve-args "--load-format dummy" \
+  --proxyattn-overrides '{"max_density": 0.1}' --out "$RES/robustness_soak_h200.json"
 # 4. Real weights again, Qwen2.5-Coder-0.5B at 8K/32K (0.78x / 0.80x in session 6, before the
-#    FA3 tail), with the density pass (its flush now fits max-model-len).
+#    FA3 tail), with the density pass, if it fits.
 step ttft_qwen 200 python3 benchmarks/ttft_sweep.py --model /tmp/models/qwen05b \
   --config serve_configs/qwen2.5-coder-0.5b-32k-proxyattn.yaml --backends FLASH_ATTN,proxyattn \
   --lengths 8K,32K --repeats 3 --warmups 1 --warmup-len 16384 --decode-requests 0 --mix-long 0 \
   --tokenizer /tmp/models/qwen05b --text-dir .essays --density-pass \
   --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 90 \
   --out "$RES/ttft_qwen05b_h200.json" --logdir "$RES/ttft_qwen_logs"
-# Not planned (does not fit): the 10-minute soak of issue #7 (gpu_robustness.py --parts soak
-# --soak-s 600) needs a session of its own; TP=2 needs the two-GPU host.
+# Not planned: TP=2 of issue #7 needs the two-GPU host (not lent so far).
 kill_gpu
 echo "[chain] done ($(left) s left)"
 touch "$BG/chain.done"

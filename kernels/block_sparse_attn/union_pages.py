@@ -10,17 +10,23 @@ union over heads (and groups) of what they selected: blocks a head did not selec
 did are computed for it too. :func:`union_block_mask` gives that mask, for the density reported
 and for the reference that tests this path.
 
-Pure torch, a few tensor ops per chunk, no host sync; requires ``block_size % page_size == 0``
-(a selection block is a whole number of pages). ``flashinfer.py`` packs the same plan into
-FlashInfer's CSR page lists.
+:func:`union_page_plan_torch` is the readable specification (about 30 tensor ops);
+:func:`union_page_plan` computes the same plan in one Triton launch, one program per row. The
+plan is built for every layer of every chunk, and 30 small launches cost a fixed GPU time per
+chunk that showed up end to end (benchmarks/NOTES.md, session 7). No host sync either way;
+requires ``block_size % page_size == 0`` (a selection block is a whole number of pages).
+``flashinfer.py`` packs the same plan into FlashInfer's CSR page lists.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 from ..params import ChunkGeometry
+from ..select.triton import MAX_TRITON_BLOCKS
 from .naive import selection_block_mask
 
 
@@ -50,8 +56,14 @@ class UnionPagePlan(NamedTuple):
 
 
 def union_block_mask(ranking: torch.Tensor, counts: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
-    """``[R, Kb]`` bool: the blocks any head selected, per query-block row."""
-    return selection_block_mask(ranking, counts, num_k_blocks).any(dim=0)
+    """``[R, Kb]`` bool: the blocks any head selected, per query-block row.
+
+    The heads of a group share its ranking and each computes a prefix of it, so their union is
+    the group's longest prefix: a ``[G, R, Kb]`` mask instead of ``[Hq, R, Kb]`` (this runs for
+    every layer of every chunk; the per-head mask was 33 MB of int64 at 256K tokens, Hq 32)."""
+    num_groups, num_rows = ranking.shape[0], ranking.shape[1]
+    group_counts = counts.reshape(num_groups, -1, num_rows).amax(dim=1)  # [G, R]
+    return selection_block_mask(ranking, group_counts, num_k_blocks).any(dim=0)
 
 
 def row_bounds(geo: ChunkGeometry, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +77,7 @@ def row_bounds(geo: ChunkGeometry, device: torch.device | str | None = None) -> 
     return row_block, row_end
 
 
-def union_page_plan(
+def union_page_plan_torch(
     ranking: torch.Tensor,
     counts: torch.Tensor,
     block_table: torch.Tensor,
@@ -75,7 +87,8 @@ def union_page_plan(
     block_size: int,
     page_size: int,
 ) -> UnionPagePlan:
-    """Plan one chunk's selection for a dense paged varlen kernel.
+    """Plan one chunk's selection for a dense paged varlen kernel (torch ops; the spec of
+    :func:`union_page_plan`).
 
     Args:
         ranking: ``[G, R, Kb]`` int32 selection ranking (the diagonal block first in each row).
@@ -108,6 +121,123 @@ def union_page_plan(
         cu_seqlens_q, seqused_k, pages, min(block_size, q_len), num_k_blocks * block_size, union_blocks,
         ordered.to(torch.int32)[None],
     )
+
+
+@triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "seq_len", "ctx", "last_page", "stride_rk_group",
+                               "stride_rk_row", "stride_cnt_head", "stride_inv_row", "stride_ord_row",
+                               "stride_pages_row"])
+def _union_plan_kernel(
+    ranking_ptr, counts_ptr, block_table_ptr, inv_ptr,
+    ordered_ptr, pages_ptr, union_blocks_ptr, seqused_ptr, cu_seqlens_ptr,
+    first_q_block, num_k_blocks, seq_len, ctx, last_page,
+    stride_rk_group, stride_rk_row, stride_cnt_head, stride_inv_row, stride_ord_row, stride_pages_row,
+    NUM_GROUPS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, HEADS_PAD: tl.constexpr,
+    KB_PAD: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    q_block = first_q_block + row
+    cols = tl.arange(0, KB_PAD)
+    in_range = cols < num_k_blocks
+    causal = in_range & (cols <= q_block)
+    head_ok = tl.arange(0, HEADS_PAD) < HEADS_PER_GROUP
+    inv_row = inv_ptr + row * stride_inv_row
+
+    # A group's heads compute prefixes of its ranking: the union is its longest prefix. Each
+    # causal block appears once in the ranking row, so scattering positions to block ids gives
+    # every causal block's position (its rank), and the block is in the union when that is
+    # inside the prefix.
+    union = tl.zeros([KB_PAD], tl.int32)
+    for g in tl.static_range(NUM_GROUPS):
+        heads = g * HEADS_PER_GROUP + tl.arange(0, HEADS_PAD)
+        prefix = tl.max(tl.load(counts_ptr + heads * stride_cnt_head + row, mask=head_ok, other=0), 0)
+        blocks = tl.load(ranking_ptr + g * stride_rk_group + row * stride_rk_row + cols, mask=in_range, other=-1)
+        tl.store(inv_row + blocks, cols, mask=in_range & (blocks >= 0))
+        tl.debug_barrier()  # the scatter is visible to the whole program before the gather
+        rank = tl.load(inv_row + cols, mask=causal, other=KB_PAD)
+        tl.debug_barrier()  # every gather done before the next group's scatter
+        union = union | (causal & (rank < prefix)).to(tl.int32)
+
+    # Ascending order by compaction (the diagonal, the largest index, lands last), then padding.
+    num_union = tl.sum(union, 0)
+    dest = tl.cumsum(union, 0) - 1
+    chosen = union > 0
+    padding = in_range & (cols >= num_union)
+    ordered_row = ordered_ptr + row * stride_ord_row
+    tl.store(ordered_row + dest, cols, mask=chosen)
+    tl.store(ordered_row + cols, num_k_blocks + 0 * cols, mask=padding)
+    pages_row = pages_ptr + row * stride_pages_row
+    for j in tl.static_range(PAGES_PER_BLOCK):
+        page = tl.load(block_table_ptr + tl.minimum(cols * PAGES_PER_BLOCK + j, last_page), mask=chosen, other=0)
+        tl.store(pages_row + dest * PAGES_PER_BLOCK + j, page, mask=chosen)
+        # Padding entries read the spec's clamped page past the last block (any valid page).
+        pad_page = tl.load(block_table_ptr + tl.minimum(num_k_blocks * PAGES_PER_BLOCK + j, last_page))
+        tl.store(pages_row + cols * PAGES_PER_BLOCK + j, pad_page + 0 * cols, mask=padding)
+
+    row_end = tl.minimum((q_block + 1) * BLOCK_SIZE, seq_len)
+    tl.store(union_blocks_ptr + row, num_union)
+    tl.store(seqused_ptr + row, (num_union - 1) * BLOCK_SIZE + row_end - q_block * BLOCK_SIZE)
+    tl.store(cu_seqlens_ptr + row + 1, row_end - ctx)
+    if row == 0:
+        tl.store(cu_seqlens_ptr, 0)
+
+
+def union_page_plan(
+    ranking: torch.Tensor,
+    counts: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    ctx: int,
+    q_len: int,
+    block_size: int,
+    page_size: int,
+) -> UnionPagePlan:
+    """Plan one chunk's selection for a dense paged varlen kernel: :func:`union_page_plan_torch`
+    in one Triton launch (rows longer than ``MAX_TRITON_BLOCKS`` key blocks use the torch ops).
+
+    Args:
+        ranking: ``[G, R, Kb]`` int32 selection ranking as ``select`` produces it: each row lists
+            every causal key block exactly once, then ``-1``.
+        counts: ``[Hq, R]`` int32 ranking entries each head computes per row.
+        block_table: ``[max_pages]`` int32 the request's physical page per logical page.
+        ctx, q_len: the chunk's queries are the absolute positions ``[ctx, ctx + q_len)``.
+        block_size: selection block size, a multiple of ``page_size``.
+        page_size: KV-cache page size.
+    """
+    if block_size % page_size:
+        raise ValueError(f"block_size={block_size} must be a multiple of page_size={page_size}")
+    num_groups, num_rows, num_k_blocks = ranking.shape
+    num_q_heads = counts.shape[0]
+    if (ranking.dtype != torch.int32 or counts.dtype != torch.int32 or counts.shape[1] != num_rows
+            or num_q_heads % num_groups or block_table.dim() != 1):
+        raise ValueError(f"need ranking [G, R, Kb] and counts [Hq, R] int32 with G dividing Hq and a 1-D block "
+                         f"table; got {ranking.dtype}{tuple(ranking.shape)}, {counts.dtype}{tuple(counts.shape)}, "
+                         f"block_table {tuple(block_table.shape)}")
+    if num_k_blocks > MAX_TRITON_BLOCKS:
+        return union_page_plan_torch(ranking, counts, block_table, ctx=ctx, q_len=q_len, block_size=block_size,
+                                     page_size=page_size)
+    geo = ChunkGeometry(ctx, q_len, block_size)
+    device = ranking.device
+    pages_per_block = block_size // page_size
+    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    heads_per_group = num_q_heads // num_groups
+    ordered = torch.empty(num_rows, num_k_blocks, dtype=torch.int32, device=device)
+    pages = torch.empty(num_rows, num_k_blocks * pages_per_block, dtype=torch.int32, device=device)
+    union_blocks = torch.empty(num_rows, dtype=torch.int32, device=device)
+    seqused_k = torch.empty(num_rows, dtype=torch.int32, device=device)
+    cu_seqlens_q = torch.empty(num_rows + 1, dtype=torch.int32, device=device)
+    inverse = torch.empty(num_rows, kb_pad, dtype=torch.int32, device=device)  # scratch: rank per block
+    block_table = block_table if block_table.stride(0) == 1 else block_table.contiguous()
+    _union_plan_kernel[(num_rows,)](
+        ranking, counts, block_table, inverse, ordered, pages, union_blocks, seqused_k, cu_seqlens_q,
+        geo.first_q_block, num_k_blocks, geo.seq_len, ctx, block_table.numel() - 1,
+        ranking.stride(0), ranking.stride(1), counts.stride(0), inverse.stride(0), ordered.stride(0),
+        pages.stride(0),
+        NUM_GROUPS=num_groups, HEADS_PER_GROUP=heads_per_group,
+        HEADS_PAD=max(2, triton.next_power_of_2(heads_per_group)), KB_PAD=kb_pad,
+        PAGES_PER_BLOCK=pages_per_block, BLOCK_SIZE=block_size, num_warps=4 if kb_pad <= 2048 else 8,
+    )
+    return UnionPagePlan(cu_seqlens_q, seqused_k, pages, min(block_size, q_len), num_k_blocks * block_size,
+                         union_blocks, ordered[None])
 
 
 def tail_first_calls(plan: UnionPagePlan, geo: ChunkGeometry, first_tail_row: int) -> list[tuple[slice, UnionPagePlan]]:

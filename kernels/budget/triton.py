@@ -1,7 +1,7 @@
 """Per-query-head block budgets from a vLLM-0.26 paged KV cache (Triton).
 
-Semantics: exactly ``budget/naive.py`` (``last_block_mass`` then ``gamma_block_counts`` and
-``limit_budget``, which are reused as they are: a few torch ops on ``[Hq, Kb]``, no host sync).
+Semantics: exactly ``budget/naive.py`` (``last_block_mass``, then ``gamma_block_counts`` and
+``limit_budget`` fused into one small kernel, ``_gamma_budget_kernel``; no host sync).
 
 The attention mass per key block of the chunk's last ``n = min(q_len, block_size)`` queries is
 streamed in one pass over the keys plus a small reduction, instead of the classic two passes
@@ -13,6 +13,13 @@ streamed in one pass over the keys plus a small reduction, instead of the classi
    exactly the work of a flash-attention forward pass without the PV product.
 2. ``_block_mass_kernel``: ``mass[h, b] = mean_q exp2(blse[h, b, q] - lse[h, q])`` with the row's
    total ``lse`` combined from the split partials. Deterministic (no atomics).
+
+3. ``_gamma_budget_kernel``: one program per head sorts its ``[Kb]`` mass row in registers,
+   counts the blocks whose cumulative share stays below gamma and applies the budget limits:
+   one launch where the torch spec takes about ten (sort, sum, divide, cumsum, compare, sum,
+   clamps and casts), which matters because the selection runs for every layer of every chunk
+   and its small launches add a fixed cost per chunk. Rows longer than ``MAX_TRITON_BLOCKS``
+   use the torch spec.
 
 This computes each logit once instead of twice (the QK^T of the last ``n`` queries against all
 keys at full resolution is the most expensive part of the whole selection), at the price of an
@@ -34,6 +41,7 @@ from ..params import ChunkGeometry
 from ..proxy_scores import triton as _proxy_triton  # _workspace (and its test poison switch)
 from ..proxy_scores.triton import _check_paged_inputs, _input_precision, _safe_max, _target_programs
 from ..paged import paged_row_offsets
+from ..select.triton import MAX_TRITON_BLOCKS
 from .naive import gamma_block_counts, limit_budget
 
 _LOG2E = 1.4426950408889634
@@ -200,6 +208,60 @@ def _block_mass_kernel(
     tl.store(mass_ptr + head * stride_mass_head + kb, acc * inv_n, mask=kb_valid)
 
 
+@triton.jit(do_not_specialize=["num_k_blocks", "min_blocks", "max_blocks", "stride_mass_head"])
+def _gamma_budget_kernel(
+    mass_ptr, budget_ptr, counts_ptr,
+    num_k_blocks, gamma, min_blocks, max_blocks, stride_mass_head,
+    KB_PAD: tl.constexpr, EVERY_BLOCK: tl.constexpr,
+):
+    head = tl.program_id(0)
+    if EVERY_BLOCK:  # gamma >= 1
+        count = num_k_blocks
+    else:
+        cols = tl.arange(0, KB_PAD)
+        valid = cols < num_k_blocks
+        mass = tl.load(mass_ptr + head * stride_mass_head + cols, mask=valid, other=0.0)
+        # Padding (0) sorts behind every real block; positions past the row are not counted.
+        share = tl.sort(mass, descending=True)
+        share = share / tl.sum(share, 0)
+        below = tl.sum(((tl.cumsum(share, 0) < gamma) & valid).to(tl.int32), 0)
+        count = tl.minimum(below + 1, num_k_blocks)
+    tl.store(counts_ptr + head, count)
+    tl.store(budget_ptr + head, tl.minimum(tl.maximum(count, min_blocks), max_blocks))
+
+
+def gamma_budgets(
+    mass: torch.Tensor, gamma: float, min_budget_blocks: int, max_blocks: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``limit_budget(gamma_block_counts(mass, gamma), ...)`` in one launch.
+
+    Args:
+        mass: ``[Hq, Kb]`` float32 block mass per head (rows sum to 1, contiguous last dim).
+        gamma, min_budget_blocks, max_blocks: as ``budget/naive.py``.
+
+    Returns:
+        ``(budget [Hq], gamma_counts [Hq])`` int32 on ``mass.device``, no host sync. A count can
+        differ from the torch spec's only where a cumulative share lies within float rounding of
+        ``gamma`` (the sums run in a different order).
+    """
+    if mass.dim() != 2 or mass.dtype != torch.float32 or mass.stride(-1) != 1:
+        raise ValueError(f"mass must be float32 [Hq, Kb] with a contiguous last dim; got "
+                         f"{mass.dtype}{tuple(mass.shape)}")
+    num_q_heads, num_k_blocks = mass.shape
+    if num_k_blocks > MAX_TRITON_BLOCKS:
+        counts = gamma_block_counts(mass, gamma)
+        return limit_budget(counts, num_k_blocks, min_budget_blocks, max_blocks), counts
+    upper = num_k_blocks if max_blocks is None else max(1, min(max_blocks, num_k_blocks))
+    budget = torch.empty(num_q_heads, dtype=torch.int32, device=mass.device)
+    counts = torch.empty_like(budget)
+    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    _gamma_budget_kernel[(num_q_heads,)](
+        mass, budget, counts, num_k_blocks, float(gamma), max(1, min_budget_blocks), upper, mass.stride(0),
+        KB_PAD=kb_pad, EVERY_BLOCK=gamma >= 1.0, num_warps=4 if kb_pad <= 2048 else 8,
+    )
+    return budget, counts
+
+
 def last_block_mass_paged(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -301,8 +363,8 @@ def head_budgets_paged(
     """
     mass = last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block_size,
                                  tile=tile)
-    counts = gamma_block_counts(mass, gamma)
-    return limit_budget(counts, mass.shape[-1], min_budget_blocks, max_blocks), counts
+    return gamma_budgets(mass, gamma, min_budget_blocks, max_blocks)
 
 
-__all__ = ["BudgetTileConfig", "default_budget_tile_config", "last_block_mass_paged", "head_budgets_paged"]
+__all__ = ["BudgetTileConfig", "default_budget_tile_config", "gamma_budgets", "last_block_mass_paged",
+           "head_budgets_paged"]
