@@ -860,9 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 all servers started, 1 a server failed, 2 bad arguments, 130 interrupted."""
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments, checked (a bad combination exits with status 2 and the reason) before
+    anything starts: a GPU chain checks its commands with this on CPU."""
     ap = build_parser()
     args = ap.parse_args(argv)
     args.logdir = args.logdir or os.path.splitext(args.out)[0] + "_logs"
@@ -872,6 +872,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"no serve config for {backend}: {path} does not exist")
     if (args.density_pass or args.density_only) and SPARSE_BACKEND not in args.backends:
         ap.error(f"--density-pass needs {SPARSE_BACKEND} in --backends")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 all servers started, 1 a server failed, 2 bad arguments, 130 interrupted."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sweep = Sweep(args, argv)
     est = sweep.results["estimate_s"]
