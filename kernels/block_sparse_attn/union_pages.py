@@ -192,16 +192,9 @@ def union_page_plan(
     page_size: int,
 ) -> UnionPagePlan:
     """Plan one chunk's selection for a dense paged varlen kernel: :func:`union_page_plan_torch`
-    in one Triton launch (rows longer than ``MAX_TRITON_BLOCKS`` key blocks use the torch ops).
-
-    Args:
-        ranking: ``[G, R, Kb]`` int32 selection ranking as ``select`` produces it: each row lists
-            every causal key block exactly once, then ``-1``.
-        counts: ``[Hq, R]`` int32 ranking entries each head computes per row.
-        block_table: ``[max_pages]`` int32 the request's physical page per logical page.
-        ctx, q_len: the chunk's queries are the absolute positions ``[ctx, ctx + q_len)``.
-        block_size: selection block size, a multiple of ``page_size``.
-        page_size: KV-cache page size.
+    (same arguments, same result) in one Triton launch; rows longer than ``MAX_TRITON_BLOCKS``
+    key blocks use the torch ops. Needs ``ranking`` as ``select`` produces it (each row lists
+    every causal key block exactly once, then ``-1``), and int32 ``ranking`` and ``counts``.
     """
     if block_size % page_size:
         raise ValueError(f"block_size={block_size} must be a multiple of page_size={page_size}")
