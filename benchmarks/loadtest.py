@@ -656,6 +656,15 @@ def ttft_series(data: dict, default_label: str) -> list[tuple[str, list[tuple[in
     return [(data.get("label") or default_label, sorted(points))]
 
 
+def length_label(tokens: int) -> str:
+    """Axis label of a prompt length: "32K" for 32768, "~256K" for 262128 (within 0.1%: a sweep
+    trims its longest prompt to leave room for the output), the plain number otherwise."""
+    kib = round(tokens / 1024)
+    if tokens == kib * 1024:
+        return f"{kib}K"
+    return f"~{kib}K" if kib and abs(tokens - kib * 1024) <= tokens / 1000 else str(tokens)
+
+
 def plot_ttft(result_paths: list[str], out_png: str) -> None:
     """TTFT vs prompt length, one line per result (or per backend of a sweep result)."""
     try:
@@ -681,7 +690,7 @@ def plot_ttft(result_paths: list[str], out_png: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sorted(lengths))
-    ax.set_xticklabels([f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in sorted(lengths)])
+    ax.set_xticklabels([length_label(n) for n in sorted(lengths)])
     ax.minorticks_off()
     # Labelled 1-2-5 steps: TTFTs span a few decades, plain powers of ten leave too few labels.
     ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))

@@ -398,3 +398,8 @@ def test_fetching_server_histograms_from_a_server_without_metrics_gives_none():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert loadtest.fetch_server_histograms(f"http://127.0.0.1:{port}", timeout_s=2) is None
+
+
+def test_length_labels():
+    assert [loadtest.length_label(n) for n in (32768, 262128, 1000, 8192 + 100, 64)] == [
+        "32K", "~256K", "1000", "8292", "64"]
