@@ -12,8 +12,9 @@ variant instead, at startup.
 The chunks are cheap whatever their length: every logical page of the block table points at
 the same physical page, so the cache is a handful of pages, and each chunk has at most one
 block of queries. Arguments that vary with the chunk's position (``ctx``, row and key-block
-counts, row strides of ``[.., Kb]`` buffers) are not specialized by the kernels
-(``do_not_specialize``), so these chunks cover every chunk of a real prompt.
+counts, row strides of ``[.., Kb]`` buffers) and the block-table row's address (vLLM passes a
+row of its table, 16-byte aligned or not depending on the request's slot) are not specialized by
+the kernels (``do_not_specialize``), so these chunks cover every chunk of a real prompt.
 """
 from __future__ import annotations
 

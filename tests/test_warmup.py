@@ -101,7 +101,11 @@ def test_gpu_no_compile_after_warm_up():
     pages = max_len // page + 4
     physical = torch.randn(pages, page, hkv, 2 * d, device="cuda", dtype=torch.bfloat16, generator=gen)
     kv_cache = physical.permute(0, 2, 1, 3)
-    table = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
+    # A block-table row at an address that is not 16-byte aligned, as vLLM's table rows are for
+    # some request slots when a row holds a number of pages that is not a multiple of 4.
+    perm = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
+    table = torch.cat([perm[:1], perm])[1:]
+    assert table.data_ptr() % 16
     # positions and lengths unlike the warm-up's: odd ctx, key-block counts of several residues mod 16
     for ctx, q_len in [(0, 8192), (8192, 8192), (1000, 3000), (12345, 8192), (40000, 77),
                        (61000, 4536), (8190, 5)]:

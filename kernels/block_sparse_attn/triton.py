@@ -111,10 +111,11 @@ def _attend_tile_tma(
 
 # Chunk positions change with every chunk: specializing on them (divisibility by 16) would
 # JIT-compile new variants while serving.
-# Values and row strides that follow the chunk are not specialized: no compile per new chunk
-# shape while serving (kernels/warmup.py compiles the rest at startup).
-@triton.jit(do_not_specialize=["ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows", "skip_rows",
-                               "stride_rank_group", "stride_rank_row", "stride_count_head"])
+# Values and row strides that follow the chunk, and the request's block-table row (16-byte
+# aligned or not depending on the request's slot in vLLM's table), are not specialized: no
+# compile per new chunk shape while serving (kernels/warmup.py compiles the rest at startup).
+@triton.jit(do_not_specialize=["block_table_ptr", "ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows",
+                               "skip_rows", "stride_rank_group", "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
     ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, qk_scale,

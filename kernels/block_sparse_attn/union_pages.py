@@ -123,9 +123,11 @@ def union_page_plan_torch(
     )
 
 
-@triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "seq_len", "ctx", "last_page", "stride_rk_group",
-                               "stride_rk_row", "stride_cnt_head", "stride_inv_row", "stride_ord_row",
-                               "stride_pages_row"])
+# Nothing that follows the chunk or the request's block-table row (whose address is 16-byte
+# aligned or not depending on the request's slot) is specialized: no compile while serving.
+@triton.jit(do_not_specialize=["block_table_ptr", "first_q_block", "num_k_blocks", "seq_len", "ctx", "last_page",
+                               "stride_rk_group", "stride_rk_row", "stride_cnt_head", "stride_inv_row",
+                               "stride_ord_row", "stride_pages_row"])
 def _union_plan_kernel(
     ranking_ptr, counts_ptr, block_table_ptr, inv_ptr,
     ordered_ptr, pages_ptr, union_blocks_ptr, seqused_ptr, cu_seqlens_ptr,

@@ -119,7 +119,7 @@ def _block_lse_step(m_b, l_b, m_r, l_r, t, q, kv_base, block_table_ptr, blse_bas
     return m_b, l_b, m_r, l_r
 
 
-@triton.jit(do_not_specialize=["q_tok0", "q_pos0", "n_last", "seq_len", "blocks_per_split"])
+@triton.jit(do_not_specialize=["block_table_ptr", "q_tok0", "q_pos0", "n_last", "seq_len", "blocks_per_split"])
 def _block_lse_kernel(
     q_ptr, kv_ptr, block_table_ptr, blse_ptr, lse_part_ptr,
     q_tok0, q_pos0, n_last, seq_len, blocks_per_split, qk_scale,

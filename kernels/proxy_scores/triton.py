@@ -98,7 +98,7 @@ def _sm_count_cuda(index: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["base", "lo", "hi", "ctx"])
+@triton.jit(do_not_specialize=["block_table_ptr", "base", "lo", "hi", "ctx"])
 def _proxy_heads_kernel(
     src_ptr, block_table_ptr, out_ptr,
     base, lo, hi, ctx,
