@@ -342,6 +342,40 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device):
     return total
 
 
+# budget_tile_sweep: (block_m, block_n, num_warps, num_stages) of the budget's block-LSE pass,
+# the default first. The pass is ~60% of the selection (session 7: 0.54-0.60 of 0.78-0.90 ms).
+BUDGET_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                (64, 64, 4, 3), (64, 128, 4, 3))
+
+
+def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES) -> list[dict]:
+    """The per-head block mass (the budget's expensive part) under each tile config of
+    ``tiles``, each checked against the first (default) config's mass: a config that computes
+    something else is reported, not timed."""
+    from proxyattn_kernels.budget.triton import BudgetTileConfig, last_block_mass_paged
+
+    scale = q.shape[-1] ** -0.5
+    rows, reference = [], None
+    for bm, bn, warps, stages in tiles:
+        tile = BudgetTileConfig(bm, bn, warps, stages)
+        row = {"tile": asdict(tile)}
+        try:
+            mass = last_block_mass_paged(q, kv, table, ctx=ctx, scale=scale, block_size=block, tile=tile)
+            reference = mass if reference is None else reference
+            row["max_mass_diff"] = float((mass - reference).abs().max())
+            if row["max_mass_diff"] > 1e-4:
+                row["error"] = "mass differs from the default tile's"
+            else:
+                row["ms"] = timed(lambda: last_block_mass_paged(q, kv, table, ctx=ctx, scale=scale,
+                                                                block_size=block, tile=tile))["median"]
+        except Exception as exc:  # noqa: BLE001 - out of resources etc.: report, go on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        log(f"budget tile {bm}x{bn} w{warps} s{stages}: "
+            + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]))
+    return rows
+
+
 CHUNK_CTXS = (0, 8192, 32768, 122880)  # chunk_costs: where the chunk starts
 
 
@@ -440,6 +474,7 @@ def main() -> int:
     seq_len = ctx + q_len
     cases = []
     sweep = []
+    budget_sweep = []
     for name, (hq, hkv, d) in SHAPES.items():
         for page in (16, 128):
             torch.manual_seed(0)
@@ -451,6 +486,9 @@ def main() -> int:
             if fa3 is not None and not args.only_sweep:
                 fa3_ms = timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))
             sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device)
+            if not args.only_sweep:
+                budget_sweep.append({"shape": name, "page_size": page,
+                                     "rows": budget_tile_sweep(q, kv, table, ctx, block)})
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)
             if not args.only_sweep:
                 log(f"{name} page{page}: fa3 dense {fa3_ms and fa3_ms['median']}, selection {sel_ms and sel_ms['median']}")
@@ -571,6 +609,7 @@ def main() -> int:
                         "diagonal+sink forced, per-head budget ceil(density*Kb))",
         "cases": cases,
         "tile_sweep": sweep,
+        "budget_tile_sweep": budget_sweep,
         "chunk_costs": chunk_rows,
         "flashinfer_first_call_s": fib.first_call_s,
         "flashinfer_skipped": fib.skipped,

@@ -84,6 +84,18 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     assert calls[:3] == [(160, 1), (128, 8), (32, 2)]
 
 
+def test_budget_tile_sweep_checks_each_tile_against_the_default(monkeypatch, rng_seed):
+    monkeypatch.setattr(bench_kernels, "timed", lambda fn: (fn(), {"median": 2.0, "p10": 2.0, "p90": 2.0})[1])
+    ctx, q_len, hq, hkv, d, page, block = 70, 40, 4, 2, 16, 16, 32
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    tiles = ((32, 32, 4, 1), (16, 16, 4, 1), (16, 32, 4, 1), (24, 16, 4, 1))  # the last is invalid
+    rows = bench_kernels.budget_tile_sweep(q, kv, table, ctx, block, tiles)
+    assert [r["tile"]["block_m"] for r in rows] == [32, 16, 16, 24]
+    assert all(r["ms"] == 2.0 and r["max_mass_diff"] < 1e-5 for r in rows[:3])
+    assert "error" in rows[3] and "ms" not in rows[3]
+
+
 def test_host_launch_time_counts_the_host_work_per_call():
     calls = []
     ms = bench_kernels.host_launch_ms(lambda: (calls.append(1), time.sleep(0.002)), calls=5)
