@@ -384,7 +384,8 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
     """The whole per-layer cost of one sparse chunk at several context lengths, as the backend
     runs it with ``sparse_kernel: "fa3"`` and the TTFT sweep's settings (``max_density`` 0.1,
     the default dense tail): selection, then the union page plan, then the FA3 calls (tail
-    first), next to FA3 dense at the same context. Llama-3.1-8B shape by default.
+    first), next to FA3 dense at the same context; and the Triton path's whole cost (selection,
+    the tail by FA3, the block-sparse kernel). Llama-3.1-8B shape by default.
 
     End to end, the sparse TTFT has a per-token term 5% above dense's (session 7 fit over
     32K-256K): a cost paid per chunk and layer whatever the context. The rows at small ``ctx``
@@ -414,6 +415,11 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             sel = select()
             return fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS)
 
+        def triton_path():  # the default kernel's path: tail rows by FA3, the rest block-sparse
+            sel = select()
+            triton_fa3_tail(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out,
+                            ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS))
+
         sel = select()
         row = {
             "ctx": ctx, "q_len": q_len, "page_size": page, "hq": hq, "hkv": hkv, "head_dim": d,
@@ -423,11 +429,12 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             "selection_plan_ms": timed(select_and_plan)["median"],
             "path_ms": timed(path)["median"],
             "path_host_ms": host_launch_ms(path),
+            "triton_path_ms": timed(triton_path)["median"],
         }
         rows.append(row)
         log(f"chunk ctx={ctx:6d}: density {row['density']:.3f}, fa3 dense {row['fa3_dense_ms']:.3f} ms, "
             f"selection {row['selection_ms']:.3f}, +plan {row['selection_plan_ms']:.3f}, whole fa3 path "
-            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f})")
+            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}), Triton path {row['triton_path_ms']:.3f}")
         del q, kv, out
     return rows
 

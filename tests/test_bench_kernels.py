@@ -78,6 +78,7 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     assert [r["ctx"] for r in rows] == [0, 200]
     for r in rows:
         assert r["selection_ms"] == r["selection_plan_ms"] == r["path_ms"] == r["fa3_dense_ms"] == 1.0
+        assert r["triton_path_ms"] == 1.0
         assert 0 < r["density"] <= 1 and r["path_host_ms"] > 0  # short prompts run dense
     # ctx 0: FA3 dense over the 160 queries (one sequence), then the path: the 128-token dense
     # tail (8 query-block rows of 16) in its own call first, then the other 2 rows.
