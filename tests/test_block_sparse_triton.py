@@ -10,7 +10,10 @@ import torch
 
 from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
-from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, head_block_lists
+from proxyattn_kernels.block_sparse_attn import triton as bs_triton
+from proxyattn_kernels.block_sparse_attn.triton import (
+    TileConfig, block_sparse_attn, head_block_lists, head_lists_and_tile_rows, ranked_tile_rows,
+)
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
@@ -139,6 +142,67 @@ def test_head_block_lists_are_each_heads_selection_by_position(rng_seed):
             assert lists[h, r, 0] == ranking[0, r, 0], "the diagonal stays first"
             assert lists[h, r, :n].tolist() == sorted(chosen.tolist(), reverse=True)
             assert (lists[h, r, n:] == -1).all()
+
+
+# (ctx, q_len, block, page, block_n, Hq, groups): one and several key tiles per block, pages of
+# one tile and of several, partial first and last rows, 1-4 heads per group, Kb not a power of 2.
+HEAD_LIST_CASES = [
+    (0, 100, 32, 16, 16, 4, 1),
+    (37, 70, 32, 32, 16, 8, 2),
+    (250, 53, 16, 16, 16, 6, 3),
+    (130, 170, 64, 64, 32, 8, 2),
+    (1000, 300, 128, 128, 64, 4, 1),
+]
+
+
+@pytest.mark.parametrize("ctx,q_len,block,page,block_n,hq,groups", HEAD_LIST_CASES)
+def test_head_lists_kernel_equals_the_torch_ops(rng_seed, ctx, q_len, block, page, block_n, hq, groups):
+    num_rows = (ctx + q_len - 1) // block - ctx // block + 1
+    num_k_blocks = -(-(ctx + q_len) // block)
+    scores = torch.rand(groups, num_rows, num_k_blocks, device=DEVICE)
+    budget = torch.randint(1, num_k_blocks + 1, (hq,), dtype=torch.int32, device=DEVICE)
+    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, 0)
+    # A shuffled table with spare entries, as a row view that is not 16-byte aligned.
+    pages = num_k_blocks * block // page + 2
+    table = torch.randperm(4 * pages, device=DEVICE)[: pages + 1].to(torch.int32)[1:]
+    lists, rows = head_lists_and_tile_rows(ranking, counts, table, block, block_n, page, True)
+    expected = head_block_lists(ranking, counts)
+    assert torch.equal(lists, expected)
+    assert torch.equal(rows, ranked_tile_rows(expected, table, block, block_n, page))
+    lists_only, none = head_lists_and_tile_rows(ranking, counts, table, block, block_n, page, False)
+    assert torch.equal(lists_only, expected) and none is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page,block_n,groups", [(128, 64, 1), (16, 128, 2), (128, 128, 8)])
+def test_gpu_head_lists_kernel_at_the_128k_shape(page, block_n, groups):
+    """The same on the H200 at the benchmark shape (32 heads, 64 rows x 1024 key blocks)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ctx, q_len, block, hq = 122880, 8192, 128, 32
+    torch.manual_seed(0)
+    num_rows, num_k_blocks = q_len // block, (ctx + q_len) // block
+    scores = torch.rand(groups, num_rows, num_k_blocks, device="cuda")
+    budget = torch.randint(1, num_k_blocks // 4, (hq,), dtype=torch.int32, device="cuda")
+    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, 128)
+    table = torch.randperm(num_k_blocks * block // page + 64, device="cuda")[: num_k_blocks * block // page]
+    table = table.to(torch.int32)
+    lists, rows = head_lists_and_tile_rows(ranking, counts, table, block, block_n, page, True)
+    expected = head_block_lists(ranking, counts)
+    assert torch.equal(lists, expected)
+    assert torch.equal(rows, ranked_tile_rows(expected, table, block, block_n, page))
+
+
+def test_head_lists_beyond_the_triton_row_limit_use_the_torch_ops(rng_seed, monkeypatch):
+    scores = torch.rand(1, 4, 10, device=DEVICE)
+    ranking, counts, _ = select_blocks(scores, torch.full((2,), 5, dtype=torch.int32, device=DEVICE),
+                                       96, 64, 16, 1, 1, 0)
+    table = torch.arange(20, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(bs_triton, "MAX_TRITON_BLOCKS", 4)
+    monkeypatch.setattr(bs_triton, "_head_lists_kernel", None)  # must not be launched
+    lists, rows = head_lists_and_tile_rows(ranking, counts, table, 16, 16, 16, True)
+    assert torch.equal(lists, head_block_lists(ranking, counts))
+    assert torch.equal(rows, ranked_tile_rows(lists, table, 16, 16, 16))
 
 
 def test_rejects_bad_inputs():

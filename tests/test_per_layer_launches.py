@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import proxyattn_kernels.block_sparse_attn.triton as block_sparse_triton
 import proxyattn_kernels.block_sparse_attn.union_pages as union_pages
 import proxyattn_kernels.budget.triton as budget_triton
 import proxyattn_kernels.proxy_scores.triton as proxy_triton
@@ -39,7 +40,7 @@ class TorchOps(TorchDispatchMode):
 def triton_launches(monkeypatch):
     """Every Triton kernel of the selection and plan modules replaced by a launch recorder."""
     launched: list[str] = []
-    for module in (proxy_triton, budget_triton, select_triton, union_pages):
+    for module in (proxy_triton, budget_triton, select_triton, union_pages, block_sparse_triton):
         for name, fn in list(vars(module).items()):
             if name.endswith("_kernel") and type(fn).__name__ in ("JITFunction", "InterpretedFunction"):
                 monkeypatch.setattr(module, name, _Recorder(name, launched))
@@ -77,3 +78,20 @@ def test_selection_and_union_plan_launch_counts(triton_launches):
         calls = union_pages.tail_first_calls(plan, geo, geo.first_tail_row(params.dense_tail_tokens))
     assert triton_launches == ["_union_plan_kernel"]
     assert len(calls) == 2 and torch_ops.ops == ["sub", "sub"], torch_ops.ops  # each call's rebased offsets
+
+
+def test_triton_path_launch_counts(triton_launches):
+    """The default kernel's attention: the heads' position-ordered lists in one launch, then the
+    block-sparse kernel; no torch ops (6, with a sort over [Hq, R, Kb], before)."""
+    ctx, q_len, hq, hkv, d, page, block = 4096, 1024, 8, 2, 32, 16, 128
+    num_rows, num_k_blocks = q_len // block, (ctx + q_len) // block
+    ranking = torch.arange(num_k_blocks, dtype=torch.int32).flip(0).expand(1, num_rows, -1).contiguous()
+    counts = torch.full((hq, num_rows), 4, dtype=torch.int32)
+    q = torch.zeros(q_len, hq, d)
+    kv_cache = torch.zeros((ctx + q_len) // page, hkv, page, 2 * d)
+    table = torch.arange((ctx + q_len) // page, dtype=torch.int32)
+    with TorchOps() as torch_ops:
+        block_sparse_triton.block_sparse_attn(q, kv_cache, table, ranking, counts, torch.empty_like(q),
+                                              ctx=ctx, scale=0.1, block_size=block, skip_rows=1)
+    assert torch_ops.ops == [], torch_ops.ops
+    assert triton_launches == ["_head_lists_kernel", "_block_sparse_attn_kernel"]

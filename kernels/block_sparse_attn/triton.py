@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..paged import paged_row_offsets
+from ..select.triton import MAX_TRITON_BLOCKS
 
 _LOG2E = 1.4426950408889634
 
@@ -258,6 +259,68 @@ def _nhd_descriptor(kv_cache: torch.Tensor, tile: TileConfig) -> TensorDescripto
     )
 
 
+# Nothing that follows the chunk or the request's block-table row is specialized (see the
+# attention kernel above).
+@triton.jit(do_not_specialize=["block_table_ptr", "num_k_blocks", "last_page", "stride_rk_group", "stride_rk_row",
+                               "stride_cnt_head", "stride_list_head", "stride_list_row", "stride_tr_head",
+                               "stride_tr_row"])
+def _head_lists_kernel(
+    ranking_ptr, counts_ptr, block_table_ptr, lists_ptr, tile_rows_ptr,
+    num_k_blocks, last_page,
+    stride_rk_group, stride_rk_row, stride_cnt_head, stride_list_head, stride_list_row,
+    stride_tr_head, stride_tr_row,
+    HEADS_PER_GROUP: tl.constexpr, KB_PAD: tl.constexpr, WITH_TILE_ROWS: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    cols = tl.arange(0, KB_PAD)
+    in_range = cols < num_k_blocks
+    count = tl.load(counts_ptr + head * stride_cnt_head + row)
+    blocks = tl.load(ranking_ptr + (head // HEADS_PER_GROUP) * stride_rk_group + row * stride_rk_row + cols,
+                     mask=in_range & (cols < count), other=-1)
+    blocks = tl.sort(blocks, descending=True)  # the head's prefix by position, largest first, then -1
+    tl.store(lists_ptr + head * stride_list_head + row * stride_list_row + cols, blocks, mask=in_range)
+    if WITH_TILE_ROWS:  # as ranked_tile_rows: the cache row of each key tile's first key
+        start = tl.maximum(blocks, 0) * BLOCK_SIZE
+        out_row = tile_rows_ptr + head * stride_tr_head + row * stride_tr_row + cols * TILES_PER_BLOCK
+        for sub in tl.static_range(TILES_PER_BLOCK):
+            key = start + sub * BLOCK_N
+            page = tl.load(block_table_ptr + tl.minimum(key // PAGE_SIZE, last_page), mask=in_range, other=0)
+            tl.store(out_row + sub, page * PAGE_SIZE + key % PAGE_SIZE, mask=in_range)
+
+
+def head_lists_and_tile_rows(
+    ranking: torch.Tensor, counts: torch.Tensor, block_table: torch.Tensor, block_size: int, block_n: int,
+    page_size: int, with_tile_rows: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`head_block_lists` and, with ``with_tile_rows``, :func:`ranked_tile_rows` of those
+    lists, in one launch (one program per row and head) instead of a dozen tensor ops over
+    ``[Hq, R, Kb]`` int64 temporaries. Same results; rows longer than ``MAX_TRITON_BLOCKS`` key
+    blocks use the torch functions. Returns ``(lists [Hq, R, Kb], tile_rows or None)``."""
+    num_q_heads, num_rows = counts.shape
+    num_groups, _, num_k_blocks = ranking.shape
+    if num_k_blocks > MAX_TRITON_BLOCKS:
+        lists = head_block_lists(ranking, counts)
+        rows = ranked_tile_rows(lists, block_table, block_size, block_n, page_size) if with_tile_rows else None
+        return lists, rows
+    tiles_per_block = block_size // block_n
+    lists = torch.empty(num_q_heads, num_rows, num_k_blocks, dtype=torch.int32, device=ranking.device)
+    rows = (torch.empty(num_q_heads, num_rows, num_k_blocks * tiles_per_block, dtype=torch.int32,
+                        device=ranking.device) if with_tile_rows else lists)
+    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    block_table = block_table if block_table.stride(0) == 1 else block_table.contiguous()
+    _head_lists_kernel[(num_rows, num_q_heads)](
+        ranking, counts, block_table, lists, rows, num_k_blocks, block_table.numel() - 1,
+        ranking.stride(0), ranking.stride(1), counts.stride(0), lists.stride(0), lists.stride(1),
+        rows.stride(0), rows.stride(1),
+        HEADS_PER_GROUP=num_q_heads // num_groups, KB_PAD=kb_pad, WITH_TILE_ROWS=with_tile_rows,
+        TILES_PER_BLOCK=tiles_per_block, BLOCK_SIZE=block_size, BLOCK_N=block_n, PAGE_SIZE=page_size,
+        num_warps=4 if kb_pad <= 2048 else 8,
+    )
+    return lists, (rows if with_tile_rows else None)
+
+
 def block_sparse_attn(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -334,15 +397,17 @@ def block_sparse_attn(
         raise ValueError(f"tile {tile} must divide block_size={block_size}")
 
     kv_desc = _nhd_descriptor(kv_cache, tile) if tile.use_tma else None
+    if kv_desc is not None and not ranking.is_contiguous():
+        raise ValueError("ranking must be contiguous")
     if tile.position_order:
-        ranking, heads_per_group = head_block_lists(ranking, counts), 1
+        ranking, tile_rows = head_lists_and_tile_rows(ranking, counts, block_table, block_size, tile.block_n,
+                                                      page_size, kv_desc is not None)
+        heads_per_group = 1
     else:
         heads_per_group = num_q_heads // num_groups
-    tile_rows = ranking  # unused by the gather path
-    if kv_desc is not None:
-        if not ranking.is_contiguous():
-            raise ValueError("ranking must be contiguous")
-        tile_rows = ranked_tile_rows(ranking, block_table, block_size, tile.block_n, page_size)
+        tile_rows = (ranked_tile_rows(ranking, block_table, block_size, tile.block_n, page_size)
+                     if kv_desc is not None else None)
+    tile_rows = ranking if tile_rows is None else tile_rows  # unused by the gather path
     grid = ((num_rows - skip_rows) * (block_size // tile.block_m) * num_q_heads,)
     if grid[0] == 0:
         return out
