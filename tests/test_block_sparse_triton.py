@@ -17,7 +17,7 @@ from proxyattn_kernels.block_sparse_attn.triton import (
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
-from tests._paged import make_paged
+from tests._paged import make_paged, random_selection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -157,14 +157,9 @@ HEAD_LIST_CASES = [
 
 @pytest.mark.parametrize("ctx,q_len,block,page,block_n,hq,groups", HEAD_LIST_CASES)
 def test_head_lists_kernel_equals_the_torch_ops(rng_seed, ctx, q_len, block, page, block_n, hq, groups):
-    num_rows = (ctx + q_len - 1) // block - ctx // block + 1
     num_k_blocks = -(-(ctx + q_len) // block)
-    scores = torch.rand(groups, num_rows, num_k_blocks, device=DEVICE)
-    budget = torch.randint(1, num_k_blocks + 1, (hq,), dtype=torch.int32, device=DEVICE)
-    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, 0)
-    # A shuffled table with spare entries, as a row view that is not 16-byte aligned.
-    pages = num_k_blocks * block // page + 2
-    table = torch.randperm(4 * pages, device=DEVICE)[: pages + 1].to(torch.int32)[1:]
+    ranking, counts, table = random_selection(groups, hq, ctx, q_len, block, page, num_k_blocks + 1, DEVICE)
+    table = torch.cat([table[:1], table])[1:]  # a row view that is not 16-byte aligned
     lists, rows = head_lists_and_tile_rows(ranking, counts, table, block, block_n, page, True)
     expected = head_block_lists(ranking, counts)
     assert torch.equal(lists, expected)
@@ -181,12 +176,7 @@ def test_gpu_head_lists_kernel_at_the_128k_shape(page, block_n, groups):
         pytest.skip("needs CUDA")
     ctx, q_len, block, hq = 122880, 8192, 128, 32
     torch.manual_seed(0)
-    num_rows, num_k_blocks = q_len // block, (ctx + q_len) // block
-    scores = torch.rand(groups, num_rows, num_k_blocks, device="cuda")
-    budget = torch.randint(1, num_k_blocks // 4, (hq,), dtype=torch.int32, device="cuda")
-    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, 128)
-    table = torch.randperm(num_k_blocks * block // page + 64, device="cuda")[: num_k_blocks * block // page]
-    table = table.to(torch.int32)
+    ranking, counts, table = random_selection(groups, hq, ctx, q_len, block, page, 256, "cuda", 128)
     lists, rows = head_lists_and_tile_rows(ranking, counts, table, block, block_n, page, True)
     expected = head_block_lists(ranking, counts)
     assert torch.equal(lists, expected)

@@ -16,7 +16,7 @@ from proxyattn_kernels.block_sparse_attn.union_pages import (
     tail_first_calls, union_block_mask, union_page_plan, union_page_plan_torch,
 )
 
-from tests._paged import make_paged
+from tests._paged import make_paged, random_selection
 
 
 def varlen_paged_causal(q, kv_cache, plan, scale):
@@ -196,16 +196,9 @@ def test_triton_plan_on_the_gpu_at_the_128k_shape(groups, page):
     buffer crosses threads (the barrier matters; the CPU interpreter runs it serially)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from proxyattn_kernels.select.naive import select_blocks
-
     ctx, q_len, block, hq = 122880, 8192, 128, 32
     torch.manual_seed(0)
-    num_rows, num_k_blocks = q_len // block, (ctx + q_len) // block
-    scores = torch.rand(groups, num_rows, num_k_blocks, device="cuda")
-    budget = torch.randint(1, num_k_blocks // 5, (hq,), dtype=torch.int32, device="cuda")  # unequal heads
-    ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, 128)
-    table = torch.randperm(num_k_blocks * block // page + 64, device="cuda")[: num_k_blocks * block // page]
-    table = table.to(torch.int32)
+    ranking, counts, table = random_selection(groups, hq, ctx, q_len, block, page, 200, "cuda", 128)
     args = dict(ctx=ctx, q_len=q_len, block_size=block, page_size=page)
     assert_plans_equal(union_page_plan(ranking, counts, table, **args),
                        union_page_plan_torch(ranking, counts, table, **args))
