@@ -33,7 +33,9 @@ SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 #: * two proxy groups (Qwen2.5-Coder-0.5B): 1.17 at 4K, 1.48 at 8K, 1.85 at 16K. Their
 #:   rankings differ and the union approaches dense, so several groups always get "triton".
 #:
-#: FlashInfer ("flashinfer") was slower than both at every shape, so no entry names it.
+#: FlashInfer ("flashinfer") was never the fastest: it beats Triton only for the Llama shape
+#: (page 16: Hopper backend 4.58 vs 5.25 ms at density 0.1; page 128 at full density), where
+#: FA3's union is faster still (3.35 ms), so no entry names it.
 AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
     # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.25 vs 3.35 ms, FA3 1.57x
     # faster per block, more than any one-group union ratio measured; spread0.5 5.36 vs 4.91.
