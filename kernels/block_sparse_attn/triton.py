@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..paged import paged_row_offsets
-from ..select.triton import MAX_TRITON_BLOCKS
+from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
 
 _LOG2E = 1.4426950408889634
 
@@ -308,15 +308,15 @@ def head_lists_and_tile_rows(
     lists = torch.empty(num_q_heads, num_rows, num_k_blocks, dtype=torch.int32, device=ranking.device)
     rows = (torch.empty(num_q_heads, num_rows, num_k_blocks * tiles_per_block, dtype=torch.int32,
                         device=ranking.device) if with_tile_rows else lists)
-    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
-    block_table = block_table if block_table.stride(0) == 1 else block_table.contiguous()
+    kb_pad = row_pad(num_k_blocks)
+    block_table = block_table.contiguous()  # itself when it is already
     _head_lists_kernel[(num_rows, num_q_heads)](
         ranking, counts, block_table, lists, rows, num_k_blocks, block_table.numel() - 1,
         ranking.stride(0), ranking.stride(1), counts.stride(0), lists.stride(0), lists.stride(1),
         rows.stride(0), rows.stride(1),
         HEADS_PER_GROUP=num_q_heads // num_groups, KB_PAD=kb_pad, WITH_TILE_ROWS=with_tile_rows,
         TILES_PER_BLOCK=tiles_per_block, BLOCK_SIZE=block_size, BLOCK_N=block_n, PAGE_SIZE=page_size,
-        num_warps=4 if kb_pad <= 2048 else 8,
+        num_warps=row_warps(kb_pad),
     )
     return lists, (rows if with_tile_rows else None)
 

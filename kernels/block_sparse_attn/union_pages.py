@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..params import ChunkGeometry
-from ..select.triton import MAX_TRITON_BLOCKS
+from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
 from .naive import selection_block_mask
 
 
@@ -213,7 +213,7 @@ def union_page_plan(
     geo = ChunkGeometry(ctx, q_len, block_size)
     device = ranking.device
     pages_per_block = block_size // page_size
-    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    kb_pad = row_pad(num_k_blocks)
     heads_per_group = num_q_heads // num_groups
     ordered = torch.empty(num_rows, num_k_blocks, dtype=torch.int32, device=device)
     pages = torch.empty(num_rows, num_k_blocks * pages_per_block, dtype=torch.int32, device=device)
@@ -221,7 +221,7 @@ def union_page_plan(
     seqused_k = torch.empty(num_rows, dtype=torch.int32, device=device)
     cu_seqlens_q = torch.empty(num_rows + 1, dtype=torch.int32, device=device)
     inverse = torch.empty(num_rows, kb_pad, dtype=torch.int32, device=device)  # scratch: rank per block
-    block_table = block_table if block_table.stride(0) == 1 else block_table.contiguous()
+    block_table = block_table.contiguous()  # itself when it is already
     _union_plan_kernel[(num_rows,)](
         ranking, counts, block_table, inverse, ordered, pages, union_blocks, seqused_k, cu_seqlens_q,
         geo.first_q_block, num_k_blocks, geo.seq_len, ctx, block_table.numel() - 1,
@@ -229,7 +229,7 @@ def union_page_plan(
         pages.stride(0),
         NUM_GROUPS=num_groups, HEADS_PER_GROUP=heads_per_group,
         HEADS_PAD=max(2, triton.next_power_of_2(heads_per_group)), KB_PAD=kb_pad,
-        PAGES_PER_BLOCK=pages_per_block, BLOCK_SIZE=block_size, num_warps=4 if kb_pad <= 2048 else 8,
+        PAGES_PER_BLOCK=pages_per_block, BLOCK_SIZE=block_size, num_warps=row_warps(kb_pad),
     )
     return UnionPagePlan(cu_seqlens_q, seqused_k, pages, min(block_size, q_len), num_k_blocks * block_size,
                          union_blocks, ordered[None])

@@ -61,10 +61,16 @@ def limit_budget(
 ) -> torch.Tensor:
     """Apply the minimum budget, then the optional cap (``ProxyAttnParams.budget_cap_blocks``,
     from ``max_density``); result in ``[1, num_k_blocks]``."""
-    # One clamp (one kernel on the device): the minimum first, then the cap wins, as
-    # min(max(counts, min_budget), cap, num_k_blocks) with every bound >= 1.
+    # One clamp (one kernel on the device): the minimum first, then the cap wins.
+    lower, upper = budget_bounds(num_k_blocks, min_budget_blocks, max_blocks)
+    return counts.clamp(min=lower, max=upper).to(torch.int32)
+
+
+def budget_bounds(num_k_blocks: int, min_budget_blocks: int, max_blocks: int | None) -> tuple[int, int]:
+    """``(lower, upper)`` of a row budget, both >= 1: a count becomes
+    ``min(max(count, lower), upper)``, i.e. the minimum first, then the cap (and ``num_k_blocks``)."""
     upper = num_k_blocks if max_blocks is None else max(1, min(max_blocks, num_k_blocks))
-    return counts.clamp(min=max(1, min_budget_blocks), max=upper).to(torch.int32)
+    return max(1, min_budget_blocks), upper
 
 
 def head_budgets(

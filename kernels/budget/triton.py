@@ -41,8 +41,8 @@ from ..params import ChunkGeometry
 from ..proxy_scores import triton as _proxy_triton  # _workspace (and its test poison switch)
 from ..proxy_scores.triton import _check_paged_inputs, _input_precision, _safe_max, _target_programs
 from ..paged import paged_row_offsets
-from ..select.triton import MAX_TRITON_BLOCKS
-from .naive import gamma_block_counts, limit_budget
+from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
+from .naive import budget_bounds, gamma_block_counts, limit_budget
 
 _LOG2E = 1.4426950408889634
 
@@ -251,13 +251,13 @@ def gamma_budgets(
     if num_k_blocks > MAX_TRITON_BLOCKS:
         counts = gamma_block_counts(mass, gamma)
         return limit_budget(counts, num_k_blocks, min_budget_blocks, max_blocks), counts
-    upper = num_k_blocks if max_blocks is None else max(1, min(max_blocks, num_k_blocks))
+    lower, upper = budget_bounds(num_k_blocks, min_budget_blocks, max_blocks)
     budget = torch.empty(num_q_heads, dtype=torch.int32, device=mass.device)
     counts = torch.empty_like(budget)
-    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    kb_pad = row_pad(num_k_blocks)
     _gamma_budget_kernel[(num_q_heads,)](
-        mass, budget, counts, num_k_blocks, float(gamma), max(1, min_budget_blocks), upper, mass.stride(0),
-        KB_PAD=kb_pad, EVERY_BLOCK=gamma >= 1.0, num_warps=4 if kb_pad <= 2048 else 8,
+        mass, budget, counts, num_k_blocks, float(gamma), lower, upper, mass.stride(0),
+        KB_PAD=kb_pad, EVERY_BLOCK=gamma >= 1.0, num_warps=row_warps(kb_pad),
     )
     return budget, counts
 

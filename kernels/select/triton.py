@@ -31,6 +31,19 @@ MAX_TRITON_BLOCKS = 8192  # the row lives in registers: up to 8192 int64 per pro
 _INDEX_BITS = 24
 
 
+def row_pad(num_k_blocks: int) -> int:
+    """``KB_PAD`` of every kernel that holds a row of key blocks in registers (this one, the
+    budget count, the union plan, the head lists): the next power of two, at least 16.
+    kernels/warmup.py compiles one variant per value."""
+    return max(16, triton.next_power_of_2(num_k_blocks))
+
+
+def row_warps(kb_pad: int) -> int:
+    """Warps of a program holding a ``kb_pad`` row of 32-bit values (the budget count, the union
+    plan, the head lists; this kernel's int64 row has its own rule)."""
+    return 4 if kb_pad <= 2048 else 8
+
+
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
 # shape while serving (kernels/warmup.py compiles the rest at startup).
 @triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "sink_blocks", "local_blocks", "first_tail_row",
@@ -159,7 +172,7 @@ def select_blocks(
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
 
-    kb_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    kb_pad = row_pad(num_k_blocks)
     heads_per_group = num_q_heads // num_groups
     num_warps = 4 if kb_pad <= 1024 else (8 if kb_pad <= 4096 else 16)
     _select_kernel[(rows, num_groups)](
@@ -172,4 +185,4 @@ def select_blocks(
     return ranking, counts, num_forced
 
 
-__all__ = ["MAX_TRITON_BLOCKS", "select_blocks"]
+__all__ = ["MAX_TRITON_BLOCKS", "row_pad", "row_warps", "select_blocks"]
