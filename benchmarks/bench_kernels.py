@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import datetime
+import functools
 import json
 import math
 import os
@@ -95,28 +96,54 @@ def load_fa3():
     return flash_attn_varlen_func
 
 
-def fa3_dense(fa3, q, kv, table, seq_len, scale, out):
+@functools.lru_cache(maxsize=64)
+def _one_sequence_lengths(q_len: int, seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cu_seqlens_q [0, q_len]`` and ``seqused_k [seq_len]`` on ``device``, made once: built
+    per call, their blocking host-to-device copies would drain the GPU inside every timed call
+    (the backend gets them from its metadata builder, once per step)."""
+    return (torch.tensor([0, q_len], dtype=torch.int32, device=device),
+            torch.tensor([seq_len], dtype=torch.int32, device=device))
+
+
+def fa3_dense(fa3, q, kv, table, seq_len, scale, out, return_lse=False):
+    """Causal FA3 of ``q`` (the request's last ``q.shape[0]`` queries) into ``out``; with
+    ``return_lse``, returns their ``[Hq, q_len]`` LSE (as the backend's dense-tail call)."""
     d = q.shape[-1]
     k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
-    dev = q.device
-    return fa3(
-        q=q, k=k_cache, v=v_cache, out=out,
-        cu_seqlens_q=torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev), max_seqlen_q=q.shape[0],
-        seqused_k=torch.tensor([seq_len], dtype=torch.int32, device=dev), max_seqlen_k=seq_len,
-        softmax_scale=scale, causal=True, block_table=table[None], fa_version=3,
+    cu_seqlens_q, seqused_k = _one_sequence_lengths(q.shape[0], seq_len, str(q.device))
+    result = fa3(
+        q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=q.shape[0],
+        seqused_k=seqused_k, max_seqlen_k=seq_len,
+        softmax_scale=scale, causal=True, block_table=table[None], fa_version=3, return_softmax_lse=return_lse,
     )
+    return result[1] if return_lse else result
 
 
-def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=0):
+def tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out, tail_tokens=None):
+    """The backend's dense tail through FA3 first: attends the chunk's tail rows into ``out``
+    and returns the budget rows' LSE (``[Hq, min(q_len, block)]``, ``impl.budget_rows_lse``).
+    ``tail_tokens``: the tail's tokens (default: the rows of ``TAIL_TOKENS``)."""
+    q_len = q.shape[0]
+    if tail_tokens is None:
+        geo = ChunkGeometry(ctx, q_len, block)
+        tail_tokens = q_len - geo.row_token_start(geo.first_tail_row(TAIL_TOKENS))
+    lse = fa3_dense(fa3, q[q_len - tail_tokens:], kv, table, ctx + q_len, scale, out[q_len - tail_tokens:],
+                    return_lse=True)
+    n_last = min(q_len, block)
+    return lse[:, lse.shape[1] - n_last:]
+
+
+def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=0, skip_tail=False):
     """The selection through FA3: one pseudo-request per query block over the union of its
     heads' selected blocks (kernels/block_sparse_attn/union_pages.py; plan included in the time).
-    ``tail_tokens`` > 0: the dense tail rows in a call of their own, first, as the backend does."""
+    ``tail_tokens`` > 0: the dense tail rows in a call of their own, first; ``skip_tail``: not at
+    all (attended already, :func:`tail_lse_rows`), as the backend does with FlashAttention."""
     d = q.shape[-1]
     plan = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
                            page_size=kv.shape[2])
     k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
     geo = ChunkGeometry(ctx, q.shape[0], block)
-    for tokens, rows in tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens)):
+    for tokens, rows in tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens), skip_tail):
         fa3(
             q=q[tokens], k=k_cache, v=v_cache, out=out[tokens], cu_seqlens_q=rows.cu_seqlens_q,
             max_seqlen_q=rows.max_seqlen_q, seqused_k=rows.seqused_k, max_seqlen_k=rows.max_seqlen_k,
@@ -282,6 +309,18 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
                         if not ok:
                             fib.disable(f"gate {kernel} {name} page {page} density {density}: {err}")
                             break
+                if fa3 is not None and density == 1.0:  # the budget's mass from FA3's LSE of the tail
+                    from proxyattn_kernels.budget.triton import last_block_mass_paged
+
+                    lse = tail_lse_rows(fa3, q, kv, table, ctx, block, d**-0.5, torch.empty_like(q))
+                    two_pass = last_block_mass_paged(q, kv, table, ctx=ctx, scale=d**-0.5, block_size=block)
+                    from_lse = last_block_mass_paged(q, kv, table, ctx=ctx, scale=d**-0.5, block_size=block,
+                                                     row_lse=lse)
+                    err = float((from_lse - two_pass).abs().max())
+                    row_sums = float((from_lse.sum(-1) - 1).abs().max())
+                    log(f"gate budget-lse {where}: max |mass - two-pass| {err:.2e}, |row sum - 1| {row_sums:.2e}")
+                    if not err <= 1e-4 or not row_sums <= 1e-3:
+                        failures.append(f"budget-lse {name} page {page}: mass off by {err:.2e}, rows {row_sums:.2e}")
                 if fa3 is not None and density == 0.2:  # the dense tail through FA3, the rest Triton
                     t_ranking, t_counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device,
                                                                  TAIL_TOKENS)
@@ -302,8 +341,10 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
     return failures
 
 
-def try_selection(q, kv, table, ctx, hq, hkv, block, device):
-    """Time the Triton selection (proxy scores + budgets + select) if it is available."""
+def try_selection(q, kv, table, ctx, hq, hkv, block, device, fa3=None):
+    """Time the Triton selection (proxy scores + budgets + select) if it is available; with FA3,
+    also the selection and budget stage with the budget rows' LSE from the dense tail's FA3 call
+    (as the backend runs them when FlashAttention attends the tail first)."""
     try:
         from proxyattn_kernels.selection import select_blocks_paged
     except ImportError as exc:
@@ -333,12 +374,20 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device):
             scores, budget, ctx, q.shape[0], block, params.sink_blocks, params.local_blocks,
             params.dense_tail_tokens))["median"],
     }
+    if fa3 is not None:
+        lse = tail_lse_rows(fa3, q, kv, table, ctx, block, scale, torch.empty_like(q))
+        total["stages_ms"]["budgets_from_lse"] = timed(lambda: head_budgets_paged(
+            q, kv, table, ctx=ctx, scale=scale, block_size=block, gamma=params.gamma,
+            min_budget_blocks=params.min_budget_blocks, max_blocks=None, row_lse=lse))["median"]
+        total["from_lse_median"] = timed(lambda: select_blocks_paged(
+            q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse))["median"]
     # Host time per call with the GPU left running: when it exceeds the stages' sum, the
     # timed selection waited for its launches (host-bound), which an engine that runs ahead
     # of the GPU would hide.
     total["host_ms"] = host_launch_ms(lambda: select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params))
-    log(f"selection {total['median']:.3f} ms (host {total['host_ms']:.3f} ms per call): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in total["stages_ms"].items()))
+    log(f"selection {total['median']:.3f} ms (host {total['host_ms']:.3f} ms per call"
+        + (f"; {total['from_lse_median']:.3f} with the tail's LSE" if "from_lse_median" in total else "")
+        + "): " + ", ".join(f"{k} {v:.3f}" for k, v in total["stages_ms"].items()))
     return total
 
 
@@ -348,10 +397,11 @@ BUDGET_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8,
                 (64, 64, 4, 3), (64, 128, 4, 3))
 
 
-def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES) -> list[dict]:
+def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES, row_lse=None) -> list[dict]:
     """The per-head block mass (the budget's expensive part) under each tile config of
     ``tiles``, each checked against the first (default) config's mass: a config that computes
-    something else is reported, not timed."""
+    something else is reported, not timed. With ``row_lse`` (the budget rows' LSE from the
+    dense tail), each tile's one-pass mass from it too (``from_lse_ms``), checked the same way."""
     from proxyattn_kernels.budget.triton import BudgetTileConfig, last_block_mass_paged
 
     scale = q.shape[-1] ** -0.5
@@ -359,20 +409,25 @@ def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES) -> list[dict
     for bm, bn, warps, stages in tiles:
         tile = BudgetTileConfig(bm, bn, warps, stages)
         row = {"tile": asdict(tile)}
-        try:
-            mass = last_block_mass_paged(q, kv, table, ctx=ctx, scale=scale, block_size=block, tile=tile)
-            reference = mass if reference is None else reference
-            row["max_mass_diff"] = float((mass - reference).abs().max())
-            if row["max_mass_diff"] > 1e-4:
-                row["error"] = "mass differs from the default tile's"
-            else:
-                row["ms"] = timed(lambda: last_block_mass_paged(q, kv, table, ctx=ctx, scale=scale,
-                                                                block_size=block, tile=tile))["median"]
-        except Exception as exc:  # noqa: BLE001 - out of resources etc.: report, go on
-            row["error"] = f"{type(exc).__name__}: {exc}"
+        for key, lse in (("ms", None),) + ((("from_lse_ms", row_lse),) if row_lse is not None else ()):
+            def mass_fn(lse=lse, tile=tile):
+                return last_block_mass_paged(q, kv, table, ctx=ctx, scale=scale, block_size=block, tile=tile,
+                                             row_lse=lse)
+            try:
+                mass = mass_fn()
+                reference = mass if reference is None else reference
+                diff = float((mass - reference).abs().max())
+                row["max_mass_diff"] = max(row.get("max_mass_diff", 0.0), diff)
+                if diff > 1e-4:
+                    row[key.replace("ms", "error")] = "mass differs from the default tile's"
+                else:
+                    row[key] = timed(mass_fn)["median"]
+            except Exception as exc:  # noqa: BLE001 - out of resources etc.: report, go on
+                row[key.replace("ms", "error")] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
         log(f"budget tile {bm}x{bn} w{warps} s{stages}: "
-            + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]))
+            + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) and k.endswith("ms") else f"{k}: {v}"
+                        for k, v in row.items() if k.endswith("ms") or k.endswith("error")))
     return rows
 
 
@@ -411,14 +466,23 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             return union_page_plan(sel.ranking, sel.counts, table, ctx=ctx, q_len=q_len, block_size=block,
                                    page_size=page)
 
-        def path():
+        tail_rows = ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS)
+
+        def path():  # as the backend: the tail by FA3 first, its LSE for the budget, the union of the rest
+            lse = tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out)
+            sel = select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse)
+            return fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS,
+                             skip_tail=True)
+
+        def path_before():  # session 7: the budget's own two-pass mass, the tail from the union plan
             sel = select()
             return fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS)
 
-        def triton_path():  # the default kernel's path: tail rows by FA3, the rest block-sparse
-            sel = select()
-            triton_fa3_tail(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out,
-                            ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS))
+        def triton_path():  # the default kernel's path: tail rows by FA3 (its LSE to the budget), the rest block-sparse
+            lse = tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out)
+            sel = select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse)
+            block_sparse_attn(q, kv, table, sel.ranking, sel.counts, out, ctx=ctx, scale=scale, block_size=block,
+                              skip_rows=tail_rows)
 
         sel = select()
         row = {
@@ -428,13 +492,15 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             "selection_ms": timed(select)["median"],
             "selection_plan_ms": timed(select_and_plan)["median"],
             "path_ms": timed(path)["median"],
+            "path_before_ms": timed(path_before)["median"],
             "path_host_ms": host_launch_ms(path),
             "triton_path_ms": timed(triton_path)["median"],
         }
         rows.append(row)
         log(f"chunk ctx={ctx:6d}: density {row['density']:.3f}, fa3 dense {row['fa3_dense_ms']:.3f} ms, "
             f"selection {row['selection_ms']:.3f}, +plan {row['selection_plan_ms']:.3f}, whole fa3 path "
-            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}), Triton path {row['triton_path_ms']:.3f}")
+            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}; session 7's {row['path_before_ms']:.3f}), "
+            f"Triton path {row['triton_path_ms']:.3f}")
         del q, kv, out
     return rows
 
@@ -492,10 +558,12 @@ def main() -> int:
             fa3_ms = None
             if fa3 is not None and not args.only_sweep:
                 fa3_ms = timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))
-            sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device)
+            sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device, fa3)
             if not args.only_sweep:
+                sweep_lse = (None if fa3 is None else
+                             tail_lse_rows(fa3, q, kv, table, ctx, block, scale, torch.empty_like(q)))
                 budget_sweep.append({"shape": name, "page_size": page,
-                                     "rows": budget_tile_sweep(q, kv, table, ctx, block)})
+                                     "rows": budget_tile_sweep(q, kv, table, ctx, block, row_lse=sweep_lse)})
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)
             if not args.only_sweep:
                 log(f"{name} page{page}: fa3 dense {fa3_ms and fa3_ms['median']}, selection {sel_ms and sel_ms['median']}")

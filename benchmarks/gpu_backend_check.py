@@ -70,6 +70,15 @@ EQUIVALENCE_ENGINES = [
 ]
 
 
+def no_multicast_kwargs(tp: int) -> dict:
+    """Engine arguments that keep a TP>1 engine off NVLink multicast. vLLM 0.26 fuses the
+    all-reduce with the RMSNorm under torch.compile at TP>1 through FlashInfer's "mnnvl" backend,
+    which creates multicast memory: on the shared two-GPU host (where multicast is disabled) the
+    session-8 TP=2 run of the 8B shape died in its profile run right after that workspace was
+    set up (illegal memory access, then CUBLAS_STATUS_INTERNAL_ERROR at the first GEMM)."""
+    return {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}} if tp > 1 else {}
+
+
 def tensor_parallel_engines(tp: int) -> list[tuple]:
     """``--tensor-parallel N``: TP=N against TP=1, for FLASH_ATTN (the noise floor: the
     all-reduce sums in another order) and for proxyattn at full density."""
@@ -133,7 +142,7 @@ def check_equivalence(args, report):
         llm = LLM(model=args.model, attention_backend=backend, dtype="bfloat16", seed=0,
                   additional_config=extra or {}, enforce_eager=True, max_model_len=8192,
                   enable_prefix_caching=False, max_num_batched_tokens=chunk,
-                  gpu_memory_utilization=0.2, tensor_parallel_size=tp)
+                  gpu_memory_utilization=0.2, tensor_parallel_size=tp, **no_multicast_kwargs(tp))
         t0 = time.perf_counter()
         tokens, margins, lens = _greedy_with_margins(llm, token_prompts, EQUIVALENCE_TOKENS)
         seconds = time.perf_counter() - t0
@@ -211,7 +220,7 @@ def check_dummy_128k(args, report):
     llm = LLM(model=args.dummy_8b, load_format="dummy", attention_backend="proxyattn", dtype="bfloat16",
               max_model_len=131072, enable_prefix_caching=False, max_num_batched_tokens=8192,
               gpu_memory_utilization=0.45, enforce_eager=args.eager,
-              tensor_parallel_size=args.tensor_parallel)
+              tensor_parallel_size=args.tensor_parallel, **no_multicast_kwargs(args.tensor_parallel))
     rng = random.Random(0)
     prompt = TokensPrompt(prompt_token_ids=[rng.randrange(3, 250) for _ in range(n)])
     llm.generate([TokensPrompt(prompt_token_ids=[5] * 32)], SamplingParams(max_tokens=2))

@@ -1173,7 +1173,9 @@ def run_soak(args, part: dict, write) -> None:
         part["metrics_start"] = scrape_metrics(server.base_url)
         records = {"long": [], "short": []}
         r, last_round_s = 0, 0.0
-        while r == 0 or (time.monotonic() + last_round_s <= end and server.alive()):
+        # Rounds start until the soak time is up, so the load lasts at least --soak-s (at most
+        # one round longer): stopping when the next round would overrun it left 562 of 600 s.
+        while r == 0 or (time.monotonic() < end and server.alive()):
             long_cfg, short_cfg = soak_round_configs(args, server.base_url, r)
             t0 = time.monotonic()
 

@@ -6,8 +6,9 @@ Composes the Triton ops: proxy scores (``proxy_scores/triton.py``) -> per-head b
 the device: no host synchronisation, no Python loop over heads, rows or blocks; ``ctx`` and
 ``q_len`` are host integers.
 
-Launches: 5 for the proxy scores (fill, 2 proxy-head means, 2 passes), 2 for the block mass
-plus ~10 small torch ops on ``[Hq, Kb]`` for the gamma counts and limits, 1 for the selection.
+Launches: 5 for the proxy scores (fill, 2 proxy-head means, 2 passes), 2 for the block mass (1
+when the budget rows' LSE is given, ``row_lse``), 1 for the gamma counts and limits, 1 for the
+selection.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def select_blocks_paged(
     params: ProxyAttnParams,
     proxy_tile: ProxyTileConfig | None = None,
     budget_tile: BudgetTileConfig | None = None,
+    row_lse: torch.Tensor | None = None,
 ) -> PagedSelection:
     """Block selection of one prefill chunk.
 
@@ -66,6 +68,9 @@ def select_blocks_paged(
         scale: softmax scale.
         params: resolved parameters of this layer (``num_groups`` divides ``Hkv``).
         proxy_tile, budget_tile: optional launch parameters (defaults tuned per device).
+        row_lse: optional ``[Hq, min(q_len, block_size)]`` float32 natural-log LSE of the
+            chunk's last queries (the budget rows), from a dense kernel that already attended
+            them: the budget's block mass then takes one pass (``last_block_mass_paged``).
 
     Returns:
         ``PagedSelection(ranking, counts, num_forced, budget, gamma_counts, scores)``, equal to
@@ -84,7 +89,7 @@ def select_blocks_paged(
     budget, gamma_counts = head_budgets_paged(
         q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=params.block_size,
         gamma=params.gamma, min_budget_blocks=params.min_budget_blocks,
-        max_blocks=params.budget_cap_blocks(geo), tile=budget_tile,
+        max_blocks=params.budget_cap_blocks(geo), tile=budget_tile, row_lse=row_lse,
     )
     if geo.seq_len < params.min_sparse_len:
         budget = torch.full_like(budget, geo.num_k_blocks)

@@ -23,6 +23,7 @@ import triton
 
 from .block_sparse_attn.triton import block_sparse_attn
 from .block_sparse_attn.union_pages import union_page_plan
+from .budget.triton import last_block_mass_paged
 from .params import ProxyAttnParams
 from .select.triton import MAX_TRITON_BLOCKS
 from .selection import select_blocks_paged
@@ -62,11 +63,13 @@ def warm_up(
     max_seq_len: int,
     attention: bool = True,
     union_plan: bool = False,
+    budget_lse: bool = False,
 ) -> int:
     """Run the selection (and, with ``attention``, the block-sparse kernel; with ``union_plan``,
-    the union page plan of the "fa3" / "flashinfer" paths, whose row also lives in registers)
-    once per chunk of :func:`warmup_chunks` on zeros, with the layout of vLLM's cache (NHD
-    pages, K|V packed).
+    the union page plan of the "fa3" / "flashinfer" paths, whose row also lives in registers;
+    with ``budget_lse``, the budget's one-pass mass from a given LSE, used where a dense kernel
+    attends the tail first) once per chunk of :func:`warmup_chunks` on zeros, with the layout of
+    vLLM's cache (NHD pages, K|V packed).
 
     Returns the number of chunks run. Allocates O(heads * head_dim * block_size) for the
     queries and cache, plus the selection's ``[Hq, Kb, block]`` float32 workspace of the
@@ -86,6 +89,9 @@ def warm_up(
         if attention:
             block_sparse_attn(q, kv_cache, block_table, selection.ranking, selection.counts,
                               torch.empty_like(q), ctx=ctx, scale=scale, block_size=block)
+        if budget_lse:
+            last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block,
+                                  row_lse=torch.zeros(num_q_heads, min(q_len, block), device=device))
         if union_plan and block % page_size == 0:
             union_page_plan(selection.ranking, selection.counts, block_table, ctx=ctx, q_len=q_len,
                             block_size=block, page_size=page_size)

@@ -55,6 +55,7 @@ def sparse_prefill(
     params: ProxyAttnParams,
     layer_index: int | None = None,
     tail_done: bool = False,
+    row_lse: torch.Tensor | None = None,
 ) -> None:
     """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
 
@@ -78,9 +79,11 @@ def sparse_prefill(
         tail_done: the caller computes the dense-tail rows (``params.dense_tail_tokens``) with a
             dense kernel: their tokens of ``output`` are not written here. Otherwise the block-
             sparse kernel computes them too, launched first.
+        row_lse: optional ``[Hq, min(q_len, block_size)]`` float32 LSE of the chunk's last
+            queries from that dense kernel (:func:`budget_rows_lse`): the budget then reuses it.
     """
     selection = select_blocks_paged(
-        query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params
+        query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params, row_lse=row_lse
     )
     if stats.ENABLED:  # diagnostic only (see stats.py); off: this one check
         stats.record(
@@ -93,6 +96,17 @@ def sparse_prefill(
         ctx=ctx, scale=scale, block_size=params.block_size,
         **({"skip_rows": tail_rows} if tail_done else {"heavy_rows": tail_rows}),
     )
+
+
+def budget_rows_lse(tail_lse: torch.Tensor | None, q_len: int, block_size: int) -> torch.Tensor | None:
+    """The budget rows' part of the dense tail's LSE: ``tail_lse [Hq, tail_tokens]`` (the LSE a
+    dense kernel returned for the chunk's last ``tail_tokens`` queries) -> ``[Hq, n]`` for the
+    last ``n = min(q_len, block_size)`` queries, or None when the tail does not cover them (a
+    ``dense_tail_tokens`` below ``block_size``)."""
+    n_last = min(q_len, block_size)
+    if tail_lse is None or tail_lse.shape[-1] < n_last:
+        return None
+    return tail_lse[:, tail_lse.shape[-1] - n_last :]
 
 
 class ProxyAttnImpl(FlashAttentionImpl):
@@ -210,8 +224,10 @@ class ProxyAttnImpl(FlashAttentionImpl):
         if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
             if not dense_layer and not self.sliding_window_layer:
                 kernel = self._warmup_kernel(query.dtype)
+                tail_first = self._tail_by_dense_kernel() and self.proxyattn_params.dense_tail_tokens > 0
                 warmup.warm_up_once(self._warmup_shape, query.dtype, query.device,
-                                    flashinfer=kernel == "flashinfer", union_plan=kernel in ("fa3", "flashinfer"))
+                                    flashinfer=kernel == "flashinfer", union_plan=kernel in ("fa3", "flashinfer"),
+                                    budget_lse=tail_first and kernel in ("triton", "fa3"))
             return output.fill_(0)
 
         plan = attn_metadata.plan
@@ -228,35 +244,41 @@ class ProxyAttnImpl(FlashAttentionImpl):
             )
         layer_index = stats.layer_index(layer) if stats.ENABLED else None
         kernel = self._sparse_kernel or self._resolve_sparse_kernel(kv_cache)
+        block_size = self.proxyattn_params.block_size
         for row in plan.sparse_rows:
             chunk = (query[row.token_start : row.token_end], kv_cache, dense.block_table[row.req_idx],
                      output[row.token_start : row.token_end], row.ctx)
-            if kernel == "triton":
-                tail_done = self._dense_tail_first(layer, query, kv_cache, output, row, dense)
+            tail_done, tail_lse = False, None
+            if kernel != "flashinfer":
+                tail_done, tail_lse = self._dense_tail_first(layer, query, kv_cache, output, row, dense)
                 if tail_done and row.tail_tokens == row.q_len and not stats.ENABLED:
                     continue  # a short chunk that is all dense tail: nothing left to select
+            row_lse = budget_rows_lse(tail_lse, row.q_len, block_size)
+            if kernel == "triton":
                 sparse_prefill(*chunk, self.scale, self.proxyattn_params, layer_index=layer_index,
-                               tail_done=tail_done)
+                               tail_done=tail_done, row_lse=row_lse)
             else:
-                self._union_prefill(layer, *chunk, kernel=kernel, layer_index=layer_index)
+                self._union_prefill(layer, *chunk, kernel=kernel, layer_index=layer_index, tail_done=tail_done,
+                                    row_lse=row_lse)
         return output
 
-    def _dense_tail_first(self, layer, query, kv_cache, output, row, dense) -> bool:
-        """Attend the dense-tail rows of a Triton-path chunk with FlashAttention, first; True if
-        done. Those rows read every causal key: in the block-sparse kernel each of their query
-        tiles walks the whole context in one program, which bounds the kernel's time at long
-        context (H200, last 8K chunk of 128K, Qwen2.5-0.5B shape: 2.94 ms with the tail, 1.31
-        without, for 14% more blocks); FA3 splits their keys across the GPU. Without
-        FlashAttention (CPU) the block-sparse kernel keeps them, launched first."""
+    def _dense_tail_first(self, layer, query, kv_cache, output, row, dense) -> tuple[bool, torch.Tensor | None]:
+        """Attend the dense-tail rows of a chunk with FlashAttention, first: ``(done, their LSE
+        [Hq, tail_tokens] or None)``. Those rows read every causal key: in the block-sparse
+        kernel each of their query tiles walks the whole context in one program, which bounds
+        the kernel's time at long context (H200, last 8K chunk of 128K, Qwen2.5-0.5B shape: 2.94
+        ms with the tail, 1.31 without, for 14% more blocks); FA3 splits their keys across the
+        GPU. Their LSE spares the budget its own pass over the same rows (``row_lse`` of the
+        selection). Without FlashAttention (CPU) the sparse kernel keeps them."""
         if not (self._tail_by_dense_kernel() and row.tail_tokens):
-            return False
+            return False, None
         tokens = slice(row.token_end - row.tail_tokens, row.token_end)
         req = slice(row.req_idx, row.req_idx + 1)
-        self._dense_varlen(
+        lse = self._dense_varlen(
             layer, query[tokens], kv_cache, output[tokens], row.tail_cu_seqlens_q, row.tail_tokens,
-            dense.seq_lens[req], row.seq_len, dense.block_table[req],
+            dense.seq_lens[req], row.seq_len, dense.block_table[req], return_lse=True,
         )
-        return True
+        return True, lse
 
     def _tail_by_dense_kernel(self) -> bool:
         """Whether dense-tail rows go to the dense kernel (:meth:`_dense_tail_first`)."""
@@ -314,15 +336,17 @@ class ProxyAttnImpl(FlashAttentionImpl):
         kernel, fallback = self._choose_sparse_kernel(self._warmup_shape.page_size, dtype)
         return "triton" if fallback is not None else kernel
 
-    def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None):
+    def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None,
+                       tail_done=False, row_lse=None):
         """Like :func:`sparse_prefill`, but the selected blocks run through a dense paged kernel,
         one pseudo-request per query block over the union of what its heads selected
         (``kernels/block_sparse_attn/union_pages.py``): ``kernel`` "fa3" is vLLM's varlen kernel
         (FA3 on Hopper), "flashinfer" FlashInfer's paged prefill
-        (``kernels/block_sparse_attn/flashinfer.py``)."""
+        (``kernels/block_sparse_attn/flashinfer.py``). ``tail_done``, ``row_lse``: as
+        :func:`sparse_prefill` ("fa3" only)."""
         params = self.proxyattn_params
         selection = select_blocks_paged(
-            query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params
+            query, kv_cache, block_table_row, ctx=ctx, scale=self.scale, params=params, row_lse=row_lse
         )
         pages = union_page_plan(
             selection.ranking, selection.counts, block_table_row, ctx=ctx, q_len=query.shape[0],
@@ -338,9 +362,11 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 query, kv_cache, pages, output, ctx=ctx, scale=self.scale, block_size=params.block_size
             )
             return
-        # The dense tail rows read every causal page: their own call first (tail_first_calls).
+        # The dense tail rows read every causal page: their own call first (tail_first_calls), or
+        # already done by _dense_tail_first.
         geometry = ChunkGeometry(ctx, query.shape[0], params.block_size)
-        for tokens, rows in tail_first_calls(pages, geometry, geometry.first_tail_row(params.dense_tail_tokens)):
+        first_tail_row = geometry.first_tail_row(params.dense_tail_tokens)
+        for tokens, rows in tail_first_calls(pages, geometry, first_tail_row, tail_done):
             self._dense_varlen(
                 layer, query[tokens], kv_cache, output[tokens], rows.cu_seqlens_q, rows.max_seqlen_q,
                 rows.seqused_k, rows.max_seqlen_k, rows.block_table,
@@ -369,10 +395,11 @@ class ProxyAttnImpl(FlashAttentionImpl):
 
     def _dense_varlen(
         self, layer, query, kv_cache, output, cu_seqlens_q, max_query_len, seq_lens,
-        max_seq_len, block_table,
-    ) -> None:
+        max_seq_len, block_table, return_lse=False,
+    ) -> torch.Tensor | None:
         """Causal varlen attention of ``query`` (rows given by ``cu_seqlens_q``, rebased to 0)
-        over the paged cache, written into ``output``."""
+        over the paged cache, written into ``output``. With ``return_lse`` and FlashAttention:
+        returns the rows' ``[Hq, tokens]`` float32 natural-log LSE; otherwise None."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         descale_shape = (seq_lens.shape[0], self.num_kv_heads)
         k_descale = layer._k_scale.expand(descale_shape)
@@ -384,7 +411,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
             # As FlashAttentionImpl.forward: FA3's TMA needs sane strides on size-1 dims.
             key_cache = canonicalize_singleton_dim_strides(key_cache)
             value_cache = canonicalize_singleton_dim_strides(value_cache)
-            flash_attn_varlen_func(
+            result = flash_attn_varlen_func(
                 q=query, k=key_cache, v=value_cache, out=output,
                 cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_query_len,
                 seqused_k=seq_lens, max_seqlen_k=max_seq_len,
@@ -392,8 +419,9 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 scheduler_metadata=None,  # an AOT schedule is built for the whole batch only
                 fa_version=self.vllm_flash_attn_version,
                 q_descale=None, k_descale=k_descale, v_descale=v_descale,
+                return_softmax_lse=return_lse,
             )
-            return
+            return result[1] if return_lse else None
         self._triton_attention(
             q=query, k=key_cache, v=value_cache, out=output,
             cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_query_len,

@@ -48,10 +48,11 @@ def shape_from_vllm_config(vllm_config, num_q_heads: int, num_kv_heads: int, hea
 
 
 def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device, *,
-                 flashinfer: bool = False, union_plan: bool = False) -> bool:
+                 flashinfer: bool = False, union_plan: bool = False, budget_lse: bool = False) -> bool:
     """Compile the kernels for ``shape`` unless done already in this process; True if it ran.
     ``flashinfer``: FlashInfer's prefill kernel too (``sparse_kernel`` chose it); ``union_plan``:
-    the union page plan of the "fa3" and "flashinfer" kernels."""
+    the union page plan of the "fa3" and "flashinfer" kernels; ``budget_lse``: the budget's
+    pass from the dense tail's LSE (the tail goes to FlashAttention first)."""
     if shape is None or device.type != "cuda" or shape.max_seq_len < shape.params.min_sparse_len:
         return False
     key = (shape, dtype, device)
@@ -63,7 +64,7 @@ def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.de
         chunks = warm_up(
             num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
             page_size=shape.page_size, dtype=dtype, device=device, params=shape.params,
-            max_seq_len=shape.max_seq_len, union_plan=union_plan,
+            max_seq_len=shape.max_seq_len, union_plan=union_plan, budget_lse=budget_lse,
         )
         if flashinfer:
             fi.warm_up(device, dtype, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,

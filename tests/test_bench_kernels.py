@@ -14,15 +14,40 @@ from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 
 
 def torch_fa3(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
-              causal, block_table, fa_version):
+              causal, block_table, fa_version, return_softmax_lse=False):
     """vLLM's flash_attn_varlen_func for one sequence (all that fa3_dense passes), in torch:
-    the queries are the sequence's last ``len(q)`` tokens, causal."""
+    the queries are the sequence's last ``len(q)`` tokens, causal; ``(out, lse [Hq, len(q)])``
+    with ``return_softmax_lse``."""
     assert causal and fa_version == 3 and cu_seqlens_q.tolist() == [0, q.shape[0]] and block_table.shape[0] == 1
     seq_len = int(seqused_k[0])
     kv = torch.cat([k, v], dim=-1).transpose(1, 2)  # back to the logical [pages, Hkv, page, 2D] view
     keys, values = gather_paged_kv(kv, block_table[0], seq_len)
     out.copy_(dense_causal_attention(q, keys, values, seq_len - q.shape[0], softmax_scale))
-    return out
+    if not return_softmax_lse:
+        return out
+    keys = keys.float().repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+    logits = torch.einsum("qhd,khd->hqk", q.float(), keys) * softmax_scale
+    q_pos = torch.arange(seq_len - q.shape[0], seq_len)
+    causal_mask = torch.arange(seq_len)[None, None, :] > q_pos[None, :, None]
+    return out, torch.logsumexp(logits.masked_fill(causal_mask, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("ctx,q_len", [(37, 70), (0, 10), (130, 40)])
+def test_tail_lse_rows_are_the_budget_rows_lse(rng_seed, ctx, q_len):
+    """The bench's dense tail through FA3 first: the tail rows' output, and the LSE of the
+    chunk's last min(q_len, block) queries, which the budget's one-pass mass takes."""
+    from proxyattn_kernels.budget.naive import last_rows_lse
+
+    hq, hkv, d, block, page = 4, 2, 16, 32, 16
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    out = torch.full_like(q, float("nan"))
+    lse = bench_kernels.tail_lse_rows(torch_fa3, q, kv, table, ctx, block, d**-0.5, out, tail_tokens=min(q_len, 45))
+    k, v = gather_paged_kv(kv, table, ctx + q_len)
+    torch.testing.assert_close(lse, last_rows_lse(q, k, ctx, d**-0.5, block), atol=1e-5, rtol=1e-5)
+    tail = slice(q_len - min(q_len, 45), q_len)
+    torch.testing.assert_close(out[tail], dense_causal_attention(q, k, v, ctx, d**-0.5)[tail], atol=2e-5, rtol=1e-4)
+    assert out[: tail.start].isnan().all()
 
 
 @pytest.mark.parametrize("ctx,q_len,tail", [(37, 70, 20), (64, 64, 16), (0, 50, 100)])
@@ -68,9 +93,10 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     present, the selection's density, and the tail's call before the others'."""
     calls = []
 
-    def fake_fa3(*, q, out, cu_seqlens_q, **kwargs):
+    def fake_fa3(*, q, out, cu_seqlens_q, return_softmax_lse=False, **kwargs):
         calls.append((q.shape[0], int(cu_seqlens_q.numel()) - 1))
-        return out.zero_()
+        out.zero_()
+        return (out, torch.zeros(q.shape[1], q.shape[0])) if return_softmax_lse else out
 
     monkeypatch.setattr(bench_kernels, "timed", lambda fn: (fn(), {"median": 1.0, "p10": 1.0, "p90": 1.0})[1])
     rows = bench_kernels.chunk_costs(fake_fa3, "cpu", shape=(4, 2, 16), q_len=160, page=16, block=16,
@@ -78,11 +104,12 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     assert [r["ctx"] for r in rows] == [0, 200]
     for r in rows:
         assert r["selection_ms"] == r["selection_plan_ms"] == r["path_ms"] == r["fa3_dense_ms"] == 1.0
-        assert r["triton_path_ms"] == 1.0
+        assert r["triton_path_ms"] == r["path_before_ms"] == 1.0
         assert 0 < r["density"] <= 1 and r["path_host_ms"] > 0  # short prompts run dense
-    # ctx 0: FA3 dense over the 160 queries (one sequence), then the path: the 128-token dense
-    # tail (8 query-block rows of 16) in its own call first, then the other 2 rows.
-    assert calls[:3] == [(160, 1), (128, 8), (32, 2)]
+    # ctx 0: FA3 dense over the 160 queries (one sequence); the path: the 128-token dense tail
+    # as one sequence first (its LSE to the budget), then the union call of the other 2 rows;
+    # session 7's path: the tail's 8 query-block rows of 16 from the plan, then the other 2.
+    assert calls[:5] == [(160, 1), (128, 1), (32, 2), (128, 8), (32, 2)]
 
 
 def test_budget_tile_sweep_checks_each_tile_against_the_default(monkeypatch, rng_seed):
@@ -95,6 +122,16 @@ def test_budget_tile_sweep_checks_each_tile_against_the_default(monkeypatch, rng
     assert [r["tile"]["block_m"] for r in rows] == [32, 16, 16, 24]
     assert all(r["ms"] == 2.0 and r["max_mass_diff"] < 1e-5 for r in rows[:3])
     assert "error" in rows[3] and "ms" not in rows[3]
+    # With the budget rows' LSE: each tile's one-pass mass too, checked the same way; a wrong LSE
+    # is reported, not timed.
+    from proxyattn_kernels.budget.naive import last_rows_lse
+
+    k, _ = gather_paged_kv(kv, table, ctx + q_len)
+    lse = last_rows_lse(q, k, ctx, d**-0.5, block)
+    rows = bench_kernels.budget_tile_sweep(q, kv, table, ctx, block, tiles[:2], row_lse=lse)
+    assert all(r["ms"] == r["from_lse_ms"] == 2.0 and r["max_mass_diff"] < 1e-5 for r in rows)
+    rows = bench_kernels.budget_tile_sweep(q, kv, table, ctx, block, tiles[:1], row_lse=lse + 0.1)
+    assert rows[0]["ms"] == 2.0 and "from_lse_ms" not in rows[0] and "differs" in rows[0]["from_lse_error"]
 
 
 def test_host_launch_time_counts_the_host_work_per_call():

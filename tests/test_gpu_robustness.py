@@ -504,6 +504,7 @@ def test_soak_loop_against_a_fake_server(tmp_path):
     soak = report["parts"]["soak"]
     assert rc == 0, soak.get("error")
     assert soak["status"] == "ok" and len(soak["rounds"]) >= 2
+    assert soak["duration_s"] >= 1.5  # the load lasts at least --soak-s (the last round may overrun it)
     assert soak["long"]["failed"] == 0 and soak["short"]["failed"] == 0
     assert soak["long"]["completed"] == 3 * len(soak["rounds"])
     assert soak["short"]["completed"] == 6 * len(soak["rounds"])

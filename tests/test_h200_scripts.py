@@ -43,18 +43,47 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert started == ["kernels", "gpu_tests", "ttft_dense", "ttft_sparse", "ttft_density", "soak", "ttft_qwen"]
+    assert started == ["kernels", "gpu_tests", "ttft_dense", "ttft_sparse", "soak", "ttft_density", "ttft_qwen"]
     assert "skip" not in result.stdout and (bg / "chain.done").exists()
     calls = (bg / "calls.log").read_text()
     assert "benchmarks/bench_kernels.py" in calls
     # Dense alone first, then the sparse kernels appended to the same JSON.
     dense, sparse, density = [line for line in calls.splitlines() if "ttft_h200.json" in line]
-    assert "--backends FLASH_ATTN " in dense and "--append" not in dense
+    assert "--backends FLASH_ATTN " in dense
     assert "--append" in sparse and "--backends proxyattn:fa3 " in sparse and "--time-budget-s 240" in sparse
     assert "--append" in density and "--density-only" in density
     soak = next(line for line in calls.splitlines() if "--parts soak" in line)
     assert "--soak-s 600" in soak and "--load-format dummy" in soak
     assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
+
+
+def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
+    """With two GPUs: the kernels alone first; then GPU 1 runs the soak while GPU 0 runs the
+    tests, the TTFT and the density pass; then TP=2 on both. Each lane kills only its own GPU's
+    processes between steps."""
+    env, bg, _ = stubbed
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(STUB + 'case "$*" in *-L*) echo "GPU 0: NVIDIA H200"; echo "GPU 1: NVIDIA H200";; esac\n')
+    py = tmp_path / "bin" / "python3"  # records which GPU each command saw
+    py.write_text(STUB.replace('echo "stub', 'echo "gpu=${CUDA_VISIBLE_DEVICES-all} stub'))
+    result = run("chain.sh", 100000, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not result.stderr.strip(), result.stderr
+    started = re.findall(r"\[chain\] (\w+): start", result.stdout)
+    assert sorted(started) == sorted(["ttft_density", "soak", "kernels", "gpu_tests", "ttft_dense", "ttft_sparse",
+                                      "tp2", "ttft_qwen"])
+    assert started[0] == "kernels"  # alone: nothing else runs on the host while it times
+    assert started.index("ttft_sparse") < started.index("ttft_density") < started.index("tp2")
+    assert started.index("soak") < started.index("tp2")
+    calls = [line for line in (bg / "calls.log").read_text().splitlines() if "python3" in line]
+    gpu_of = {key: next(line.split()[0] for line in calls if key in line)
+              for key in ("bench_kernels", "--density-only", "--parts soak", "--backends FLASH_ATTN ",
+                          "--tensor-parallel 2")}
+    assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=0", "--parts soak": "gpu=1",
+                      "--backends FLASH_ATTN ": "gpu=0", "--tensor-parallel 2": "gpu=all"}
+    kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
+    assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
+    assert (bg / "chain.done").exists()
 
 
 def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatch):
@@ -99,7 +128,7 @@ def test_chain_does_not_time_the_sparse_path_after_a_failing_gpu_test(stubbed, t
     assert result.returncode == 0, result.stderr
     assert "[chain] gpu_tests: rc 1" in result.stdout and "sparse TTFT not timed" in result.stdout
     calls = (bg / "calls.log").read_text()
-    assert "--backends FLASH_ATTN " in calls and "--append" not in calls
+    assert "--backends FLASH_ATTN " in calls and "--backends proxyattn" not in calls and ",proxyattn" not in calls
 
 
 def test_poll_packs_the_results_into_one_archive(stubbed):
@@ -116,3 +145,21 @@ def test_poll_packs_the_results_into_one_archive(stubbed):
         names = set(tar.getnames())
     assert {"res/ttft_h200.json", "res/ttft_logs/server.log", "chain.log"} <= names
     assert sorted(p.name for p in out.iterdir()) == ["chain.log", "res.tgz"]  # well under 8 files
+
+
+def test_tp_engines_stay_off_nvlink_multicast(monkeypatch):
+    """TP>1 engines of the GPU check turn vLLM's fused all-reduce off (its FlashInfer "mnnvl"
+    backend creates multicast memory, which the shared two-GPU host must not see), with a key
+    vLLM 0.26's CompilationConfig accepts; TP=1 engines keep vLLM's defaults."""
+    pytest.importorskip("vllm")
+    # The module sets this default at import; keep the test process's environment as it was.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+    from vllm.config import CompilationConfig
+
+    from benchmarks import gpu_backend_check
+
+    assert gpu_backend_check.no_multicast_kwargs(1) == {}
+    kwargs = gpu_backend_check.no_multicast_kwargs(2)
+    assert CompilationConfig(**kwargs["compilation_config"]).pass_config.fuse_allreduce_rms is False
+    env = (REPO / "benchmarks/h200/common.sh").read_text()
+    assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm" in env and "NCCL_NVLS_ENABLE=0" in env

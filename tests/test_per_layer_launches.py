@@ -70,6 +70,14 @@ def test_selection_and_union_plan_launch_counts(triton_launches):
     assert len(triton_launches) == 8, triton_launches
     assert triton_launches.count("_gamma_budget_kernel") == 1
 
+    # With the budget rows' LSE from the dense tail: the block mass is one pass.
+    triton_launches.clear()
+    row_lse = torch.zeros(hq, block)
+    with TorchOps() as torch_ops:
+        select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=0.1, params=params, row_lse=row_lse)
+    assert torch_ops.ops == ["full"], torch_ops.ops
+    assert len(triton_launches) == 7 and "_block_mass_from_lse_kernel" in triton_launches, triton_launches
+
     triton_launches.clear()
     with TorchOps() as torch_ops:
         plan = union_pages.union_page_plan(sel.ranking, sel.counts, table, ctx=ctx, q_len=q_len,

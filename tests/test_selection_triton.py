@@ -13,7 +13,9 @@ import torch
 
 import proxyattn_kernels.proxy_scores.triton as proxy_triton
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams, proxyattn_prefill_reference
-from proxyattn_kernels.budget.naive import gamma_block_counts, last_block_mass, limit_budget
+from proxyattn_kernels.budget.naive import (
+    block_mass_given_lse, gamma_block_counts, last_block_mass, last_rows_lse, limit_budget,
+)
 from proxyattn_kernels.budget.triton import BudgetTileConfig, gamma_budgets, head_budgets_paged, last_block_mass_paged
 from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
 from proxyattn_kernels.proxy_scores.triton import ProxyTileConfig, proxy_block_scores_paged
@@ -168,6 +170,64 @@ def test_budget_matches_naive(rng_seed, hq, hkv, d, ctx, q_len, block, stride, p
     stable = ~near_gamma_tie(mass, 0.7, 1e-5)
     assert torch.equal(gamma_counts[stable], counts[stable])
     assert torch.equal(budget, limit_budget(gamma_counts, mass.shape[-1], 2, None))
+
+
+# (Hq, Hkv, D, ctx, q_len, block, page, tile_m): one query tile (the GPU default) and several
+# (rows reloaded per block), a chunk shorter than a block, ctx 0, pages across blocks.
+LSE_CASES = [
+    (4, 2, 32, 37, 90, 32, 16, None),
+    (4, 1, 16, 45, 77, 64, 16, None),    # 64 rows in 2 tiles of 32 under the interpreter
+    (7, 1, 16, 61, 67, 32, 32, 16),      # 2 tiles of 16
+    (2, 2, 16, 0, 23, 32, 16, None),     # q_len < block: 23 rows, chunk from 0
+    (6, 3, 16, 100, 33, 16, 32, None),   # page larger than the block
+]
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,page,tile_m", LSE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_budget_mass_from_given_lse(rng_seed, hq, hkv, d, ctx, q_len, block, page, tile_m, dtype):
+    """With the rows' LSE given (as the dense tail's kernel returns it), the one-pass mass equals
+    the two-pass one and the naive spec; a shifted LSE scales it (the LSE is really used)."""
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, dtype, q_scale=2.0)
+    kv_cache, table = make_paged(k, v, page)
+    scale = d**-0.5
+    lse = last_rows_lse(q, k, ctx, scale, block)
+    wide = torch.randn(hq, lse.shape[1] + 5)  # a strided [Hq, n] view, as a slice of FA's [Hq, tokens]
+    wide[:, 5:] = lse
+    lse = wide[:, 5:]
+    tile = None if tile_m is None else BudgetTileConfig(tile_m, 16, 4, 1)
+    out = torch.full((hq, ChunkGeometry(ctx, q_len, block).num_k_blocks), float("nan"))
+    mass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block, out=out,
+                                 row_lse=lse, tile=tile)
+    assert mass is out and not out.isnan().any()
+    check_mass(mass, q, k, ctx, scale, block, 0.7, *TOL[dtype])
+    two_pass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block, tile=tile)
+    torch.testing.assert_close(mass, two_pass, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    shift = torch.linspace(-0.5, 0.5, hq)[:, None]
+    shifted = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block,
+                                    row_lse=(lse + shift).contiguous(), tile=tile)
+    torch.testing.assert_close(shifted, block_mass_given_lse(q, k, ctx, scale, block, lse + shift),
+                               rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    torch.testing.assert_close(shifted, mass * torch.exp(-shift), rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+def test_budget_default_tiles_follow_the_h200_sweep():
+    """The one-pass mass takes 4 warps at head_dim 128 (0.40 vs 0.61 ms with 8 on the H200);
+    the two-pass mass and head_dim 64 keep 8 (kernels/budget/triton.py)."""
+    from proxyattn_kernels.budget.triton import default_budget_tile_config
+
+    assert default_budget_tile_config(128, 128, False, 128, from_lse=True) == BudgetTileConfig(128, 64, 4, 3)
+    assert default_budget_tile_config(128, 128, False, 128) == BudgetTileConfig(128, 64, 8, 3)
+    assert default_budget_tile_config(128, 128, False, 64, from_lse=True) == BudgetTileConfig(128, 64, 8, 3)
+    assert default_budget_tile_config(20, 128, False, 128) == BudgetTileConfig(32, 64, 4, 3)
+
+
+def test_budget_given_lse_validated():
+    q, k, v = make_chunk(4, 2, 16, 10, 20, torch.float32)
+    kv_cache, table = make_paged(k, v, 16)
+    for bad in (torch.zeros(4, 19), torch.zeros(4, 20, dtype=torch.float16), torch.zeros(20, 4).T):
+        with pytest.raises(ValueError, match="row_lse"):
+            last_block_mass_paged(q, kv_cache, table, ctx=10, scale=0.25, block_size=32, row_lse=bad)
 
 
 def random_mass(num_heads: int, num_k_blocks: int, peak: float) -> torch.Tensor:
@@ -452,6 +512,41 @@ def test_gpu_realistic_bf16(rng_seed, exact_fp32_matmul, groups, page):
         sel.scores, sel.budget, ctx, q_len, 128, params.sink_blocks, params.local_blocks)
     assert torch.equal(sel.ranking, ranking) and torch.equal(sel.counts, counts)
     assert torch.equal(sel.num_forced, num_forced)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d,page", [(32, 8, 128, 16), (14, 2, 64, 128)])
+def test_gpu_budget_from_fa3_tail_lse(rng_seed, hq, hkv, d, page):
+    """The backend's flow with FlashAttention: the dense tail (rows holding the last 128 queries)
+    through vLLM's FA3 first, its LSE of the budget rows into the one-pass mass. Equal to the
+    two-pass mass (and so the same budgets) in bf16 at a long, unaligned chunk."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fa = pytest.importorskip("vllm.vllm_flash_attn")
+    ctx, q_len, block = 32768 + 37, 4096 + 5, 128
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.bfloat16, q_scale=2.0)
+    kv_cache, table = make_paged(k, v, page)
+    del k, v
+    geo = ChunkGeometry(ctx, q_len, block)
+    tail = q_len - geo.row_token_start(geo.first_tail_row(128))
+    assert tail > 128  # the chunk's last row is partial: the tail spans two rows
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(d, dim=-1)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    _, lse = fa.flash_attn_varlen_func(
+        q=q[q_len - tail:], k=key_cache, v=value_cache, out=torch.empty_like(q[q_len - tail:]),
+        cu_seqlens_q=torch.tensor([0, tail], **i32), max_seqlen_q=tail,
+        seqused_k=torch.tensor([geo.seq_len], **i32), max_seqlen_k=geo.seq_len, softmax_scale=d**-0.5,
+        causal=True, block_table=table[None], fa_version=3, return_softmax_lse=True,
+    )
+    assert lse.shape == (hq, tail)
+    row_lse = lse[:, tail - block:]
+    mass = torch.full((hq, geo.num_k_blocks), float("nan"), device="cuda")
+    last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, block_size=block, row_lse=row_lse, out=mass)
+    two_pass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, block_size=block)
+    torch.testing.assert_close(mass, two_pass, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(hq, device="cuda"), rtol=0, atol=1e-3)
+    stable = ~near_gamma_tie(two_pass, 0.9, 1e-4)
+    assert torch.equal(gamma_block_counts(mass, 0.9)[stable], gamma_block_counts(two_pass, 0.9)[stable])
 
 
 @pytest.mark.gpu

@@ -186,6 +186,17 @@ def test_tail_first_calls_cover_the_chunk_once(rng_seed, ctx, q_len, tail_tokens
         assert calls[0][0].stop == q_len and calls[1][0].start == 0 and calls[0][0].start == calls[1][0].stop
         assert len(calls[0][1].seqused_k) == geo.num_tail_rows(tail_tokens)
     torch.testing.assert_close(out, varlen_paged_causal(q, kv_cache, plan, d**-0.5), atol=0, rtol=0)
+    # With the tail attended already (the backend's dense call before the selection): the other
+    # rows only, and nothing past the tail's first token.
+    rest = tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens), tail_done=True)
+    if not tail_tokens:
+        assert [t for t, _ in rest] == [t for t, _ in calls]
+    else:
+        tail_start = geo.row_token_start(geo.first_tail_row(tail_tokens))
+        assert [(t.start, t.stop) for t, _ in rest] == ([(0, tail_start)] if tail_start > 0 else [])
+        for tokens, sub in rest:
+            torch.testing.assert_close(varlen_paged_causal(q[tokens], kv_cache, sub, d**-0.5), out[tokens],
+                                       atol=0, rtol=0)
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from proxyattn_kernels import ChunkGeometry  # noqa: E402
 from proxyattn_kernels.reference import dense_causal_attention, proxyattn_prefill_reference  # noqa: E402
 
 from tests._fake_flashinfer import fake_flashinfer  # noqa: E402,F401 - fixture
@@ -158,9 +159,9 @@ def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkey
     dense_calls = []  # (query rows, max_seq_len) of each dense varlen call
     real_dense_varlen = impl._dense_varlen
 
-    def recording_dense_varlen(layer, query, *args):
+    def recording_dense_varlen(layer, query, *args, **kwargs):
         dense_calls.append((query.shape[0], args[-2]))
-        return real_dense_varlen(layer, query, *args)
+        return real_dense_varlen(layer, query, *args, **kwargs)
 
     monkeypatch.setattr(impl, "_dense_varlen", recording_dense_varlen)
     output = batch.run(impl, md, _Layer(0))
@@ -212,6 +213,71 @@ def test_a_chunk_that_is_all_dense_tail_skips_the_selection(vllm_config, monkeyp
         torch.testing.assert_close(output[tokens], expected, **_tol(torch.float32), msg=f"row {r}")
 
 
+def _lse_from_cache(query, kv_cache, seq_len, block_table_row):
+    """``[Hq, T]`` natural-log LSE of the causal logits of the request's last ``T`` queries, the
+    keys read back from the paged cache (what FlashAttention returns with the output)."""
+    pos = torch.arange(seq_len)
+    k = kv_cache[block_table_row.long()[pos // PAGE], :, pos % PAGE, :HEAD_DIM]  # [S, Hkv, D]
+    k = k.float().repeat_interleave(NUM_HEADS // NUM_KV_HEADS, dim=1)
+    logits = torch.einsum("qhd,khd->hqk", query.float(), k) * SCALE
+    q_pos = torch.arange(seq_len - query.shape[0], seq_len)
+    return torch.logsumexp(logits.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf")), -1)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "fa3"])
+@pytest.mark.parametrize("tail", [16, 8])
+def test_budget_reuses_the_dense_tails_lse(vllm_config, kernel, tail, monkeypatch):
+    """With the dense tail through FlashAttention first (here vLLM's Triton kernel, plus the LSE
+    FlashAttention would return), the budget takes the tail's LSE of the chunk's last
+    ``block_size`` queries when the tail covers them (``dense_tail_tokens`` 16 = the block) and
+    computes its own otherwise (8); either way the output is the one without the LSE."""
+    from proxyattn_kernels.budget.naive import last_rows_lse
+
+    from proxyattn_vllm import impl as impl_module
+    from proxyattn_vllm.impl import ProxyAttnImpl
+
+    config = {**SPARSE, "sparse_kernel": kernel, "dense_tail_tokens": tail}
+    batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=11)
+    md = _builder(vllm_config).build(0, batch.common)
+    (row,) = md.plan.sparse_rows
+    geo = ChunkGeometry(row.ctx, row.q_len, 16)
+    tail_tokens = row.q_len - geo.row_token_start(geo.first_tail_row(tail))
+    assert tail_tokens == {16: 29, 8: 13}[tail]  # rows 4-5 (tokens 64-92) / row 5 (80-92)
+    md.plan = dataclasses.replace(md.plan, sparse_rows=(dataclasses.replace(
+        row, tail_tokens=tail_tokens, tail_cu_seqlens_q=torch.tensor([0, tail_tokens], dtype=torch.int32)),))
+    monkeypatch.setattr(ProxyAttnImpl, "_tail_by_dense_kernel", lambda self: True)
+    lses, real_select = [], impl_module.select_blocks_paged
+
+    def recording_select(*args, **kwargs):
+        lses.append(kwargs["row_lse"])
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(impl_module, "select_blocks_paged", recording_select)
+    outputs = []
+    for with_lse in (True, False):
+        impl = _impl(config)
+        real_varlen = impl._dense_varlen
+
+        def dense_varlen(layer, query, kv_cache, output, *args, return_lse=False, _real=real_varlen):
+            _real(layer, query, kv_cache, output, *args)
+            seq_lens, block_table = args[2], args[4]
+            if return_lse and with_lse:
+                return _lse_from_cache(query, kv_cache, int(seq_lens[0]), block_table[0])
+            return None
+
+        monkeypatch.setattr(impl, "_dense_varlen", dense_varlen)
+        outputs.append(batch.run(impl, md, _Layer(0)))
+    q, k = batch.query[batch.qsl[3] : batch.qsl[4]], batch.keys[3]
+    if tail == 16:
+        torch.testing.assert_close(lses[0], last_rows_lse(q, k, row.ctx, SCALE, 16), atol=1e-5, rtol=1e-5)
+    else:
+        assert lses[0] is None
+    assert lses[1] is None
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-5, rtol=1e-4)
+    expected = dense_causal_attention(q, k, batch.values[3], row.ctx, SCALE)
+    assert (outputs[0][batch.qsl[3] : batch.qsl[4]] - expected).abs().max() > 1e-2, "sparse row ran dense"
+
+
 @pytest.mark.parametrize("kernel,tail", [("fa3", 0), ("fa3", 8), ("flashinfer", 0)])
 def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, tail, request, monkeypatch):
     """``sparse_kernel: "fa3"`` / ``"flashinfer"``: the long row runs through a dense paged kernel
@@ -243,8 +309,8 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
     impl = _impl(config)
     calls = []  # query rows of each dense varlen call
     real_varlen = impl._dense_varlen
-    monkeypatch.setattr(impl, "_dense_varlen", lambda layer, query, *a: (calls.append(query.shape[0]),
-                                                                         real_varlen(layer, query, *a)))
+    monkeypatch.setattr(impl, "_dense_varlen", lambda layer, query, *a, **kw: (calls.append(query.shape[0]),
+                                                                               real_varlen(layer, query, *a, **kw)))
     try:
         output = batch.run(impl, md, _Layer(0))
     finally:

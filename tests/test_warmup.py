@@ -94,7 +94,7 @@ def test_gpu_no_compile_after_warm_up():
     hq, hkv, d, page, max_len = 32, 8, 128, 128, 65536
     params = ProxyAttnParams(max_density=0.1)
     warm_up(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=torch.bfloat16,
-            device=torch.device("cuda"), params=params, max_seq_len=max_len, union_plan=True)
+            device=torch.device("cuda"), params=params, max_seq_len=max_len, union_plan=True, budget_lse=True)
     torch.cuda.synchronize()
     before = _compiled_variants()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -112,6 +112,11 @@ def test_gpu_no_compile_after_warm_up():
         qkv = torch.randn(q_len, hq + 2 * hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         q = qkv[:, :hq]
         sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, params=params)
+        # The budget from the dense tail's LSE: a slice of FlashAttention's [Hq, tail tokens],
+        # here one that starts off a 16-byte boundary.
+        n_last = min(q_len, params.block_size)
+        tail_lse = torch.randn(hq, n_last + 1, device="cuda", generator=gen)
+        select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, params=params, row_lse=tail_lse[:, 1:])
         block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, torch.empty_like(q),
                           ctx=ctx, scale=d**-0.5, block_size=params.block_size)
         union_page_plan(sel.ranking, sel.counts, table, ctx=ctx, q_len=q_len, block_size=params.block_size,
@@ -150,7 +155,8 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
     assert calls, "the profiling run did not ask for the warm-up"
     shapes = {c[0] for c in calls}
     assert {(s.max_seq_len, s.page_size, s.params.block_size) for s in shapes} == {(192, 32, 32)}
-    assert all(c[3] == {"flashinfer": False, "union_plan": union_plan} for c in calls)
+    # (The budget's pass from the tail's LSE needs FlashAttention for the tail: not on CPU.)
+    assert all(c[3] == {"flashinfer": False, "union_plan": union_plan, "budget_lse": False} for c in calls)
 
 
 def test_a_failing_warm_up_stops_startup_with_the_shape(monkeypatch):

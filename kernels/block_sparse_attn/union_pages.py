@@ -235,15 +235,20 @@ def union_page_plan(
                          union_blocks, ordered[None])
 
 
-def tail_first_calls(plan: UnionPagePlan, geo: ChunkGeometry, first_tail_row: int) -> list[tuple[slice, UnionPagePlan]]:
+def tail_first_calls(plan: UnionPagePlan, geo: ChunkGeometry, first_tail_row: int,
+                     tail_done: bool = False) -> list[tuple[slice, UnionPagePlan]]:
     """The kernel calls of a plan: ``[(chunk token slice, plan of those rows)]``.
 
     Rows ``[first_tail_row, R)`` (the dense tail of ``dense_tail_tokens``, which reads every
     causal page) come first, in a call of their own, then the other rows. In one call the tail's
     pseudo-requests would be scheduled last and run alone on a nearly idle GPU; alone, a
     split-KV kernel (FA3's heuristic) spreads their keys over the GPU. One call when there is
-    no tail or only tail. Slices of the plan's tensors (``cu_seqlens_q`` rebased: one tensor op)."""
+    no tail or only tail. Slices of the plan's tensors (``cu_seqlens_q`` rebased: one tensor op).
+    ``tail_done``: the tail rows are attended already (a dense call before the selection): only
+    the other rows' call, if any."""
     num_rows = geo.num_q_blocks
+    if tail_done and first_tail_row < num_rows:
+        return tail_first_calls(plan, geo, first_tail_row)[1:] if first_tail_row > 0 else []
     if not 0 < first_tail_row < num_rows:
         return [(slice(0, geo.q_len), plan)]
     split = geo.row_token_start(first_tail_row)

@@ -19,6 +19,28 @@ import torch
 from ..params import ChunkGeometry
 
 
+def _last_rows_logits(q: torch.Tensor, k: torch.Tensor, ctx: int, scale: float, block_size: int):
+    """The chunk's last ``n = min(q_len, block_size)`` queries against every key:
+    ``(logits [Hq, n, S] float32, scaled, -inf where causally hidden; block of each key [S])``."""
+    geo = ChunkGeometry(ctx, q.shape[0], block_size)
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    n_last = min(geo.q_len, block_size)
+    k_full = k.float().repeat_interleave(num_q_heads // num_kv_heads, dim=1)  # [S, Hq, D]
+    logits = torch.einsum("qhd,khd->hqk", q[-n_last:].float(), k_full) * scale
+    q_pos = torch.arange(geo.seq_len - n_last, geo.seq_len, device=q.device)
+    k_pos = torch.arange(geo.seq_len, device=q.device)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    return logits.masked_fill(~visible, float("-inf")), k_pos // block_size
+
+
+def _mean_block_sums(probs: torch.Tensor, key_block: torch.Tensor) -> torch.Tensor:
+    """``probs [Hq, n, S]`` summed per key block, averaged over the rows: ``[Hq, Kb]``."""
+    num_k_blocks = int(key_block[-1]) + 1
+    mass = torch.zeros(*probs.shape[:2], num_k_blocks, device=probs.device)
+    mass.index_add_(2, key_block, probs)
+    return mass.mean(dim=1)
+
+
 def last_block_mass(
     q: torch.Tensor, k: torch.Tensor, ctx: int, scale: float, block_size: int
 ) -> torch.Tensor:
@@ -30,19 +52,37 @@ def last_block_mass(
     Returns:
         ``[Hq, num_k_blocks]`` float32, each row sums to 1.
     """
-    geo = ChunkGeometry(ctx, q.shape[0], block_size)
-    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
-    n_last = min(geo.q_len, block_size)
-    q_last = q[-n_last:].float()  # [n, Hq, D]
-    k_full = k.float().repeat_interleave(num_q_heads // num_kv_heads, dim=1)  # [S, Hq, D]
-    logits = torch.einsum("qhd,khd->hqk", q_last, k_full) * scale
-    q_pos = torch.arange(geo.seq_len - n_last, geo.seq_len, device=q.device)
-    k_pos = torch.arange(geo.seq_len, device=q.device)
-    visible = k_pos[None, :] <= q_pos[:, None]
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)  # [Hq, n, S]
-    mass = torch.zeros(num_q_heads, n_last, geo.num_k_blocks, device=q.device)
-    mass.index_add_(2, k_pos // block_size, probs)
-    return mass.mean(dim=1)
+    logits, key_block = _last_rows_logits(q, k, ctx, scale, block_size)
+    return _mean_block_sums(torch.softmax(logits, dim=-1), key_block)
+
+
+def block_mass_given_lse(
+    q: torch.Tensor, k: torch.Tensor, ctx: int, scale: float, block_size: int, row_lse: torch.Tensor
+) -> torch.Tensor:
+    """:func:`last_block_mass` with each query row's log-sum-exp given instead of computed.
+
+    A dense kernel that has already attended those rows (the dense tail) returns their LSE; with
+    it the mass needs one pass, ``exp(logit - lse)`` summed per block. With the exact LSE this
+    equals :func:`last_block_mass`; an LSE off by ``delta`` scales the row's mass by
+    ``exp(-delta)``.
+
+    Args:
+        q: ``[q_len, Hq, D]``; k: ``[ctx + q_len, Hkv, D]``.
+        row_lse: ``[Hq, n]`` natural-log LSE of the scaled causal logits of the chunk's last
+            ``n = min(q_len, block_size)`` queries.
+
+    Returns:
+        ``[Hq, num_k_blocks]`` float32.
+    """
+    logits, key_block = _last_rows_logits(q, k, ctx, scale, block_size)
+    return _mean_block_sums(torch.exp(logits - row_lse.float()[:, :, None]), key_block)
+
+
+def last_rows_lse(q: torch.Tensor, k: torch.Tensor, ctx: int, scale: float, block_size: int) -> torch.Tensor:
+    """``[Hq, n]`` float32 natural-log LSE of the causal logits of the chunk's last
+    ``n = min(q_len, block_size)`` queries (what FlashAttention returns for those rows)."""
+    logits, _ = _last_rows_logits(q, k, ctx, scale, block_size)
+    return torch.logsumexp(logits, dim=-1)
 
 
 def gamma_block_counts(block_mass: torch.Tensor, gamma: float) -> torch.Tensor:

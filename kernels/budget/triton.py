@@ -21,6 +21,12 @@ streamed in one pass over the keys plus a small reduction, instead of the classi
    and its small launches add a fixed cost per chunk. Rows longer than ``MAX_TRITON_BLOCKS``
    use the torch spec.
 
+Where a dense kernel has already attended those rows and returned their log-sum-exp (the
+backend sends the dense tail, which covers the chunk's last ``block_size`` queries by default,
+to FlashAttention before the selection), steps 1-2 become one pass,
+``_block_mass_from_lse_kernel``: ``exp2(s - lse)`` summed per key block over the rows, with no
+row maximum, no workspace and no reduction launch (``row_lse`` of :func:`last_block_mass_paged`).
+
 This computes each logit once instead of twice (the QK^T of the last ``n`` queries against all
 keys at full resolution is the most expensive part of the whole selection), at the price of an
 ``O(Hq * n * Kb)`` fp32 workspace (``n <= block_size``: 16 MiB for Hq=32, 128K tokens, block
@@ -62,15 +68,24 @@ class BudgetTileConfig:
     num_splits: int | None = None
 
 
-def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool) -> BudgetTileConfig:
+def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool, head_dim: int = 64,
+                               from_lse: bool = False) -> BudgetTileConfig:
     """128x64 tiles with 8 warps on the GPU (as a flash-attention forward on H100/H200), 16/32
-    under the CPU interpreter."""
+    under the CPU interpreter.
+
+    The one-pass mass from a given LSE (``from_lse``) takes 4 warps at ``head_dim >= 128``:
+    measured on the H200 (benchmarks/results/kernels_h200.json, ``budget_tile_sweep``, last 8K
+    chunk of 128K, Llama-3.1-8B shape) 0.40 / 0.41 ms at pages 16 / 128 against 0.61 / 0.62 with
+    8 warps (and 0.48 for the two-pass default); at head_dim 64 (Qwen2.5-0.5B shape) 4 and 8 warps
+    are within 3% (0.13-0.14 ms), so 8 stays."""
     cap_m, cap_n = (32, 32) if on_cpu else (128, 64)
     block_m = min(cap_m, max(16, triton.next_power_of_2(n_last)))
     block_n = min(cap_n, block_size & -block_size)  # largest power of two dividing block_size
     if on_cpu:
         return BudgetTileConfig(block_m, block_n, 4, 1)
-    return BudgetTileConfig(block_m, block_n, 8 if block_m >= 128 else 4, 3)
+    if block_m < 128 or (from_lse and head_dim >= 128):
+        return BudgetTileConfig(block_m, block_n, 4, 3)
+    return BudgetTileConfig(block_m, block_n, 8, 3)
 
 
 @triton.jit
@@ -208,6 +223,88 @@ def _block_mass_kernel(
     tl.store(mass_ptr + head * stride_mass_head + kb, acc * inv_n, mask=kb_valid)
 
 
+@triton.jit
+def _rows_block_mass(q, lse2, kv_base, block_table_ptr, block_start, q_pos, seq_len, qk_scale,
+                     offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                     PAGE_SIZE: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """``sum(exp2(s - lse2))`` over one query tile's rows and one key block's keys."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for j in tl.static_range(TILES_PER_BLOCK):
+        k_pos = block_start + j * BLOCK_N + offs_n
+        if MASKED:
+            in_seq = k_pos < seq_len
+            row_off = paged_row_offsets(block_table_ptr, k_pos, in_seq, stride_kv_page, stride_kv_tok, PAGE_SIZE)
+            k = tl.load(kv_base + row_off[:, None] + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            row_off = paged_row_offsets(block_table_ptr, k_pos, None, stride_kv_page, stride_kv_tok, PAGE_SIZE)
+            k = tl.load(kv_base + row_off[:, None] + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
+        if MASKED:
+            s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
+        acc += tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf -> 0
+    return tl.sum(tl.sum(acc, 1), 0)
+
+
+# The LSE is a slice of the dense tail's [Hq, tail tokens]: its address and row stride follow the
+# chunk (not specialized, so serving compiles nothing new; kernels/warmup.py).
+@triton.jit(do_not_specialize=["block_table_ptr", "lse_ptr", "q_tok0", "q_pos0", "n_last", "seq_len",
+                               "num_k_blocks", "blocks_per_split", "stride_lse_head", "stride_mass_head"])
+def _block_mass_from_lse_kernel(
+    q_ptr, kv_ptr, block_table_ptr, lse_ptr, mass_ptr,
+    q_tok0, q_pos0, n_last, seq_len, num_k_blocks, blocks_per_split, qk_scale, inv_n,
+    stride_q_tok, stride_q_head, stride_kv_page, stride_kv_head, stride_kv_tok,
+    stride_lse_head, stride_mass_head,
+    HEADS_PER_KV: tl.constexpr, NUM_M_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (query head, key split): for each of the split's key blocks, the mass
+    ``sum_rows sum_keys exp2(s - lse2) / n`` written once (each program owns whole blocks and
+    every row: no atomics, no workspace)."""
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    head = tl.program_id(2) * HEADS_PER_KV + tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_base = kv_ptr + tl.program_id(2).to(tl.int64) * stride_kv_head
+    q_head_ptr = q_ptr + head * stride_q_head + offs_d[None, :]
+    lse_head_ptr = lse_ptr + head * stride_lse_head
+
+    b_lo = split * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, num_k_blocks)
+    b_full = tl.maximum(tl.minimum((q_pos0 + 1) // BLOCK_SIZE, b_hi), b_lo)  # before every row: no mask
+    if NUM_M_TILES == 1:  # the usual case (n <= 128): the query tile stays in registers
+        rv = offs_m < n_last
+        q = tl.load(q_head_ptr + (q_tok0 + offs_m).to(tl.int64)[:, None] * stride_q_tok, mask=rv[:, None], other=0.0)
+        lse2 = tl.load(lse_head_ptr + offs_m, mask=rv, other=float("inf")) * 1.4426950408889634
+        q_pos = q_pos0 + offs_m
+        for b in range(b_lo, b_full):
+            total = _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos, seq_len, qk_scale,
+                                     offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                                     PAGE_SIZE, TILES_PER_BLOCK, BLOCK_M, BLOCK_N, INPUT_PRECISION, False)
+            tl.store(mass_ptr + head * stride_mass_head + b, total * inv_n)
+        for b in range(b_full, b_hi):
+            total = _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos, seq_len, qk_scale,
+                                     offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                                     PAGE_SIZE, TILES_PER_BLOCK, BLOCK_M, BLOCK_N, INPUT_PRECISION, True)
+            tl.store(mass_ptr + head * stride_mass_head + b, total * inv_n)
+    else:  # more rows than one tile: reload each tile per block (small tiles, interpreter, big blocks)
+        for b in range(b_lo, b_hi):
+            total = tl.zeros([], tl.float32)
+            for mt in tl.static_range(NUM_M_TILES):
+                rows = mt * BLOCK_M + offs_m
+                rv = rows < n_last
+                q = tl.load(q_head_ptr + (q_tok0 + rows).to(tl.int64)[:, None] * stride_q_tok, mask=rv[:, None],
+                            other=0.0)
+                lse2 = tl.load(lse_head_ptr + rows, mask=rv, other=float("inf")) * 1.4426950408889634
+                total += _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos0 + rows, seq_len,
+                                          qk_scale, offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                                          PAGE_SIZE, TILES_PER_BLOCK, BLOCK_M, BLOCK_N, INPUT_PRECISION, True)
+            tl.store(mass_ptr + head * stride_mass_head + b, total * inv_n)
+
+
 @triton.jit(do_not_specialize=["num_k_blocks", "min_blocks", "max_blocks", "stride_mass_head"])
 def _gamma_budget_kernel(
     mass_ptr, budget_ptr, counts_ptr,
@@ -272,6 +369,7 @@ def last_block_mass_paged(
     block_size: int,
     out: torch.Tensor | None = None,
     tile: BudgetTileConfig | None = None,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass per key block of the chunk's last ``min(q_len, block_size)`` queries.
 
@@ -284,9 +382,14 @@ def last_block_mass_paged(
         block_size: selection block size (a multiple of 16).
         out: optional ``[Hq, Kb]`` float32 output (every element is written).
         tile: launch parameters; default :func:`default_budget_tile_config`.
+        row_lse: optional ``[Hq, n]`` float32 natural-log LSE of those ``n`` query rows' scaled
+            causal logits (contiguous last dim), e.g. from the dense kernel that attended them:
+            then one pass (``_block_mass_from_lse_kernel``, no workspace) instead of the
+            block-LSE pass and its reduction; ``budget.naive.block_mass_given_lse``.
 
     Returns:
-        ``[Hq, num_k_blocks]`` float32, each row sums to 1, as ``budget.naive.last_block_mass``.
+        ``[Hq, num_k_blocks]`` float32, each row sums to 1 (with ``row_lse``: to within the
+        given LSE's error), as ``budget.naive.last_block_mass``.
     """
     q_len = q.shape[0] if q.dim() == 3 else 0
     if q_len < 1 or ctx < 0:
@@ -305,19 +408,39 @@ def last_block_mass_paged(
     elif out.shape != (num_q_heads, num_k_blocks) or out.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError(f"out must be float32 {(num_q_heads, num_k_blocks)} with a contiguous last dim; "
                          f"got {out.dtype}{tuple(out.shape)}")
-    tile = tile or default_budget_tile_config(n_last, block_size, device.type == "cpu")
+    tile = tile or default_budget_tile_config(n_last, block_size, device.type == "cpu", head_dim,
+                                              from_lse=row_lse is not None)
     bm, bn = tile.block_m, tile.block_n
     if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or block_size % bn:
         raise ValueError(f"tile {tile}: sizes must be powers of two >= 16 and block_n must divide {block_size}")
 
     num_m_tiles = -(-n_last // bm)
+    if row_lse is not None:
+        if row_lse.shape != (num_q_heads, n_last) or row_lse.dtype != torch.float32 or row_lse.stride(-1) != 1:
+            raise ValueError(f"row_lse must be float32 {(num_q_heads, n_last)} with a contiguous last dim; "
+                             f"got {row_lse.dtype}{tuple(row_lse.shape)}")
+        num_m_tiles = 1 if bm >= n_last else num_m_tiles  # one program covers every row
+    grid_m = 1 if row_lse is not None else num_m_tiles
     if tile.num_splits is not None:
         splits = tile.num_splits
     else:
-        splits = _target_programs(device) // (num_q_heads * num_m_tiles)
+        splits = _target_programs(device) // (num_q_heads * grid_m)
     splits = max(1, min(splits, num_k_blocks))
     blocks_per_split = -(-num_k_blocks // splits)
     splits = -(-num_k_blocks // blocks_per_split)
+    if row_lse is not None:
+        _block_mass_from_lse_kernel[(num_q_heads // num_kv_heads, splits, num_kv_heads)](
+            q, kv_cache, block_table, row_lse, out,
+            q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, num_k_blocks, blocks_per_split,
+            scale * _LOG2E, 1.0 / n_last,
+            q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            row_lse.stride(0), out.stride(0),
+            HEADS_PER_KV=num_q_heads // num_kv_heads, NUM_M_TILES=num_m_tiles,
+            HEAD_DIM=head_dim, PAGE_SIZE=kv_cache.shape[2], BLOCK_SIZE=block_size,
+            BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+        return out
 
     n_pad = num_m_tiles * bm
     blse = _proxy_triton._workspace((num_q_heads, num_k_blocks, n_pad), device)
@@ -354,6 +477,7 @@ def head_budgets_paged(
     min_budget_blocks: int,
     max_blocks: int | None,
     tile: BudgetTileConfig | None = None,
+    row_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head block budgets of one chunk, keys from the paged cache.
 
@@ -362,7 +486,7 @@ def head_budgets_paged(
     without any host synchronisation.
     """
     mass = last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block_size,
-                                 tile=tile)
+                                 tile=tile, row_lse=row_lse)
     return gamma_budgets(mass, gamma, min_budget_blocks, max_blocks)
 
 
