@@ -341,10 +341,11 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
     return failures
 
 
-def try_selection(q, kv, table, ctx, hq, hkv, block, device, fa3=None):
-    """Time the Triton selection (proxy scores + budgets + select) if it is available; with FA3,
-    also the selection and budget stage with the budget rows' LSE from the dense tail's FA3 call
-    (as the backend runs them when FlashAttention attends the tail first)."""
+def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
+    """Time the Triton selection (proxy scores + budgets + select) if it is available; with
+    ``row_lse`` (the budget rows' LSE from the dense tail's FA3 call, :func:`tail_lse_rows`), also
+    the selection and budget stage that take it (as the backend runs them when FlashAttention
+    attends the tail first)."""
     try:
         from proxyattn_kernels.selection import select_blocks_paged
     except ImportError as exc:
@@ -374,13 +375,12 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device, fa3=None):
             scores, budget, ctx, q.shape[0], block, params.sink_blocks, params.local_blocks,
             params.dense_tail_tokens))["median"],
     }
-    if fa3 is not None:
-        lse = tail_lse_rows(fa3, q, kv, table, ctx, block, scale, torch.empty_like(q))
+    if row_lse is not None:
         total["stages_ms"]["budgets_from_lse"] = timed(lambda: head_budgets_paged(
             q, kv, table, ctx=ctx, scale=scale, block_size=block, gamma=params.gamma,
-            min_budget_blocks=params.min_budget_blocks, max_blocks=None, row_lse=lse))["median"]
+            min_budget_blocks=params.min_budget_blocks, max_blocks=None, row_lse=row_lse))["median"]
         total["from_lse_median"] = timed(lambda: select_blocks_paged(
-            q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse))["median"]
+            q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=row_lse))["median"]
     # Host time per call with the GPU left running: when it exceeds the stages' sum, the
     # timed selection waited for its launches (host-bound), which an engine that runs ahead
     # of the GPU would hide.
@@ -558,12 +558,13 @@ def main() -> int:
             fa3_ms = None
             if fa3 is not None and not args.only_sweep:
                 fa3_ms = timed(lambda: fa3_dense(fa3, q, kv, table, seq_len, scale, out))
-            sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device, fa3)
+            # The budget rows' LSE as the backend's dense-tail call returns it, for both below.
+            tail_lse = (None if fa3 is None or args.only_sweep else
+                        tail_lse_rows(fa3, q, kv, table, ctx, block, scale, torch.empty_like(q)))
+            sel_ms = None if args.only_sweep else try_selection(q, kv, table, ctx, hq, hkv, block, device, tail_lse)
             if not args.only_sweep:
-                sweep_lse = (None if fa3 is None else
-                             tail_lse_rows(fa3, q, kv, table, ctx, block, scale, torch.empty_like(q)))
                 budget_sweep.append({"shape": name, "page_size": page,
-                                     "rows": budget_tile_sweep(q, kv, table, ctx, block, row_lse=sweep_lse)})
+                                     "rows": budget_tile_sweep(q, kv, table, ctx, block, row_lse=tail_lse)})
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)
             if not args.only_sweep:
                 log(f"{name} page{page}: fa3 dense {fa3_ms and fa3_ms['median']}, selection {sel_ms and sel_ms['median']}")

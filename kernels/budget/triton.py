@@ -51,6 +51,7 @@ from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
 from .naive import budget_bounds, gamma_block_counts, limit_budget
 
 _LOG2E = 1.4426950408889634
+_LOG2E_JIT = tl.constexpr(_LOG2E)  # the same, readable inside kernels
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,11 @@ def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool, head_
 
 
 @triton.jit
-def _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scale,
-                    offs_n, offs_d, stride_kv_page, stride_kv_tok,
-                    PAGE_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _logits_tile(q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scale,
+                 offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                 PAGE_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Scaled logits (log2 domain) of the query tile against keys ``key_start + offs_n`` from the
+    paged cache; with ``MASKED``, -inf past the sequence and above the causal diagonal."""
     k_pos = key_start + offs_n
     if MASKED:
         in_seq = k_pos < seq_len
@@ -103,9 +106,18 @@ def _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, key_start, q_pos, seq
         k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scale,
+                    offs_n, offs_d, stride_kv_page, stride_kv_tok,
+                    PAGE_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    s = _logits_tile(q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scale, offs_n, offs_d,
+                     stride_kv_page, stride_kv_tok, PAGE_SIZE, INPUT_PRECISION, MASKED)
     m_new = tl.maximum(m_b, tl.max(s, 1))
     m_use = _safe_max(m_new)
     l_b = l_b * tl.exp2(m_b - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
@@ -231,17 +243,8 @@ def _rows_block_mass(q, lse2, kv_base, block_table_ptr, block_start, q_pos, seq_
     """``sum(exp2(s - lse2))`` over one query tile's rows and one key block's keys."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for j in tl.static_range(TILES_PER_BLOCK):
-        k_pos = block_start + j * BLOCK_N + offs_n
-        if MASKED:
-            in_seq = k_pos < seq_len
-            row_off = paged_row_offsets(block_table_ptr, k_pos, in_seq, stride_kv_page, stride_kv_tok, PAGE_SIZE)
-            k = tl.load(kv_base + row_off[:, None] + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        else:
-            row_off = paged_row_offsets(block_table_ptr, k_pos, None, stride_kv_page, stride_kv_tok, PAGE_SIZE)
-            k = tl.load(kv_base + row_off[:, None] + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
-        if MASKED:
-            s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
+        s = _logits_tile(q, kv_base, block_table_ptr, block_start + j * BLOCK_N, q_pos, seq_len, qk_scale,
+                         offs_n, offs_d, stride_kv_page, stride_kv_tok, PAGE_SIZE, INPUT_PRECISION, MASKED)
         acc += tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf -> 0
     return tl.sum(tl.sum(acc, 1), 0)
 
@@ -278,7 +281,7 @@ def _block_mass_from_lse_kernel(
     if NUM_M_TILES == 1:  # the usual case (n <= 128): the query tile stays in registers
         rv = offs_m < n_last
         q = tl.load(q_head_ptr + (q_tok0 + offs_m).to(tl.int64)[:, None] * stride_q_tok, mask=rv[:, None], other=0.0)
-        lse2 = tl.load(lse_head_ptr + offs_m, mask=rv, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_head_ptr + offs_m, mask=rv, other=float("inf")) * _LOG2E_JIT
         q_pos = q_pos0 + offs_m
         for b in range(b_lo, b_full):
             total = _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos, seq_len, qk_scale,
@@ -298,7 +301,7 @@ def _block_mass_from_lse_kernel(
                 rv = rows < n_last
                 q = tl.load(q_head_ptr + (q_tok0 + rows).to(tl.int64)[:, None] * stride_q_tok, mask=rv[:, None],
                             other=0.0)
-                lse2 = tl.load(lse_head_ptr + rows, mask=rv, other=float("inf")) * 1.4426950408889634
+                lse2 = tl.load(lse_head_ptr + rows, mask=rv, other=float("inf")) * _LOG2E_JIT
                 total += _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos0 + rows, seq_len,
                                           qk_scale, offs_n, offs_d, stride_kv_page, stride_kv_tok,
                                           PAGE_SIZE, TILES_PER_BLOCK, BLOCK_M, BLOCK_N, INPUT_PRECISION, True)
@@ -419,8 +422,7 @@ def last_block_mass_paged(
         if row_lse.shape != (num_q_heads, n_last) or row_lse.dtype != torch.float32 or row_lse.stride(-1) != 1:
             raise ValueError(f"row_lse must be float32 {(num_q_heads, n_last)} with a contiguous last dim; "
                              f"got {row_lse.dtype}{tuple(row_lse.shape)}")
-        num_m_tiles = 1 if bm >= n_last else num_m_tiles  # one program covers every row
-    grid_m = 1 if row_lse is not None else num_m_tiles
+    grid_m = 1 if row_lse is not None else num_m_tiles  # with the LSE one program covers every row
     if tile.num_splits is not None:
         splits = tile.num_splits
     else:
