@@ -391,10 +391,12 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
     return total
 
 
-# budget_tile_sweep: (block_m, block_n, num_warps, num_stages) of the budget's block-LSE pass,
-# the default first. The pass is ~60% of the selection (session 7: 0.54-0.60 of 0.78-0.90 ms).
+# budget_tile_sweep: (block_m, block_n, num_warps, num_stages) of the budget's block-LSE pass and
+# of the one-pass mass from the tail's LSE, the two-pass default first. The pass is ~60% of the
+# selection (session 7: 0.54-0.60 of 0.78-0.90 ms). 128x128 with 4 warps: new in session 9 (the
+# one-pass mass took 4 warps at 128x64 and 8 at 128x128 in session 8's sweep).
 BUDGET_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                (64, 64, 4, 3), (64, 128, 4, 3))
+                (128, 128, 4, 2), (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 
 
 def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES, row_lse=None) -> list[dict]:

@@ -211,15 +211,20 @@ def check_cudagraphs(args, report):
 
 
 def check_dummy_128k(args, report):
+    """A 128K prompt of the dummy 8B (random weights) through proxyattn, at ``--tensor-parallel``.
+    Random weights give flat attention, where gamma budgets select every block, so the run caps
+    the density (``--dummy-max-density``, 0.1 by default) to make the prompt really sparse."""
     import random
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     n = 131072 - 64
+    overrides = {"max_density": args.dummy_max_density} if args.dummy_max_density else {}
     llm = LLM(model=args.dummy_8b, load_format="dummy", attention_backend="proxyattn", dtype="bfloat16",
               max_model_len=131072, enable_prefix_caching=False, max_num_batched_tokens=8192,
               gpu_memory_utilization=0.45, enforce_eager=args.eager,
+              additional_config={"proxyattn": overrides},
               tensor_parallel_size=args.tensor_parallel, **no_multicast_kwargs(args.tensor_parallel))
     rng = random.Random(0)
     prompt = TokensPrompt(prompt_token_ids=[rng.randrange(3, 250) for _ in range(n)])
@@ -228,9 +233,10 @@ def check_dummy_128k(args, report):
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
     ttft = time.perf_counter() - t0
     ok = len(out[0].outputs[0].token_ids) == 1
-    log(f"dummy 8B: {n} prompt tokens -> {'completed' if ok else 'FAILED'} in {ttft:.2f} s (1 output token)")
+    log(f"dummy 8B: {n} prompt tokens -> {'completed' if ok else 'FAILED'} in {ttft:.2f} s (1 output token, "
+        f"TP={args.tensor_parallel}, proxyattn {overrides or 'defaults'})")
     report["dummy_8b_128k"] = {"prompt_tokens": n, "completed": ok, "seconds_to_first_token": ttft,
-                               "config": "default", "enforce_eager": args.eager,
+                               "config": overrides or "default", "enforce_eager": args.eager,
                                "tensor_parallel_size": args.tensor_parallel}
     vllm_engine.shut_down(llm)
     del llm
@@ -282,6 +288,9 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--essays", required=True)
     ap.add_argument("--dummy-8b")
+    ap.add_argument("--dummy-max-density", type=float, default=0.1,
+                    help="proxyattn max_density of the dummy 8B's 128K prompt (0: the default config, "
+                         "which goes dense on random weights)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--serve", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: equivalence,cudagraphs")

@@ -71,10 +71,10 @@ def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
     assert not result.stderr.strip(), result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
     assert sorted(started) == sorted(["ttft_density", "soak", "kernels", "gpu_tests", "ttft_dense", "ttft_sparse",
-                                      "tp2", "ttft_qwen"])
+                                      "tp2_128k", "ttft_qwen"])
     assert started[0] == "kernels"  # alone: nothing else runs on the host while it times
-    assert started.index("ttft_sparse") < started.index("ttft_density") < started.index("tp2")
-    assert started.index("soak") < started.index("tp2")
+    assert started.index("ttft_sparse") < started.index("ttft_density") < started.index("tp2_128k")
+    assert started.index("soak") < started.index("tp2_128k")
     calls = [line for line in (bg / "calls.log").read_text().splitlines() if "python3" in line]
     gpu_of = {key: next(line.split()[0] for line in calls if key in line)
               for key in ("bench_kernels", "--density-only", "--parts soak", "--backends FLASH_ATTN ",
@@ -163,3 +163,39 @@ def test_tp_engines_stay_off_nvlink_multicast(monkeypatch):
     assert CompilationConfig(**kwargs["compilation_config"]).pass_config.fuse_allreduce_rms is False
     env = (REPO / "benchmarks/h200/common.sh").read_text()
     assert "VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm" in env and "NCCL_NVLS_ENABLE=0" in env
+
+
+def test_dummy_128k_runs_sparse_at_the_requested_tp(monkeypatch):
+    """The 128K check of the dummy 8B caps the density (random weights make gamma budgets dense,
+    so without a cap the "sparse" prompt would compute every block), runs at the requested TP
+    with multicast off, and reports what it ran; ``--dummy-max-density 0`` keeps the defaults."""
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+    import types
+
+    import vllm
+
+    from benchmarks import gpu_backend_check
+
+    engines = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            engines.append(kwargs)
+
+        def generate(self, prompts, params):
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[7])]) for _ in prompts]
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(gpu_backend_check.vllm_engine, "shut_down", lambda llm: None)
+    for density, expected in ((0.1, {"max_density": 0.1}), (0.0, {})):
+        args = types.SimpleNamespace(dummy_8b="/m", eager=False, tensor_parallel=2, dummy_max_density=density)
+        report = {}
+        gpu_backend_check.check_dummy_128k(args, report)
+        kwargs = engines[-1]
+        assert kwargs["additional_config"] == {"proxyattn": expected}
+        assert kwargs["tensor_parallel_size"] == 2 and kwargs["attention_backend"] == "proxyattn"
+        assert kwargs["compilation_config"]["pass_config"]["fuse_allreduce_rms"] is False
+        assert report["dummy_8b_128k"]["completed"] is True
+        assert report["dummy_8b_128k"]["config"] == (expected or "default")
+        assert report["dummy_8b_128k"]["tensor_parallel_size"] == 2

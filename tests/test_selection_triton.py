@@ -212,11 +212,23 @@ def test_budget_mass_from_given_lse(rng_seed, hq, hkv, d, ctx, q_len, block, pag
 
 
 def test_budget_default_tiles_follow_the_h200_sweep():
-    """The one-pass mass takes 4 warps at head_dim 128 (0.40 vs 0.61 ms with 8 on the H200);
-    the two-pass mass and head_dim 64 keep 8 (kernels/budget/triton.py)."""
+    """The one-pass mass at head_dim 128 takes 128x128 tiles with 8 warps on 128-token pages (0.36
+    vs 0.41 ms on the H200), else 128x64 with 4 warps (0.40 vs 0.61 ms with 8); the two-pass mass
+    and head_dim 64 keep 128x64 with 8 (kernels/budget/triton.py)."""
     from proxyattn_kernels.budget.triton import default_budget_tile_config
 
     assert default_budget_tile_config(128, 128, False, 128, from_lse=True) == BudgetTileConfig(128, 64, 4, 3)
+    assert default_budget_tile_config(128, 128, False, 128, from_lse=True, page_size=16) == BudgetTileConfig(
+        128, 64, 4, 3)
+    for page in (128, 256):
+        assert default_budget_tile_config(128, 128, False, 128, from_lse=True, page_size=page) == BudgetTileConfig(
+            128, 128, 8, 2)
+    # A selection block of 64 keys cannot hold a 128-key tile, and a short chunk keeps small tiles.
+    assert default_budget_tile_config(64, 64, False, 128, from_lse=True, page_size=128) == BudgetTileConfig(
+        64, 64, 4, 3)
+    assert default_budget_tile_config(20, 128, False, 128, from_lse=True, page_size=128) == BudgetTileConfig(
+        32, 64, 4, 3)
+    assert default_budget_tile_config(128, 128, False, 128, page_size=128) == BudgetTileConfig(128, 64, 8, 3)
     assert default_budget_tile_config(128, 128, False, 128) == BudgetTileConfig(128, 64, 8, 3)
     assert default_budget_tile_config(128, 128, False, 64, from_lse=True) == BudgetTileConfig(128, 64, 8, 3)
     assert default_budget_tile_config(20, 128, False, 128) == BudgetTileConfig(32, 64, 4, 3)
@@ -515,7 +527,7 @@ def test_gpu_realistic_bf16(rng_seed, exact_fp32_matmul, groups, page):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hq,hkv,d,page", [(32, 8, 128, 16), (14, 2, 64, 128)])
+@pytest.mark.parametrize("hq,hkv,d,page", [(32, 8, 128, 16), (32, 8, 128, 128), (14, 2, 64, 128)])
 def test_gpu_budget_from_fa3_tail_lse(rng_seed, hq, hkv, d, page):
     """The backend's flow with FlashAttention: the dense tail (rows holding the last 128 queries)
     through vLLM's FA3 first, its LSE of the budget rows into the one-pass mass. Equal to the

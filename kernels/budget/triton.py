@@ -70,21 +70,31 @@ class BudgetTileConfig:
 
 
 def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool, head_dim: int = 64,
-                               from_lse: bool = False) -> BudgetTileConfig:
+                               from_lse: bool = False, page_size: int | None = None) -> BudgetTileConfig:
     """128x64 tiles with 8 warps on the GPU (as a flash-attention forward on H100/H200), 16/32
     under the CPU interpreter.
 
-    The one-pass mass from a given LSE (``from_lse``) takes 4 warps at ``head_dim >= 128``:
-    measured on the H200 (benchmarks/results/kernels_h200.json, ``budget_tile_sweep``, last 8K
-    chunk of 128K, Llama-3.1-8B shape) 0.40 / 0.41 ms at pages 16 / 128 against 0.61 / 0.62 with
-    8 warps (and 0.48 for the two-pass default); at head_dim 64 (Qwen2.5-0.5B shape) 4 and 8 warps
-    are within 3% (0.13-0.14 ms), so 8 stays."""
+    The one-pass mass from a given LSE (``from_lse``) at ``head_dim >= 128``, measured on the H200
+    (benchmarks/results/kernels_h200.json, ``budget_tile_sweep``, last 8K chunk of 128K,
+    Llama-3.1-8B shape; session 8):
+
+    * pages of 128 tokens (``page_size`` a multiple of 128): 128x128 tiles, 8 warps, 2 stages,
+      0.36 ms against 0.41 for 128x64 with 4 warps (a 128-key tile is one page: one page-table
+      lookup and one contiguous run of rows per tile);
+    * other pages: 128x64 with 4 warps, 0.40 ms (128x128 with 8 warps: 0.40; 128x64 with 8 warps,
+      the two-pass default: 0.61).
+
+    At head_dim 64 (Qwen2.5-0.5B shape) the tiles are within 3% (0.13-0.14 ms): 8 warps stay."""
     cap_m, cap_n = (32, 32) if on_cpu else (128, 64)
     block_m = min(cap_m, max(16, triton.next_power_of_2(n_last)))
     block_n = min(cap_n, block_size & -block_size)  # largest power of two dividing block_size
     if on_cpu:
         return BudgetTileConfig(block_m, block_n, 4, 1)
-    if block_m < 128 or (from_lse and head_dim >= 128):
+    if from_lse and head_dim >= 128 and block_m == 128:
+        if page_size is not None and page_size % 128 == 0 and block_size % 128 == 0:
+            return BudgetTileConfig(128, 128, 8, 2)
+        return BudgetTileConfig(128, block_n, 4, 3)
+    if block_m < 128:
         return BudgetTileConfig(block_m, block_n, 4, 3)
     return BudgetTileConfig(block_m, block_n, 8, 3)
 
@@ -412,7 +422,7 @@ def last_block_mass_paged(
         raise ValueError(f"out must be float32 {(num_q_heads, num_k_blocks)} with a contiguous last dim; "
                          f"got {out.dtype}{tuple(out.shape)}")
     tile = tile or default_budget_tile_config(n_last, block_size, device.type == "cpu", head_dim,
-                                              from_lse=row_lse is not None)
+                                              from_lse=row_lse is not None, page_size=kv_cache.shape[2])
     bm, bn = tile.block_m, tile.block_n
     if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or block_size % bn:
         raise ValueError(f"tile {tile}: sizes must be powers of two >= 16 and block_n must divide {block_size}")
