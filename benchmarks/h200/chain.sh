@@ -98,10 +98,13 @@ if [ "$(num_gpus)" -ge 2 ]; then
     --out "$RES/robustness_tp2_128k_h200.json"
   qwen
 else
-  kernels
+  # One GPU (session 9: no two-GPU host was lent, so no TP=2): the GPU tests gate the sparse
+  # TTFT; then the soak (issue #7's full 600 s of load); the kernels and the density pass (the
+  # selection is unchanged since session 7's density) only if they still fit.
   gpu_tests
   ttft_timed
   soak
+  kernels
   [ "$gpu_tests_rc" = 0 ] && density
   qwen
 fi
