@@ -22,8 +22,9 @@ SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 #: "triton", see below). Unlisted shapes get "triton".
 #:
 #: Sources, both on 2026-11-29. Per layer at density 0.1 with every head at the same budget
-#: (benchmarks/results/kernels_h200.json, H200, 128K context, last 8K chunk; Triton / FA3 over
-#: the union pages; the two earlier runs, kernels_h200_session5/6.json, agree within 3%), with
+#: (benchmarks/results/kernels_h200_session7.json, H200, 128K context, last 8K chunk; Triton / FA3
+#: over the union pages; the runs before and after it, kernels_h200_session5/6.json and session
+#: 9's kernels_h200.json, agree within 3%: e.g. page 16 5.28 vs 3.28, page 128 3.95 vs 3.27), with
 #: head budgets 0.5x-1.5x the mean ("spread0.5": the union computes 0.155 for a mean of 0.104),
 #: and how many blocks the union computes under real gamma budgets
 #: (benchmarks/results/union_density_cpu.json, CPU, real weights, gamma 0.95; union / exact).
