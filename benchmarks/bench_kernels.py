@@ -59,15 +59,20 @@ def make_cache(seq_len, hkv, d, page, dtype, device):
     return physical.permute(0, 2, 1, 3), table
 
 
-def synthetic_selection(hq, groups, ctx, q_len, block, density, device, tail_tokens=0, spread=0.0):
+def synthetic_selection(hq, groups, ctx, q_len, block, density, device, tail_tokens=0, spread=0.0, recent=False):
     """A selection with the real structure (diagonal + sink first, then a random ranking) and a
     per-head budget of ``ceil(density * Kb)`` blocks: random weights give flat proxy scores,
     so benchmarks control density explicitly and report the density actually used.
     ``spread`` > 0: head ``h``'s budget is scaled by ``1 - spread + 2 * spread * h / (Hq - 1)``
-    (same mean, unequal heads, as gamma budgets are; a union kernel computes the largest)."""
+    (same mean, unequal heads, as gamma budgets are; a union kernel computes the largest).
+    ``recent``: every row ranks its most recent blocks first (a sliding window of the same
+    size), so neighbouring rows share almost all their blocks: the best case for cache reuse."""
     num_rows = (ctx + q_len - 1) // block - ctx // block + 1
     num_k_blocks = -(-(ctx + q_len) // block)
-    scores = torch.rand(groups, num_rows, num_k_blocks, device=device)
+    if recent:
+        scores = torch.arange(num_k_blocks, device=device, dtype=torch.float32).expand(groups, num_rows, -1)
+    else:
+        scores = torch.rand(groups, num_rows, num_k_blocks, device=device)
     scale = 1 - spread + 2 * spread * torch.arange(hq, device=device) / max(hq - 1, 1)
     budget = (density * num_k_blocks * scale).ceil().clamp(min=1).to(torch.int32)
     ranking, counts, _ = select_blocks(scores, budget, ctx, q_len, block, 1, 1, tail_tokens)
@@ -133,23 +138,65 @@ def tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out, tail_tokens=None):
     return lse[:, lse.shape[1] - n_last:]
 
 
+def fa3_union_call(fa3, q, kv, plan, scale, out, num_splits=0):
+    """One FA3 varlen call over a plan's pseudo-requests (``q``/``out``: their tokens, in the
+    plan's row order). ``num_splits`` 0 leaves the split count to FA3's heuristic."""
+    k_cache, v_cache = kv.transpose(1, 2).split(q.shape[-1], dim=-1)
+    fa3(
+        q=q, k=k_cache, v=v_cache, out=out, cu_seqlens_q=plan.cu_seqlens_q,
+        max_seqlen_q=plan.max_seqlen_q, seqused_k=plan.seqused_k, max_seqlen_k=plan.max_seqlen_k,
+        softmax_scale=scale, causal=True, block_table=plan.block_table, fa_version=3,
+        **({"num_splits": num_splits} if num_splits else {}),
+    )
+    return out
+
+
 def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=0, skip_tail=False):
     """The selection through FA3: one pseudo-request per query block over the union of its
     heads' selected blocks (kernels/block_sparse_attn/union_pages.py; plan included in the time).
     ``tail_tokens`` > 0: the dense tail rows in a call of their own, first; ``skip_tail``: not at
     all (attended already, :func:`tail_lse_rows`), as the backend does with FlashAttention."""
-    d = q.shape[-1]
     plan = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
                            page_size=kv.shape[2])
-    k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
     geo = ChunkGeometry(ctx, q.shape[0], block)
     for tokens, rows in tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens), skip_tail):
-        fa3(
-            q=q[tokens], k=k_cache, v=v_cache, out=out[tokens], cu_seqlens_q=rows.cu_seqlens_q,
-            max_seqlen_q=rows.max_seqlen_q, seqused_k=rows.seqused_k, max_seqlen_k=rows.max_seqlen_k,
-            softmax_scale=scale, causal=True, block_table=rows.block_table, fa_version=3,
-        )
+        fa3_union_call(fa3, q[tokens], kv, rows, scale, out[tokens])
     return out
+
+
+def reversed_rows(plan):
+    """``(plan, token order)``: the plan's pseudo-requests in reverse order, and the chunk's token
+    indices in that order (queries ``q[order]``; outputs back with ``out[order] = ...``). A probe of
+    whether FA3's scheduling order over the rows matters. Bench setup only (host loop)."""
+    cu = plan.cu_seqlens_q.tolist()
+    order = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in reversed(range(len(cu) - 1))])
+    lengths = plan.cu_seqlens_q.diff().flip(0)
+    cu_reversed = torch.zeros_like(plan.cu_seqlens_q)
+    cu_reversed[1:] = lengths.cumsum(0)
+    return plan._replace(cu_seqlens_q=cu_reversed, seqused_k=plan.seqused_k.flip(0).contiguous(),
+                         block_table=plan.block_table.flip(0).contiguous()), order.to(plan.cu_seqlens_q.device)
+
+
+def union_call_probes(fa3, q, kv, table, ctx, block, scale, out, density=0.1):
+    """``{label: (ranking, counts, timing fn)}``: the union call alone (plan made beforehand) at
+    ``density``, and three probes of its per-block cost against dense (benchmarks/NOTES.md,
+    session 9): FA3's split count forced to 1, the rows in reverse order, and a selection of each
+    row's most recent blocks (neighbouring rows share their pages)."""
+    q_len = q.shape[0]
+    ranking, counts, _ = synthetic_selection(q.shape[1], 1, ctx, q_len, block, density, q.device)
+    recent_ranking, recent_counts, _ = synthetic_selection(q.shape[1], 1, ctx, q_len, block, density, q.device,
+                                                           recent=True)
+    plans = {key: union_page_plan(r, c, table, ctx=ctx, q_len=q_len, block_size=block, page_size=kv.shape[2])
+             for key, (r, c) in {"random": (ranking, counts), "recent": (recent_ranking, recent_counts)}.items()}
+    back, order = reversed_rows(plans["random"])
+    q_back, out_back = q[order], out[order]
+    return {
+        "call": (ranking, counts, lambda: fa3_union_call(fa3, q, kv, plans["random"], scale, out)),
+        "call splits1": (ranking, counts, lambda: fa3_union_call(fa3, q, kv, plans["random"], scale, out, 1)),
+        "call reversed": (ranking, counts, lambda: fa3_union_call(fa3, q_back, kv, back, scale, out_back)),
+        "call recent": (recent_ranking, recent_counts,
+                        lambda: fa3_union_call(fa3, q, kv, plans["recent"], scale, out)),
+    }
 
 
 def union_density(ranking, counts, ctx, q_len, block):
@@ -623,6 +670,13 @@ def main() -> int:
                 ranking, counts, _ = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
                 add_case(f"density{density} fa3-union", "fa3-union", None, density,
                          union_density(ranking, counts, ctx, q_len, block), counts, union_t(ranking, counts))
+            # Probes of the union call's per-block cost at density 0.1 (the call alone; see
+            # union_call_probes).
+            probes = {} if args.only_sweep or fa3 is None else union_call_probes(
+                fa3, q, kv, table, ctx, block, scale, out)
+            for label, (ranking, counts, fn) in probes.items():
+                add_case(f"density0.1 fa3-union {label}", "fa3-union-probe", None, 0.1,
+                         union_density(ranking, counts, ctx, q_len, block), counts, timed(fn))
             for (kernel, backend), density in itertools.product(
                 () if args.only_sweep else FlashInferBench.variants.items(), (1.0, 0.1)
             ):

@@ -138,3 +138,54 @@ def test_host_launch_time_counts_the_host_work_per_call():
     calls = []
     ms = bench_kernels.host_launch_ms(lambda: (calls.append(1), time.sleep(0.002)), calls=5)
     assert len(calls) == 5 and 2.0 <= ms < 50
+
+
+def torch_fa3_varlen(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                     causal, block_table, fa_version, num_splits=0):
+    """vLLM's flash_attn_varlen_func over several paged sequences, in torch: sequence ``i`` has
+    queries ``q[cu[i]:cu[i+1]]`` (its last tokens), keys through ``block_table[i]`` up to
+    ``seqused_k[i]``, causal aligned to the end (as FA3 with seqused_k)."""
+    assert causal and fa_version == 3 and num_splits >= 0
+    kv = torch.cat([k, v], dim=-1).transpose(1, 2)
+    cu = cu_seqlens_q.tolist()
+    for i in range(len(cu) - 1):
+        used = int(seqused_k[i])
+        keys, values = gather_paged_kv(kv, block_table[i], used)
+        rows = slice(cu[i], cu[i + 1])
+        out[rows] = dense_causal_attention(q[rows], keys, values, used - (cu[i + 1] - cu[i]), softmax_scale)
+    return out
+
+
+@pytest.mark.parametrize("ctx,q_len", [(96, 70), (0, 64), (33, 100)])
+def test_union_call_probes_compute_the_selection(rng_seed, ctx, q_len):
+    """Each probe of the union call computes its selection exactly: the call alone, with one
+    split, with the rows in reverse order (outputs permuted back), and the recent-blocks
+    selection, whose rows rank their latest blocks first."""
+    hq, hkv, d, block, page = 4, 2, 16, 16, 16
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    k, v = gather_paged_kv(kv, table, ctx + q_len)
+    out = torch.full_like(q, float("nan"))
+    probes = bench_kernels.union_call_probes(torch_fa3_varlen, q, kv, table, ctx, block, d**-0.5, out, density=0.3)
+    assert sorted(probes) == ["call", "call recent", "call reversed", "call splits1"]
+    plan = bench_kernels.union_page_plan(*probes["call"][:2], table, ctx=ctx, q_len=q_len, block_size=block,
+                                         page_size=page)
+    back, order = bench_kernels.reversed_rows(plan)
+    assert sorted(order.tolist()) == list(range(q_len)) and order.tolist() != list(range(q_len))
+    for label, (ranking, counts, fn) in probes.items():
+        out.fill_(float("nan"))
+        result = fn()
+        if label == "call reversed":
+            result = torch.empty_like(q).index_copy_(0, order, result)
+        mask = bench_kernels.union_block_mask(ranking, counts, ranking.shape[-1])
+        expected = block_sparse_attention(q, k, v, ctx, mask[None].expand(hq, -1, -1), d**-0.5, block)
+        torch.testing.assert_close(result, expected, atol=2e-5, rtol=1e-4, msg=label)
+    # The recent selection keeps each row's latest blocks: a window ending at the diagonal.
+    ranking, counts, _ = probes["call recent"]
+    mask = bench_kernels.union_block_mask(ranking, counts, ranking.shape[-1])
+    geo = ChunkGeometry(ctx, q_len, block)
+    for row in range(geo.num_q_blocks):
+        chosen = mask[row].nonzero().flatten().tolist()
+        diagonal = geo.first_q_block + row
+        window = [b for b in chosen if b != 0]  # the sink block is forced
+        assert window == list(range(diagonal - len(window) + 1, diagonal + 1))
