@@ -75,12 +75,12 @@ def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool, head_
     under the CPU interpreter.
 
     The one-pass mass from a given LSE (``from_lse``) at ``head_dim >= 128``, measured on the H200
-    (benchmarks/results/kernels_h200.json, ``budget_tile_sweep``, last 8K chunk of 128K,
-    Llama-3.1-8B shape; session 8):
+    (``budget_tile_sweep`` of benchmarks/results/kernels_h200_session8.json and of session 9's
+    kernels_h200.json, equal within 3%; last 8K chunk of 128K, Llama-3.1-8B shape):
 
     * pages of 128 tokens (``page_size`` a multiple of 128): 128x128 tiles, 8 warps, 2 stages,
-      0.36 ms against 0.41 for 128x64 with 4 warps (a 128-key tile is one page: one page-table
-      lookup and one contiguous run of rows per tile);
+      0.36 ms against 0.41 for 128x64 with 4 warps (presumably because a 128-key tile is then
+      one page: one page-table lookup and one contiguous run of rows);
     * other pages: 128x64 with 4 warps, 0.40 ms (128x128 with 8 warps: 0.40; 128x64 with 8 warps,
       the two-pass default: 0.61).
 
