@@ -388,6 +388,12 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
     return failures
 
 
+def auto_proxy_groups(hq: int, hkv: int) -> int:
+    """The proxy groups of ``num_proxy_groups: "auto"`` (proxyattn_vllm/config.py): one group up
+    to 4 query heads per KV head, else one per KV head."""
+    return 1 if hq // hkv <= 4 else hkv
+
+
 def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
     """Time the Triton selection (proxy scores + budgets + select) if it is available; with
     ``row_lse`` (the budget rows' LSE from the dense tail's FA3 call, :func:`tail_lse_rows`), also
@@ -402,7 +408,7 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
     from proxyattn_kernels.proxy_scores.triton import proxy_block_scores_paged
     from proxyattn_kernels.select.triton import select_blocks as select_blocks_triton
 
-    params = ProxyAttnParams(block_size=block, num_groups=1 if hq // hkv <= 4 else hkv, min_sparse_len=0,
+    params = ProxyAttnParams(block_size=block, num_groups=auto_proxy_groups(hq, hkv), min_sparse_len=0,
                              dense_tail_tokens=TAIL_TOKENS)
     scale = q.shape[-1] ** -0.5
     total = timed(lambda: select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params))
@@ -467,7 +473,7 @@ def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES, row_lse=None
                 reference = mass if reference is None else reference
                 diff = float((mass - reference).abs().max())
                 row["max_mass_diff"] = max(row.get("max_mass_diff", 0.0), diff)
-                if diff > 1e-4:
+                if not diff <= 1e-4:  # a NaN mass is a difference too
                     row[key.replace("ms", "error")] = "mass differs from the default tile's"
                 else:
                     row[key] = timed(mass_fn)["median"]
@@ -477,6 +483,44 @@ def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES, row_lse=None
         log(f"budget tile {bm}x{bn} w{warps} s{stages}: "
             + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) and k.endswith("ms") else f"{k}: {v}"
                         for k, v in row.items() if k.endswith("ms") or k.endswith("error")))
+    return rows
+
+
+# proxy_tile_sweep: (block_m, block_n, num_warps, num_stages) of the proxy scores' two passes (strided
+# queries x strided keys), the default first. Never swept before session 9's code; the proxy
+# scores are ~0.21 ms of the Llama shape's ~0.60 ms selection at 120K (session 9).
+PROXY_TILES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+               (64, 64, 8, 3), (64, 64, 4, 4), (32, 64, 4, 3))
+
+
+def proxy_tile_sweep(q, kv, table, ctx, block, num_groups, stride, tiles=PROXY_TILES) -> list[dict]:
+    """The proxy scores under each tile config of ``tiles``, each checked against the first
+    (default) config's scores: a config that computes something else is reported, not timed."""
+    from proxyattn_kernels.proxy_scores.triton import ProxyTileConfig, proxy_block_scores_paged
+
+    scale = q.shape[-1] ** -0.5
+    rows, reference = [], None
+    for bm, bn, warps, stages in tiles:
+        tile = ProxyTileConfig(bm, bn, warps, stages)
+        row = {"tile": asdict(tile)}
+
+        def scores_fn(tile=tile):
+            return proxy_block_scores_paged(q, kv, table, ctx=ctx, scale=scale, num_groups=num_groups,
+                                            stride=stride, block_size=block, tile=tile)
+        try:
+            scores = scores_fn()
+            reference = scores if reference is None else reference
+            # -inf (blocks past the causal edge) equals -inf; a NaN or a one-sided inf is a difference.
+            diff = torch.where(scores == reference, 0.0, (scores - reference).abs())
+            row["max_score_diff"] = float(diff.max())
+            if not bool((diff <= 1e-4).all()):
+                row["error"] = "scores differ from the default tile's"
+            else:
+                row["ms"] = timed(scores_fn)["median"]
+        except Exception as exc:  # noqa: BLE001 - out of resources, a tile that does not nest: report, go on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        log(f"proxy tile {bm}x{bn} w{warps} s{stages}: " + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]))
     return rows
 
 
@@ -543,15 +587,40 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             "path_ms": timed(path)["median"],
             "path_before_ms": timed(path_before)["median"],
             "path_host_ms": host_launch_ms(path),
+            "path_graph_ms": graph_ms(path) if q.is_cuda else None,
+            "selection_graph_ms": graph_ms(select) if q.is_cuda else None,
             "triton_path_ms": timed(triton_path)["median"],
         }
         rows.append(row)
         log(f"chunk ctx={ctx:6d}: density {row['density']:.3f}, fa3 dense {row['fa3_dense_ms']:.3f} ms, "
             f"selection {row['selection_ms']:.3f}, +plan {row['selection_plan_ms']:.3f}, whole fa3 path "
-            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}; session 7's {row['path_before_ms']:.3f}), "
+            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}, graph {row['path_graph_ms']}; "
+            f"session 7's {row['path_before_ms']:.3f}), "
             f"Triton path {row['triton_path_ms']:.3f}")
         del q, kv, out
     return rows
+
+
+def graph_ms(fn) -> float | None:
+    """GPU time of ``fn`` without its host launch cost: captured once into a CUDA graph, then the
+    replays timed. An engine that runs ahead of the GPU hides host time the same way, so this is
+    the per-chunk cost the TTFT sees, where the eager timing of a short, host-bound chunk is
+    only an upper bound. None off CUDA, or when ``fn`` cannot be captured (logged)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timed(graph.replay)["median"]
+    except Exception as exc:  # noqa: BLE001 - report and keep the eager timings
+        log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); graph timing left empty")
+        return None
 
 
 def host_launch_ms(fn, calls: int = 20) -> float:
@@ -597,6 +666,7 @@ def main() -> int:
     cases = []
     sweep = []
     budget_sweep = []
+    proxy_sweep = []
     for name, (hq, hkv, d) in SHAPES.items():
         for page in (16, 128):
             torch.manual_seed(0)
@@ -614,6 +684,9 @@ def main() -> int:
             if not args.only_sweep:
                 budget_sweep.append({"shape": name, "page_size": page,
                                      "rows": budget_tile_sweep(q, kv, table, ctx, block, row_lse=tail_lse)})
+                groups = auto_proxy_groups(hq, hkv)
+                proxy_sweep.append({"shape": name, "page_size": page, "num_groups": groups,
+                                    "rows": proxy_tile_sweep(q, kv, table, ctx, block, groups, ProxyAttnParams().stride)})
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)
             if not args.only_sweep:
                 log(f"{name} page{page}: fa3 dense {fa3_ms and fa3_ms['median']}, selection {sel_ms and sel_ms['median']}")
@@ -742,6 +815,7 @@ def main() -> int:
         "cases": cases,
         "tile_sweep": sweep,
         "budget_tile_sweep": budget_sweep,
+        "proxy_tile_sweep": proxy_sweep,
         "chunk_costs": chunk_rows,
         "flashinfer_first_call_s": fib.first_call_s,
         "flashinfer_skipped": fib.skipped,

@@ -87,6 +87,22 @@ def test_triton_with_the_tail_through_real_fa3_on_the_gpu(hq, hkv, d, page):
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+def test_graph_timing_captures_the_backend_path_on_the_gpu():
+    """chunk_costs' CUDA-graph timing captures the whole fa3 path (FA3 calls, Triton kernels,
+    torch ops: no host sync, or capture would fail), and what it times are replays that run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fa_utils = pytest.importorskip("vllm.v1.attention.backends.fa_utils")
+    rows = bench_kernels.chunk_costs(fa_utils.flash_attn_varlen_func, "cuda", q_len=2048 + 5, ctxs=(8192 + 37,))
+    row = rows[0]
+    assert row["path_graph_ms"] is not None and row["selection_graph_ms"] is not None
+    assert 0 < row["path_graph_ms"] <= 1.2 * row["path_ms"]
+    runs = torch.zeros(1, device="cuda")
+    assert bench_kernels.graph_ms(lambda: runs.add_(1)) is not None
+    assert runs.item() > 2  # the warm-up once, the capture never, then every timed replay
+
+
 def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     """chunk_costs composes selection -> union plan -> FA3 calls (tail first) per context; on CPU
     with do_bench replaced by one call and FA3 by a recorder: one row per context, every timing
@@ -106,6 +122,7 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
         assert r["selection_ms"] == r["selection_plan_ms"] == r["path_ms"] == r["fa3_dense_ms"] == 1.0
         assert r["triton_path_ms"] == r["path_before_ms"] == 1.0
         assert 0 < r["density"] <= 1 and r["path_host_ms"] > 0  # short prompts run dense
+        assert r["path_graph_ms"] is None and r["selection_graph_ms"] is None  # CUDA graphs: GPU only
     # ctx 0: FA3 dense over the 160 queries (one sequence); the path: the 128-token dense tail
     # as one sequence first (its LSE to the budget), then the union call of the other 2 rows;
     # session 7's path: the tail's 8 query-block rows of 16 from the plan, then the other 2.
@@ -189,3 +206,47 @@ def test_union_call_probes_compute_the_selection(rng_seed, ctx, q_len):
         diagonal = geo.first_q_block + row
         window = [b for b in chosen if b != 0]  # the sink block is forced
         assert window == list(range(diagonal - len(window) + 1, diagonal + 1))
+
+
+def test_proxy_tile_sweep_checks_each_tile_against_the_default(monkeypatch, rng_seed):
+    """Each tile's proxy scores are compared with the default tile's before they are timed; a
+    tile the kernel rejects is reported, not timed."""
+    from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
+
+    monkeypatch.setattr(bench_kernels, "timed", lambda fn: (fn(), {"median": 3.0, "p10": 3.0, "p90": 3.0})[1])
+    ctx, q_len, hq, hkv, d, page, block = 70, 60, 4, 2, 16, 16, 32
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    tiles = ((16, 16, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1), (24, 16, 4, 1))  # the last is invalid
+    rows = bench_kernels.proxy_tile_sweep(q, kv, table, ctx, block, 2, 4, tiles)
+    assert [r["tile"]["block_m"] for r in rows] == [16, 32, 16, 24]
+    assert all(r["ms"] == 3.0 and r["max_score_diff"] < 1e-5 for r in rows[:3])
+    assert "error" in rows[3] and "ms" not in rows[3]
+    assert bench_kernels.auto_proxy_groups(32, 8) == 1 and bench_kernels.auto_proxy_groups(14, 2) == 2
+    # The default tile's scores are the spec's (the sweep's reference is right).
+    from proxyattn_kernels.proxy_scores.triton import proxy_block_scores_paged
+
+    k, _ = gather_paged_kv(kv, table, ctx + q_len)
+    scores = proxy_block_scores_paged(q, kv, table, ctx=ctx, scale=d**-0.5, num_groups=2, stride=4, block_size=block)
+    torch.testing.assert_close(scores, proxy_block_scores(q, k, ctx, d**-0.5, 2, 4, block), atol=1e-5, rtol=1e-4)
+
+
+def test_proxy_tile_sweep_reports_scores_that_differ(monkeypatch):
+    """NaN or shifted scores from a tile are reported, not timed (-inf equals -inf)."""
+    from proxyattn_kernels.proxy_scores import triton as proxy_triton
+
+    real = proxy_triton.proxy_block_scores_paged
+    calls = []
+
+    def wrong_after_first(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        calls.append(1)
+        return scores if len(calls) == 1 else scores.nan_to_num(nan=0.0) + (0.5 if len(calls) == 2 else float("nan"))
+
+    monkeypatch.setattr(proxy_triton, "proxy_block_scores_paged", wrong_after_first)
+    monkeypatch.setattr(bench_kernels, "timed", lambda fn: {"median": 1.0})
+    q = torch.randn(40, 4, 16)
+    kv, table = bench_kernels.make_cache(110, 2, 16, 16, torch.float32, "cpu")
+    rows = bench_kernels.proxy_tile_sweep(q, kv, table, 70, 32, 1, 4, ((16, 16, 4, 1),) * 3)
+    assert rows[0]["ms"] == 1.0 and rows[0]["max_score_diff"] == 0.0
+    assert all("differ" in r["error"] and "ms" not in r for r in rows[1:])
