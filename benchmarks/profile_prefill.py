@@ -121,7 +121,7 @@ def profile_one(args) -> dict:
     kwargs = {"additional_config": {"proxyattn": json.loads(args.proxyattn_overrides)}} if args.backend == "proxyattn" else {}
     llm = LLM(model=args.model, load_format="dummy" if args.dummy else "auto", attention_backend=args.backend,
               dtype="bfloat16", max_model_len=args.max_model_len or args.prompt_len + 64,
-              max_num_batched_tokens=args.chunk, enable_prefix_caching=False,
+              max_num_batched_tokens=args.chunk, block_size=args.block_size, enable_prefix_caching=False,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
               profiler_config={"profiler": "torch", "torch_profiler_dir": trace_dir,
                                "torch_profiler_with_stack": False, "ignore_frontend": True},
@@ -150,7 +150,8 @@ def profile_one(args) -> dict:
             "ttft_unprofiled_s": unprofiled, "wall_s": wall, "trace_dir": trace_dir, "profile": summary}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked (a bad ``--proxyattn-overrides`` stops here, not after startup)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--dummy", action="store_true", help="random weights (load_format dummy), random token ids")
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=131072)
     ap.add_argument("--max-model-len", type=int, default=0, help="default: the prompt length + 64")
     ap.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens")
+    ap.add_argument("--block-size", type=int, default=128, help="KV page size (the TTFT benchmark's 128)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--trace-dir", help="where the profiler writes (default: a new temporary directory)")
@@ -171,6 +173,11 @@ def main(argv=None) -> int:
         ap.error(f"--proxyattn-overrides is not JSON ({exc}): {args.proxyattn_overrides!r}")
     if not isinstance(overrides, dict):
         ap.error(f"--proxyattn-overrides must be a JSON object, got {args.proxyattn_overrides!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     report = {"runs": []}
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:

@@ -43,24 +43,28 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert started == ["gpu_tests", "ttft_dense", "ttft_sparse", "soak", "kernels", "ttft_density", "ttft_qwen"]
+    assert started == ["gpu_tests", "kernels", "profile_dense", "profile_sparse", "ttft_density", "ttft_qwen",
+                       "ttft_dense", "ttft_sparse"]
     assert "skip" not in result.stdout and (bg / "chain.done").exists()
     calls = (bg / "calls.log").read_text()
     assert "benchmarks/bench_kernels.py" in calls
-    # Dense alone first, then the sparse kernels appended to the same JSON.
-    dense, sparse, density = [line for line in calls.splitlines() if "ttft_h200.json" in line]
+    # The density pass, then dense alone, then the sparse kernels appended to the same JSON.
+    density, dense, sparse = [line for line in calls.splitlines() if "ttft_h200.json" in line]
     assert "--backends FLASH_ATTN " in dense
     assert "--append" in sparse and "--backends proxyattn:fa3 " in sparse and "--time-budget-s 240" in sparse
     assert "--append" in density and "--density-only" in density
-    soak = next(line for line in calls.splitlines() if "--parts soak" in line)
-    assert "--soak-s 600" in soak and "--load-format dummy" in soak
+    # The engine profile: dense first, then "fa3" appended to the same JSON.
+    profile_dense, profile_sparse = [line for line in calls.splitlines() if "profile_prefill.py" in line]
+    assert "--backend FLASH_ATTN" in profile_dense and "--append" not in profile_dense
+    assert "--append" in profile_sparse and "--backend proxyattn" in profile_sparse
+    assert "profile_prefill_h200.json" in profile_dense and "profile_prefill_h200.json" in profile_sparse
     assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
 
 
 def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
-    """With two GPUs: the kernels alone first; then GPU 1 runs the soak while GPU 0 runs the
-    tests, the TTFT and the density pass; then TP=2 on both. Each lane kills only its own GPU's
-    processes between steps."""
+    """With two GPUs: the GPU tests and the kernels alone first; then GPU 1 profiles the engine
+    and runs the Qwen TTFT while GPU 0 runs the density pass and the TTFT; then TP=2 on both.
+    Each lane kills only its own GPU's processes between steps."""
     env, bg, _ = stubbed
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.write_text(STUB + 'case "$*" in *-L*) echo "GPU 0: NVIDIA H200"; echo "GPU 1: NVIDIA H200";; esac\n')
@@ -70,17 +74,17 @@ def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
     assert result.returncode == 0, result.stderr
     assert not result.stderr.strip(), result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert sorted(started) == sorted(["ttft_density", "soak", "kernels", "gpu_tests", "ttft_dense", "ttft_sparse",
-                                      "tp2_128k", "ttft_qwen"])
-    assert started[0] == "kernels"  # alone: nothing else runs on the host while it times
-    assert started.index("ttft_sparse") < started.index("ttft_density") < started.index("tp2_128k")
-    assert started.index("soak") < started.index("tp2_128k")
+    assert sorted(started) == sorted(["gpu_tests", "kernels", "profile_dense", "profile_sparse", "ttft_qwen",
+                                      "ttft_density", "ttft_dense", "ttft_sparse", "tp2_128k"])
+    assert started[:2] == ["gpu_tests", "kernels"]  # alone: nothing else runs on the host while it times
+    assert started[-1] == "tp2_128k"
+    assert started.index("profile_dense") < started.index("profile_sparse") < started.index("ttft_qwen")
     calls = [line for line in (bg / "calls.log").read_text().splitlines() if "python3" in line]
     gpu_of = {key: next(line.split()[0] for line in calls if key in line)
-              for key in ("bench_kernels", "--density-only", "--parts soak", "--backends FLASH_ATTN ",
-                          "--tensor-parallel 2")}
-    assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=0", "--parts soak": "gpu=1",
-                      "--backends FLASH_ATTN ": "gpu=0", "--tensor-parallel 2": "gpu=all"}
+              for key in ("bench_kernels", "--density-only", "profile_prefill", "qwen2.5-coder",
+                          "--backends FLASH_ATTN ", "--tensor-parallel 2")}
+    assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=0", "profile_prefill": "gpu=1",
+                      "qwen2.5-coder": "gpu=1", "--backends FLASH_ATTN ": "gpu=0", "--tensor-parallel 2": "gpu=all"}
     kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
     assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
     assert (bg / "chain.done").exists()
@@ -91,7 +95,7 @@ def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatc
     (a rejected combination would lose that step's device time)."""
     import shlex
 
-    from benchmarks import gpu_robustness, ttft_sweep
+    from benchmarks import profile_prefill, ttft_sweep
 
     env, bg, _ = stubbed
     assert run("chain.sh", 100000, env=env).returncode == 0
@@ -104,10 +108,10 @@ def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatc
         script, args = argv[0], argv[1:]
         if script == "benchmarks/ttft_sweep.py":
             ttft_sweep.parse_args(args)
-        elif script == "benchmarks/gpu_robustness.py":
-            gpu_robustness.parse_args(args)
+        elif script == "benchmarks/profile_prefill.py":
+            profile_prefill.parse_args(args)
         checked.append(script)
-    assert checked.count("benchmarks/ttft_sweep.py") == 4 and "benchmarks/gpu_robustness.py" in checked
+    assert checked.count("benchmarks/ttft_sweep.py") == 4 and checked.count("benchmarks/profile_prefill.py") == 2
 
 
 def test_chain_skips_what_does_not_fit_and_says_so(stubbed):
