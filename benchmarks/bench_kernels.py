@@ -594,7 +594,8 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
         rows.append(row)
         log(f"chunk ctx={ctx:6d}: density {row['density']:.3f}, fa3 dense {row['fa3_dense_ms']:.3f} ms, "
             f"selection {row['selection_ms']:.3f}, +plan {row['selection_plan_ms']:.3f}, whole fa3 path "
-            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}, graph {row['path_graph_ms']}; "
+            f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}, graph replay "
+            f"{'-' if row['path_graph_ms'] is None else format(row['path_graph_ms'], '.3f')}; "
             f"session 7's {row['path_before_ms']:.3f}), "
             f"Triton path {row['triton_path_ms']:.3f}")
         del q, kv, out
