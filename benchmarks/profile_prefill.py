@@ -123,8 +123,11 @@ def profile_one(args) -> dict:
               dtype="bfloat16", max_model_len=args.max_model_len or args.prompt_len + 64,
               max_num_batched_tokens=args.chunk, block_size=args.block_size, enable_prefix_caching=False,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
+              # No stacks and no key_averages table at stop (slow on a long trace): the summary
+              # below reads the kernels from the trace file.
               profiler_config={"profiler": "torch", "torch_profiler_dir": trace_dir,
-                               "torch_profiler_with_stack": False, "ignore_frontend": True},
+                               "torch_profiler_with_stack": False, "torch_profiler_dump_cuda_time_total": False,
+                               "ignore_frontend": True},
               **kwargs)
     rng = random.Random(0)
     vocab = llm.get_tokenizer().vocab_size if not args.dummy else 250

@@ -109,6 +109,9 @@ def test_main_profiles_one_prompt_and_appends(monkeypatch, tmp_path):
     assert calls == [1000, 1000, "start", 1000, "stop"]
     kwargs = engines[0]
     assert kwargs["profiler_config"]["profiler"] == "torch" and kwargs["attention_backend"] == "proxyattn"
+    from vllm.config.profiler import ProfilerConfig
+
+    ProfilerConfig(**kwargs["profiler_config"])  # what LLM() builds from the dict: every key accepted
     assert kwargs["additional_config"] == {"proxyattn": {"max_density": 0.1}} and kwargs["max_model_len"] == 1064
     assert kwargs["block_size"] == 128 and kwargs["max_num_batched_tokens"] == 8192
     assert profile_prefill.main(base + ["--backend", "FLASH_ATTN", "--append", "--trace-dir", str(tmp_path / "b")]) == 0
