@@ -41,6 +41,7 @@ from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_
 from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_block_mask, union_page_plan
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
+from proxyattn_vllm.config import ProxyAttnConfig  # num_proxy_groups "auto"; imports no vLLM
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
 TAIL_TOKENS = 128  # the default dense_tail_tokens
@@ -388,12 +389,6 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
     return failures
 
 
-def auto_proxy_groups(hq: int, hkv: int) -> int:
-    """The proxy groups of ``num_proxy_groups: "auto"`` (proxyattn_vllm/config.py): one group up
-    to 4 query heads per KV head, else one per KV head."""
-    return 1 if hq // hkv <= 4 else hkv
-
-
 def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
     """Time the Triton selection (proxy scores + budgets + select) if it is available; with
     ``row_lse`` (the budget rows' LSE from the dense tail's FA3 call, :func:`tail_lse_rows`), also
@@ -408,7 +403,7 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
     from proxyattn_kernels.proxy_scores.triton import proxy_block_scores_paged
     from proxyattn_kernels.select.triton import select_blocks as select_blocks_triton
 
-    params = ProxyAttnParams(block_size=block, num_groups=auto_proxy_groups(hq, hkv), min_sparse_len=0,
+    params = ProxyAttnParams(block_size=block, num_groups=ProxyAttnConfig().resolve_num_groups(hq, hkv), min_sparse_len=0,
                              dense_tail_tokens=TAIL_TOKENS)
     scale = q.shape[-1] ** -0.5
     total = timed(lambda: select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params))
@@ -685,7 +680,7 @@ def main() -> int:
             if not args.only_sweep:
                 budget_sweep.append({"shape": name, "page_size": page,
                                      "rows": budget_tile_sweep(q, kv, table, ctx, block, row_lse=tail_lse)})
-                groups = auto_proxy_groups(hq, hkv)
+                groups = ProxyAttnConfig().resolve_num_groups(hq, hkv)
                 proxy_sweep.append({"shape": name, "page_size": page, "num_groups": groups,
                                     "rows": proxy_tile_sweep(q, kv, table, ctx, block, groups, ProxyAttnParams().stride)})
             tile = default_tile_config(block, d, on_cpu=False, page_size=page)

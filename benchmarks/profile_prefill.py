@@ -63,13 +63,14 @@ def summarize_trace(events: list[dict], top: int = 15) -> dict:
     by_category: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     for e in kernels:
-        by_category[categorize(e["name"])] = by_category.get(categorize(e["name"]), 0.0) + e["dur"]
+        category = categorize(e["name"])
+        by_category[category] = by_category.get(category, 0.0) + e["dur"]
         entry = by_name.setdefault(e["name"], [0.0, 0])
         entry[0] += e["dur"]
         entry[1] += 1
     intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     busy, (start, end) = 0.0, intervals[0]
-    first = intervals[0][0]
+    first = start
     for lo, hi in intervals[1:]:
         if lo > end:
             busy += end - start
@@ -77,7 +78,7 @@ def summarize_trace(events: list[dict], top: int = 15) -> dict:
         else:
             end = max(end, hi)
     busy += end - start
-    span = max(hi for _, hi in intervals) - first
+    span = end - first  # the last merged interval ends with the last kernel
     top_kernels = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
     return {
         "kernels": len(kernels),
@@ -118,7 +119,7 @@ def profile_one(args) -> dict:
 
     trace_dir = os.path.abspath(args.trace_dir or tempfile.mkdtemp(prefix="proxyattn_profile_"))
     os.makedirs(trace_dir, exist_ok=True)
-    kwargs = {"additional_config": {"proxyattn": json.loads(args.proxyattn_overrides)}} if args.backend == "proxyattn" else {}
+    kwargs = {"additional_config": {"proxyattn": args.overrides}} if args.backend == "proxyattn" else {}
     llm = LLM(model=args.model, load_format="dummy" if args.dummy else "auto", attention_backend=args.backend,
               dtype="bfloat16", max_model_len=args.max_model_len or args.prompt_len + 64,
               max_num_batched_tokens=args.chunk, block_size=args.block_size, enable_prefix_caching=False,
@@ -176,6 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--proxyattn-overrides is not JSON ({exc}): {args.proxyattn_overrides!r}")
     if not isinstance(overrides, dict):
         ap.error(f"--proxyattn-overrides must be a JSON object, got {args.proxyattn_overrides!r}")
+    args.overrides = overrides
     return args
 
 

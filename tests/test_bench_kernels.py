@@ -222,7 +222,8 @@ def test_proxy_tile_sweep_checks_each_tile_against_the_default(monkeypatch, rng_
     assert [r["tile"]["block_m"] for r in rows] == [16, 32, 16, 24]
     assert all(r["ms"] == 3.0 and r["max_score_diff"] < 1e-5 for r in rows[:3])
     assert "error" in rows[3] and "ms" not in rows[3]
-    assert bench_kernels.auto_proxy_groups(32, 8) == 1 and bench_kernels.auto_proxy_groups(14, 2) == 2
+    groups = bench_kernels.ProxyAttnConfig().resolve_num_groups  # the sweep's groups: "auto"
+    assert groups(32, 8) == 1 and groups(14, 2) == 2
     # The default tile's scores are the spec's (the sweep's reference is right).
     from proxyattn_kernels.proxy_scores.triton import proxy_block_scores_paged
 

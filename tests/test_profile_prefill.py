@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 
@@ -62,8 +63,6 @@ def test_the_newest_trace_is_read(tmp_path):
     with gzip.open(old, "wt") as f:
         json.dump({"traceEvents": [kernel("old", 0, 1)]}, f)
     new.write_text(json.dumps({"traceEvents": [kernel("new", 0, 1)]}))
-    import os
-
     os.utime(old, (1, 1))
     assert profile_prefill.load_trace_events(str(tmp_path))[0]["name"] == "new"
     with pytest.raises(FileNotFoundError, match="no \\*.pt.trace.json"):
