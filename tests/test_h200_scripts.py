@@ -66,10 +66,7 @@ def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
     and runs the Qwen TTFT while GPU 0 runs the density pass and the TTFT; then TP=2 on both.
     Each lane kills only its own GPU's processes between steps."""
     env, bg, _ = stubbed
-    smi = tmp_path / "bin" / "nvidia-smi"
-    smi.write_text(STUB + 'case "$*" in *-L*) echo "GPU 0: NVIDIA H200"; echo "GPU 1: NVIDIA H200";; esac\n')
-    py = tmp_path / "bin" / "python3"  # records which GPU each command saw
-    py.write_text(STUB.replace('echo "stub', 'echo "gpu=${CUDA_VISIBLE_DEVICES-all} stub'))
+    two_gpus(tmp_path)
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     assert not result.stderr.strip(), result.stderr
@@ -79,15 +76,76 @@ def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
     assert started[:2] == ["gpu_tests", "kernels"]  # alone: nothing else runs on the host while it times
     assert started[-1] == "tp2_128k"
     assert started.index("profile_dense") < started.index("profile_sparse") < started.index("ttft_qwen")
-    calls = [line for line in (bg / "calls.log").read_text().splitlines() if "python3" in line]
-    gpu_of = {key: next(line.split()[0] for line in calls if key in line)
-              for key in ("bench_kernels", "--density-only", "profile_prefill", "qwen2.5-coder",
-                          "--backends FLASH_ATTN ", "--tensor-parallel 2")}
+    gpu_of = gpu_of_steps(bg, ("bench_kernels", "--density-only", "profile_prefill", "qwen2.5-coder",
+                               "--backends FLASH_ATTN ", "--tensor-parallel 2"))
     assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=0", "profile_prefill": "gpu=1",
                       "qwen2.5-coder": "gpu=1", "--backends FLASH_ATTN ": "gpu=0", "--tensor-parallel 2": "gpu=all"}
     kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
     assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
     assert (bg / "chain.done").exists()
+
+
+def two_gpus(tmp_path):
+    """Stubs for a two-GPU host whose python3 records the GPU each command saw."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(STUB + 'case "$*" in *-L*) echo "GPU 0: NVIDIA H200"; echo "GPU 1: NVIDIA H200";; esac\n')
+    py = tmp_path / "bin" / "python3"
+    py.write_text(STUB.replace('echo "stub', 'echo "gpu=${CUDA_VISIBLE_DEVICES-all} stub'))
+
+
+def gpu_of_steps(bg, keys):
+    calls = [line for line in (bg / "calls.log").read_text().splitlines() if "python3" in line]
+    return {key: next(line.split()[0] for line in calls if key in line) for key in keys}
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_chain_plan_diagnose(stubbed, tmp_path, gpus):
+    """The first chain of a split session: the engine profile ("fa3" only), the kernels (alone on
+    the host) and, with two GPUs, the TP=2 prompt; no TTFT."""
+    env, bg, _ = stubbed
+    if gpus == 2:
+        two_gpus(tmp_path)
+    result = run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": "diagnose"})
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    started = re.findall(r"\[chain\] (\w+): start", result.stdout)
+    if gpus == 1:
+        assert started == ["gpu_tests", "kernels", "profile_sparse"]
+        return
+    assert sorted(started[:2]) == ["gpu_tests", "profile_sparse"] and started[2:] == ["tp2_128k", "kernels"]
+    assert gpu_of_steps(bg, ("bench_kernels", "profile_prefill", "-m gpu", "--tensor-parallel 2")) == {
+        "bench_kernels": "gpu=0", "profile_prefill": "gpu=1", "-m gpu": "gpu=0", "--tensor-parallel 2": "gpu=all"}
+    profile = next(line for line in (bg / "calls.log").read_text().splitlines() if "profile_prefill" in line)
+    assert "--backend proxyattn" in profile and "--append" not in profile and "sparse_kernel" in profile
+    assert (bg / "chain.done").exists()
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_chain_plan_measure(stubbed, tmp_path, gpus):
+    """The second chain of a split session: the GPU tests, then the TTFT (dense, then "fa3"), the
+    Qwen TTFT and the density pass; with two GPUs the last two on GPU 1 meanwhile."""
+    env, bg, _ = stubbed
+    if gpus == 2:
+        two_gpus(tmp_path)
+    result = run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": "measure"})
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    started = re.findall(r"\[chain\] (\w+): start", result.stdout)
+    assert sorted(started) == sorted(["gpu_tests", "ttft_dense", "ttft_sparse", "ttft_qwen", "ttft_density"])
+    assert started[0] == "gpu_tests" and started.index("ttft_dense") < started.index("ttft_sparse")
+    assert started.index("ttft_qwen") < started.index("ttft_density")
+    if gpus == 2:
+        assert gpu_of_steps(bg, ("--backends FLASH_ATTN ", "--backends proxyattn:fa3", "qwen2.5-coder",
+                                 "--density-only")) == {
+            "--backends FLASH_ATTN ": "gpu=0", "--backends proxyattn:fa3": "gpu=0", "qwen2.5-coder": "gpu=1",
+            "--density-only": "gpu=1"}
+    assert (bg / "chain.done").exists()
+
+
+def test_chain_rejects_an_unknown_plan(stubbed):
+    env, bg, _ = stubbed
+    result = run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": "everything"})
+    assert result.returncode == 2
+    assert "unknown plan 'everything' (accepted: full, diagnose, measure)" in result.stdout
+    assert not (bg / "calls.log").exists() and (bg / "chain.done").exists()
 
 
 def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatch):

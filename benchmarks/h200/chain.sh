@@ -31,15 +31,19 @@ kernels() {
   # the union call's probes: num_splits 1, rows reversed, recent-block selection).
   step kernels 220 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
 }
-profile() {
-  # Where the engine's time goes at 128K (benchmarks/profile_prefill.py; GPU kernel time per
-  # category and idle time): dense FA3, then "fa3" appended. Session 9's fit put the engine's
-  # per-chunk attention 10-14% above the kernel bench's path. The traces stay on the host.
-  local prof=(python3 benchmarks/profile_prefill.py --model "$PWD/.dummy8b" --dummy --prompt-len 131008
+profile_args=(python3 benchmarks/profile_prefill.py --model "$PWD/.dummy8b" --dummy --prompt-len 131008
               --out "$RES/profile_prefill_h200.json")
-  step profile_dense 280 "${prof[@]}" --backend FLASH_ATTN --trace-dir "$BG/traces/dense"
-  step profile_sparse 180 "${prof[@]}" --append --backend proxyattn --trace-dir "$BG/traces/fa3" \
+profile_sparse() {
+  # Where the engine's time goes at 128K (benchmarks/profile_prefill.py; GPU kernel time per
+  # category and idle time) for "fa3" at max_density 0.1. Session 9's fit put the engine's
+  # per-chunk attention 10-14% above the kernel bench's path. The traces stay on the host.
+  step profile_sparse 180 "${profile_args[@]}" "$@" --backend proxyattn --trace-dir "$BG/traces/fa3" \
     --proxyattn-overrides '{"max_density": 0.1, "sparse_kernel": "fa3"}'
+}
+profile() {
+  # Dense FA3 first, then "fa3" appended to the same JSON.
+  step profile_dense 280 "${profile_args[@]}" --backend FLASH_ATTN --trace-dir "$BG/traces/dense"
+  profile_sparse --append
 }
 gpu_tests() {
   step gpu_tests 60 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
@@ -76,30 +80,73 @@ qwen() {
     --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 90 \
     --out "$RES/ttft_qwen05b_h200.json" --logdir "$RES/ttft_qwen_logs"
 }
+tp2_128k() {
+  # Issue #7's last item: a sparse 128K prompt of the 8B shape at TP=2 (max_density 0.1; session
+  # 8's attempt died in vLLM's multicast all-reduce fusion, now off). Both GPUs.
+  step tp2_128k 300 python3 benchmarks/gpu_backend_check.py --model /tmp/models/qwen05b --essays .essays \
+    --tensor-parallel 2 --skip equivalence,cudagraphs --dummy-8b "$PWD/.dummy8b" \
+    --out "$RES/robustness_tp2_128k_h200.json"
+}
+on_gpu() { export CUDA_VISIBLE_DEVICES=$1 PROXYATTN_GPU=$1; }
+all_gpus() { unset CUDA_VISIBLE_DEVICES PROXYATTN_GPU; }
+# The plan ($PROXYATTN_CHAIN_PLAN): "full" (everything, in order of value), or a session split in
+# two chains with CPU work between them: "diagnose" (the profile, the TP=2 prompt, the kernels
+# and their probes) and "measure" (the TTFT, the Qwen TTFT and the density pass).
+plan=${PROXYATTN_CHAIN_PLAN:-full}
+case $plan in
+  full|diagnose|measure) ;;
+  *) echo "[chain] unknown plan '$plan' (accepted: full, diagnose, measure)"; touch "$BG/chain.done"; exit 2;;
+esac
+echo "[chain] plan $plan on $(num_gpus) GPU(s)"
 gpu_tests_rc=skipped
-if [ "$(num_gpus)" -ge 2 ]; then
-  # Two GPUs (kind nvidia-h200-x2): the GPU tests (they gate everything sparse) and the kernels
-  # alone first (a vLLM server starting on the other GPU disturbs short timings); then GPU 1
-  # profiles the engine and runs the Qwen TTFT while GPU 0 runs the density pass (not run in
-  # sessions 8-9) and the TTFT; then both GPUs run issue #7's last item: a sparse 128K prompt of
-  # the 8B shape at TP=2 (max_density 0.1; session 8's attempt died in vLLM's multicast
-  # all-reduce fusion, now off).
-  export CUDA_VISIBLE_DEVICES=0 PROXYATTN_GPU=0
+if [ "$plan" = diagnose ] && [ "$(num_gpus)" -ge 2 ]; then
+  # GPU 1 profiles the engine while GPU 0 runs the GPU tests; then TP=2 on both; then the
+  # kernels alone (a vLLM server on the other GPU disturbs short timings).
+  on_gpu 0
+  ( on_gpu 1; profile_sparse ) &
+  lane1=$!
+  gpu_tests
+  wait "$lane1"
+  all_gpus
+  tp2_128k
+  on_gpu 0
+  kernels
+elif [ "$plan" = diagnose ]; then
   gpu_tests
   kernels
-  ( export CUDA_VISIBLE_DEVICES=1 PROXYATTN_GPU=1; [ "$gpu_tests_rc" = 0 ] && profile; qwen ) &
+  profile_sparse
+elif [ "$plan" = measure ] && [ "$(num_gpus)" -ge 2 ]; then
+  # GPU 0: the GPU tests (they gate everything sparse), then the TTFT; GPU 1 meanwhile: the Qwen
+  # TTFT and the density pass (a server on the other GPU: the TTFT is GPU-bound, session 8).
+  on_gpu 0
+  gpu_tests
+  ( on_gpu 1; qwen; [ "$gpu_tests_rc" = 0 ] && density ) &
+  lane1=$!
+  ttft_timed
+  wait "$lane1"
+elif [ "$plan" = measure ]; then
+  gpu_tests
+  ttft_timed
+  qwen
+  [ "$gpu_tests_rc" = 0 ] && density
+elif [ "$(num_gpus)" -ge 2 ]; then
+  # Two GPUs (kind nvidia-h200-x2): the GPU tests (they gate everything sparse) and the kernels
+  # alone first (a vLLM server starting on the other GPU disturbs short timings); then GPU 1
+  # profiles the engine and runs the Qwen TTFT while GPU 0 runs the density pass and the TTFT;
+  # then both GPUs run the TP=2 128K prompt.
+  on_gpu 0
+  gpu_tests
+  kernels
+  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && profile; qwen ) &
   lane1=$!
   [ "$gpu_tests_rc" = 0 ] && density
   ttft_timed
   wait "$lane1"
-  unset CUDA_VISIBLE_DEVICES PROXYATTN_GPU
-  step tp2_128k 300 python3 benchmarks/gpu_backend_check.py --model /tmp/models/qwen05b --essays .essays \
-    --tensor-parallel 2 --skip equivalence,cudagraphs --dummy-8b "$PWD/.dummy8b" \
-    --out "$RES/robustness_tp2_128k_h200.json"
+  all_gpus
+  tp2_128k
 else
-  # One GPU: the GPU tests gate everything sparse; the kernels (the probes and graph timings
-  # session 9 built), the engine profile, the density pass and the Qwen TTFT (both overdue), and
-  # the TTFT last (session 9 measured it; re-time it only if the code changed).
+  # One GPU: the GPU tests gate everything sparse; the kernels, the engine profile, the density
+  # pass and the Qwen TTFT, and the TTFT last.
   gpu_tests
   kernels
   [ "$gpu_tests_rc" = 0 ] && profile
