@@ -38,7 +38,10 @@ import triton
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, default_tile_config
-from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_block_mask, union_page_plan
+from proxyattn_kernels.block_sparse_attn.union_pages import (
+    tail_first_calls, union_block_mask, union_call_num_splits, union_page_plan,
+)
+from proxyattn_kernels.device import sm_count
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 from proxyattn_vllm.config import ProxyAttnConfig  # num_proxy_groups "auto"; imports no vLLM
@@ -161,7 +164,8 @@ def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_t
                            page_size=kv.shape[2])
     geo = ChunkGeometry(ctx, q.shape[0], block)
     for tokens, rows in tail_first_calls(plan, geo, geo.first_tail_row(tail_tokens), skip_tail):
-        fa3_union_call(fa3, q[tokens], kv, rows, scale, out[tokens])
+        splits = union_call_num_splits(rows.seqused_k.shape[0], q.shape[1], sm_count(q.device))  # as the backend
+        fa3_union_call(fa3, q[tokens], kv, rows, scale, out[tokens], splits)
     return out
 
 

@@ -26,7 +26,8 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
-from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_page_plan
+from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_call_num_splits, union_page_plan
+from proxyattn_kernels.device import sm_count
 from proxyattn_kernels.selection import select_blocks_paged
 
 from . import stats, warmup
@@ -370,6 +371,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
             self._dense_varlen(
                 layer, query[tokens], kv_cache, output[tokens], rows.cu_seqlens_q, rows.max_seqlen_q,
                 rows.seqused_k, rows.max_seqlen_k, rows.block_table,
+                num_splits=union_call_num_splits(rows.seqused_k.shape[0], self.num_heads, sm_count(query.device)),
             )
 
     def _is_dense_layer(self, layer: torch.nn.Module) -> bool:
@@ -395,11 +397,13 @@ class ProxyAttnImpl(FlashAttentionImpl):
 
     def _dense_varlen(
         self, layer, query, kv_cache, output, cu_seqlens_q, max_query_len, seq_lens,
-        max_seq_len, block_table, return_lse=False,
+        max_seq_len, block_table, return_lse=False, num_splits=0,
     ) -> torch.Tensor | None:
         """Causal varlen attention of ``query`` (rows given by ``cu_seqlens_q``, rebased to 0)
         over the paged cache, written into ``output``. With ``return_lse`` and FlashAttention:
-        returns the rows' ``[Hq, tokens]`` float32 natural-log LSE; otherwise None."""
+        returns the rows' ``[Hq, tokens]`` float32 natural-log LSE; otherwise None.
+        ``num_splits``: FlashAttention's split-KV count (0: its heuristic; the Triton kernel
+        has no such choice)."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         descale_shape = (seq_lens.shape[0], self.num_kv_heads)
         k_descale = layer._k_scale.expand(descale_shape)
@@ -419,7 +423,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 scheduler_metadata=None,  # an AOT schedule is built for the whole batch only
                 fa_version=self.vllm_flash_attn_version,
                 q_descale=None, k_descale=k_descale, v_descale=v_descale,
-                return_softmax_lse=return_lse,
+                return_softmax_lse=return_lse, num_splits=num_splits,
             )
             return result[1] if return_lse else None
         self._triton_attention(

@@ -117,6 +117,30 @@ def test_proxy_scores_tiles_splits_and_pooling(rng_seed, block, stride, tile, sp
     assert_scores_close(scores, expected, *TOL[torch.float32])
 
 
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,stride,page", CPU_CASES[:2])
+def test_proxy_scores_with_the_smallest_heads_tile(rng_seed, monkeypatch, hq, hkv, d, ctx, q_len, block, stride, page):
+    """On a GPU the proxy keys' means take 8-row programs when 32-row ones would be too few (a
+    context below ~64K tokens); under the interpreter that happens only when asked for many
+    programs, as here (poisoned workspaces: every padded row must still be written)."""
+    monkeypatch.setattr(proxy_triton, "_target_programs", lambda device: 10**6)
+    assert proxy_triton._heads_tile(64, 1, 32, torch.device("cpu")) == 8
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.float32)
+    kv_cache, table = make_paged(k, v, page)
+    scores = proxy_block_scores_paged(q, kv_cache, table, ctx=ctx, scale=d**-0.5, num_groups=hkv, stride=stride,
+                                      block_size=block)
+    assert_scores_close(scores, proxy_block_scores(q, k, ctx, d**-0.5, hkv, stride, block), *TOL[torch.float32])
+
+
+def test_heads_tile_halves_until_the_launch_is_wide_enough(monkeypatch):
+    monkeypatch.setattr(proxy_triton, "_target_programs", lambda device: 1056)  # 8 per SM of an H200
+    cpu = torch.device("cpu")
+    assert proxy_triton._heads_tile(2048, 1, 64, cpu) == 8     # 8K tokens of strided keys: 256 programs
+    assert proxy_triton._heads_tile(32768, 1, 64, cpu) == 16   # 128K tokens: 2048 programs
+    assert proxy_triton._heads_tile(65536, 1, 64, cpu) == 32   # already 2048 programs of 32 rows
+    assert proxy_triton._heads_tile(8192, 8, 64, cpu) == 32    # 8 groups of 256 programs: enough
+    assert proxy_triton._heads_tile(8192, 8, 16, cpu) == 16    # never above the passes' tile
+
+
 @pytest.mark.parametrize("ctx,q_len", [(46, 100), (46, 1), (45, 2), (16, 2), (0, 1)])
 def test_proxy_scores_rows_without_strided_query(rng_seed, ctx, q_len):
     """A row (or the whole chunk) without a position ``p % stride == 0`` stays -inf."""

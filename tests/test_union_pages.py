@@ -13,7 +13,7 @@ from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.block_sparse_attn import union_pages
 from proxyattn_kernels.block_sparse_attn.union_pages import (
-    tail_first_calls, union_block_mask, union_page_plan, union_page_plan_torch,
+    tail_first_calls, union_block_mask, union_call_num_splits, union_page_plan, union_page_plan_torch,
 )
 
 from tests._paged import make_paged, random_selection
@@ -213,3 +213,14 @@ def test_triton_plan_on_the_gpu_at_the_128k_shape(groups, page):
     args = dict(ctx=ctx, q_len=q_len, block_size=block, page_size=page)
     assert_plans_equal(union_page_plan(ranking, counts, table, **args),
                        union_page_plan_torch(ranking, counts, table, **args))
+
+
+def test_union_call_num_splits():
+    """One split once a call has 8 (row, query head) tiles per SM; FA3's choice (0) below that,
+    and without a GPU. H200 (132 SMs), 8K chunk: Llama's 63 x 32 rows unsplit, Qwen-0.5B's 63 x 14
+    and the dense tail's single row left to FA3."""
+    assert union_call_num_splits(63, 32, 132) == 1
+    assert union_call_num_splits(63, 14, 132) == 0
+    assert union_call_num_splits(1, 32, 132) == 0
+    assert union_call_num_splits(33, 32, 132) == 1 and union_call_num_splits(32, 32, 132) == 0  # 1056 = 8 x 132
+    assert union_call_num_splits(63, 32, 0) == 0

@@ -258,8 +258,8 @@ def test_budget_reuses_the_dense_tails_lse(vllm_config, kernel, tail, monkeypatc
         impl = _impl(config)
         real_varlen = impl._dense_varlen
 
-        def dense_varlen(layer, query, kv_cache, output, *args, return_lse=False, _real=real_varlen):
-            _real(layer, query, kv_cache, output, *args)
+        def dense_varlen(layer, query, kv_cache, output, *args, return_lse=False, num_splits=0, _real=real_varlen):
+            _real(layer, query, kv_cache, output, *args, num_splits=num_splits)
             seq_lens, block_table = args[2], args[4]
             if return_lse and with_lse:
                 return _lse_from_cache(query, kv_cache, int(seq_lens[0]), block_table[0])
@@ -289,6 +289,7 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
     from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask
 
     from proxyattn_vllm import ProxyAttnConfig
+    from proxyattn_vllm import impl as impl_module
 
     from proxyattn_vllm import stats
 
@@ -307,10 +308,12 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
     stats_path = tmp_path / "stats.jsonl"
     stats.configure(stats_path, mass_heads=2)
     impl = _impl(config)
-    calls = []  # query rows of each dense varlen call
+    calls, splits = [], []  # query rows and num_splits of each dense varlen call
     real_varlen = impl._dense_varlen
-    monkeypatch.setattr(impl, "_dense_varlen", lambda layer, query, *a, **kw: (calls.append(query.shape[0]),
-                                                                               real_varlen(layer, query, *a, **kw)))
+    monkeypatch.setattr(impl, "_dense_varlen", lambda layer, query, *a, **kw: (
+        calls.append(query.shape[0]), splits.append(kw.get("num_splits", 0)), real_varlen(layer, query, *a, **kw)))
+    # As if on a 1-SM GPU: union calls of >= 8 (row, head) tiles run unsplit (union_call_num_splits).
+    monkeypatch.setattr(impl_module, "sm_count", lambda device: 1)
     try:
         output = batch.run(impl, md, _Layer(0))
     finally:
@@ -320,6 +323,9 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
         tail_rows_tokens = sparse_tokens - ((batch.seq_lens[3] - 1) // 16 * 16 - (batch.seq_lens[3] - sparse_tokens))
         union_calls = [tail_rows_tokens, sparse_tokens - tail_rows_tokens] if tail else [sparse_tokens]
         assert calls[-len(union_calls):] == union_calls, calls
+        # 3 rows x 4 heads in one call, or the tail's 1 row (FA3 splits) and then 2 rows.
+        assert splits[-len(union_calls):] == ([0, 1] if tail else [1]), splits
+        assert not any(splits[:-len(union_calls)]), "a dense rows' call got a split count"
     (line,) = stats.read_lines(stats_path)
     params = ProxyAttnConfig.from_dict(config).kernel_params(NUM_HEADS, NUM_KV_HEADS)
     for r, tokens, ctx in batch.rows():

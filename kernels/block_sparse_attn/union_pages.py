@@ -235,6 +235,27 @@ def union_page_plan(
                          union_blocks, ordered[None])
 
 
+#: A union call with at least this many (pseudo-request, query head) tiles per SM runs without
+#: split-KV (:func:`union_call_num_splits`).
+SPLIT_FREE_TILES_PER_SM = 8
+
+
+def union_call_num_splits(num_rows: int, num_q_heads: int, num_sms: int) -> int:
+    """``num_splits`` for a dense varlen kernel over ``num_rows`` pseudo-requests of a plan: 1 (no
+    split-KV) when the call has at least ``SPLIT_FREE_TILES_PER_SM`` (row, query head) tiles per SM,
+    else 0 (FA3 chooses).
+
+    FA3's split heuristic sizes the key range from ``max_seqlen_k``, which for a union call is the
+    whole context (a host bound: the unions are on the device), while each row reads only its
+    union, about the density times the context. It then splits rows that are already short and
+    adds a combine kernel. H200, last 8K chunk of 128K at density 0.1 (session 10 kernel bench):
+    Llama-3.1-8B's shape (2016 tiles, 15 per SM) took 2.96 ms with one split against 3.17 ms with
+    FA3's choice at 128-token pages, 3.29 vs 3.44 at 16; Qwen2.5-0.5B's (882 tiles, 6.7 per SM)
+    was within 2% either way, so it keeps FA3's choice. A call with few rows (the dense tail, a
+    short chunk) needs the splits to fill the GPU."""
+    return 1 if num_sms > 0 and num_rows * num_q_heads >= SPLIT_FREE_TILES_PER_SM * num_sms else 0
+
+
 def tail_first_calls(plan: UnionPagePlan, geo: ChunkGeometry, first_tail_row: int,
                      tail_done: bool = False) -> list[tuple[slice, UnionPagePlan]]:
     """The kernel calls of a plan: ``[(chunk token slice, plan of those rows)]``.

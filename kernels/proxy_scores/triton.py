@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device import sm_count
 from ..paged import paged_row_offsets
 from ..params import ChunkGeometry
 
@@ -81,16 +82,7 @@ def _target_programs(device: torch.device) -> int:
     enough that the last wave is short); a few under the CPU interpreter, to exercise splits."""
     if device.type != "cuda":
         return 4
-    return 8 * _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_SM_CACHE: dict[int, int] = {}
-
-
-def _sm_count_cuda(index: int) -> int:
-    if index not in _SM_CACHE:
-        _SM_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_CACHE[index]
+    return 8 * sm_count(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +119,11 @@ def _proxy_heads_kernel(
         row_off = (pos - ctx).to(tl.int64) * stride_src_tok
     ptrs = src_ptr + (g * HEADS).to(tl.int64) * stride_src_head + row_off[:, None] + offs_d[None, :]
     acc = tl.zeros([BLOCK_T, HEAD_DIM], tl.float32)
-    for h in range(HEADS):
+    # Unrolled: the heads' loads are independent, so they can all be in flight at once. Rolled,
+    # with 32-row programs, the strided queries of an 8K chunk (32 heads) were 64 programs each
+    # loading one head after another; the two launches were half the proxy scores' GPU time in
+    # a 128K prompt's profile (session 10).
+    for h in tl.static_range(HEADS):
         acc += tl.load(ptrs + h * stride_src_head, mask=valid[:, None], other=0.0).to(tl.float32)
     acc = acc / HEADS
     out_ptrs = out_ptr + g.to(tl.int64) * stride_out_group + rows.to(tl.int64)[:, None] * stride_out_row + offs_d[None, :]
@@ -399,18 +395,20 @@ def proxy_block_scores_paged(
     # 1. Proxy queries and keys (mean over the group's heads), zero padded.
     pq = _workspace((num_groups, nq_pad, head_dim), device, q.dtype)
     pk = _workspace((num_groups, nk_pad, head_dim), device, q.dtype)
-    prep_t = min(32, bm, bn)  # divides nq_pad and nk_pad
-    _proxy_heads_kernel[(nq_pad // prep_t, num_groups)](
+    # The strided queries are few (2048 for an 8K chunk at stride 4): 8 rows per program always
+    # (one compiled variant, whatever the chunk's length).
+    _proxy_heads_kernel[(nq_pad // 8, num_groups)](
         q, block_table, pq, a_base, a0, a_last, ctx,
         0, q.stride(1), q.stride(0), pq.stride(0), pq.stride(1),
         STRIDE=stride, PAGE_SIZE=kv_cache.shape[2], PAGED=False,
-        HEADS=num_q_heads // num_groups, HEAD_DIM=head_dim, BLOCK_T=prep_t, num_warps=4,
+        HEADS=num_q_heads // num_groups, HEAD_DIM=head_dim, BLOCK_T=8, num_warps=4,
     )
-    _proxy_heads_kernel[(nk_pad // prep_t, num_groups)](
+    k_rows_t = _heads_tile(nk_pad, num_groups, min(bm, bn), device)
+    _proxy_heads_kernel[(nk_pad // k_rows_t, num_groups)](
         kv_cache, block_table, pk, 0, 0, a_last, 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), pk.stride(0), pk.stride(1),
         STRIDE=stride, PAGE_SIZE=kv_cache.shape[2], PAGED=True,
-        HEADS=num_kv_heads // num_groups, HEAD_DIM=head_dim, BLOCK_T=prep_t, num_warps=4,
+        HEADS=num_kv_heads // num_groups, HEAD_DIM=head_dim, BLOCK_T=k_rows_t, num_warps=4,
     )
 
     # 2. Row statistics.
@@ -439,6 +437,18 @@ def proxy_block_scores_paged(
         INPUT_PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return scores
+
+
+def _heads_tile(num_rows: int, num_groups: int, tile: int, device: torch.device) -> int:
+    """Strided key rows per program of ``_proxy_heads_kernel``: 32 (at most ``tile``, a power of
+    two that divides ``num_rows``), halved down to 8 while the launch has fewer programs than
+    :func:`_target_programs`: up to 128K tokens of context, 32-row programs would not give each
+    of an H200's SMs eight. Monotone in ``num_rows``, so the warm-up's chunks (context lengths
+    doubling up to the longest prompt, ``kernels/warmup.py``) compile every variant used."""
+    rows_t = min(32, tile)
+    while rows_t > 8 and (num_rows // rows_t) * num_groups < _target_programs(device):
+        rows_t //= 2
+    return rows_t
 
 
 # Tests set this to poison the internal workspaces with NaN (every element read must be written).
