@@ -532,6 +532,7 @@ async def run_benchmark(config: LoadTestConfig) -> dict:
         "prefix_nonce": nonce,
         **summarize(records, duration),
         "warmup_failed": sum(not r["success"] for r in warmup_records),
+        "warmup_errors": sorted({r["error"] for r in warmup_records if not r["success"]}),
         "by_prompt_len": summarize_by_prompt_len(records),
         "requests": records,
     }

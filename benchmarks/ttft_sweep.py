@@ -464,12 +464,12 @@ class Sweep:
                 try:
                     warm = loadtest.run(self.load_config(server.base_url, [args.warmup_len], 0,
                                                          args.warmups, f"{backend} warm-up"))
-                    failed = warm["warmup_failed"]
-                except loadtest.ServerUnreachable:
-                    failed = args.warmups
-                self.results["servers"][-1]["warmup_failed"] = failed
+                    failed, errors = warm["warmup_failed"], warm.get("warmup_errors", [])
+                except loadtest.ServerUnreachable as exc:
+                    failed, errors = args.warmups, [str(exc)]
+                self.results["servers"][-1].update(warmup_failed=failed, warmup_errors=errors)
                 if failed:
-                    log(f"[{backend}] {failed} of {args.warmups} warm-up requests failed")
+                    log(f"[{backend}] {failed} of {args.warmups} warm-up requests failed: {'; '.join(errors)}")
             # Decode before the sweep: it is short, and a budget cut should fall on the longest
             # prompt rather than on the decode comparison (session 6 lost FLASH_ATTN's this way).
             if args.decode_requests:

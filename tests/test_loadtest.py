@@ -123,6 +123,16 @@ def test_rejected_requests_are_counted_with_the_servers_message(serve, capsys):
     assert result["mean_ttft_ms"] is None and result["errors"][0]["count"] == 2
 
 
+def test_failed_warm_ups_are_counted_with_their_reasons(serve):
+    server = serve(max_model_len=250)
+    result = loadtest.run(config(server, prompt_lens=[300], num_prompts=0, warmup_requests=2, output_len=2))
+    assert result["warmup_failed"] == 2
+    (reason,) = result["warmup_errors"]
+    assert reason.startswith("HTTP 400: This model's maximum context length is 250 tokens")
+    ok = loadtest.run(config(server, prompt_lens=[100], num_prompts=0, warmup_requests=1, output_len=2))
+    assert ok["warmup_failed"] == 0 and ok["warmup_errors"] == []
+
+
 def test_an_error_event_in_the_stream_fails_the_request(serve):
     server = serve(stream_error_after=2, itl_s=0.0)
     result = loadtest.run(config(server, prompt_lens=[20], output_len=5))
