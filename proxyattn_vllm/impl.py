@@ -153,9 +153,10 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 f"{fi.INSTALL_HINT}, or set sparse_kernel to \"triton\" or \"fa3\"."
             )
         self._sparse_kernel: str | None = None  # resolved on the first sparse forward (page size)
-        # Kernels compiled during vLLM's memory-profiling run (None: engine limits unknown).
-        self._warmup_shape = warmup.shape_from_vllm_config(
-            vllm_config, num_heads, num_kv_heads, head_size, self.proxyattn_params)
+        # Read again when the memory-profiling run compiles the kernels (_warmup_shape): vLLM
+        # sets the page size it serves after building the model (when no --block-size was given,
+        # from our backend's preferred size), so the value seen here can be stale.
+        self._vllm_config = vllm_config
         self._dense_layer: bool | None = None  # resolved from the layer name on first forward
         # A sliding-window layer attends to its window only, so it has little to skip: it runs
         # dense with its window (the parent's FlashAttention path) and is never sparsified.
@@ -224,9 +225,10 @@ class ProxyAttnImpl(FlashAttentionImpl):
         dense_layer = self._is_dense_layer(layer)
         if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
             if not dense_layer and not self.sliding_window_layer:
-                kernel = self._warmup_kernel(query.dtype)
+                shape = self._warmup_shape()
+                kernel = self._warmup_kernel(shape, query.dtype)
                 tail_first = self._tail_by_dense_kernel() and self.proxyattn_params.dense_tail_tokens > 0
-                warmup.warm_up_once(self._warmup_shape, query.dtype, query.device,
+                warmup.warm_up_once(shape, query.dtype, query.device,
                                     flashinfer=kernel == "flashinfer", union_plan=kernel in ("fa3", "flashinfer"),
                                     budget_lse=tail_first and kernel in ("triton", "fa3"))
             return output.fill_(0)
@@ -327,14 +329,23 @@ class ProxyAttnImpl(FlashAttentionImpl):
         chosen = f'sparse_kernel "{configured}"' + (f' (chose "{kernel}")' if configured == "auto" else "")
         return kernel, f"{chosen} {reason}"
 
-    def _warmup_kernel(self, dtype: torch.dtype) -> str | None:
+    def _warmup_shape(self) -> warmup.WarmupShape | None:
+        """What the memory-profiling run compiles the kernels for: this layer's shape and the
+        engine's limits as they are now (None: not known). Called in that run, after vLLM has
+        settled the page size: a shape taken in ``__init__`` had a page of 16 where vLLM then
+        served 128 (H200, TP=2, no --block-size: four kernels compiled inside the first long
+        request, session 10)."""
+        return warmup.shape_from_vllm_config(
+            self._vllm_config, self.num_heads, self.num_kv_heads, self.head_size, self.proxyattn_params)
+
+    def _warmup_kernel(self, shape: warmup.WarmupShape | None, dtype: torch.dtype) -> str | None:
         """The kernel this layer's sparse chunks will run (:meth:`_choose_sparse_kernel` with the
         engine's page size; "triton" where a union kernel falls back), None if not known yet:
         FlashInfer's first use compiles it for minutes, and the union kernels' page plan has
         variants per prompt length."""
-        if self._warmup_shape is None:
+        if shape is None:
             return None
-        kernel, fallback = self._choose_sparse_kernel(self._warmup_shape.page_size, dtype)
+        kernel, fallback = self._choose_sparse_kernel(shape.page_size, dtype)
         return "triton" if fallback is not None else kernel
 
     def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None,

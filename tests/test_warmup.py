@@ -159,6 +159,40 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
     assert all(c[3] == {"flashinfer": False, "union_plan": union_plan, "budget_lse": False} for c in calls)
 
 
+def test_warm_up_uses_the_page_size_vllm_settles_after_building_the_model(tmp_path, monkeypatch):
+    """Without --block-size, vLLM picks the page size from the backend's preferred one only after
+    the model (so every impl) is built (``Platform.update_block_size_for_backend``; the CPU
+    platform skips that step, so the generic one is put back here, as on CUDA). The warm-up must
+    compile for the page served, not the one the impls saw while being built: on the H200 a TP=2
+    engine compiled four kernels inside its first long request that way (built with 16, served
+    128). Here the CPU platform's own choice (128) is the stale one and the backend prefers 64."""
+    from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
+
+    skip_unless_vllm_on_cpu()
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.platforms.interface import Platform
+
+    from proxyattn_vllm import warmup as glue
+    from proxyattn_vllm.backend import ProxyAttnBackend
+    from tests._tiny_llama import write_tiny_llama
+    from tests._vllm_cpu import tiny_llm
+
+    calls = []
+    real = glue.warm_up_once
+    monkeypatch.setattr(glue, "warm_up_once", lambda shape, *a, **kw: (calls.append(shape), real(shape, *a, **kw))[1])
+    monkeypatch.setattr(CpuPlatform, "update_block_size_for_backend",
+                        classmethod(Platform.update_block_size_for_backend.__func__))
+    monkeypatch.setattr(ProxyAttnBackend, "get_preferred_block_size", classmethod(lambda cls, default: 64))
+    honour_custom_backend_on_cpu(monkeypatch.setattr)
+    model_dir = str(write_tiny_llama(tmp_path / "tiny"))
+    with kv_cache_layout_restored(), tiny_llm(
+            model_dir, attention_backend="proxyattn", max_model_len=256, block_size=None,
+            additional_config={"proxyattn": {"block_size": 32, "stride": 4, "sparse_kernel": "triton"}}) as llm:
+        served = llm.llm_engine.vllm_config.cache_config.block_size
+    assert served == 64
+    assert calls and {shape.page_size for shape in calls} == {64}
+
+
 def test_a_failing_warm_up_stops_startup_with_the_shape(monkeypatch):
     pytest.importorskip("vllm")
     from proxyattn_vllm import warmup as glue
