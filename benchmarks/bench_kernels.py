@@ -42,12 +42,14 @@ from proxyattn_kernels.block_sparse_attn.union_pages import (
     tail_first_calls, union_block_mask, union_call_num_splits, union_page_plan,
 )
 from proxyattn_kernels.device import sm_count
+from proxyattn_kernels.paged import contiguous_pages
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 from proxyattn_vllm.config import ProxyAttnConfig  # num_proxy_groups "auto"; imports no vLLM
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
 TAIL_TOKENS = 128  # the default dense_tail_tokens
+COPY_PAGE = 128  # pages of the contiguous copy (contiguous_copy_call): whole TMA key tiles
 SPREAD = 0.5  # head budgets from 0.5x to 1.5x the mean (the spread cases)
 
 
@@ -320,6 +322,15 @@ def triton_fa3_tail(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, 
                       skip_rows=tail_rows)
 
 
+def contiguous_copy_call(q, kv, table, ranking, counts, ctx, block, scale, out, tile=None):
+    """The Triton kernel over a copy of the request's K/V in ``COPY_PAGE``-token pages (copy
+    included in the time): on pages smaller than a key tile the kernel gathers row by row; on
+    the copy it reads whole tiles with TMA (``kernels/paged.py::contiguous_pages``)."""
+    copy, copy_table = contiguous_pages(kv, table, ctx + q.shape[0], COPY_PAGE)
+    tile = tile or default_tile_config(block, q.shape[-1], on_cpu=not q.is_cuda, page_size=COPY_PAGE)
+    block_sparse_attn(q, copy, copy_table, ranking, counts, out, ctx=ctx, scale=scale, block_size=block, tile=tile)
+
+
 def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[str]:
     """Returns failures; empty means the kernels may be timed. FlashInfer failures disable
     ``fib`` (logged) instead: they must not stop the Triton and FA3 rows."""
@@ -341,6 +352,12 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
                 ok, err = gate_compare(f"naive     {where}", out, ref)
                 if not ok:
                     failures.append(f"naive {name} page {page} density {density}: {err}")
+                if page % COPY_PAGE:
+                    copy_out = torch.full_like(q, float("nan"))
+                    contiguous_copy_call(q, kv, table, ranking, counts, ctx, block, d**-0.5, copy_out)
+                    ok, err = gate_compare(f"copy      {where}", copy_out, ref)
+                    if not ok:
+                        failures.append(f"contiguous-copy {name} page {page} density {density}: {err}")
                 if fa3 is not None:  # equal budgets, one group: the union is each head's selection
                     union_out = torch.full_like(q, float("nan"))
                     fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, d**-0.5, union_out)
@@ -667,6 +684,7 @@ def main() -> int:
     sweep = []
     budget_sweep = []
     proxy_sweep = []
+    copy_only = []  # the contiguous copy alone, per shape and small page
     for name, (hq, hkv, d) in SHAPES.items():
         for page in (16, 128):
             torch.manual_seed(0)
@@ -717,6 +735,18 @@ def main() -> int:
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
                 add_case(f"density{density}{suffix}", "triton", asdict(variant), density, used, counts,
                          triton_t(ranking, counts, variant))
+            # Pages smaller than a TMA key tile: the kernel over a contiguous copy, copy included
+            # (contiguous_copy_call), and the copy alone.
+            for density in () if args.only_sweep or page % COPY_PAGE == 0 else (1.0, 0.1):
+                ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
+                copy_tile = default_tile_config(block, d, on_cpu=False, page_size=COPY_PAGE)
+                add_case(f"density{density} contiguous-copy", "triton+copy", asdict(copy_tile), density, used, counts,
+                         timed(lambda r=ranking, c=counts: contiguous_copy_call(q, kv, table, r, c, ctx, block, scale,
+                                                                                out, copy_tile)))
+                if density == 1.0:
+                    copy_only.append({"shape": name, "page_size": page, "copy_page_size": COPY_PAGE, "seq_len": seq_len,
+                                      "ms": timed(lambda: contiguous_pages(kv, table, seq_len, COPY_PAGE))["median"]})
+                    log(f"{name} page{page}: contiguous copy alone {copy_only[-1]['ms']:.3f} ms")
             # The dense tail (the default dense_tail_tokens rows compute every causal block): its
             # rows launched first (default) vs in their natural place (last); FA3 in two calls
             # (the tail first, as the backend does) vs one.
@@ -816,6 +846,7 @@ def main() -> int:
         "tile_sweep": sweep,
         "budget_tile_sweep": budget_sweep,
         "proxy_tile_sweep": proxy_sweep,
+        "contiguous_copy": copy_only,
         "chunk_costs": chunk_rows,
         "flashinfer_first_call_s": fib.first_call_s,
         "flashinfer_skipped": fib.skipped,

@@ -12,8 +12,9 @@ from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
 from proxyattn_kernels.block_sparse_attn import triton as bs_triton
 from proxyattn_kernels.block_sparse_attn.triton import (
-    TileConfig, block_sparse_attn, head_block_lists, head_lists_and_tile_rows, ranked_tile_rows,
+    TileConfig, block_sparse_attn, default_tile_config, head_block_lists, head_lists_and_tile_rows, ranked_tile_rows,
 )
+from proxyattn_kernels.paged import contiguous_pages
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
 
@@ -23,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6, full=False, tile=None,
-             atol=None, tail_tokens=0, heavy_rows=0, skip_rows=0):
+             atol=None, tail_tokens=0, heavy_rows=0, skip_rows=0, copy_page=None):
     q = torch.randn(q_len, hq, d, device=DEVICE).to(dtype)
     k = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
     v = torch.randn(ctx + q_len, hkv, d, device=DEVICE).to(dtype)
@@ -34,6 +35,8 @@ def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6,
     assert (sel.ranking[:, :, 0] == sel.geometry.first_q_block + torch.arange(
         sel.geometry.num_q_blocks, device=DEVICE)).all(), "the kernel relies on the diagonal first"
     kv_cache, table = make_paged(k, v, page)
+    if copy_page is not None:  # the kernel reads a contiguous copy in pages of copy_page tokens
+        kv_cache, table = contiguous_pages(kv_cache, table, ctx + q_len, copy_page)
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
     block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, out, ctx=ctx, scale=scale,
@@ -195,6 +198,36 @@ def test_head_lists_beyond_the_triton_row_limit_use_the_torch_ops(rng_seed, monk
     assert torch.equal(rows, ranked_tile_rows(lists, table, 16, 16, 16))
 
 
+@pytest.mark.parametrize("page,copy_page,seq_len,spare", [(16, 64, 150, 5), (16, 32, 32, 0), (32, 32, 77, 1),
+                                                           (16, 128, 250, 0)])
+def test_contiguous_pages_hold_the_requests_tokens_in_order(rng_seed, page, copy_page, seq_len, spare):
+    """The copy reads back the same keys and values as the paged cache, through its own table
+    (0, 1, ...), from an NHD tensor; a block table that ends inside the copy's last page (no
+    spare entries) is padded."""
+    k, v = torch.randn(2, seq_len, 3, 16, device=DEVICE)
+    kv_cache, table = make_paged(k, v, page)
+    table = torch.cat([table, table[:1].expand(spare)])
+    copy, copy_table = contiguous_pages(kv_cache, table, seq_len, copy_page)
+    n = -(-seq_len // copy_page)
+    assert copy.shape == (n, 3, copy_page, 32) and copy.permute(0, 2, 1, 3).is_contiguous()
+    assert copy_table.dtype == torch.int32 and copy_table.tolist() == list(range(n))
+    got_k, got_v = gather_paged_kv(copy, copy_table, seq_len)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+
+
+def test_contiguous_pages_rejects_pages_that_do_not_nest():
+    kv_cache, table = make_paged(*torch.randn(2, 40, 1, 16), 16)
+    for seq_len, copy_page in ((40, 24), (40, 8), (0, 32)):
+        with pytest.raises(ValueError, match="multiple of the cache's page 16"):
+            contiguous_pages(kv_cache, table, seq_len, copy_page)
+
+
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,page,copy_page", [(4, 2, 32, 37, 90, 32, 16, 32),
+                                                                    (7, 1, 16, 61, 67, 32, 16, 64)])
+def test_block_sparse_over_a_contiguous_copy(rng_seed, hq, hkv, d, ctx, q_len, block, page, copy_page):
+    run_case(hq, hkv, d, ctx, q_len, block, page, torch.float32, copy_page=copy_page)
+
+
 def test_rejects_bad_inputs():
     q = torch.zeros(10, 4, 32)
     kv = torch.zeros(4, 2, 16, 64)
@@ -227,3 +260,13 @@ def test_rejects_bad_inputs():
 def test_gpu_real_sizes_bf16(rng_seed, hq, hkv, d, page, full):
     run_case(hq, hkv, d, 8192 + 37, 2048 + 5, 128, page, torch.bfloat16, groups=1, gamma=0.5, full=full,
              atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64)])
+@pytest.mark.parametrize("full", [True, False])
+def test_gpu_16_token_pages_through_a_128_token_copy(rng_seed, hq, hkv, d, full):
+    """The copy of a 16-token-page cache in 128-token pages takes the kernel's TMA path."""
+    assert default_tile_config(128, d, on_cpu=False, page_size=128).use_tma
+    run_case(hq, hkv, d, 8192 + 37, 2048 + 5, 128, 16, torch.bfloat16, groups=1, gamma=0.5, full=full,
+             atol=2e-2, copy_page=128)

@@ -80,6 +80,7 @@ def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
                                "--backends FLASH_ATTN ", "--tensor-parallel 2"))
     assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=0", "profile_prefill": "gpu=1",
                       "qwen2.5-coder": "gpu=1", "--backends FLASH_ATTN ": "gpu=0", "--tensor-parallel 2": "gpu=all"}
+    assert "[chain] tp2_128k: 0 Triton compiles during inference" in result.stdout
     kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
     assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
     assert (bg / "chain.done").exists()

@@ -19,16 +19,17 @@ step() {
   echo "[chain] $name: rc $last_rc after $(( $(date +%s) - t0 )) s"
   tail -25 "$RES/$name.log"
 }
-# ---- The plan of the next session (10), written at the end of session 9 (benchmarks/NOTES.md:
-# what session 9 built and did not run); earlier sessions' plans are in git history. ----
+# ---- Plans written at the end of session 10 (benchmarks/NOTES.md: what is next); earlier
+# sessions' plans are in git history. ----
 ttft=(python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b"
       --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --lengths 32K,64K,128K,256K
       --repeats 2 --warmups 1 --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 0
       --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs")
 kernels() {
-  # Kernels (~200 s: the cases, chunk_costs (the per-chunk fa3 path at ctx 0-120K, now also as CUDA
-  # graph replays: GPU time without host launches), the budget and proxy-score tile sweeps, and
-  # the union call's probes: num_splits 1, rows reversed, recent-block selection).
+  # Kernels (~210 s: the cases, chunk_costs (the per-chunk fa3 path at ctx 0-120K, also as CUDA
+  # graph replays: GPU time without host launches), the budget and proxy-score tile sweeps, the
+  # union call's probes, and (new in session 10) the Triton kernel over a contiguous 128-token
+  # copy of 16-token pages, for issue #3's page-16 targets).
   step kernels 220 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
 }
 profile_args=(python3 benchmarks/profile_prefill.py --model "$PWD/.dummy8b" --dummy --prompt-len 131008
@@ -86,6 +87,10 @@ tp2_128k() {
   step tp2_128k 300 python3 benchmarks/gpu_backend_check.py --model /tmp/models/qwen05b --essays .essays \
     --tensor-parallel 2 --skip equivalence,cudagraphs --dummy-8b "$PWD/.dummy8b" \
     --out "$RES/robustness_tp2_128k_h200.json"
+  # vLLM's JIT monitor names every Triton compile inside a request: none is expected after the
+  # startup warm-up (session 10 saw four on rank 0, from a warm-up at a stale page size).
+  echo "[chain] tp2_128k: $(grep -c 'JIT compilation during inference' "$RES/tp2_128k.log" 2>/dev/null || true)" \
+       "Triton compiles during inference"
 }
 on_gpu() { export CUDA_VISIBLE_DEVICES=$1 PROXYATTN_GPU=$1; }
 all_gpus() { unset CUDA_VISIBLE_DEVICES PROXYATTN_GPU; }
