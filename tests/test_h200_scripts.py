@@ -99,16 +99,22 @@ def gpu_of_steps(bg, keys):
     return {key: next(line.split()[0] for line in calls if key in line) for key in keys}
 
 
+def run_plan(stubbed, tmp_path, plan, gpus):
+    """Run the chain with ``plan`` on a stubbed host of ``gpus`` GPUs: the steps it started."""
+    env, _, _ = stubbed
+    if gpus == 2:
+        two_gpus(tmp_path)
+    result = run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": plan})
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    return re.findall(r"\[chain\] (\w+): start", result.stdout)
+
+
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_chain_plan_diagnose(stubbed, tmp_path, gpus):
     """The first chain of a split session: the engine profile ("fa3" only), the kernels (alone on
     the host) and, with two GPUs, the TP=2 prompt; no TTFT."""
-    env, bg, _ = stubbed
-    if gpus == 2:
-        two_gpus(tmp_path)
-    result = run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": "diagnose"})
-    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
-    started = re.findall(r"\[chain\] (\w+): start", result.stdout)
+    bg = stubbed[1]
+    started = run_plan(stubbed, tmp_path, "diagnose", gpus)
     if gpus == 1:
         assert started == ["gpu_tests", "kernels", "profile_sparse"]
         return
@@ -124,12 +130,8 @@ def test_chain_plan_diagnose(stubbed, tmp_path, gpus):
 def test_chain_plan_measure(stubbed, tmp_path, gpus):
     """The second chain of a split session: the GPU tests, then the TTFT (dense, then "fa3"), the
     Qwen TTFT and the density pass; with two GPUs the last two on GPU 1 meanwhile."""
-    env, bg, _ = stubbed
-    if gpus == 2:
-        two_gpus(tmp_path)
-    result = run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": "measure"})
-    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
-    started = re.findall(r"\[chain\] (\w+): start", result.stdout)
+    bg = stubbed[1]
+    started = run_plan(stubbed, tmp_path, "measure", gpus)
     assert sorted(started) == sorted(["gpu_tests", "ttft_dense", "ttft_sparse", "ttft_qwen", "ttft_density"])
     assert started[0] == "gpu_tests" and started.index("ttft_dense") < started.index("ttft_sparse")
     assert started.index("ttft_qwen") < started.index("ttft_density")
