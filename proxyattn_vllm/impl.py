@@ -120,6 +120,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
 
     _warned_kernel_fallbacks: set[str] = set()  # one warning per reason and process, not per layer
     _warned_sliding_window = False
+    _warned_page_mismatch = False
     supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
 
     def __init__(
@@ -157,6 +158,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
         # sets the page size it serves after building the model (when no --block-size was given,
         # from our backend's preferred size), so the value seen here can be stale.
         self._vllm_config = vllm_config
+        self._warmed_page_size: int | None = None  # the page size the profiling run compiled for (CUDA)
         self._dense_layer: bool | None = None  # resolved from the layer name on first forward
         # A sliding-window layer attends to its window only, so it has little to skip: it runs
         # dense with its window (the parent's FlashAttention path) and is never sparsified.
@@ -226,6 +228,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
         if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
             if not dense_layer and not self.sliding_window_layer:
                 shape = self._warmup_shape()
+                if shape is not None and query.is_cuda:
+                    self._warmed_page_size = shape.page_size
                 kernel = self._warmup_kernel(shape, query.dtype)
                 tail_first = self._tail_by_dense_kernel() and self.proxyattn_params.dense_tail_tokens > 0
                 warmup.warm_up_once(shape, query.dtype, query.device,
@@ -289,9 +293,18 @@ class ProxyAttnImpl(FlashAttentionImpl):
 
     def _resolve_sparse_kernel(self, kv_cache: torch.Tensor) -> str:
         """The kernel of this layer's sparse chunks (:meth:`_choose_sparse_kernel`), with one
-        warning per reason where a union kernel falls back to Triton. Decided once (the page
-        size and dtype are fixed for the layer's lifetime)."""
-        kernel, fallback = self._choose_sparse_kernel(kv_cache.shape[2], kv_cache.dtype)
+        warning per reason where a union kernel falls back to Triton, and one if the startup
+        warm-up compiled for another page size. Decided once (the page size and dtype are fixed
+        for the layer's lifetime)."""
+        page_size = kv_cache.shape[2]
+        if self._warmed_page_size not in (None, page_size) and not ProxyAttnImpl._warned_page_mismatch:
+            ProxyAttnImpl._warned_page_mismatch = True
+            logger.warning(
+                "proxyattn: the sparse kernels were compiled at startup for KV pages of %d tokens, but "
+                "the cache has pages of %d: the first long prompts compile them again (seconds each). "
+                "Please report this with your vllm serve command.", self._warmed_page_size, page_size,
+            )
+        kernel, fallback = self._choose_sparse_kernel(page_size, kv_cache.dtype)
         if fallback is not None:
             if fallback not in ProxyAttnImpl._warned_kernel_fallbacks:
                 ProxyAttnImpl._warned_kernel_fallbacks.add(fallback)

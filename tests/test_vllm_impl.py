@@ -406,6 +406,29 @@ def test_union_kernels_fall_back_to_triton_with_one_warning(kernel, setup, page,
     assert "using the Triton block-sparse kernel" in warnings[0]
 
 
+def test_a_warm_up_for_another_page_size_is_reported_once(monkeypatch):
+    """If the profiling run compiled the kernels for other pages than the cache has (vLLM
+    settling the page size after the warm-up read it, fixed; see tests/test_warmup.py), the
+    first sparse chunk says so, once per process; a matching or unknown warm-up says nothing."""
+    from proxyattn_vllm import impl as impl_module
+
+    warnings = []
+    monkeypatch.setattr(impl_module.ProxyAttnImpl, "_warned_page_mismatch", False)
+    monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    kv_cache = torch.zeros(4, PAGE, NUM_KV_HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
+    for warmed in (None, PAGE):
+        impl = _impl(SPARSE)
+        impl._warmed_page_size = warmed
+        impl._resolve_sparse_kernel(kv_cache)
+    assert warnings == []
+    for _ in range(2):  # two layers: one warning
+        impl = _impl(SPARSE)
+        impl._warmed_page_size = 2 * PAGE
+        assert impl._resolve_sparse_kernel(kv_cache) == "triton"
+    assert len(warnings) == 1, warnings
+    assert f"compiled at startup for KV pages of {2 * PAGE} tokens, but the cache has pages of {PAGE}" in warnings[0]
+
+
 def test_auto_takes_the_measured_kernel(monkeypatch):
     from proxyattn_vllm import config as config_module
 
