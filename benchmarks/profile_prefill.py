@@ -36,9 +36,10 @@ CATEGORIES = (
     ("select", r"_select_kernel"),
     ("union_plan", r"_union_plan_kernel"),
     ("triton_sparse_attention", r"_block_sparse_attn_kernel|_head_lists_kernel"),
+    # Before FlashAttention's: vLLM's cache write is "reshape_and_cache_flash_kernel".
+    ("kv_cache_write", r"reshape_and_cache"),
     ("flash_attention", r"flash|Flash|fmha"),
     ("gemm", r"gemm|Gemm|nvjet|xmma|cublas|cutlass"),
-    ("kv_cache_write", r"reshape_and_cache"),
 )
 
 

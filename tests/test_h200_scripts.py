@@ -43,8 +43,7 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert started == ["gpu_tests", "kernels", "profile_dense", "profile_sparse", "ttft_density", "ttft_qwen",
-                       "ttft_dense", "ttft_sparse"]
+    assert started == ["gpu_tests", "kernels", "ttft_density", "ttft_dense", "ttft_sparse"]
     assert "skip" not in result.stdout and (bg / "chain.done").exists()
     calls = (bg / "calls.log").read_text()
     assert "benchmarks/bench_kernels.py" in calls
@@ -53,33 +52,25 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     assert "--backends FLASH_ATTN " in dense
     assert "--append" in sparse and "--backends proxyattn:fa3 " in sparse and "--time-budget-s 240" in sparse
     assert "--append" in density and "--density-only" in density
-    # The engine profile: dense first, then "fa3" appended to the same JSON.
-    profile_dense, profile_sparse = [line for line in calls.splitlines() if "profile_prefill.py" in line]
-    assert "--backend FLASH_ATTN" in profile_dense and "--append" not in profile_dense
-    assert "--append" in profile_sparse and "--backend proxyattn" in profile_sparse
-    assert "profile_prefill_h200.json" in profile_dense and "profile_prefill_h200.json" in profile_sparse
     assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
 
 
 def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
-    """With two GPUs: the GPU tests and the kernels alone first; then GPU 1 profiles the engine
-    and runs the Qwen TTFT while GPU 0 runs the density pass and the TTFT; then TP=2 on both.
-    Each lane kills only its own GPU's processes between steps."""
+    """With two GPUs: the GPU tests and the kernels alone first; then GPU 1 runs the density pass
+    while GPU 0 runs the TTFT; then TP=2 on both. Each lane kills only its own GPU's processes
+    between steps."""
     env, bg, _ = stubbed
     two_gpus(tmp_path)
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     assert not result.stderr.strip(), result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert sorted(started) == sorted(["gpu_tests", "kernels", "profile_dense", "profile_sparse", "ttft_qwen",
-                                      "ttft_density", "ttft_dense", "ttft_sparse", "tp2_128k"])
+    assert sorted(started) == sorted(["gpu_tests", "kernels", "ttft_density", "ttft_dense", "ttft_sparse", "tp2_128k"])
     assert started[:2] == ["gpu_tests", "kernels"]  # alone: nothing else runs on the host while it times
     assert started[-1] == "tp2_128k"
-    assert started.index("profile_dense") < started.index("profile_sparse") < started.index("ttft_qwen")
-    gpu_of = gpu_of_steps(bg, ("bench_kernels", "--density-only", "profile_prefill", "qwen2.5-coder",
-                               "--backends FLASH_ATTN ", "--tensor-parallel 2"))
-    assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=0", "profile_prefill": "gpu=1",
-                      "qwen2.5-coder": "gpu=1", "--backends FLASH_ATTN ": "gpu=0", "--tensor-parallel 2": "gpu=all"}
+    gpu_of = gpu_of_steps(bg, ("bench_kernels", "--density-only", "--backends FLASH_ATTN ", "--tensor-parallel 2"))
+    assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=1", "--backends FLASH_ATTN ": "gpu=0",
+                      "--tensor-parallel 2": "gpu=all"}
     assert "[chain] tp2_128k: 0 Triton compiles during inference" in result.stdout
     kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
     assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
@@ -151,15 +142,16 @@ def test_chain_rejects_an_unknown_plan(stubbed):
     assert not (bg / "calls.log").exists() and (bg / "chain.done").exists()
 
 
-def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatch):
-    """Every benchmark command of the chain, parsed and checked by its script as on the GPU host
+@pytest.mark.parametrize("plan,ttft,profile", [("full", 3, 0), ("diagnose", 0, 1), ("measure", 4, 0)])
+def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatch, plan, ttft, profile):
+    """Every benchmark command of each plan, parsed and checked by its script as on the GPU host
     (a rejected combination would lose that step's device time)."""
     import shlex
 
     from benchmarks import profile_prefill, ttft_sweep
 
     env, bg, _ = stubbed
-    assert run("chain.sh", 100000, env=env).returncode == 0
+    assert run("chain.sh", 100000, env={**env, "PROXYATTN_CHAIN_PLAN": plan}).returncode == 0
     monkeypatch.chdir(REPO)
     checked = []
     for line in (bg / "argv.log").read_text().splitlines():
@@ -172,7 +164,7 @@ def test_chain_commands_pass_the_scripts_own_argument_checks(stubbed, monkeypatc
         elif script == "benchmarks/profile_prefill.py":
             profile_prefill.parse_args(args)
         checked.append(script)
-    assert checked.count("benchmarks/ttft_sweep.py") == 4 and checked.count("benchmarks/profile_prefill.py") == 2
+    assert checked.count("benchmarks/ttft_sweep.py") == ttft and checked.count("benchmarks/profile_prefill.py") == profile
 
 
 def test_chain_skips_what_does_not_fit_and_says_so(stubbed):

@@ -57,6 +57,20 @@ def test_every_package_kernel_has_its_own_category():
     assert names >= 10
 
 
+def test_vllm_kernels_are_categorized_by_what_they_do():
+    """Names seen in the H200 profile of session 10; the KV-cache write has "flash" in its name
+    and was counted as FlashAttention there (26 ms of 882)."""
+    cases = {
+        "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16, __nv_bfloat16, (vllm::Fp8KVCacheDataType)0>(": "kv_cache_write",
+        "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<": "flash_attention",
+        "void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<": "flash_attention",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "gemm",
+        "triton_poi_fused_mul_silu_slice_1": "other",
+    }
+    for name, category in cases.items():
+        assert profile_prefill.categorize(name) == category, name
+
+
 def test_the_newest_trace_is_read(tmp_path):
     old = tmp_path / "worker.1.pt.trace.json.gz"
     new = tmp_path / "worker.2.pt.trace.json"

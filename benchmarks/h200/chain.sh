@@ -41,11 +41,6 @@ profile_sparse() {
   step profile_sparse 180 "${profile_args[@]}" "$@" --backend proxyattn --trace-dir "$BG/traces/fa3" \
     --proxyattn-overrides '{"max_density": 0.1, "sparse_kernel": "fa3"}'
 }
-profile() {
-  # Dense FA3 first, then "fa3" appended to the same JSON.
-  step profile_dense 280 "${profile_args[@]}" --backend FLASH_ATTN --trace-dir "$BG/traces/dense"
-  profile_sparse --append
-}
 gpu_tests() {
   step gpu_tests 60 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rs
   gpu_tests_rc=$last_rc  # a failing GPU test (e.g. a new kernel) stops the sparse timings
@@ -94,9 +89,10 @@ tp2_128k() {
 }
 on_gpu() { export CUDA_VISIBLE_DEVICES=$1 PROXYATTN_GPU=$1; }
 all_gpus() { unset CUDA_VISIBLE_DEVICES PROXYATTN_GPU; }
-# The plan ($PROXYATTN_CHAIN_PLAN): "full" (everything, in order of value), or a session split in
-# two chains with CPU work between them: "diagnose" (the profile, the TP=2 prompt, the kernels
-# and their probes) and "measure" (the TTFT, the Qwen TTFT and the density pass).
+# The plan ($PROXYATTN_CHAIN_PLAN): "full" (the next session's steps, in order of value), or a
+# session split in two chains with CPU work between them: "diagnose" (the profile, the TP=2
+# prompt, the kernels and their probes) and "measure" (the TTFT, the Qwen TTFT and the density
+# pass).
 plan=${PROXYATTN_CHAIN_PLAN:-full}
 case $plan in
   full|diagnose|measure) ;;
@@ -135,28 +131,25 @@ elif [ "$plan" = measure ]; then
   qwen
   [ "$gpu_tests_rc" = 0 ] && density
 elif [ "$(num_gpus)" -ge 2 ]; then
-  # Two GPUs (kind nvidia-h200-x2): the GPU tests (they gate everything sparse) and the kernels
-  # alone first (a vLLM server starting on the other GPU disturbs short timings); then GPU 1
-  # profiles the engine and runs the Qwen TTFT while GPU 0 runs the density pass and the TTFT;
-  # then both GPUs run the TP=2 128K prompt.
+  # "full", session 11's plan: the GPU tests (they gate everything sparse) and the kernels alone
+  # first (the contiguous-copy cases for issue #3; chunk_costs with session 10's union split
+  # rule); then GPU 1 runs the 8B density pass (not measured since session 7) while GPU 0 times
+  # the TTFT again (session 10's margins: 1.0% at 128K, 0.8% at 256K); then the TP=2 128K prompt
+  # on both, which checks the warm-up fix (no Triton compile inside the request).
   on_gpu 0
   gpu_tests
   kernels
-  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && profile; qwen ) &
+  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && density ) &
   lane1=$!
-  [ "$gpu_tests_rc" = 0 ] && density
   ttft_timed
   wait "$lane1"
   all_gpus
   tp2_128k
 else
-  # One GPU: the GPU tests gate everything sparse; the kernels, the engine profile, the density
-  # pass and the Qwen TTFT, and the TTFT last.
+  # "full" on one GPU: the GPU tests, the kernels, the density pass, the TTFT last.
   gpu_tests
   kernels
-  [ "$gpu_tests_rc" = 0 ] && profile
   [ "$gpu_tests_rc" = 0 ] && density
-  qwen
   ttft_timed
 fi
 kill_gpu
