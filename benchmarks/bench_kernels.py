@@ -57,12 +57,13 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def make_cache(seq_len, hkv, d, page, dtype, device):
-    """Random NHD paged cache (vLLM layout) with a shuffled block table; logical view returned."""
+def make_cache(seq_len, hkv, d, page, dtype, device, shuffled=True):
+    """Random NHD paged cache (vLLM layout) with a shuffled block table (``shuffled`` False: pages
+    in order, as a fresh engine gives a request); logical view returned."""
     n = -(-seq_len // page)
     physical = torch.randn(n + 8, page, hkv, 2 * d, device=device, dtype=dtype)
-    table = torch.randperm(n + 8, device=device)[:n].to(torch.int32)
-    return physical.permute(0, 2, 1, 3), table
+    order = torch.randperm(n + 8, device=device) if shuffled else torch.arange(n + 8, device=device)
+    return physical.permute(0, 2, 1, 3), order[:n].to(torch.int32)
 
 
 def synthetic_selection(hq, groups, ctx, q_len, block, density, device, tail_tokens=0, spread=0.0, recent=False):
@@ -543,6 +544,17 @@ def proxy_tile_sweep(q, kv, table, ctx, block, num_groups, stride, tiles=PROXY_T
 CHUNK_CTXS = (0, 8192, 32768, 122880)  # chunk_costs: where the chunk starts
 
 
+def with_kv_descale(fa3, num_kv_heads: int, device):
+    """``fa3`` called as the backend calls it: with ``k_descale`` / ``v_descale``, the layer's
+    scale (1.0) expanded to ``[sequences, Hkv]`` (vLLM's FlashAttentionImpl does the same)."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+
+    def call(**kwargs):
+        shape = (kwargs["seqused_k"].shape[0], num_kv_heads)
+        return fa3(**kwargs, k_descale=one.expand(shape), v_descale=one.expand(shape))
+    return call
+
+
 def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, page: int = 128, block: int = 128,
                 ctxs=CHUNK_CTXS, dtype=torch.bfloat16) -> list[dict]:
     """The whole per-layer cost of one sparse chunk at several context lengths, as the backend
@@ -577,11 +589,23 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
 
         tail_rows = ChunkGeometry(ctx, q_len, block).num_tail_rows(TAIL_TOKENS)
 
-        def path():  # as the backend: the tail by FA3 first, its LSE for the budget, the union of the rest
-            lse = tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out)
+        def path(q=q, kv=kv, table=table, fa=fa3):  # as the backend: the tail by FA3 first, its LSE
+            lse = tail_lse_rows(fa, q, kv, table, ctx, block, scale, out)  # for the budget, the union of the rest
             sel = select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse)
-            return fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS,
+            return fa3_union(fa, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS,
                              skip_tail=True)
+
+        # The engine's FA3 calls took ~10% more than this path's at the same contexts (session 10:
+        # 128K profile against these rows). What the engine does differently, one at a time:
+        # queries as a strided view of the fused QKV output, k/v descale tensors, pages in order.
+        qkv = torch.randn(q_len, hq + 2 * hkv, d, device=device, dtype=dtype)
+        qkv[:, :hq] = q
+        kv_in_order, table_in_order = make_cache(seq_len, hkv, d, page, dtype, device, shuffled=False)
+        engine_like = {
+            "strided_q": lambda: path(q=qkv[:, :hq]),
+            "kv_descale": lambda: path(fa=with_kv_descale(fa3, hkv, device)),
+            "pages_in_order": lambda: path(kv=kv_in_order, table=table_in_order),
+        }
 
         def path_before():  # session 7: the budget's own two-pass mass, the tail from the union plan
             sel = select()
@@ -606,6 +630,9 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             "path_graph_ms": graph_ms(path) if q.is_cuda else None,
             "selection_graph_ms": graph_ms(select) if q.is_cuda else None,
             "triton_path_ms": timed(triton_path)["median"],
+            # CUDA-graph replays of path() with one engine difference each (None off CUDA).
+            "engine_like_graph_ms": {name: graph_ms(fn) if q.is_cuda else (fn(), None)[1]
+                                     for name, fn in engine_like.items()},
         }
         rows.append(row)
         log(f"chunk ctx={ctx:6d}: density {row['density']:.3f}, fa3 dense {row['fa3_dense_ms']:.3f} ms, "
@@ -613,8 +640,9 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}, graph replay "
             f"{'-' if row['path_graph_ms'] is None else format(row['path_graph_ms'], '.3f')}; "
             f"session 7's {row['path_before_ms']:.3f}), "
-            f"Triton path {row['triton_path_ms']:.3f}")
-        del q, kv, out
+            f"Triton path {row['triton_path_ms']:.3f}; engine-like graph replays "
+            + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in row["engine_like_graph_ms"].items()))
+        del q, kv, out, qkv, kv_in_order
     return rows
 
 

@@ -124,8 +124,12 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     present, the selection's density, and the tail's call before the others'."""
     calls = []
 
+    descales = []  # (k_descale shape, sequences) of the calls that pass one, as the backend does
+
     def fake_fa3(*, q, out, cu_seqlens_q, return_softmax_lse=False, **kwargs):
         calls.append((q.shape[0], int(cu_seqlens_q.numel()) - 1))
+        if "k_descale" in kwargs:
+            descales.append((tuple(kwargs["k_descale"].shape), int(cu_seqlens_q.numel()) - 1))
         out.zero_()
         return (out, torch.zeros(q.shape[1], q.shape[0])) if return_softmax_lse else out
 
@@ -138,6 +142,9 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
         assert r["triton_path_ms"] == r["path_before_ms"] == 1.0
         assert 0 < r["density"] <= 1 and r["path_host_ms"] > 0  # short prompts run dense
         assert r["path_graph_ms"] is None and r["selection_graph_ms"] is None  # CUDA graphs: GPU only
+        assert r["engine_like_graph_ms"] == {"strided_q": None, "kv_descale": None, "pages_in_order": None}
+    # The kv_descale variant's two calls per context (the tail, the union rows) carry [sequences, Hkv].
+    assert descales == [((1, 2), 1), ((2, 2), 2)] * 2
     # ctx 0: FA3 dense over the 160 queries (one sequence); the path: the 128-token dense tail
     # as one sequence first (its LSE to the budget), then the union call of the other 2 rows;
     # session 7's path: the tail's 8 query-block rows of 16 from the plan, then the other 2.
