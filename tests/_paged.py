@@ -1,4 +1,5 @@
-"""Test helper: build a vLLM-0.26 paged KV cache from contiguous keys and values."""
+"""Test helpers: a vLLM-0.26 paged KV cache from contiguous keys and values, random selections, and
+a torch emulation of a dense varlen paged kernel (FA3's ``flash_attn_varlen_func``)."""
 from __future__ import annotations
 
 import torch
@@ -34,3 +35,25 @@ def random_selection(groups: int, num_q_heads: int, ctx: int, q_len: int, block:
     pages = num_k_blocks * block // page + 2
     table = torch.randperm(4 * pages, device=device)[:pages].to(torch.int32)
     return ranking, counts, table
+
+
+def varlen_paged_causal(q, kv_cache, plan, scale):
+    """Torch emulation of a dense varlen paged kernel: ``q [q_len, Hq, D]``, NHD-permuted cache."""
+    head_dim = q.shape[-1]
+    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty_like(q)
+    cu, used = plan.cu_seqlens_q.tolist(), plan.seqused_k.tolist()
+    for r in range(len(used)):
+        rows = q[cu[r]:cu[r + 1]].float()  # [n, Hq, D]
+        pos = torch.arange(used[r])
+        pages = plan.block_table[r][pos // page_size].long()
+        kv = kv_cache[pages, :, pos % page_size].float()  # [k_len, Hkv, 2D]
+        k = kv[..., :head_dim].repeat_interleave(group, dim=1)
+        v = kv[..., head_dim:].repeat_interleave(group, dim=1)
+        logits = torch.einsum("qhd,khd->hqk", rows, k) * scale
+        n = rows.shape[0]
+        visible = pos[None, :] <= torch.arange(n)[:, None] + used[r] - n  # bottom-right causal
+        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        out[cu[r]:cu[r + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out

@@ -3,6 +3,7 @@ compute the selection exactly, so a timing never measures a wrong kernel."""
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from benchmarks import bench_kernels
 from proxyattn_kernels import ChunkGeometry
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
+
+from tests._paged import varlen_paged_causal
 
 
 def torch_fa3(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
@@ -181,17 +184,13 @@ def test_host_launch_time_counts_the_host_work_per_call():
 
 def torch_fa3_varlen(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
                      causal, block_table, fa_version, num_splits=0):
-    """vLLM's flash_attn_varlen_func over several paged sequences, in torch: sequence ``i`` has
-    queries ``q[cu[i]:cu[i+1]]`` (its last tokens), keys through ``block_table[i]`` up to
-    ``seqused_k[i]``, causal aligned to the end (as FA3 with seqused_k)."""
+    """vLLM's flash_attn_varlen_func over several paged sequences, through the torch emulation
+    of tests/_paged.py (sequence ``i``: queries ``q[cu[i]:cu[i+1]]``, its last tokens; keys
+    through ``block_table[i]`` up to ``seqused_k[i]``; causal aligned to the end)."""
     assert causal and fa_version == 3 and num_splits >= 0
-    kv = torch.cat([k, v], dim=-1).transpose(1, 2)
-    cu = cu_seqlens_q.tolist()
-    for i in range(len(cu) - 1):
-        used = int(seqused_k[i])
-        keys, values = gather_paged_kv(kv, block_table[i], used)
-        rows = slice(cu[i], cu[i + 1])
-        out[rows] = dense_causal_attention(q[rows], keys, values, used - (cu[i + 1] - cu[i]), softmax_scale)
+    kv = torch.cat([k, v], dim=-1).transpose(1, 2)  # back to the logical [pages, Hkv, page, 2D] view
+    plan = types.SimpleNamespace(cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, block_table=block_table)
+    out.copy_(varlen_paged_causal(q, kv, plan, softmax_scale))
     return out
 
 

@@ -16,29 +16,7 @@ from proxyattn_kernels.block_sparse_attn.union_pages import (
     tail_first_calls, union_block_mask, union_call_num_splits, union_page_plan, union_page_plan_torch,
 )
 
-from tests._paged import make_paged, random_selection
-
-
-def varlen_paged_causal(q, kv_cache, plan, scale):
-    """Torch emulation of a dense varlen paged kernel: ``q [q_len, Hq, D]``, NHD-permuted cache."""
-    head_dim = q.shape[-1]
-    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[2]
-    group = q.shape[1] // num_kv_heads
-    out = torch.empty_like(q)
-    cu, used = plan.cu_seqlens_q.tolist(), plan.seqused_k.tolist()
-    for r in range(len(used)):
-        rows = q[cu[r]:cu[r + 1]].float()  # [n, Hq, D]
-        pos = torch.arange(used[r])
-        pages = plan.block_table[r][pos // page_size].long()
-        kv = kv_cache[pages, :, pos % page_size].float()  # [k_len, Hkv, 2D]
-        k = kv[..., :head_dim].repeat_interleave(group, dim=1)
-        v = kv[..., head_dim:].repeat_interleave(group, dim=1)
-        logits = torch.einsum("qhd,khd->hqk", rows, k) * scale
-        n = rows.shape[0]
-        visible = pos[None, :] <= torch.arange(n)[:, None] + used[r] - n  # bottom-right causal
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        out[cu[r]:cu[r + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
-    return out
+from tests._paged import make_paged, random_selection, varlen_paged_causal
 
 
 @pytest.mark.parametrize("groups,heads_per_group", [(1, 4), (2, 3), (4, 1)])
