@@ -37,7 +37,10 @@ import triton
 
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
-from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, default_tile_config
+from proxyattn_kernels.block_sparse_attn.triton import (
+    TileConfig, block_sparse_attn, default_copy_page, default_tile_config,
+)
+from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.block_sparse_attn.union_pages import (
     tail_first_calls, union_block_mask, union_call_num_splits, union_page_plan,
 )
@@ -49,7 +52,6 @@ from proxyattn_vllm.config import ProxyAttnConfig  # num_proxy_groups "auto"; im
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
 TAIL_TOKENS = 128  # the default dense_tail_tokens
-COPY_PAGE = 128  # pages of the contiguous copy (contiguous_copy_call): whole TMA key tiles
 SPREAD = 0.5  # head budgets from 0.5x to 1.5x the mean (the spread cases)
 
 
@@ -323,13 +325,13 @@ def triton_fa3_tail(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, 
                       skip_rows=tail_rows)
 
 
-def contiguous_copy_call(q, kv, table, ranking, counts, ctx, block, scale, out, tile=None):
-    """The Triton kernel over a copy of the request's K/V in ``COPY_PAGE``-token pages (copy
-    included in the time): on pages smaller than a key tile the kernel gathers row by row; on
-    the copy it reads whole tiles with TMA (``kernels/paged.py::contiguous_pages``)."""
-    copy, copy_table = contiguous_pages(kv, table, ctx + q.shape[0], COPY_PAGE)
-    tile = tile or default_tile_config(block, q.shape[-1], on_cpu=not q.is_cuda, page_size=COPY_PAGE)
-    block_sparse_attn(q, copy, copy_table, ranking, counts, out, ctx=ctx, scale=scale, block_size=block, tile=tile)
+def gather_call(q, kv, table, ranking, counts, ctx, block, scale, out):
+    """The Triton kernel reading the cache as it is (``copy_page=0``), with the tile of the
+    cache's page size: on pages smaller than a key tile it gathers rows one by one. The
+    baseline of the default, which first copies such pages (``default_copy_page``)."""
+    tile = default_tile_config(block, q.shape[-1], on_cpu=not q.is_cuda, page_size=kv.shape[2])
+    block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale, block_size=block, tile=tile,
+                      copy_page=0)
 
 
 def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[str]:
@@ -353,12 +355,12 @@ def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[st
                 ok, err = gate_compare(f"naive     {where}", out, ref)
                 if not ok:
                     failures.append(f"naive {name} page {page} density {density}: {err}")
-                if page % COPY_PAGE:
-                    copy_out = torch.full_like(q, float("nan"))
-                    contiguous_copy_call(q, kv, table, ranking, counts, ctx, block, d**-0.5, copy_out)
-                    ok, err = gate_compare(f"copy      {where}", copy_out, ref)
+                if default_copy_page(page, block, d, has_tma(q.device)):  # the default copied: the gather path too
+                    gather_out = torch.full_like(q, float("nan"))
+                    gather_call(q, kv, table, ranking, counts, ctx, block, d**-0.5, gather_out)
+                    ok, err = gate_compare(f"gather    {where}", gather_out, ref)
                     if not ok:
-                        failures.append(f"contiguous-copy {name} page {page} density {density}: {err}")
+                        failures.append(f"gather {name} page {page} density {density}: {err}")
                 if fa3 is not None:  # equal budgets, one group: the union is each head's selection
                     union_out = torch.full_like(q, float("nan"))
                     fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, d**-0.5, union_out)
@@ -733,7 +735,10 @@ def main() -> int:
                 groups = ProxyAttnConfig().resolve_num_groups(hq, hkv)
                 proxy_sweep.append({"shape": name, "page_size": page, "num_groups": groups,
                                     "rows": proxy_tile_sweep(q, kv, table, ctx, block, groups, ProxyAttnParams().stride)})
-            tile = default_tile_config(block, d, on_cpu=False, page_size=page)
+            # On pages too small for TMA key tiles the kernel reads a contiguous copy by default
+            # (block_sparse_attn's copy_page): its rows include the copy; "gather" rows do not copy.
+            copy_page = default_copy_page(page, block, d, has_tma(device))
+            tile = default_tile_config(block, d, on_cpu=False, page_size=copy_page or page)
             if not args.only_sweep:
                 log(f"{name} page{page}: fa3 dense {fa3_ms and fa3_ms['median']}, selection {sel_ms and sel_ms['median']}")
 
@@ -742,6 +747,8 @@ def main() -> int:
                 cases.append(make_case(f"{name} page{page} {label}", kernel, case_tile, shape=(name, hq, hkv, d),
                                        ctx=ctx, q_len=q_len, page=page, block=block, density=density, used=used,
                                        counts=counts, t=t, sel_ms=sel_ms, fa3_ms=fa3_ms))
+                # The Triton kernel's contiguous copy (copy_page tokens a page; 0: none), in its time.
+                cases[-1]["copy_page"] = copy_page if kernel in ("triton", "triton+fa3-tail") else 0
                 log(f"{cases[-1]['name']}: attn {t['median']:.3f} ms")
 
             def triton_t(ranking, counts, variant, heavy_rows=0):
@@ -763,17 +770,16 @@ def main() -> int:
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
                 add_case(f"density{density}{suffix}", "triton", asdict(variant), density, used, counts,
                          triton_t(ranking, counts, variant))
-            # Pages smaller than a TMA key tile: the kernel over a contiguous copy, copy included
-            # (contiguous_copy_call), and the copy alone.
-            for density in () if args.only_sweep or page % COPY_PAGE == 0 else (1.0, 0.1):
+            # Where the default copies: the kernel without the copy (gathering rows from the small
+            # pages), and the copy alone.
+            for density in () if args.only_sweep or not copy_page else (1.0, 0.1):
                 ranking, counts, used = synthetic_selection(hq, 1, ctx, q_len, block, density, device)
-                copy_tile = default_tile_config(block, d, on_cpu=False, page_size=COPY_PAGE)
-                add_case(f"density{density} contiguous-copy", "triton+copy", asdict(copy_tile), density, used, counts,
-                         timed(lambda r=ranking, c=counts: contiguous_copy_call(q, kv, table, r, c, ctx, block, scale,
-                                                                                out, copy_tile)))
+                gather_tile = default_tile_config(block, d, on_cpu=False, page_size=page)
+                add_case(f"density{density} gather", "triton-gather", asdict(gather_tile), density, used, counts,
+                         timed(lambda r=ranking, c=counts: gather_call(q, kv, table, r, c, ctx, block, scale, out)))
                 if density == 1.0:
-                    copy_only.append({"shape": name, "page_size": page, "copy_page_size": COPY_PAGE, "seq_len": seq_len,
-                                      "ms": timed(lambda: contiguous_pages(kv, table, seq_len, COPY_PAGE))["median"]})
+                    copy_only.append({"shape": name, "page_size": page, "copy_page_size": copy_page, "seq_len": seq_len,
+                                      "ms": timed(lambda: contiguous_pages(kv, table, seq_len, copy_page))["median"]})
                     log(f"{name} page{page}: contiguous copy alone {copy_only[-1]['ms']:.3f} ms")
             # The dense tail (the default dense_tail_tokens rows compute every causal block): its
             # rows launched first (default) vs in their natural place (last); FA3 in two calls
@@ -841,7 +847,7 @@ def main() -> int:
                 for cfg in sweep_configs(page):
                     try:
                         t = timed(lambda: block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx,
-                                                            scale=scale, block_size=block, tile=cfg))
+                                                            scale=scale, block_size=block, tile=cfg, copy_page=0))
                     except Exception as exc:  # noqa: BLE001 - out of resources etc.
                         log(f"sweep {cfg}: failed ({type(exc).__name__})")
                         continue

@@ -121,6 +121,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
     _warned_kernel_fallbacks: set[str] = set()  # one warning per reason and process, not per layer
     _warned_sliding_window = False
     _warned_page_mismatch = False
+    _logged_copy_reservation = False
     supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
 
     def __init__(
@@ -231,6 +232,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 if shape is not None and query.is_cuda:
                     self._warmed_page_size = shape.page_size
                 kernel = self._warmup_kernel(shape, query.dtype)
+                if kernel == "triton":
+                    self._reserve_copy_memory(shape, query.dtype, query.device)
                 tail_first = self._tail_by_dense_kernel() and self.proxyattn_params.dense_tail_tokens > 0
                 warmup.warm_up_once(shape, query.dtype, query.device,
                                     flashinfer=kernel == "flashinfer", union_plan=kernel in ("fa3", "flashinfer"),
@@ -360,6 +363,22 @@ class ProxyAttnImpl(FlashAttentionImpl):
             return None
         kernel, fallback = self._choose_sparse_kernel(shape.page_size, dtype)
         return "triton" if fallback is not None else kernel
+
+    def _reserve_copy_memory(self, shape: warmup.WarmupShape | None, dtype: torch.dtype,
+                             device: torch.device) -> None:
+        """In the memory-profiling run: make vLLM's KV-cache sizing leave room for the Triton
+        kernel's contiguous copy of the longest prompt (:func:`warmup.reserve_copy_memory`; on
+        Hopper, with pages smaller than the kernel's key tiles)."""
+        copy_page, nbytes = warmup.reserve_copy_memory(shape, dtype, device)
+        if nbytes and not ProxyAttnImpl._logged_copy_reservation:
+            ProxyAttnImpl._logged_copy_reservation = True
+            logger.info(
+                "proxyattn: KV pages of %d tokens are too small for the sparse kernel's TMA tiles: it "
+                "reads each long prompt's keys and values from a copy in %d-token pages (one layer at "
+                "a time). Reserved %.2f GiB for the copy of a %d-token prompt; --block-size %d avoids "
+                "the copy and this memory.", shape.page_size, copy_page, nbytes / 2**30, shape.max_seq_len,
+                copy_page,
+            )
 
     def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None,
                        tail_done=False, row_lse=None):

@@ -16,6 +16,8 @@ from vllm.logger import init_logger
 
 from proxyattn_kernels import ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.block_sparse_attn.triton import copy_bytes, default_copy_page
+from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.warmup import warm_up
 
 logger = init_logger("vllm.proxyattn")
@@ -45,6 +47,28 @@ def shape_from_vllm_config(vllm_config, num_q_heads: int, num_kv_heads: int, hea
     if not isinstance(max_len, int) or not isinstance(page_size, int) or page_size % 16:
         return None
     return WarmupShape(num_q_heads, num_kv_heads, head_dim, page_size, max_len, params)
+
+
+def copy_reservation(shape: WarmupShape | None, dtype: torch.dtype, has_tma: bool) -> tuple[int, int]:
+    """``(copy page, bytes)`` the Triton block-sparse kernel's contiguous copy takes for the
+    longest prompt of ``shape`` (``block_sparse_attn``'s ``copy_page``; ``(0, 0)`` when it reads
+    the cache as it is). vLLM sizes the KV cache from the memory-profiling run's peak, which
+    never sees a long prompt: that run allocates this much once so the peak includes it."""
+    if shape is None or shape.max_seq_len < shape.params.min_sparse_len:
+        return 0, 0
+    copy_page = default_copy_page(shape.page_size, shape.params.block_size, shape.head_dim, has_tma)
+    return copy_page, copy_bytes(shape.max_seq_len, shape.num_kv_heads, shape.head_dim, dtype, copy_page)
+
+
+def reserve_copy_memory(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """In the memory-profiling run: allocate, and free, :func:`copy_reservation` on ``device``
+    (no-op where there is no copy), so vLLM's peak, and so its KV-cache sizing, includes it.
+    Returns ``(copy page, bytes)``."""
+    copy_page, nbytes = copy_reservation(shape, dtype, has_tma(device))
+    # Never inside a CUDA-graph capture: the graph's private pool would keep the block.
+    if nbytes and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return copy_page, nbytes
 
 
 def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device, *,

@@ -68,15 +68,15 @@ def test_triton_with_the_tail_through_fa3_equals_the_selection(rng_seed, ctx, q_
 
 
 @pytest.mark.parametrize("ctx,q_len,density", [(37, 70, 0.4), (0, 50, 1.0)])
-def test_contiguous_copy_call_equals_the_selection(rng_seed, ctx, q_len, density):
-    """The timed "contiguous-copy" path (16-token pages copied into 128-token ones, then the
-    kernel) computes the selection; the poisoned output is fully written."""
+def test_gather_call_equals_the_selection(rng_seed, ctx, q_len, density):
+    """The timed "gather" baseline (the kernel on the cache's own 16-token pages, no copy)
+    computes the selection; the poisoned output is fully written."""
     hq, hkv, d, block, page = 4, 2, 16, 32, 16
     q = torch.randn(q_len, hq, d)
     kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
     ranking, counts, _ = bench_kernels.synthetic_selection(hq, 1, ctx, q_len, block, density, "cpu")
     out = torch.full_like(q, float("nan"))
-    bench_kernels.contiguous_copy_call(q, kv, table, ranking, counts, ctx, block, d**-0.5, out)
+    bench_kernels.gather_call(q, kv, table, ranking, counts, ctx, block, d**-0.5, out)
     k, v = gather_paged_kv(kv, table, ctx + q_len)
     mask = selection_block_mask(ranking, counts, -(-(ctx + q_len) // block))
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block), atol=2e-5, rtol=1e-4)

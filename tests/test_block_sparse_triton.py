@@ -14,6 +14,7 @@ from proxyattn_kernels.block_sparse_attn import triton as bs_triton
 from proxyattn_kernels.block_sparse_attn.triton import (
     TileConfig, block_sparse_attn, default_tile_config, head_block_lists, head_lists_and_tile_rows, ranked_tile_rows,
 )
+from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.paged import contiguous_pages
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks
@@ -35,12 +36,10 @@ def run_case(hq, hkv, d, ctx, q_len, block, page, dtype, *, groups=1, gamma=0.6,
     assert (sel.ranking[:, :, 0] == sel.geometry.first_q_block + torch.arange(
         sel.geometry.num_q_blocks, device=DEVICE)).all(), "the kernel relies on the diagonal first"
     kv_cache, table = make_paged(k, v, page)
-    if copy_page is not None:  # the kernel reads a contiguous copy in pages of copy_page tokens
-        kv_cache, table = contiguous_pages(kv_cache, table, ctx + q_len, copy_page)
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
     block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, out, ctx=ctx, scale=scale,
-                      block_size=block, tile=tile, heavy_rows=heavy_rows, skip_rows=skip_rows)
+                      block_size=block, tile=tile, heavy_rows=heavy_rows, skip_rows=skip_rows, copy_page=copy_page)
     expected = block_sparse_attention(q, k, v, ctx, sel.block_mask(), scale, block)
     geo = sel.geometry
     # Tokens of the skipped last rows stay as they were (NaN); every other element is written.
@@ -222,10 +221,37 @@ def test_contiguous_pages_rejects_pages_that_do_not_nest():
             contiguous_pages(kv_cache, table, seq_len, copy_page)
 
 
-@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,page,copy_page", [(4, 2, 32, 37, 90, 32, 16, 32),
-                                                                    (7, 1, 16, 61, 67, 32, 16, 64)])
-def test_block_sparse_over_a_contiguous_copy(rng_seed, hq, hkv, d, ctx, q_len, block, page, copy_page):
-    run_case(hq, hkv, d, ctx, q_len, block, page, torch.float32, copy_page=copy_page)
+@pytest.mark.parametrize("hq,hkv,d,ctx,q_len,block,page,copy_page,skip_rows", [
+    (4, 2, 32, 37, 90, 32, 16, 32, 0), (7, 1, 16, 61, 67, 32, 16, 64, 1), (4, 4, 16, 0, 40, 32, 32, 96, 0)])
+def test_block_sparse_over_a_contiguous_copy(rng_seed, hq, hkv, d, ctx, q_len, block, page, copy_page, skip_rows):
+    """``copy_page``: the kernel reads a copy of the request's keys and values in larger pages
+    (the tile follows the copy's page size) and still computes exactly the selection."""
+    run_case(hq, hkv, d, ctx, q_len, block, page, torch.float32, copy_page=copy_page, skip_rows=skip_rows)
+
+
+@pytest.mark.parametrize("page,block,d,tma,expected", [
+    (16, 128, 128, True, 128),   # vLLM's default page on Hopper: the measured case
+    (16, 128, 64, True, 128),
+    (32, 128, 128, True, 128),
+    (48, 128, 128, True, 384),   # the copy's pages must hold whole cache pages: lcm(48, 128)
+    (64, 128, 128, True, 0),     # 64-key tiles fit (D 128)
+    (64, 128, 64, True, 128),    # D 64 reads 128-key tiles: a 64-token page does not hold one
+    (128, 128, 128, True, 0),
+    (16, 128, 128, False, 0),    # no TMA (pre-Hopper GPUs, CPU): nothing to gain from a copy
+    (16, 32, 128, True, 0),      # blocks of 32 keys: no TMA tile at any page size
+])
+def test_default_copy_page(page, block, d, tma, expected):
+    assert bs_triton.default_copy_page(page, block, d, tma) == expected
+
+
+def test_default_copy_page_is_none_on_cpu():
+    assert bs_triton.default_copy_page(16, 128, 128, has_tma(torch.device("cpu"))) == 0
+
+
+def test_copy_bytes_rounds_up_to_whole_copy_pages():
+    assert bs_triton.copy_bytes(131072, 8, 128, torch.bfloat16, 128) == 131072 * 8 * 256 * 2  # 512 MiB
+    assert bs_triton.copy_bytes(129, 2, 64, torch.float32, 128) == 256 * 2 * 128 * 4
+    assert bs_triton.copy_bytes(131072, 8, 128, torch.bfloat16, 0) == 0
 
 
 def test_rejects_bad_inputs():
@@ -246,6 +272,8 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match=r"skip_rows=1 must be in \[0, 1\], with heavy_rows 0 \(got 1\)"):
         block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16,
                           heavy_rows=1, skip_rows=1)
+    with pytest.raises(ValueError, match="copy_page=24 must be 0"):
+        block_sparse_attn(q, kv, table, sel[0], sel[1], q.clone(), ctx=0, scale=1.0, block_size=16, copy_page=24)
     with pytest.raises(ValueError, match="covers 16 tokens"):
         block_sparse_attn(q, kv, table[:1], sel[0], sel[1], q.clone(), ctx=7, scale=1.0, block_size=16) \
             if False else block_sparse_attn(torch.zeros(20, 4, 32), kv, table[:1], *select_blocks(
@@ -265,8 +293,11 @@ def test_gpu_real_sizes_bf16(rng_seed, hq, hkv, d, page, full):
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64)])
 @pytest.mark.parametrize("full", [True, False])
-def test_gpu_16_token_pages_through_a_128_token_copy(rng_seed, hq, hkv, d, full):
-    """The copy of a 16-token-page cache in 128-token pages takes the kernel's TMA path."""
+def test_gpu_16_token_pages_gathered_without_the_copy(rng_seed, hq, hkv, d, full):
+    """On the H200 the kernel reads 16-token pages from a 128-token copy by default (the TMA
+    path, test_gpu_real_sizes_bf16); without it (``copy_page=0``) it gathers rows from the
+    pages, which must compute the same."""
+    assert bs_triton.default_copy_page(16, 128, d, has_tma(torch.device("cuda"))) == 128, "H200: TMA expected"
     assert default_tile_config(128, d, on_cpu=False, page_size=128).use_tma
     run_case(hq, hkv, d, 8192 + 37, 2048 + 5, 128, 16, torch.bfloat16, groups=1, gamma=0.5, full=full,
-             atol=2e-2, copy_page=128)
+             atol=2e-2, copy_page=0)

@@ -72,9 +72,27 @@ def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
     assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=1", "--backends FLASH_ATTN ": "gpu=0",
                       "--tensor-parallel 2": "gpu=all"}
     assert "[chain] tp2_128k: 0 Triton compiles during inference" in result.stdout
+    assert_lanes_write_their_own_json(bg)
     kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
     assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
     assert (bg / "chain.done").exists()
+
+
+def assert_lanes_write_their_own_json(bg):
+    """The density pass on GPU 1 runs while the TTFT sweep on GPU 0 appends to its JSON: both
+    appending to one file would keep only the last writer's results (session 11)."""
+    import argparse
+    import shlex
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    outs = {}
+    for line in (bg / "argv.log").read_text().splitlines():
+        args = shlex.split(line)
+        if args and args[0] == "benchmarks/ttft_sweep.py":
+            kind = "density" if "--density-only" in args else "ttft"
+            outs.setdefault(kind, set()).add(parser.parse_known_args(args[1:])[0].out)
+    assert len(outs["density"]) == 1 and not outs["density"] & outs["ttft"], outs
 
 
 def two_gpus(tmp_path):
@@ -131,6 +149,7 @@ def test_chain_plan_measure(stubbed, tmp_path, gpus):
                                  "--density-only")) == {
             "--backends FLASH_ATTN ": "gpu=0", "--backends proxyattn:fa3": "gpu=0", "qwen2.5-coder": "gpu=1",
             "--density-only": "gpu=1"}
+        assert_lanes_write_their_own_json(bg)
     assert (bg / "chain.done").exists()
 
 

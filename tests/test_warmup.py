@@ -86,12 +86,13 @@ def _compiled_variants() -> dict[str, int]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_no_compile_after_warm_up():
+@pytest.mark.parametrize("page", [128, 16])  # 16: the attention reads a 128-token copy (H200)
+def test_gpu_no_compile_after_warm_up(page):
     from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
     from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan
     from proxyattn_kernels.selection import select_blocks_paged
 
-    hq, hkv, d, page, max_len = 32, 8, 128, 128, 65536
+    hq, hkv, d, max_len = 32, 8, 128, 65536
     params = ProxyAttnParams(max_density=0.1)
     warm_up(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=torch.bfloat16,
             device=torch.device("cuda"), params=params, max_seq_len=max_len, union_plan=True, budget_lse=True)
@@ -205,3 +206,64 @@ def test_a_failing_warm_up_stops_startup_with_the_shape(monkeypatch):
     with pytest.raises(RuntimeError, match="compiling the sparse-prefill kernels at startup failed.*"
                                            "no kernel for this shape.*FLASH_ATTN"):
         glue.warm_up_once(shape, torch.bfloat16, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("page,tma,max_len,expected", [
+    (16, True, 131072, (128, 131072 * 8 * 256 * 2)),  # Llama-8B shape, bf16: 512 MiB
+    (16, True, 1000 + 3, (0, 0)),                      # below min_sparse_len: never sparse, no copy
+    (128, True, 131072, (0, 0)),                       # pages hold whole TMA tiles: no copy
+    (16, False, 131072, (0, 0)),                       # no TMA on the device: no copy
+])
+def test_copy_reservation_is_the_longest_prompts_copy(page, tma, max_len, expected):
+    pytest.importorskip("vllm")
+    from proxyattn_vllm import warmup as glue
+
+    shape = glue.WarmupShape(32, 8, 128, page, max_len, ProxyAttnParams())
+    assert glue.copy_reservation(shape, torch.bfloat16, tma) == expected
+    assert glue.copy_reservation(None, torch.bfloat16, tma) == (0, 0)
+
+
+def test_reserve_copy_memory_allocates_the_copy_once(monkeypatch):
+    pytest.importorskip("vllm")
+    from proxyattn_vllm import warmup as glue
+
+    shape = glue.WarmupShape(4, 2, 32, 16, 16384, ProxyAttnParams())
+    allocated = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: (allocated.append((a, kw)), real_empty(*a, **kw))[1])
+    assert glue.reserve_copy_memory(shape, torch.float32, torch.device("cpu")) == (0, 0)  # CPU: no TMA
+    assert allocated == []
+    monkeypatch.setattr(glue, "has_tma", lambda device: True)
+    nbytes = 16384 * 2 * 64 * 4
+    assert glue.reserve_copy_memory(shape, torch.float32, torch.device("cpu")) == (128, nbytes)
+    assert allocated == [((nbytes,), {"dtype": torch.uint8, "device": torch.device("cpu")})]
+
+
+@pytest.mark.parametrize("sparse_kernel,reserved", [("triton", True), ("fa3", False)])
+def test_engine_profiling_run_reserves_the_copy_of_the_longest_prompt(tmp_path, monkeypatch, sparse_kernel,
+                                                                      reserved):
+    """Through vLLM on CPU, as if on Hopper (``has_tma`` forced): with 16-token pages the
+    memory-profiling forward of a Triton layer allocates the copy of a max_model_len prompt
+    (the KV cache is sized from that run's peak); a union-kernel layer has no copy."""
+    from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
+
+    skip_unless_vllm_on_cpu()
+    from proxyattn_vllm import warmup as glue
+    from tests._tiny_llama import HEAD_DIM, NUM_KV_HEADS, write_tiny_llama
+    from tests._vllm_cpu import tiny_llm
+
+    results = []
+    real = glue.reserve_copy_memory
+    monkeypatch.setattr(glue, "has_tma", lambda device: True)
+    monkeypatch.setattr(glue, "reserve_copy_memory", lambda *a: (results.append(real(*a)), results[-1])[1])
+    honour_custom_backend_on_cpu(monkeypatch.setattr)
+    model_dir = str(write_tiny_llama(tmp_path / "tiny"))
+    with kv_cache_layout_restored(), tiny_llm(
+            model_dir, attention_backend="proxyattn", max_model_len=300, block_size=16,
+            additional_config={"proxyattn": {"block_size": 128, "min_sparse_len": 0,
+                                              "sparse_kernel": sparse_kernel}}):
+        pass  # the profiling run happens while the engine starts
+    if reserved:
+        assert results and set(results) == {(128, 384 * NUM_KV_HEADS * 2 * HEAD_DIM * 4)}  # fp32, 3 copy pages
+    else:
+        assert results == []

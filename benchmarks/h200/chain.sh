@@ -60,9 +60,12 @@ ttft_timed() {
 }
 density() {
   # The density each length used (the default config with PROXYATTN_STATS; untimed; session 7
-  # measured 0.096-0.100 with the same cap; sessions 8 and 9 did not get it), added to the timed
-  # runs' JSON. Session 8's pass got 160 s and its cold server was not healthy in time: 260 s.
-  step ttft_density 200 "${ttft[@]}" --append --backends proxyattn --density-only \
+  # measured 0.096-0.100 with the same cap; session 11 0.096-0.099), added to the timed runs'
+  # JSON, or written to $1 instead: a lane running next to the TTFT sweep must not append to
+  # its file (two sweeps appending at once keep only the last writer's results: session 11 lost
+  # its density pass that way). Session 8's pass got 160 s and its cold server was not healthy
+  # in time: 260 s.
+  step ttft_density 200 "${ttft[@]}" --append --out "${1:-$RES/ttft_h200.json}" --backends proxyattn --density-only \
     --time-budget-s "$(( $(left) < 270 ? $(left) - 10 : 260 ))" --startup-estimate-s 200
 }
 qwen() {
@@ -121,7 +124,7 @@ elif [ "$plan" = measure ] && [ "$(num_gpus)" -ge 2 ]; then
   # TTFT and the density pass (a server on the other GPU: the TTFT is GPU-bound, session 8).
   on_gpu 0
   gpu_tests
-  ( on_gpu 1; qwen; [ "$gpu_tests_rc" = 0 ] && density ) &
+  ( on_gpu 1; qwen; [ "$gpu_tests_rc" = 0 ] && density "$RES/ttft_density_h200.json" ) &
   lane1=$!
   ttft_timed
   wait "$lane1"
@@ -139,7 +142,7 @@ elif [ "$(num_gpus)" -ge 2 ]; then
   on_gpu 0
   gpu_tests
   kernels
-  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && density ) &
+  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && density "$RES/ttft_density_h200.json" ) &
   lane1=$!
   ttft_timed
   wait "$lane1"

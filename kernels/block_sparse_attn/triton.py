@@ -6,12 +6,15 @@ sequence-end bound; ``ranking[:, row, 0]`` is always the diagonal, see select/na
 walks the rest of its head's selected blocks (its prefix of the group ranking, by default
 re-ordered by position: :func:`head_block_lists`) without any masking. K and V are
 gathered through the block table with the cache's own strides (K and V packed in the last
-dimension), so any page size that is a multiple of 16 works.
+dimension), so any page size that is a multiple of 16 works. Pages that hold whole key tiles are
+read tile by tile with TMA instead; on Hopper, smaller pages (vLLM's 16) are first copied into
+contiguous 128-token pages for that (``copy_page``, :func:`default_copy_page`).
 
 Semantics: exactly ``block_sparse_attn/naive.py``; fp32 accumulation, output in the query dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..paged import paged_row_offsets
+from ..device import has_tma
+from ..paged import contiguous_pages, paged_row_offsets
 from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
 
 _LOG2E = 1.4426950408889634
@@ -57,6 +61,43 @@ def default_tile_config(block_size: int, head_dim: int, on_cpu: bool, page_size:
         return TileConfig(block_m, 64 if head_dim > 64 else min(block_size, 128), 4, 4, use_tma=True)
     # Gather path (pages smaller than a key tile): 50.2 ms (D=128), 12.0 ms (D=64).
     return TileConfig(block_m, min(block_size, 128), 8 if head_dim > 64 else 4, 4, use_tma=False)
+
+
+#: Pages of the contiguous copy :func:`block_sparse_attn` reads where the cache's pages are too
+#: small for TMA key tiles (a multiple of every TMA tile's keys, see :func:`default_tile_config`).
+COPY_PAGE_TOKENS = 128
+
+
+def _reads_tiles_with_tma(tile: TileConfig, page_size: int) -> bool:
+    """Whether the kernel takes its TMA path on an NHD cache with pages of ``page_size``."""
+    return tile.use_tma and page_size % tile.block_n == 0
+
+
+def default_copy_page(page_size: int, block_size: int, head_dim: int, has_tma: bool) -> int:
+    """The page size of the contiguous copy :func:`block_sparse_attn` takes by default: 0 (it
+    reads the cache as it is) unless the device has TMA (``has_tma``) and the cache's pages do
+    not hold whole key tiles while ``lcm(page_size, COPY_PAGE_TOKENS)``-token pages do.
+
+    Why (H200, Llama-3.1-8B shape, last 8K chunk of 128K, 16-token pages; benchmarks/results/
+    kernels_h200.json, 2026-11-29 session 11): the gather path takes 49.8 ms at full density and
+    5.32 at density 0.1; with the copy (0.29 ms, included) 36.2 and 4.15, i.e. 1.22x and 0.14x of
+    FA3 dense (29.7 ms) instead of 1.68x and 0.18x."""
+    if not has_tma:
+        return 0
+    if _reads_tiles_with_tma(default_tile_config(block_size, head_dim, False, page_size), page_size):
+        return 0
+    copy_page = math.lcm(page_size, COPY_PAGE_TOKENS)
+    tile = default_tile_config(block_size, head_dim, False, copy_page)
+    return copy_page if _reads_tiles_with_tma(tile, copy_page) else 0
+
+
+def copy_bytes(seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, copy_page: int) -> int:
+    """Bytes the contiguous copy of a ``seq_len``-token request takes (0 without a copy): one
+    layer's keys and values of the request, rounded up to whole copy pages."""
+    if not copy_page:
+        return 0
+    tokens = -(-seq_len // copy_page) * copy_page
+    return tokens * num_kv_heads * 2 * head_dim * dtype.itemsize
 
 
 @triton.jit
@@ -335,6 +376,7 @@ def block_sparse_attn(
     tile: TileConfig | None = None,
     heavy_rows: int = 0,
     skip_rows: int = 0,
+    copy_page: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of one prefill chunk, written into ``out``.
 
@@ -359,6 +401,13 @@ def block_sparse_attn(
         skip_rows: the chunk's last ``skip_rows`` query-block rows are not computed: their
             tokens in ``out`` are left as they are (for a caller that runs the dense tail with a
             dense split-KV kernel). Not combined with ``heavy_rows``.
+        copy_page: read keys and values from a copy of the request's ``[0, ctx + q_len)`` in
+            contiguous pages of this many tokens (``paged.contiguous_pages``; a multiple of the
+            cache's page size) instead of the cache: on pages too small for whole key tiles the
+            kernel gathers rows one by one, on the copy it reads tiles with TMA. Allocates
+            :func:`copy_bytes` for the call. None: :func:`default_copy_page` (a copy into
+            128-token pages for vLLM's 16-token pages on Hopper, none on larger pages or on
+            CPU); 0: never copy. ``tile`` defaults to the copy's page size.
 
     Returns:
         ``out``.
@@ -392,6 +441,13 @@ def block_sparse_attn(
         raise ValueError(f"skip_rows={skip_rows} must be in [0, {num_rows}], with heavy_rows 0 (got {heavy_rows})")
     if block_table.numel() * page_size < seq_len:
         raise ValueError(f"block_table covers {block_table.numel() * page_size} tokens < seq_len={seq_len}")
+    if copy_page is None:
+        copy_page = default_copy_page(page_size, block_size, head_dim, has_tma(q.device))
+    if copy_page < 0 or copy_page % page_size:
+        raise ValueError(f"copy_page={copy_page} must be 0 (no copy) or a multiple of the cache's page size {page_size}")
+    if copy_page:
+        kv_cache, block_table = contiguous_pages(kv_cache, block_table, seq_len, copy_page)
+        page_size = copy_page
     tile = tile or default_tile_config(block_size, head_dim, q.device.type == "cpu", page_size)
     if block_size % tile.block_m or block_size % tile.block_n:
         raise ValueError(f"tile {tile} must divide block_size={block_size}")
