@@ -41,7 +41,8 @@ AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
     # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.25 vs 3.35 ms, FA3 1.57x
     # faster per block, more than any one-group union ratio measured; spread0.5 5.36 vs 4.91.
     # Session 11 (kernels_h200.json), Triton over its contiguous 128-token copy: 4.15 vs 3.24
-    # (1.28x), still above the ratios measured up to 8K.
+    # (1.28x), the same lead as at page 128 below, where Triton is kept; "fa3" stays here
+    # until a long-context union ratio decides both.
     (128, 16, 4): "fa3",
     # Page 128: 4.06 vs 3.20 ms, only 1.27x (with the dense tail 4.68 vs 3.67), within reach of
     # the 1.18 measured at 8K (rising with length); spread0.5 4.24 vs 4.88, Triton ahead. Triton
