@@ -43,44 +43,42 @@ def test_chain_runs_every_step_in_order_when_time_allows(stubbed):
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert started == ["gpu_tests", "kernels", "ttft_density", "ttft_dense", "ttft_sparse"]
+    assert started == ["gpu_tests", "kernels", "ttft_dense", "ttft_sparse", "ttft_page16"]
     assert "skip" not in result.stdout and (bg / "chain.done").exists()
     calls = (bg / "calls.log").read_text()
     assert "benchmarks/bench_kernels.py" in calls
-    # The density pass, then dense alone, then the sparse kernels appended to the same JSON.
-    density, dense, sparse = [line for line in calls.splitlines() if "ttft_h200.json" in line]
+    # Dense alone, then the sparse kernels appended to the same JSON; the page-16 pair in its own.
+    dense, sparse = [line for line in calls.splitlines() if "ttft_h200.json" in line]
     assert "--backends FLASH_ATTN " in dense
     assert "--append" in sparse and "--backends proxyattn:fa3 " in sparse and "--time-budget-s 240" in sparse
-    assert "--append" in density and "--density-only" in density
+    page16 = next(line for line in calls.splitlines() if "ttft_page16_h200.json" in line)
+    assert "--backends FLASH_ATTN,proxyattn:triton " in page16 and "--serve-args=--block-size 16 " in page16
     assert not result.stderr.strip(), result.stderr  # e.g. an unbound variable under set -u
 
 
-def test_chain_on_two_gpus_runs_two_lanes_then_tp2(stubbed, tmp_path):
-    """With two GPUs: the GPU tests and the kernels alone first; then GPU 1 runs the density pass
-    while GPU 0 runs the TTFT; then TP=2 on both. Each lane kills only its own GPU's processes
-    between steps."""
+def test_chain_on_two_gpus_runs_two_lanes(stubbed, tmp_path):
+    """With two GPUs: the GPU tests and the kernels alone first; then GPU 1 runs the page-16 TTFT
+    while GPU 0 runs the TTFT. Each lane kills only its own GPU's processes between steps."""
     env, bg, _ = stubbed
     two_gpus(tmp_path)
     result = run("chain.sh", 100000, env=env)
     assert result.returncode == 0, result.stderr
     assert not result.stderr.strip(), result.stderr
     started = re.findall(r"\[chain\] (\w+): start", result.stdout)
-    assert sorted(started) == sorted(["gpu_tests", "kernels", "ttft_density", "ttft_dense", "ttft_sparse", "tp2_128k"])
+    assert sorted(started) == sorted(["gpu_tests", "kernels", "ttft_page16", "ttft_dense", "ttft_sparse"])
     assert started[:2] == ["gpu_tests", "kernels"]  # alone: nothing else runs on the host while it times
-    assert started[-1] == "tp2_128k"
-    gpu_of = gpu_of_steps(bg, ("bench_kernels", "--density-only", "--backends FLASH_ATTN ", "--tensor-parallel 2"))
-    assert gpu_of == {"bench_kernels": "gpu=0", "--density-only": "gpu=1", "--backends FLASH_ATTN ": "gpu=0",
-                      "--tensor-parallel 2": "gpu=all"}
-    assert "[chain] tp2_128k: 0 Triton compiles during inference" in result.stdout
-    assert_lanes_write_their_own_json(bg)
+    gpu_of = gpu_of_steps(bg, ("bench_kernels", "ttft_page16_h200", "--backends FLASH_ATTN "))
+    assert gpu_of == {"bench_kernels": "gpu=0", "ttft_page16_h200": "gpu=1", "--backends FLASH_ATTN ": "gpu=0"}
+    assert_lanes_write_their_own_json(bg, lane="ttft_page16_h200")
     kills = [line for line in (bg / "calls.log").read_text().splitlines() if "query-compute-apps" in line]
     assert any("-i 0" in k for k in kills) and any("-i 1" in k for k in kills)
     assert (bg / "chain.done").exists()
 
 
-def assert_lanes_write_their_own_json(bg):
-    """The density pass on GPU 1 runs while the TTFT sweep on GPU 0 appends to its JSON: both
-    appending to one file would keep only the last writer's results (session 11)."""
+def assert_lanes_write_their_own_json(bg, lane="--density-only"):
+    """A sweep on GPU 1 (its argument vector holds ``lane``) runs while the TTFT sweep on GPU 0
+    appends to its JSON: both writing one file would keep only the last writer's results
+    (session 11 lost its density pass that way)."""
     import argparse
     import shlex
 
@@ -90,9 +88,9 @@ def assert_lanes_write_their_own_json(bg):
     for line in (bg / "argv.log").read_text().splitlines():
         args = shlex.split(line)
         if args and args[0] == "benchmarks/ttft_sweep.py":
-            kind = "density" if "--density-only" in args else "ttft"
+            kind = "lane" if any(lane in arg for arg in args) else "ttft"
             outs.setdefault(kind, set()).add(parser.parse_known_args(args[1:])[0].out)
-    assert len(outs["density"]) == 1 and not outs["density"] & outs["ttft"], outs
+    assert len(outs["lane"]) == 1 and not outs["lane"] & outs["ttft"], outs
 
 
 def two_gpus(tmp_path):

@@ -19,18 +19,30 @@ step() {
   echo "[chain] $name: rc $last_rc after $(( $(date +%s) - t0 )) s"
   tail -25 "$RES/$name.log"
 }
-# ---- Plans written at the end of session 10 (benchmarks/NOTES.md: what is next); earlier
+# ---- Plans written at the end of session 11 (benchmarks/NOTES.md: what is next); earlier
 # sessions' plans are in git history. ----
 ttft=(python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b"
       --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --lengths 32K,64K,128K,256K
       --repeats 2 --warmups 1 --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 0
       --out "$RES/ttft_h200.json" --logdir "$RES/ttft_logs")
 kernels() {
-  # Kernels (~210 s: the cases, chunk_costs (the per-chunk fa3 path at ctx 0-120K, also as CUDA
+  # Kernels (~240 s: the cases, chunk_costs (the per-chunk fa3 path at ctx 0-120K, also as CUDA
   # graph replays: GPU time without host launches), the budget and proxy-score tile sweeps, the
-  # union call's probes, and (new in session 10) the Triton kernel over a contiguous 128-token
-  # copy of 16-token pages, for issue #3's page-16 targets).
-  step kernels 220 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
+  # union call's probes; since session 11 the page-16 Triton rows are the default path through
+  # the contiguous 128-token copy, and "gather" rows the kernel without it).
+  step kernels 250 python3 benchmarks/bench_kernels.py --out "$RES/kernels_h200.json"
+}
+ttft_page16() {
+  # The contiguous copy in the engine (issue #3's page-16 path, wired in session 11, measured
+  # only as kernel calls): 16-token pages (--block-size 16 over the config's 128), the default
+  # "triton" kernel against dense FA3 on the same pages, 64K and 128K; the startup log shows the
+  # copy's reservation. Its own JSON (it runs next to the TTFT lane).
+  step ttft_page16 420 python3 benchmarks/ttft_sweep.py --model "$PWD/.dummy8b" \
+    --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml --lengths 64K,128K --repeats 2 \
+    --warmups 1 --warmup-len 131072 --decode-requests 0 --mix-long 0 \
+    --backends FLASH_ATTN,proxyattn:triton --serve-args="--block-size 16" \
+    --time-budget-s "$(( $(left) - 10 ))" --startup-estimate-s 220 \
+    --out "$RES/ttft_page16_h200.json" --logdir "$RES/ttft_page16_logs"
 }
 profile_args=(python3 benchmarks/profile_prefill.py --model "$PWD/.dummy8b" --dummy --prompt-len 131008
               --out "$RES/profile_prefill_h200.json")
@@ -134,26 +146,24 @@ elif [ "$plan" = measure ]; then
   qwen
   [ "$gpu_tests_rc" = 0 ] && density
 elif [ "$(num_gpus)" -ge 2 ]; then
-  # "full", session 11's plan: the GPU tests (they gate everything sparse) and the kernels alone
-  # first (the contiguous-copy cases for issue #3; chunk_costs with session 10's union split
-  # rule); then GPU 1 runs the 8B density pass (not measured since session 7) while GPU 0 times
-  # the TTFT again (session 10's margins: 1.0% at 128K, 0.8% at 256K); then the TP=2 128K prompt
-  # on both, which checks the warm-up fix (no Triton compile inside the request).
+  # "full", session 12's plan: the GPU tests (they gate everything sparse) and the kernels alone
+  # first (the page-16 rows now through the copy); then GPU 1 runs the page-16 TTFT (the copy in
+  # the engine) while GPU 0 times the TTFT again (session 11's slower host: 2.50x / 3.48x at
+  # 128K / 256K; session 10's 2.52x / 3.53x). The density pass and the TP=2 prompt were measured
+  # in session 11 (plans "measure" and "diagnose" still run them).
   on_gpu 0
   gpu_tests
   kernels
-  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && density "$RES/ttft_density_h200.json" ) &
+  ( on_gpu 1; [ "$gpu_tests_rc" = 0 ] && ttft_page16 ) &
   lane1=$!
   ttft_timed
   wait "$lane1"
-  all_gpus
-  tp2_128k
 else
-  # "full" on one GPU: the GPU tests, the kernels, the density pass, the TTFT last.
+  # "full" on one GPU: the GPU tests, the kernels, the TTFT, the page-16 TTFT last.
   gpu_tests
   kernels
-  [ "$gpu_tests_rc" = 0 ] && density
   ttft_timed
+  [ "$gpu_tests_rc" = 0 ] && ttft_page16
 fi
 kill_gpu
 echo "[chain] done ($(left) s left)"
