@@ -40,11 +40,10 @@ from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, se
 from proxyattn_kernels.block_sparse_attn.triton import (
     TileConfig, block_sparse_attn, default_copy_page, default_tile_config,
 )
-from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.block_sparse_attn.union_pages import (
     tail_first_calls, union_block_mask, union_call_num_splits, union_page_plan,
 )
-from proxyattn_kernels.device import sm_count
+from proxyattn_kernels.device import has_tma, sm_count
 from proxyattn_kernels.paged import contiguous_pages
 from proxyattn_kernels.reference import gather_paged_kv
 from proxyattn_kernels.select.naive import select_blocks

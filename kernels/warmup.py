@@ -73,7 +73,8 @@ def warm_up(
 
     Returns the number of chunks run. Allocates O(heads * head_dim * block_size) for the
     queries and cache, plus the selection's ``[Hq, Kb, block]`` float32 workspace of the
-    longest chunk; frees everything before returning.
+    longest chunk and, where the block-sparse kernel copies small pages (``default_copy_page``),
+    its copy of the longest chunk's keys and values; frees everything before returning.
     """
     block = params.block_size
     chunks = warmup_chunks(max_seq_len, block)
