@@ -25,9 +25,9 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
-from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn
+from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn, copy_bytes, default_copy_page
 from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_call_num_splits, union_page_plan
-from proxyattn_kernels.device import sm_count
+from proxyattn_kernels.device import has_tma, sm_count
 from proxyattn_kernels.selection import select_blocks_paged
 
 from . import stats, warmup
@@ -44,6 +44,11 @@ SUPPORTED_HEAD_SIZES = (16, 32, 64, 128, 256)
 
 class ProxyAttnUnsupportedError(ValueError):
     """The model or deployment uses an attention feature ProxyAttn does not support."""
+
+
+#: Set when the Triton kernel's contiguous copy of a request once ran out of GPU memory: from
+#: then on, this process reads small pages directly (``copy_page=0``, slower but the same result).
+_copy_out_of_memory = False
 
 
 def sparse_prefill(
@@ -92,11 +97,35 @@ def sparse_prefill(
             block_size=params.block_size, layer_index=layer_index,
         )
     tail_rows = ChunkGeometry(ctx, query.shape[0], params.block_size).num_tail_rows(params.dense_tail_tokens)
-    block_sparse_attn(
-        query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
-        ctx=ctx, scale=scale, block_size=params.block_size,
-        **({"skip_rows": tail_rows} if tail_done else {"heavy_rows": tail_rows}),
-    )
+    rows = {"skip_rows": tail_rows} if tail_done else {"heavy_rows": tail_rows}
+
+    def attend(copy_page: int | None) -> None:
+        block_sparse_attn(query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
+                          ctx=ctx, scale=scale, block_size=params.block_size, copy_page=copy_page, **rows)
+
+    global _copy_out_of_memory
+    if _copy_out_of_memory:
+        attend(0)
+        return
+    try:
+        attend(None)
+    except torch.OutOfMemoryError:
+        # The memory-profiling run reserves the copy (ProxyAttnImpl._reserve_copy_memory), but
+        # an engine sized without that run (--kv-cache-memory-bytes) has no room for it.
+        copy_page = default_copy_page(kv_cache.shape[2], params.block_size, query.shape[-1], has_tma(query.device))
+        if not copy_page:
+            raise
+        _copy_out_of_memory = True
+        logger.warning(
+            "proxyattn: out of GPU memory for the sparse kernel's copy of a %d-token prompt's keys and "
+            "values in %d-token pages (%.2f GiB); from now on it reads the %d-token pages directly (the "
+            "same result, up to 1.4x slower). The KV cache left no room for the copy: without "
+            "--kv-cache-memory-bytes vLLM reserves it at startup; or serve with --block-size %d, "
+            "which needs no copy.", ctx + query.shape[0], copy_page,
+            copy_bytes(ctx + query.shape[0], kv_cache.shape[1], query.shape[-1], query.dtype, copy_page) / 2**30,
+            kv_cache.shape[2], copy_page,
+        )
+        attend(0)
 
 
 def budget_rows_lse(tail_lse: torch.Tensor | None, q_len: int, block_size: int) -> torch.Tensor | None:

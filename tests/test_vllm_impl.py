@@ -561,3 +561,52 @@ def test_dense_layers_need_a_layer_index(vllm_config):
             batch.run(_impl({**SPARSE, "dense_layers": [0]}), metadata, layer)
     # Without dense_layers the name is never needed.
     batch.run(_impl(), md, layer)
+
+
+def test_sparse_prefill_reads_the_pages_directly_after_the_copy_ran_out_of_memory(monkeypatch):
+    """An engine sized without the copy's reservation (--kv-cache-memory-bytes skips the profiling
+    run): the Triton kernel's contiguous copy runs out of memory once; that chunk and every later
+    one read the pages directly (copy_page=0), with the reference's result and one warning that
+    says what to do. Another out-of-memory (no copy involved) is not swallowed."""
+    import proxyattn_vllm.impl as impl_module
+    from proxyattn_kernels import ProxyAttnParams
+    from tests._paged import make_paged
+
+    ctx, q_len = 53, 40
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(ctx + q_len, NUM_KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
+    kv_cache, table = make_paged(k, v, PAGE)
+    params = ProxyAttnParams(**{**{key: SPARSE[key] for key in ("block_size", "stride", "gamma", "max_density",
+                                                                   "sink_blocks", "local_blocks", "dense_tail_tokens",
+                                                                   "min_sparse_len")}, "min_budget_blocks": 1})
+    expected, _ = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params, scale=SCALE)
+
+    real = impl_module.block_sparse_attn
+    copy_pages = []
+
+    def copy_runs_out_of_memory(*args, copy_page, **kwargs):
+        copy_pages.append(copy_page)
+        if copy_page != 0:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(*args, copy_page=copy_page, **kwargs)
+
+    warnings = []
+    monkeypatch.setattr(impl_module, "_copy_out_of_memory", False)
+    monkeypatch.setattr(impl_module, "block_sparse_attn", copy_runs_out_of_memory)
+    # As on Hopper with the kernel's TMA tiles: the kernel would copy these pages (its own rule,
+    # default_copy_page, is tested in test_block_sparse_triton.py).
+    monkeypatch.setattr(impl_module, "default_copy_page", lambda *args: 128)
+    monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    for _ in range(2):  # two layers
+        out = torch.full_like(q, float("nan"))
+        impl_module.sparse_prefill(q, kv_cache, table, out, ctx, SCALE, params)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    assert copy_pages == [None, 0, 0]  # the second layer no longer tries the copy
+    assert len(warnings) == 1 and "out of GPU memory for the sparse kernel's copy of a 93-token prompt" in warnings[0]
+    assert "--block-size 128" in warnings[0] and "--kv-cache-memory-bytes" in warnings[0]
+
+    monkeypatch.setattr(impl_module, "_copy_out_of_memory", False)
+    monkeypatch.setattr(impl_module, "default_copy_page", lambda *args: 0)  # no copy: the error is another one
+    with pytest.raises(torch.OutOfMemoryError):
+        impl_module.sparse_prefill(q, kv_cache, table, torch.empty_like(q), ctx, SCALE, params)
