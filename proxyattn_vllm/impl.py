@@ -111,7 +111,9 @@ def sparse_prefill(
         attend(None)
     except torch.OutOfMemoryError:
         # The memory-profiling run reserves the copy (ProxyAttnImpl._reserve_copy_memory), but
-        # an engine sized without that run (--kv-cache-memory-bytes) has no room for it.
+        # an engine sized without that run (--kv-cache-memory-bytes) has no room for it. The
+        # startup warm-up compiled the kernel for the copy's pages only: the first chunk that
+        # reads the small pages compiles that variant (seconds, once).
         copy_page = default_copy_page(kv_cache.shape[2], params.block_size, query.shape[-1], has_tma(query.device))
         if not copy_page:
             raise
