@@ -272,3 +272,13 @@ def test_proxy_tile_sweep_reports_scores_that_differ(monkeypatch):
     rows = bench_kernels.proxy_tile_sweep(q, kv, table, 70, 32, 1, 4, ((16, 16, 4, 1),) * 3)
     assert rows[0]["ms"] == 1.0 and rows[0]["max_score_diff"] == 0.0
     assert all("differ" in r["error"] and "ms" not in r for r in rows[1:])
+
+
+def test_host_launch_probe_refuses_to_run_without_cuda(monkeypatch, capsys):
+    """The probe times the CUDA launch path; under the interpreter it would time something else."""
+    from benchmarks import host_launch_probe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["host_launch_probe.py", "--out", "/nonexistent/x.json"])
+    assert host_launch_probe.main() == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
