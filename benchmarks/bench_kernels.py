@@ -325,12 +325,10 @@ def triton_fa3_tail(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, 
 
 
 def gather_call(q, kv, table, ranking, counts, ctx, block, scale, out):
-    """The Triton kernel reading the cache as it is (``copy_page=0``), with the tile of the
-    cache's page size: on pages smaller than a key tile it gathers rows one by one. The
-    baseline of the default, which first copies such pages (``default_copy_page``)."""
-    tile = default_tile_config(block, q.shape[-1], on_cpu=not q.is_cuda, page_size=kv.shape[2])
-    block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale, block_size=block, tile=tile,
-                      copy_page=0)
+    """The Triton kernel reading the cache as it is (``copy_page=0``; its default tile then
+    follows the cache's page size): on pages smaller than a key tile it gathers rows one by one.
+    The baseline of the default, which first copies such pages (``default_copy_page``)."""
+    block_sparse_attn(q, kv, table, ranking, counts, out, ctx=ctx, scale=scale, block_size=block, copy_page=0)
 
 
 def correctness_gate(fa3, device, fib: FlashInferBench | None = None) -> list[str]:

@@ -7,26 +7,26 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 0 for any other device (CPU, the interpreter)."""
+def _cuda_index(device: torch.device | str) -> int | None:
+    """The CUDA device index of ``device`` (the current one for a bare "cuda"), None off CUDA."""
+    device = torch.device(device)
     if device.type != "cuda":
-        return 0
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def sm_count(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 for any other device (CPU, the interpreter)."""
+    index = _cuda_index(device)
+    return 0 if index is None else _cuda_properties(index).multi_processor_count
 
 
 def has_tma(device: torch.device | str) -> bool:
     """Whether the device copies tiles with TMA (tensor memory accelerator): CUDA compute
     capability 9.0 (Hopper) or newer. False for any other device (CPU, the interpreter)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    index = _cuda_index(device)
+    return index is not None and (_cuda_properties(index).major, _cuda_properties(index).minor) >= (9, 0)

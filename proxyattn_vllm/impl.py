@@ -99,22 +99,20 @@ def sparse_prefill(
     tail_rows = ChunkGeometry(ctx, query.shape[0], params.block_size).num_tail_rows(params.dense_tail_tokens)
     rows = {"skip_rows": tail_rows} if tail_done else {"heavy_rows": tail_rows}
 
-    def attend(copy_page: int | None) -> None:
+    def attend(copy_page: int) -> None:
         block_sparse_attn(query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
                           ctx=ctx, scale=scale, block_size=params.block_size, copy_page=copy_page, **rows)
 
     global _copy_out_of_memory
-    if _copy_out_of_memory:
-        attend(0)
-        return
+    copy_page = 0 if _copy_out_of_memory else default_copy_page(
+        kv_cache.shape[2], params.block_size, query.shape[-1], has_tma(query.device))
     try:
-        attend(None)
+        attend(copy_page)
     except torch.OutOfMemoryError:
-        # The memory-profiling run reserves the copy (ProxyAttnImpl._reserve_copy_memory), but
-        # an engine sized without that run (--kv-cache-memory-bytes) has no room for it. The
-        # startup warm-up compiled the kernel for the copy's pages only: the first chunk that
-        # reads the small pages compiles that variant (seconds, once).
-        copy_page = default_copy_page(kv_cache.shape[2], params.block_size, query.shape[-1], has_tma(query.device))
+        # The memory-profiling run reserves the copy (warmup.reserve_copy_memory), but an engine
+        # sized without that run (--kv-cache-memory-bytes) has no room for it. The startup
+        # warm-up compiled the kernel for the copy's pages only: the first chunk that reads the
+        # small pages compiles that variant (seconds, once).
         if not copy_page:
             raise
         _copy_out_of_memory = True
@@ -152,7 +150,6 @@ class ProxyAttnImpl(FlashAttentionImpl):
     _warned_kernel_fallbacks: set[str] = set()  # one warning per reason and process, not per layer
     _warned_sliding_window = False
     _warned_page_mismatch = False
-    _logged_copy_reservation = False
     supports_dcp = False  # decode context parallel splits the cache; the sparse path does not
 
     def __init__(
@@ -264,7 +261,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
                     self._warmed_page_size = shape.page_size
                 kernel = self._warmup_kernel(shape, query.dtype)
                 if kernel == "triton":
-                    self._reserve_copy_memory(shape, query.dtype, query.device)
+                    warmup.reserve_copy_memory(shape, query.dtype, query.device)
                 tail_first = self._tail_by_dense_kernel() and self.proxyattn_params.dense_tail_tokens > 0
                 warmup.warm_up_once(shape, query.dtype, query.device,
                                     flashinfer=kernel == "flashinfer", union_plan=kernel in ("fa3", "flashinfer"),
@@ -394,22 +391,6 @@ class ProxyAttnImpl(FlashAttentionImpl):
             return None
         kernel, fallback = self._choose_sparse_kernel(shape.page_size, dtype)
         return "triton" if fallback is not None else kernel
-
-    def _reserve_copy_memory(self, shape: warmup.WarmupShape | None, dtype: torch.dtype,
-                             device: torch.device) -> None:
-        """In the memory-profiling run: make vLLM's KV-cache sizing leave room for the Triton
-        kernel's contiguous copy of the longest prompt (:func:`warmup.reserve_copy_memory`; on
-        Hopper, with pages smaller than the kernel's key tiles)."""
-        copy_page, nbytes = warmup.reserve_copy_memory(shape, dtype, device)
-        if nbytes and not ProxyAttnImpl._logged_copy_reservation:
-            ProxyAttnImpl._logged_copy_reservation = True
-            logger.info(
-                "proxyattn: KV pages of %d tokens are too small for the sparse kernel's TMA tiles: it "
-                "reads each long prompt's keys and values from a copy in %d-token pages (one layer at "
-                "a time). Reserved %.2f GiB for the copy of a %d-token prompt; --block-size %d avoids "
-                "the copy and this memory.", shape.page_size, copy_page, nbytes / 2**30, shape.max_seq_len,
-                copy_page,
-            )
 
     def _union_prefill(self, layer, query, kv_cache, block_table_row, output, ctx, *, kernel, layer_index=None,
                        tail_done=False, row_lse=None):

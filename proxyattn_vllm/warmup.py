@@ -23,6 +23,7 @@ from proxyattn_kernels.warmup import warm_up
 logger = init_logger("vllm.proxyattn")
 
 _warmed: set = set()
+_logged_reservation = False  # reserve_copy_memory's log line, once per process
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,21 @@ def copy_reservation(shape: WarmupShape | None, dtype: torch.dtype, has_tma: boo
 
 def reserve_copy_memory(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """In the memory-profiling run: allocate, and free, :func:`copy_reservation` on ``device``
-    (no-op where there is no copy), so vLLM's peak, and so its KV-cache sizing, includes it.
-    Returns ``(copy page, bytes)``."""
+    (no-op where there is no copy), so vLLM's peak, and so its KV-cache sizing, includes it;
+    logged once per process. Returns ``(copy page, bytes)``."""
+    global _logged_reservation
     copy_page, nbytes = copy_reservation(shape, dtype, has_tma(device))
     # Never inside a CUDA-graph capture: the graph's private pool would keep the block.
     if nbytes and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if nbytes and not _logged_reservation:
+        _logged_reservation = True
+        logger.info(
+            "proxyattn: KV pages of %d tokens are too small for the sparse kernel's TMA tiles: it reads "
+            "each long prompt's keys and values from a copy in %d-token pages (one layer at a time). "
+            "Reserved %.2f GiB for the copy of a %d-token prompt; --block-size %d avoids the copy and "
+            "this memory.", shape.page_size, copy_page, nbytes / 2**30, shape.max_seq_len, copy_page,
+        )
     return copy_page, nbytes
 
 

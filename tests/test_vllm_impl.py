@@ -602,11 +602,16 @@ def test_sparse_prefill_reads_the_pages_directly_after_the_copy_ran_out_of_memor
         out = torch.full_like(q, float("nan"))
         impl_module.sparse_prefill(q, kv_cache, table, out, ctx, SCALE, params)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-    assert copy_pages == [None, 0, 0]  # the second layer no longer tries the copy
+    assert copy_pages == [128, 0, 0]  # the second layer no longer tries the copy
     assert len(warnings) == 1 and "out of GPU memory for the sparse kernel's copy of a 93-token prompt" in warnings[0]
     assert "--block-size 128" in warnings[0] and "--kv-cache-memory-bytes" in warnings[0]
 
     monkeypatch.setattr(impl_module, "_copy_out_of_memory", False)
     monkeypatch.setattr(impl_module, "default_copy_page", lambda *args: 0)  # no copy: the error is another one
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(impl_module, "block_sparse_attn", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         impl_module.sparse_prefill(q, kv_cache, table, torch.empty_like(q), ctx, SCALE, params)
