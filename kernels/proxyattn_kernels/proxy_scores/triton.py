@@ -122,7 +122,7 @@ def _proxy_heads_kernel(
     # Unrolled: the heads' loads are independent, so they can all be in flight at once. Rolled,
     # with 32-row programs, the strided queries of an 8K chunk (32 heads) were 64 programs each
     # loading one head after another; the two launches were half the proxy scores' GPU time in
-    # a 128K prompt's profile (session 10).
+    # a 128K prompt's profile on the H200.
     for h in tl.static_range(HEADS):
         acc += tl.load(ptrs + h * stride_src_head, mask=valid[:, None], other=0.0).to(tl.float32)
     acc = acc / HEADS
@@ -228,7 +228,7 @@ def _pool_tile(
 
 
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
-# shape while serving (kernels/warmup.py compiles the rest at startup).
+# shape while serving (proxyattn_kernels/warmup.py compiles the rest at startup).
 @triton.jit(do_not_specialize=["a0", "a_last", "a_base", "tiles_per_split", "num_splits",
                             "first_q_block", "num_rows", "num_k_blocks", "stride_sc_group", "stride_sc_row"])
 def _proxy_pool_kernel(
@@ -444,7 +444,7 @@ def _heads_tile(num_rows: int, num_groups: int, tile: int, device: torch.device)
     two that divides ``num_rows``), halved down to 8 while the launch has fewer programs than
     :func:`_target_programs`: up to 128K tokens of context, 32-row programs would not give each
     of an H200's SMs eight. Monotone in ``num_rows``, so the warm-up's chunks (context lengths
-    doubling up to the longest prompt, ``kernels/warmup.py``) compile every variant used."""
+    doubling up to the longest prompt, ``proxyattn_kernels/warmup.py``) compile every variant used."""
     rows_t = min(32, tile)
     while rows_t > 8 and (num_rows // rows_t) * num_groups < _target_programs(device):
         rows_t //= 2

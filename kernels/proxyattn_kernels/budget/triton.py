@@ -75,8 +75,7 @@ def default_budget_tile_config(n_last: int, block_size: int, on_cpu: bool, head_
     under the CPU interpreter.
 
     The one-pass mass from a given LSE (``from_lse``) at ``head_dim >= 128``, measured on the H200
-    (``budget_tile_sweep`` of benchmarks/results/kernels_h200_session8.json and of session 9's
-    kernels_h200.json, equal within 3%; last 8K chunk of 128K, Llama-3.1-8B shape):
+    (``budget_tile_sweep`` of the kernel benchmark, two runs on 2026-11-29 equal within 3%; last 8K chunk of 128K, Llama-3.1-8B shape):
 
     * pages of 128 tokens (``page_size`` a multiple of 128): 128x128 tiles, 8 warps, 2 stages,
       0.36 ms against 0.41 for 128x64 with 4 warps (presumably because a 128-key tile is then
@@ -212,7 +211,7 @@ def _block_lse_kernel(
 
 
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
-# shape while serving (kernels/warmup.py compiles the rest at startup).
+# shape while serving (proxyattn_kernels/warmup.py compiles the rest at startup).
 @triton.jit(do_not_specialize=["n_last", "num_k_blocks", "num_splits", "stride_mass_head"])
 def _block_mass_kernel(
     blse_ptr, lse_part_ptr, mass_ptr,
@@ -260,7 +259,7 @@ def _rows_block_mass(q, lse2, kv_base, block_table_ptr, block_start, q_pos, seq_
 
 
 # The LSE is a slice of the dense tail's [Hq, tail tokens]: its address and row stride follow the
-# chunk (not specialized, so serving compiles nothing new; kernels/warmup.py).
+# chunk (not specialized, so serving compiles nothing new; proxyattn_kernels/warmup.py).
 @triton.jit(do_not_specialize=["block_table_ptr", "lse_ptr", "q_tok0", "q_pos0", "n_last", "seq_len",
                                "num_k_blocks", "blocks_per_split", "stride_lse_head", "stride_mass_head"])
 def _block_mass_from_lse_kernel(

@@ -13,7 +13,7 @@ and for the reference that tests this path.
 :func:`union_page_plan_torch` is the readable specification (about 30 tensor ops);
 :func:`union_page_plan` computes the same plan in one Triton launch, one program per row. The
 plan is built for every layer of every chunk, and 30 small launches cost a fixed GPU time per
-chunk that showed up end to end (benchmarks/NOTES.md, session 7). No host sync either way;
+chunk that showed up end to end in the H200 TTFT fit. No host sync either way;
 requires ``block_size % page_size == 0`` (a selection block is a whole number of pages).
 ``flashinfer.py`` packs the same plan into FlashInfer's CSR page lists.
 """
@@ -248,7 +248,7 @@ def union_call_num_splits(num_rows: int, num_q_heads: int, num_sms: int) -> int:
     FA3's split heuristic sizes the key range from ``max_seqlen_k``, which for a union call is the
     whole context (a host bound: the unions are on the device), while each row reads only its
     union, about the density times the context. It then splits rows that are already short and
-    adds a combine kernel. H200, last 8K chunk of 128K at density 0.1 (session 10 kernel bench):
+    adds a combine kernel. H200, last 8K chunk of 128K at density 0.1 (the kernel benchmark):
     Llama-3.1-8B's shape (2016 tiles, 15 per SM) took 2.96 ms with one split against 3.17 ms with
     FA3's choice at 128-token pages, 3.29 vs 3.44 at 16; Qwen2.5-0.5B's (882 tiles, 6.7 per SM)
     was within 2% either way, so it keeps FA3's choice. A call with few rows (the dense tail, a

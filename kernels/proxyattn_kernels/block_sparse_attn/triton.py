@@ -49,7 +49,7 @@ class TileConfig:
 
 
 def default_tile_config(block_size: int, head_dim: int, on_cpu: bool, page_size: int = 16) -> TileConfig:
-    """Tile sizes measured best on the H200 (benchmarks/NOTES.md, bench_kernels.py --sweep);
+    """Tile sizes measured best on the H200 (benchmarks/bench_kernels.py --sweep);
     small tiles on CPU, where the Triton interpreter's cost grows with the tile."""
     if on_cpu:
         tile = min(block_size, 32)
@@ -79,7 +79,7 @@ def default_copy_page(page_size: int, block_size: int, head_dim: int, has_tma: b
     not hold whole key tiles while ``lcm(page_size, COPY_PAGE_TOKENS)``-token pages do.
 
     Why (H200, Llama-3.1-8B shape, last 8K chunk of 128K, 16-token pages; benchmarks/results/
-    kernels_h200.json, 2026-11-29 session 11): the gather path takes 49.8 ms at full density and
+    kernels_h200.json, 2026-11-29): the gather path takes 49.8 ms at full density and
     5.32 at density 0.1; with the copy (0.29 ms, included) 36.2 and 4.15, i.e. 1.22x and 0.14x of
     FA3 dense (29.7 ms) instead of 1.68x and 0.18x."""
     if not has_tma:
@@ -155,7 +155,7 @@ def _attend_tile_tma(
 # JIT-compile new variants while serving.
 # Values and row strides that follow the chunk, and the request's block-table row (16-byte
 # aligned or not depending on the request's slot in vLLM's table), are not specialized: no
-# compile per new chunk shape while serving (kernels/warmup.py compiles the rest at startup).
+# compile per new chunk shape while serving (proxyattn_kernels/warmup.py compiles the rest at startup).
 @triton.jit(do_not_specialize=["block_table_ptr", "ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows",
                                "skip_rows", "stride_rank_group", "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(

@@ -34,7 +34,7 @@ _INDEX_BITS = 24
 def row_pad(num_k_blocks: int) -> int:
     """``KB_PAD`` of every kernel that holds a row of key blocks in registers (this one, the
     budget count, the union plan, the head lists): the next power of two, at least 16.
-    kernels/warmup.py compiles one variant per value."""
+    proxyattn_kernels/warmup.py compiles one variant per value."""
     return max(16, triton.next_power_of_2(num_k_blocks))
 
 
@@ -45,7 +45,7 @@ def row_warps(kb_pad: int) -> int:
 
 
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
-# shape while serving (kernels/warmup.py compiles the rest at startup).
+# shape while serving (proxyattn_kernels/warmup.py compiles the rest at startup).
 @triton.jit(do_not_specialize=["first_q_block", "num_k_blocks", "sink_blocks", "local_blocks", "first_tail_row",
                                "stride_sc_group", "stride_sc_row", "stride_rk_group", "stride_rk_row",
                                "stride_cnt_head"])

@@ -2,7 +2,7 @@
 
 Composes the Triton ops: proxy scores (``proxy_scores/triton.py``) -> per-head budgets
 (``budget/triton.py``) -> selection (``select/triton.py``), with the semantics of
-``kernels/reference.py`` (including the dense fallback of short sequences). Everything stays on
+``proxyattn_kernels/reference.py`` (including the dense fallback of short sequences). Everything stays on
 the device: no host synchronisation, no Python loop over heads, rows or blocks; ``ctx`` and
 ``q_len`` are host integers.
 

@@ -4,7 +4,7 @@ Plain torch, no vLLM. Used by ``proxyattn_vllm/stats.py`` (the ``PROXYATTN_STATS
 and by the quality benchmark; both are diagnostic-only (the kept mass reads the whole context's
 keys and host-syncs when the caller converts it to a number).
 
-Conventions are those of ``kernels/select/naive.py``: a chunk has queries ``[ctx, ctx + q_len)``
+Conventions are those of ``proxyattn_kernels/select/naive.py``: a chunk has queries ``[ctx, ctx + q_len)``
 and keys ``[0, ctx + q_len)``; row ``r`` is query block ``ctx // block_size + r`` and may see key
 blocks ``0 .. ctx // block_size + r`` (its causal extent); head ``h`` of group
 ``g = h // (Hq // G)`` computes key blocks ``ranking[g, r, :counts[h, r]]``. Rows that run dense
