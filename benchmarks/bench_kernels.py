@@ -1,6 +1,6 @@
 """Kernel benchmark: ProxyAttn selection + Triton block-sparse attention vs FA3 dense (H200).
 
-One command on the GPU host (vLLM importable for FA3, see ../shared/gpu/README.md):
+One command on a CUDA host (vLLM importable for FA3; without it the FA3 columns stay empty):
 
     python benchmarks/bench_kernels.py [--sweep] [--out benchmarks/results/kernels_h200.json]
 
@@ -161,7 +161,7 @@ def fa3_union_call(fa3, q, kv, plan, scale, out, num_splits=0):
 
 def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=0, skip_tail=False):
     """The selection through FA3: one pseudo-request per query block over the union of its
-    heads' selected blocks (kernels/block_sparse_attn/union_pages.py; plan included in the time).
+    heads' selected blocks (proxyattn_kernels/block_sparse_attn/union_pages.py; plan included in the time).
     ``tail_tokens`` > 0: the dense tail rows in a call of their own, first; ``skip_tail``: not at
     all (attended already, :func:`tail_lse_rows`), as the backend does with FlashAttention."""
     plan = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
@@ -188,8 +188,8 @@ def reversed_rows(plan):
 
 def union_call_probes(fa3, q, kv, table, ctx, block, scale, out, density=0.1):
     """``{label: (ranking, counts, timing fn)}``: the union call alone (plan made beforehand) at
-    ``density``, and three probes of its per-block cost against dense (benchmarks/NOTES.md,
-    session 9): FA3's split count forced to 1, the rows in reverse order, and a selection of each
+    ``density``, and three probes of its per-block cost against dense (the union call costs
+    more per computed block than FA3 dense): FA3's split count forced to 1, the rows in reverse order, and a selection of each
     row's most recent blocks (neighbouring rows share their pages)."""
     q_len = q.shape[0]
     ranking, counts, _ = synthetic_selection(q.shape[1], 1, ctx, q_len, block, density, q.device)
@@ -462,8 +462,8 @@ def try_selection(q, kv, table, ctx, hq, hkv, block, device, row_lse=None):
 
 # budget_tile_sweep: (block_m, block_n, num_warps, num_stages) of the budget's block-LSE pass and
 # of the one-pass mass from the tail's LSE, the two-pass default first. The pass is ~60% of the
-# selection (session 7: 0.54-0.60 of 0.78-0.90 ms). 128x128 with 4 warps: new in session 9 (the
-# one-pass mass took 4 warps at 128x64 and 8 at 128x128 in session 8's sweep).
+# selection on the H200 (kernels_h200.json: 0.49 of 0.67 ms for the Llama shape). The defaults
+# (BudgetTileConfig) are the sweep's best by the rule: >10% faster at both page sizes.
 BUDGET_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
                 (128, 128, 4, 2), (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 
@@ -503,8 +503,8 @@ def budget_tile_sweep(q, kv, table, ctx, block, tiles=BUDGET_TILES, row_lse=None
 
 
 # proxy_tile_sweep: (block_m, block_n, num_warps, num_stages) of the proxy scores' two passes (strided
-# queries x strided keys), the default first. Never swept before session 9's code; the proxy
-# scores are ~0.21 ms of the Llama shape's ~0.60 ms selection at 120K (session 9).
+# queries x strided keys), the default first; the proxy scores are ~0.16 ms of the Llama shape's
+# ~0.67 ms selection at 120K of context on the H200 (kernels_h200.json).
 PROXY_TILES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
                (64, 64, 8, 3), (64, 64, 4, 4), (32, 64, 4, 3))
 
@@ -562,9 +562,9 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
     first), next to FA3 dense at the same context; and the Triton path's whole cost (selection,
     the tail by FA3, the block-sparse kernel). Llama-3.1-8B shape by default.
 
-    End to end, the sparse TTFT has a per-token term 5% above dense's (session 7 fit over
-    32K-256K): a cost paid per chunk and layer whatever the context. The rows at small ``ctx``
-    show it (``path_ms`` minus a density-0.1 share of ``fa3_dense_ms``)."""
+    End to end, a fit of the sparse TTFT over 32K-256K has a per-token term ~5% above dense's:
+    a cost paid per chunk and layer whatever the context. The rows at small ``ctx`` show it
+    (``path_ms`` minus a density-0.1 share of ``fa3_dense_ms``)."""
     from proxyattn_kernels.selection import select_blocks_paged
 
     hq, hkv, d = shape
@@ -594,8 +594,8 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             return fa3_union(fa, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS,
                              skip_tail=True)
 
-        # The engine's FA3 calls took ~10% more than this path's at the same contexts (session 10:
-        # 128K profile against these rows). What the engine does differently, one at a time:
+        # The engine's FA3 calls took ~10% more than this path's at the same contexts (the 128K
+        # profile_prefill_h200.json against these rows). What the engine does differently, one at a time:
         # queries as a strided view of the fused QKV output, k/v descale tensors, pages in order.
         qkv = torch.randn(q_len, hq + 2 * hkv, d, device=device, dtype=dtype)
         qkv[:, :hq] = q
@@ -606,7 +606,7 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             "pages_in_order": lambda: path(kv=kv_in_order, table=table_in_order),
         }
 
-        def path_before():  # session 7: the budget's own two-pass mass, the tail from the union plan
+        def path_before():  # before the one-pass budget: the two-pass mass, the tail from the union plan
             sel = select()
             return fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, TAIL_TOKENS)
 
@@ -638,7 +638,7 @@ def chunk_costs(fa3, device, *, shape=SHAPES["llama3.1-8b"], q_len: int = 8192, 
             f"selection {row['selection_ms']:.3f}, +plan {row['selection_plan_ms']:.3f}, whole fa3 path "
             f"{row['path_ms']:.3f} (host {row['path_host_ms']:.3f}, graph replay "
             f"{'-' if row['path_graph_ms'] is None else format(row['path_graph_ms'], '.3f')}; "
-            f"session 7's {row['path_before_ms']:.3f}), "
+            f"before the one-pass budget {row['path_before_ms']:.3f}), "
             f"Triton path {row['triton_path_ms']:.3f}; engine-like graph replays "
             + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in row["engine_like_graph_ms"].items()))
         del q, kv, out, qkv, kv_in_order
@@ -681,15 +681,22 @@ def host_launch_ms(fn, calls: int = 20) -> float:
     return host
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``: the arguments, default ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/kernels_h200.json")
-    ap.add_argument("--ctx", type=int, default=122880)
-    ap.add_argument("--q-len", type=int, default=8192)
+    ap.add_argument("--out", default="benchmarks/results/kernels_h200.json",
+                    help="JSON file of the results (default: %(default)s)")
+    ap.add_argument("--ctx", type=int, default=122880,
+                    help="context before the timed chunk, in tokens (default: %(default)s, the last chunk of 128K)")
+    ap.add_argument("--q-len", type=int, default=8192, help="queries in the timed chunk (default: %(default)s)")
     ap.add_argument("--sweep", action="store_true", help="also sweep tile configs on the Llama shape")
     ap.add_argument("--only-sweep", action="store_true", help="sweep tile configs, skip the cases and the JSON")
     ap.add_argument("--skip-gate", action="store_true", help="debug only: time without the correctness gate")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = "cuda"
     fa3 = load_fa3()
     fib = FlashInferBench()

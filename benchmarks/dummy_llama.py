@@ -57,12 +57,18 @@ def write_dummy_llama(out_dir: str, num_layers: int = 32, max_len: int = 262144)
                    "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"}, f)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``: the arguments, default ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out_dir")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=262144, help="max_position_embeddings")
-    args = ap.parse_args()
+    ap.add_argument("out_dir", help="folder to write (created if absent)")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (default: %(default)s, as Llama-3.1-8B)")
+    ap.add_argument("--max-len", type=int, default=262144,
+                    help="max_position_embeddings and the tokenizer's model_max_length (default: %(default)s)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     write_dummy_llama(args.out_dir, args.layers, args.max_len)
     print(f"wrote {args.out_dir}: Llama-3.1-8B shape, {args.layers} layers, no weights "
           f"(serve with --load-format dummy)")

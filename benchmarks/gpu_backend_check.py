@@ -1,4 +1,4 @@
-"""GPU checks of the vLLM backend (issue #4, part 5), one engine per backend, in-process.
+"""GPU checks of the vLLM backend, one engine per backend, in-process.
 
     python benchmarks/gpu_backend_check.py --model /tmp/models/smollm2 --essays DIR \
         [--dummy-8b DIR] [--serve] --out results.json
@@ -10,12 +10,13 @@
    and teacher-forced logprob differences on the reference's own tokens.
 2. CUDA graphs: with graphs on, the number of Python ``ProxyAttnImpl.forward`` calls must not grow
    with the number of decode steps (pure-decode batches replay captured FULL graphs).
-3. ``--dummy-8b``: a random-weight Llama-3.1-8B-shaped model completes a 128K-token prompt at the
-   default config (sparse path on), with the time to the first token.
+3. ``--dummy-8b``: a random-weight Llama-3.1-8B-shaped model completes a 128K-token prompt on the
+   sparse path (``max_density`` 0.1 unless ``--dummy-max-density`` says otherwise: random weights
+   make gamma budgets dense), with the time to the first token.
 4. ``--serve``: ``vllm serve --attention-backend proxyattn`` answers /v1/completions and
    /v1/chat/completions, streamed and not.
 
-Tensor parallelism (issue #7; needs N GPUs): ``--tensor-parallel 2 --model /tmp/models/qwen05b
+Tensor parallelism (needs N GPUs): ``--tensor-parallel 2 --model /tmp/models/qwen05b
 --skip cudagraphs --dummy-8b DIR`` compares TP=2 with TP=1 instead (FLASH_ATTN TP=2 vs TP=1 is the
 noise floor: the all-reduce changes the summation order), and runs the 128K prompt at TP=2.
 """
@@ -73,9 +74,10 @@ EQUIVALENCE_ENGINES = [
 def no_multicast_kwargs(tp: int) -> dict:
     """Engine arguments that keep a TP>1 engine off NVLink multicast. vLLM 0.26 fuses the
     all-reduce with the RMSNorm under torch.compile at TP>1 through FlashInfer's "mnnvl" backend,
-    which creates multicast memory: on the shared two-GPU host (where multicast is disabled) the
-    session-8 TP=2 run of the 8B shape died in its profile run right after that workspace was
-    set up (illegal memory access, then CUBLAS_STATUS_INTERNAL_ERROR at the first GEMM)."""
+    which creates multicast memory: on a two-GPU H200 host where multicast is disabled, a TP=2
+    engine of the 8B shape died in its profile run right after that workspace was set up
+    (illegal memory access, then CUBLAS_STATUS_INTERNAL_ERROR at the first GEMM;
+    results/backend_tp2_h200.log)."""
     return {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}} if tp > 1 else {}
 
 
@@ -283,23 +285,29 @@ def check_serve(args, report):
         proc.wait(timeout=60)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--essays", required=True)
-    ap.add_argument("--dummy-8b")
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``: the arguments, default ``sys.argv[1:]``)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="small real model folder for the equivalence check (e.g. SmolLM2-135M)")
+    ap.add_argument("--essays", required=True, help="folder of .txt essays, the prompts' text")
+    ap.add_argument("--dummy-8b", help="folder of dummy_llama.py's Llama-3.1-8B shape: also run the 128K prompt")
     ap.add_argument("--dummy-max-density", type=float, default=0.1,
                     help="proxyattn max_density of the dummy 8B's 128K prompt (0: the default config, "
                          "which goes dense on random weights)")
-    ap.add_argument("--eager", action="store_true")
-    ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="the dummy 8B without CUDA graphs or torch.compile")
+    ap.add_argument("--serve", action="store_true",
+                    help="also start `vllm serve --attention-backend proxyattn` and query its OpenAI endpoints")
     ap.add_argument("--skip", default="", help="comma list of: equivalence,cudagraphs")
     ap.add_argument("--tensor-parallel", type=int, default=1,
                     help="N > 1: the equivalence check compares TP=N with TP=1 (FLASH_ATTN and "
                          "proxyattn at full density; the model's KV heads must divide by N, e.g. "
                          "Qwen2.5-0.5B for N=2), and the dummy 8B runs at TP=N")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    ap.add_argument("--out", required=True, help="JSON file of the results (rewritten after every check)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.logdir = os.path.dirname(args.out) or "."
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
     skip = set(filter(None, args.skip.split(",")))

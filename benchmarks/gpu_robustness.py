@@ -1,10 +1,10 @@
-"""GPU robustness checks of the proxyattn backend (issue #7, items 4, 5 and 7), one command:
+"""GPU robustness checks of the proxyattn backend (prefix caching, preemption, a soak), one command:
 
     python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
-        --out $OUT/robustness_h200.json [--parts prefix,preemption,soak] [--soak-s 120] \
+        --out robustness.json [--parts prefix,preemption,soak] [--soak-s 120] \
         [--gpu-memory-utilization 0.12]
 
-1. ``prefix`` (item 4): a shared prefix of ``--prefix-tokens`` essay tokens (default 16589: not
+1. ``prefix``: a shared prefix of ``--prefix-tokens`` essay tokens (default 16589: not
    a multiple of the 128-token page, and 129 whole pages, so the cached part ends inside the
    prefix and, with 256-token selection blocks, in the middle of a selection block) followed by
    different questions. For each config (``dense_fa``: vLLM's FLASH_ATTN, the dense control, run
@@ -17,7 +17,7 @@
    (``RequestOutput.num_cached_tokens`` and the ``vllm:prefix_cache_*`` counters), the (ctx,
    q_len) of the sparse chunks the backend planned, and the time to first token (wall time of a
    one-request ``generate`` with ``max_tokens=1``) with and without the cached prefix.
-2. ``preemption`` (item 5): ``--preempt-prompts`` concurrent prompts of ``--preempt-prompt-tokens``
+2. ``preemption``: ``--preempt-prompts`` concurrent prompts of ``--preempt-prompt-tokens``
    with greedy outputs, once with an ample KV cache and once with ``num_gpu_blocks_override`` =
    ``--preempt-cache-prompts`` prompts' worth of pages and admission on the first chunk
    (``scheduler_reserve_full_isl=False``: vLLM 0.26's default admits a request only when its
@@ -28,7 +28,7 @@
    every request and its tokens vs the ample run (configs as in the prefix part: ``dense_fa``,
    ``full``, ``sparse`` by default).
 
-3. ``soak`` (item 7, only when listed in ``--parts``): one ``vllm serve`` subprocess (loopback,
+3. ``soak`` (only when listed in ``--parts``): one ``vllm serve`` subprocess (loopback,
    port from the OS, default proxyattn config, CUDA graphs) under ``--soak-s`` seconds of mixed
    load in bounded rounds (benchmarks/loadtest.py): short prompts decoding 128 tokens next to
    8K-32K prefills. Reported: request counts, failures, latencies, and GPU memory and server RSS
@@ -48,8 +48,8 @@ Every engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
 benchmarks/gpu_backend_check.py) and is shut down before the next starts. Each part records
 ``{"status": "failed", "error": ...}`` on an exception and runs under a time guard (SIGALRM), so
 later parts still run; the JSON is rewritten after every step, and a summary table is printed
-last. ``--append`` keeps the parts of an existing ``--out`` that this run does not run (one part
-per device call). ``--engine-args`` / ``--proxyattn-overrides`` / ``--serve-cmd`` exist for the CPU tests
+last. ``--append`` keeps the parts of an existing ``--out`` that this run does not run (so the
+parts can run as separate commands into one file). ``--engine-args`` / ``--proxyattn-overrides`` / ``--serve-cmd`` exist for the CPU tests
 (tests/test_gpu_robustness.py), which run the prefix and preemption parts on a tiny model (the
 control on ``--dense-backend CPU_ATTN``) and the soak part against a fake server.
 """
@@ -168,7 +168,7 @@ def parse_range(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="model folder (the soak may serve a weightless one)")
     ap.add_argument("--essays", required=True, help="directory of .txt files (prompt text)")
     ap.add_argument("--out", required=True, help="JSON report (rewritten after every step)")
     ap.add_argument("--logdir", help="server logs (default: the folder of --out)")
@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.12,
                     help="per engine; low so that other work can share the GPU")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--max-model-len", type=int, default=32768)
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype of every engine")
+    ap.add_argument("--max-model-len", type=int, default=32768, help="vLLM max_model_len of every engine")
     ap.add_argument("--page-size", type=int, default=128, help="vLLM --block-size")
     ap.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--cuda-graphs", action="store_true",
@@ -201,14 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix-tokens", type=int, default=16384 + 128 + 77,
                     help="shared prefix length; not a multiple of --page-size")
     ap.add_argument("--prefix-prompts", type=int, default=4, help="suffixed prompts compared")
-    ap.add_argument("--prefix-output-tokens", type=int, default=32)
+    ap.add_argument("--prefix-output-tokens", type=int, default=32, help="greedy tokens per suffixed prompt")
     ap.add_argument("--timing-repeats", type=int, default=3, help="timed requests per engine")
     # preemption
     ap.add_argument("--preempt-configs", type=parse_configs, default=[CONTROL, "full", "sparse"],
                     help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--preempt-prompts", type=int, default=8)
-    ap.add_argument("--preempt-prompt-tokens", type=int, default=12000)
-    ap.add_argument("--preempt-output-tokens", type=int, default=64)
+    ap.add_argument("--preempt-prompts", type=int, default=8, help="concurrent prompts")
+    ap.add_argument("--preempt-prompt-tokens", type=int, default=12000, help="tokens per prompt")
+    ap.add_argument("--preempt-output-tokens", type=int, default=64, help="greedy tokens per prompt")
     ap.add_argument("--preempt-cache-prompts", type=float, default=2.5,
                     help="KV cache of the pressured engine, in prompts")
     # soak
@@ -218,14 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--soak-short-rate", type=float, default=4.0, help="short requests per second")
     ap.add_argument("--soak-long-range", type=parse_range,
                     help="LO:HI long prompt tokens (default 8K:max_model_len-32)")
-    ap.add_argument("--soak-long-output", type=int, default=16)
-    ap.add_argument("--soak-short-output", type=int, default=128)
+    ap.add_argument("--soak-long-output", type=int, default=16, help="output tokens of a long prefill")
+    ap.add_argument("--soak-short-output", type=int, default=128, help="output tokens of a short request")
     ap.add_argument("--soak-token-ids", action="store_true",
                     help="long prompts as random token ids instead of essay text")
     ap.add_argument("--soak-eager", action="store_true", help="serve with --enforce-eager")
     ap.add_argument("--soak-serve-args", default="",
                     help="more vllm serve arguments, e.g. '--load-format dummy' for a weightless model")
-    ap.add_argument("--health-timeout-s", type=float, default=420.0)
+    ap.add_argument("--health-timeout-s", type=float, default=420.0,
+                    help="seconds the soak server may take to answer /health")
     ap.add_argument("--serve-cmd",
                     default=f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main serve",
                     help="the server command, before the model and its arguments")
@@ -1160,8 +1161,8 @@ def run_soak(args, part: dict, write) -> None:
     log_path = os.path.join(args.logdir, "robustness_soak_serve.log")
     server = ttft_sweep.ServerProcess(cmd, log_path, env, port)
     part.update({"cmd": shlex.join(cmd), "log": log_path, "soak_s": args.soak_s, "rounds": [],
-                 "memory": [], "note": "prefills up to the model's context (the issue's 128K needs a "
-                 "longer-context model); prefix caching on (vLLM default), every prompt unique"})
+                 "memory": [], "note": "prefills up to the model's context (128K prompts need a model of "
+                 "that context length); prefix caching on (vLLM default), every prompt unique"})
     log(f"soak: starting {shlex.join(cmd)}")
     server.start()
     try:

@@ -1,9 +1,9 @@
 """Host (CPU) cost of launching the sparse path's per-layer work, on a CUDA GPU.
 
 The engine launches every layer's selection, union plan and attention from Python; on a host
-with a slow CPU those launches, not the GPU, bound the short-context chunks (session 11: the
-"fa3" path took 1.34 ms of host time per call against 0.69 ms on session 10's host, with the
-same GPU time). This probe splits that host time: a bare Triton launch with few and with many
+with a slow CPU those launches, not the GPU, bound the short-context chunks (two H200 hosts of
+2026-11-29: the "fa3" path took 1.34 ms of host time per call on one and 0.69 ms on the other,
+with the same GPU time). This probe splits that host time: a bare Triton launch with few and with many
 arguments, a small torch op, and the selection and the union plan as the backend calls them,
 each as host milliseconds per call without waiting for the GPU (``bench_kernels.host_launch_ms``);
 then a cProfile of the selection's Python, to show where the host time goes.
@@ -71,11 +71,18 @@ def probes(device: str, ctx: int, q_len: int, page: int) -> dict[str, callable]:
     }
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``: the arguments, default ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/host_launch_h200.json")
-    ap.add_argument("--calls", type=int, default=200)
-    args = ap.parse_args()
+    ap.add_argument("--out", default="benchmarks/results/host_launch_h200.json",
+                    help="JSON file of the results (default: %(default)s)")
+    ap.add_argument("--calls", type=int, default=200,
+                    help="calls timed per probe, in repeats of 20 (default: %(default)s)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("host_launch_probe: needs a CUDA GPU (the launch path differs under the interpreter)")
         return 2

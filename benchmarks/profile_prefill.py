@@ -8,8 +8,9 @@ profiler, kernel time summed per category, and the GPU's idle time between kerne
 Run it once per backend (``--backend FLASH_ATTN`` for the dense reference; ``--append`` adds to the
 same JSON). The kernel benchmark (bench_kernels.py ``chunk_costs``) times the attention path
 alone. This script measures the path inside the engine: the model's other kernels, the other
-layers, and the host between steps. That is where session 9 found the 256K TTFT 10-14% above
-the sum of the benchmark's parts (benchmarks/NOTES.md).
+layers, and the host between steps: a fit of the 256K TTFT put the engine's attention per chunk
+10-14% above the sum of the kernel benchmark's parts, and this profile places the excess in the
+FA3 calls (results/profile_prefill_h200.json).
 
 The trace itself (tens of MB) stays in ``--trace-dir``; the JSON keeps the summary. Host-side
 numbers under the profiler are inflated (CUPTI adds a few microseconds per launch). Kernel
@@ -158,18 +159,19 @@ def profile_one(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked (a bad ``--proxyattn-overrides`` stops here, not after startup)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="model folder (e.g. one written by dummy_llama.py)")
     ap.add_argument("--dummy", action="store_true", help="random weights (load_format dummy), random token ids")
     ap.add_argument("--backend", default="proxyattn", help="proxyattn or a vLLM backend name, e.g. FLASH_ATTN")
     ap.add_argument("--proxyattn-overrides", default="{}", help="JSON of proxyattn settings")
-    ap.add_argument("--prompt-len", type=int, default=131072)
+    ap.add_argument("--prompt-len", type=int, default=131072, help="prompt tokens (default: %(default)s)")
     ap.add_argument("--max-model-len", type=int, default=0, help="default: the prompt length + 64")
     ap.add_argument("--chunk", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--block-size", type=int, default=128, help="KV page size (the TTFT benchmark's 128)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                    help="vLLM's gpu_memory_utilization (default: %(default)s)")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs or torch.compile (enforce_eager)")
     ap.add_argument("--trace-dir", help="where the profiler writes (default: a new temporary directory)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="JSON file of the summary")
     ap.add_argument("--append", action="store_true", help="add this run to --out's runs")
     args = ap.parse_args(argv)
     try:

@@ -3,7 +3,7 @@
     python benchmarks/ttft_sweep.py --model /tmp/dummy8b \
         --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml \
         --lengths 8K,32K,64K,128K,256K --repeats 2 --density-pass --time-budget-s 540 \
-        --out $OUT/ttft_h200.json --logdir $OUT/ttft_logs
+        --out results/ttft.json --logdir results/ttft_logs
 
 For each backend, one `vllm serve --config YAML` subprocess (proxyattn takes --config, the
 other backends its dense twin, the same file name with -dense.yaml), logged to a file, then:
@@ -24,7 +24,9 @@ measured) and a table with the dense/proxyattn TTFT speedup per length is printe
 --time-budget-s splits the time left between the backends still to run (the density pass
 gets the rest) and skips, recording it as skipped, any step predicted not to fit. Servers are
 stopped on exit, Ctrl-C and SIGTERM. --serve-cmd replaces the vLLM command (the tests use a
-fake server). --append adds to an existing --out, for a comparison split over two GPU calls.
+fake server). --append adds to an existing --out, for a comparison split over several commands
+(e.g. dense alone first, so that its long cold start does not shorten the sparse backends' share
+of --time-budget-s).
 A --backends entry proxyattn:KERNEL serves proxyattn with sparse_kernel=KERNEL (e.g.
 --backends FLASH_ATTN,proxyattn,proxyattn:fa3 compares both sparse kernels in one run).
 """
@@ -54,7 +56,7 @@ else:  # run as a script: the script's folder is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "serve_configs", "llama3.1-8b-dummy-256k-proxyattn.yaml")
-DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "ttft_h200.json")
+DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "ttft_llama8b_dummy_h200.json")
 SPARSE_BACKEND = "proxyattn"
 
 
@@ -471,7 +473,7 @@ class Sweep:
                 if failed:
                     log(f"[{backend}] {failed} of {args.warmups} warm-up requests failed: {'; '.join(errors)}")
             # Decode before the sweep: it is short, and a budget cut should fall on the longest
-            # prompt rather than on the decode comparison (session 6 lost FLASH_ATTN's this way).
+            # prompt rather than on the decode comparison.
             if args.decode_requests:
                 self.run_decode(backend, server, deadline)
             for n in self.lengths:
@@ -814,22 +816,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=2, help="timed requests per length")
     ap.add_argument("--warmups", type=int, default=2,
                     help="warm-up requests after each server start, at --warmup-len")
-    ap.add_argument("--warmup-len", type=tokens, default=16384)
+    ap.add_argument("--warmup-len", type=tokens, default=16384, help="prompt tokens of a warm-up request")
     ap.add_argument("--warmups-per-length", type=int, default=0,
                     help="extra untimed requests before each length")
-    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=16, help="output tokens of a timed request")
     ap.add_argument("--decode-requests", type=int, default=2,
                     help="requests of the decode-speed phase (0: none)")
-    ap.add_argument("--decode-prompt-len", type=loadtest.parse_tokens, default=32768)
+    ap.add_argument("--decode-prompt-len", type=loadtest.parse_tokens, default=32768,
+                    help="prompt tokens before the decode-speed phase's output")
     ap.add_argument("--decode-len", type=int, default=256, help="output tokens per decode request")
     ap.add_argument("--mix-long", type=int, default=6, help="long prompts in the mix (0: no mix)")
     ap.add_argument("--mix-long-range", type=loadtest.parse_range, default=(8192, 131072),
-                    metavar="LO:HI")
+                    metavar="LO:HI", help="prompt tokens of the mix's long prompts, drawn uniformly")
     ap.add_argument("--mix-rate", type=float, default=0.25, help="long prompts per second")
     ap.add_argument("--mix-short", type=int, default=12, help="short requests in the mix")
-    ap.add_argument("--mix-short-rate", type=float, default=0.5)
-    ap.add_argument("--mix-short-len", type=tokens, default=512)
-    ap.add_argument("--mix-short-output", type=int, default=128)
+    ap.add_argument("--mix-short-rate", type=float, default=0.5, help="short requests per second")
+    ap.add_argument("--mix-short-len", type=tokens, default=512, help="prompt tokens of a short request")
+    ap.add_argument("--mix-short-output", type=int, default=128, help="output tokens of a short request")
     ap.add_argument("--density-pass", action="store_true",
                     help="restart proxyattn with PROXYATTN_STATS and measure the density used")
     ap.add_argument("--density-only", action="store_true",
@@ -843,17 +846,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "mass per chunk; slow, and meaningless with dummy weights)")
     ap.add_argument("--tokenizer", help="send text prompts made with this tokenizer")
     ap.add_argument("--text-dir", help="cut text prompts from these .txt files (needs --tokenizer)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the mix's arrivals")
     ap.add_argument("--time-budget-s", type=float,
                     help="skip steps predicted to end after this many seconds from the start")
     ap.add_argument("--startup-estimate-s", type=float, default=150.0,
                     help="server start time assumed by the up-front estimate")
-    ap.add_argument("--health-timeout-s", type=float, default=600.0)
+    ap.add_argument("--health-timeout-s", type=float, default=600.0,
+                    help="seconds a server may take to answer /health")
     ap.add_argument("--serve-cmd", default=f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main serve",
                     help="command that starts a server; MODEL --config ... --port ... are appended")
     ap.add_argument("--serve-args", default="",
                     help='extra arguments for every server; write --serve-args="--flag value"')
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON results (rewritten after every step)")
     ap.add_argument("--logdir", help="server logs and stats (default: next to --out)")
     ap.add_argument("--append", action="store_true",
                     help="keep the other backends' results already in --out (split runs)")
@@ -862,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The arguments, checked (a bad combination exits with status 2 and the reason) before
-    anything starts: a GPU chain checks its commands with this on CPU."""
+    anything starts: tests/test_gpu_suite_script.py checks run_gpu_suite.sh's commands with this."""
     ap = build_parser()
     args = ap.parse_args(argv)
     args.logdir = args.logdir or os.path.splitext(args.out)[0] + "_logs"

@@ -150,7 +150,7 @@ def test_chunk_costs_runs_the_backend_fa3_path(monkeypatch):
     assert descales == [((1, 2), 1), ((2, 2), 2)] * 2
     # ctx 0: FA3 dense over the 160 queries (one sequence); the path: the 128-token dense tail
     # as one sequence first (its LSE to the budget), then the union call of the other 2 rows;
-    # session 7's path: the tail's 8 query-block rows of 16 from the plan, then the other 2.
+    # the path before the one-pass budget: the tail's 8 query-block rows of 16 from the plan, then the other 2.
     assert calls[:5] == [(160, 1), (128, 1), (32, 2), (128, 8), (32, 2)]
 
 

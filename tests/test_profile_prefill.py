@@ -58,8 +58,8 @@ def test_every_package_kernel_has_its_own_category():
 
 
 def test_vllm_kernels_are_categorized_by_what_they_do():
-    """Names seen in the H200 profile of session 10; the KV-cache write has "flash" in its name
-    and was counted as FlashAttention there (26 ms of 882)."""
+    """Names seen in an H200 profile (results/profile_prefill_h200.json); the KV-cache write has
+    "flash" in its name and was once counted as FlashAttention there (26 ms of 882)."""
     cases = {
         "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16, __nv_bfloat16, (vllm::Fp8KVCacheDataType)0>(": "kv_cache_write",
         "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<": "flash_attention",

@@ -1,5 +1,5 @@
 """Quality results bookkeeping on CPU: merging the parts of a cut-short run, the summary against
-the issue-#6 targets, and the ``--variant`` engines of run_eval.py."""
+the quality targets, and the ``--variant`` engines of run_eval.py."""
 from __future__ import annotations
 
 import json

@@ -2,7 +2,6 @@
 guessable, reproducible seeds, task invariants, and the scorer."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter
 
@@ -12,21 +11,17 @@ pytest.importorskip("transformers")
 
 from benchmarks.quality import tasks  # noqa: E402
 
-DUMMY_MODEL_SCRIPT = "/work/shared/gpu/make_dummy_model.py"
-
 
 @pytest.fixture(scope="module")
 def byte_tokenizer(tmp_path_factory):
-    """The byte-level BPE tokenizer (one token per byte, a chat template) of the GPU dummy model."""
+    """The byte-level BPE tokenizer (one token per byte, a chat template) of the TTFT benchmark's
+    dummy model (benchmarks/dummy_llama.py)."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.spec_from_file_location("make_dummy_model", DUMMY_MODEL_SCRIPT)
-    if spec is None:
-        pytest.skip(f"{DUMMY_MODEL_SCRIPT} not found")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from benchmarks.dummy_llama import write_dummy_llama
+
     path = tmp_path_factory.mktemp("byte_tok")
-    module.write(str(path), layers=1)
+    write_dummy_llama(str(path), num_layers=1)
     return AutoTokenizer.from_pretrained(path)
 
 

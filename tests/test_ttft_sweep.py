@@ -346,7 +346,7 @@ def test_decode_phase_measures_tpot_against_the_dense_backend(tmp_path, capsys):
 
 
 def test_density_flush_request_fits_max_model_len_and_is_not_a_measured_length(tmp_path):
-    # Session 6 on the H200: with max-model-len 32768 the flush (4 chunks + 1 = 32769 tokens) was
+    # Seen on the H200: with max-model-len 32768 a flush of 4 chunks + 1 = 32769 tokens was
     # rejected, so the 32K request's statistics were never written.
     args = sweep_args(tmp_path, "--backends", "proxyattn", "--density-only")
     args[args.index("--lengths") + 1] = "100,400"

@@ -1,7 +1,7 @@
 """Merge quality results of several ``run_eval.py`` runs into one document.
 
-A quality run cut short (a device call limit, a lost host) is finished by a second run of the
-missing configurations; this joins the parts. Cells, fidelity rows and layer statistics are keyed
+A quality run cut short (a time limit, a lost host), or split to fit the time a GPU is
+available, is finished by further runs of the missing configurations; this joins the parts. Cells, fidelity rows and layer statistics are keyed
 by (model, configuration, task/length/layer); a key seen twice keeps the first part's row, and
 the JSON lists every repeat under ``repeats`` with whether the numbers agreed (a dense
 configuration re-run with greedy decoding should agree exactly). ``parts`` records each input's
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="merged JSON (the heat map goes next to it)")
     p.add_argument("--relabel", action="append", default=[], metavar="PART:OLD=NEW",
                    help="rename configuration OLD of the part whose file name is PART (repeatable)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the heat map PNG")
     args = p.parse_args(argv)
     docs = []
     for path in args.parts:

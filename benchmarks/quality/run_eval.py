@@ -21,7 +21,7 @@ Example (H200, ~8 minutes; see the README of this folder)::
     python benchmarks/quality/run_eval.py \\
         --models qwen05b=/tmp/models/qwen05b,smollm2=/tmp/models/smollm2 \\
         --lengths qwen05b=4096,8192,16384,32768 --lengths smollm2=2048,4096,8192 \\
-        --samples 50 --out $OUT/quality_h200.json
+        --samples 50 --out results/quality.json
 """
 from __future__ import annotations
 
@@ -67,14 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=50, help="samples per task and length")
     p.add_argument("--gammas", default="0.95,0.90", help="proxyattn gamma values (one engine each)")
     p.add_argument("--max-tokens", type=int, default=None, help="cap every task's answer budget")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the task samples")
     p.add_argument("--haystack", choices=("essay", "noise"), default="essay", help="needle tasks' background")
-    p.add_argument("--essay-dir", default=str(tasks.DEFAULT_ESSAY_DIR))
+    p.add_argument("--essay-dir", default=str(tasks.DEFAULT_ESSAY_DIR),
+                   help="folder of .txt essays for the haystacks and fidelity windows (default: %(default)s)")
     p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default="auto",
                    help="auto: the chat template when the tokenizer has one")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results (the PNG goes next to it)")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the heat map of an existing results file")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the heat map PNG")
 
     eng = p.add_argument_group("offline engines")
     eng.add_argument("--dense-backend", default="auto", help="auto: FLASH_ATTN with CUDA, else CPU_ATTN")
@@ -85,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="one more proxyattn engine after the --gammas ones, with these keys on top of "
                           "--proxyattn-config (gamma: the first --gammas value unless given), e.g. "
                           "'dl0={\"dense_layers\": [0]}' (repeatable; labels must be unique)")
-    eng.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    eng.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    eng.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                     help="vLLM gpu_memory_utilization of each engine (default: %(default)s)")
+    eng.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                     help="vLLM kv_cache_memory_bytes of each engine, instead of the utilization")
     eng.add_argument("--no-dense", action="store_true",
                      help="skip the dense engine (its cells come from an earlier run of the same prompts: "
                           "join them with merge.py); fidelity rows then carry density and kept mass only")
@@ -94,10 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="run the other configurations when an engine fails to start (default: stop)")
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                      help="skip torch.compile and CUDA graphs (engine start in seconds; default on)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    eng.add_argument("--max-num-seqs", type=int, default=None)
+    eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                     help="vLLM chunk size, tokens per step (default: %(default)s)")
+    eng.add_argument("--max-num-seqs", type=int, default=None, help="vLLM max_num_seqs (default: vLLM's)")
     eng.add_argument("--kv-block-size", type=int, default=128, help="vLLM page size")
-    eng.add_argument("--dtype", default="auto")
+    eng.add_argument("--dtype", default="auto", help="model dtype (default: the model's)")
     eng.add_argument("--fidelity-prompts", type=int, default=2, help="essay windows per length (0: off)")
     eng.add_argument("--fidelity-logprobs", type=int, default=20, help="top-K of the prompt logprobs")
     eng.add_argument("--stats-mass-heads", type=int, default=4, help="heads per layer for the kept mass")
@@ -109,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ep.add_argument("--endpoint-label", default="endpoint", help="'backend' recorded for its cells")
     ep.add_argument("--endpoint-gamma", type=float, default=None, help="'gamma' recorded for its cells")
     ep.add_argument("--endpoint-text", action="store_true", help="send prompt text instead of token ids")
-    ep.add_argument("--concurrency", type=int, default=32)
+    ep.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     args = p.parse_args(argv)
     if not args.plot_only and not args.models:
         p.error("--models is required (unless --plot-only)")
@@ -638,7 +642,7 @@ def plot(doc: dict, png_path: str | Path) -> None:
 
 
 def summarize(doc: dict) -> list[dict]:
-    """Per model and sparse configuration, the issue-#6 numbers: mean accuracy over the task x
+    """Per model and sparse configuration, the quality-target numbers: mean accuracy over the task x
     length cells that both it and dense have (points, 0-100), the worst cell's drop, the mean
     density over those cells and the mean kept dense attention mass of the fidelity rows that
     ran sparse (a length below ``min_budget_tokens`` computes every block and keeps all mass)."""

@@ -34,9 +34,9 @@ row alone, which is what ``proxyattn_vllm.stats`` measures), and where the asked
 lies (its key blocks): the fraction of heads whose final-row selection holds them, the final
 row's dense attention mass on them and their rank in the proxy ranking.
 
-Example (2 CPU cores, see benchmarks/results/quality_cpu_sim_smollm2.json)::
+Example (transformers and gguf installed; 2 CPU cores; result: benchmarks/results/quality_cpu_sim_smollm2.json)::
 
-    PYTHONPATH=/tmp/sim/site python benchmarks/quality/sparse_sim.py \\
+    python benchmarks/quality/sparse_sim.py \\
         --model-dir /tmp/sim/smollm2_hf --gguf /tmp/sim/smollm2.gguf --samples 30 --gate
 """
 from __future__ import annotations
@@ -552,11 +552,12 @@ def add_common_args(p: argparse.ArgumentParser, gguf_default: str | None) -> Non
 
     p.add_argument("--model-dir", default="/tmp/sim/smollm2_hf", help="HF folder (written from --gguf if absent)")
     p.add_argument("--gguf", default=gguf_default, help="source GGUF (loaded if --model-dir is absent; hashed)")
-    p.add_argument("--task", default="niah_multikey")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--essay-dir", default=".essays" if Path(".essays").is_dir() else str(tasks.DEFAULT_ESSAY_DIR))
+    p.add_argument("--task", default="niah_multikey", help=f"one of {', '.join(tasks.TASKS)} (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task samples (the quality runner's)")
+    p.add_argument("--essay-dir", default=".essays" if Path(".essays").is_dir() else str(tasks.DEFAULT_ESSAY_DIR),
+                   help="folder of .txt essays for the haystacks (default: %(default)s)")
     p.add_argument("--time-budget-min", type=float, default=None, help="start no new prompt after this")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 
 def start(args, tag: str):
@@ -581,12 +582,13 @@ def start(args, tag: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, gguf_default="/tmp/sim/smollm2.gguf")
-    p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--length", type=int, default=4096, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=20, help="prompts, each run under every variant (default: %(default)s)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma list of {', '.join(VARIANTS)} (default: %(default)s)")
     p.add_argument("--gate", action="store_true", help="run the correctness gate on sample 0 first")
     p.add_argument("--measure", action="store_true", help="time one dense and one base prefill, then stop")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
     p.add_argument("--keep-sample-layers", action="store_true",
                    help="also write every sample's per-layer statistics (large)")
     return p.parse_args(argv)

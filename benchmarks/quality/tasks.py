@@ -31,13 +31,19 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-DEFAULT_ESSAY_DIR = Path("/work/shared/data/pg_essays")
+#: Plain-text essays for the haystacks: $PROXYATTN_ESSAY_DIR, else the development checkout's
+#: shared data folder beside the repository (any folder of .txt files works: --essay-dir).
+DEFAULT_ESSAY_DIR = Path(
+    os.environ.get("PROXYATTN_ESSAY_DIR")
+    or Path(__file__).resolve().parents[3] / "shared" / "data" / "pg_essays"
+)
 
 # Own filler sentences for the "noise" haystack (bland, repetitive, no numbers or names).
 NOISE_SENTENCES = (
@@ -223,7 +229,7 @@ def essay_units(essay_dir: str | Path = DEFAULT_ESSAY_DIR) -> list[str]:
         files = sorted(Path(essay_dir).glob("*.txt"))
         if not files:
             raise FileNotFoundError(
-                f"no .txt essays in {essay_dir}; pass --essay-dir or use the noise haystack"
+                f"no .txt essays in {essay_dir}; pass --essay-dir (or set PROXYATTN_ESSAY_DIR) or use the noise haystack"
             )
         text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
         _CORPUS_CACHE[key] = re.findall(r"\S+\s*", text)

@@ -4,7 +4,7 @@ FA3 union path (``sparse_kernel: "fa3"``) compute than the per-head Triton kerne
 The Triton kernel computes, per query head and query-block row, exactly the blocks that head
 selected: its density is ``selected blocks / (causal blocks x heads)`` (the selection's
 ``density``). The FA3 path computes, per row, the union over all heads (and proxy groups) of the
-selected blocks, for every head (``kernels/block_sparse_attn/union_pages.py``,
+selected blocks, for every head (``proxyattn_kernels/block_sparse_attn/union_pages.py``,
 ``union_block_mask``): its density is ``union blocks per row x heads / (causal blocks x heads)``.
 Their ratio is the extra work of the union path; it pays off where the union path's speed per
 computed block beats the Triton kernel's by more than that ratio.
@@ -14,9 +14,9 @@ selection, row-by-row masked softmax), prompts are ``sparse_sim``'s (the quality
 haystack tasks), the prefill runs in chunks of ``--chunk`` tokens (vLLM's
 ``max_num_batched_tokens``) over a KV cache, and every (layer, chunk) selection is counted.
 
-Example (2 CPU cores)::
+Example (transformers installed; 2 CPU cores; result: benchmarks/results/union_density_cpu.json)::
 
-    PYTHONPATH=/tmp/sim/site python benchmarks/quality/union_density.py \\
+    python benchmarks/quality/union_density.py \\
         --model-dir /tmp/sim/smollm2_hf --lengths 4096,8192 --samples 4 --gammas 0.95,0.90
 """
 from __future__ import annotations
@@ -149,12 +149,12 @@ def print_table(doc: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sparse_sim.add_common_args(p, gguf_default=None)
-    p.add_argument("--model-name", default=None)
-    p.add_argument("--lengths", default="4096,8192")
-    p.add_argument("--gammas", default="0.95,0.90")
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--model-name", default=None, help="name of the model in the JSON (default: the folder's name)")
+    p.add_argument("--lengths", default="4096,8192", help="comma list of prompt lengths in tokens (default: %(default)s)")
+    p.add_argument("--gammas", default="0.95,0.90", help="comma list of gamma values (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=4, help="prompts per length (default: %(default)s)")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk (vLLM max_num_batched_tokens)")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
     return p.parse_args(argv)
 
 
