@@ -1,9 +1,13 @@
 """Streaming load test for OpenAI-compatible servers (vLLM): time to first token and friends.
 
-    python benchmarks/loadtest.py --base-url http://127.0.0.1:8000 --prompt-lens 8K,32K \
-        --num-prompts 6 --output-len 16 --output-json ttft.json --label dense
+    python benchmarks/loadtest.py --base-url http://127.0.0.1:8000 --random-input-len 8K,32K \
+        --num-prompts 6 --random-output-len 16 --label dense --result-filename ttft.json
     proxyattn-loadtest ...                        # the same, installed as a console script
     proxyattn-loadtest --plot ttft.png dense.json proxyattn.json   # TTFT vs prompt length only
+
+Options spelled as in `vllm bench serve` (`--random-input-len`, `--request-rate`,
+`--max-concurrency`, `--num-warmups`, `--save-result`, ...) mean what they mean there; `--help`
+lists where the defaults differ.
 
 Why a client of our own: a TTFT benchmark must control exactly how much prefill the server
 does. Every prompt has an exact token count and starts with a unique prefix (so prefix caching
@@ -23,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import datetime
 import json
 import math
 import os
 import random
+import re
 import secrets
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +72,10 @@ class LoadTestConfig:
     prompt_lens: list[int] = field(default_factory=lambda: [1024])
     # Draw each length uniformly from [lo, hi] instead of taking it from prompt_lens.
     prompt_len_range: tuple[int, int] | None = None
+    # As `vllm bench serve --random-range-ratio`: a request whose nominal length is n gets a
+    # length drawn uniformly from [floor(n * (1 - r)), ceil(n * (1 + r))]; 0 keeps n exactly.
+    input_range_ratio: float = 0.0
+    output_range_ratio: float = 0.0  # the same around output_len (at least 1 token)
     length_order: str = "cycle"  # "cycle" through prompt_lens, or "random" choice from them
     num_prompts: int | None = None  # None: one request per entry of prompt_lens
     arrival: str = "sequential"  # one of ARRIVALS
@@ -72,6 +83,8 @@ class LoadTestConfig:
     max_concurrency: int | None = None
     warmup_requests: int = 1  # sent one at a time before the measured requests, not counted
     output_len: int = 16
+    # Decode exactly max_tokens tokens (vLLM's ignore_eos); off, a request may stop at EOS.
+    ignore_eos: bool = True
     seed: int = 0
     tokenizer: str | None = None
     text_dir: str | None = None
@@ -97,14 +110,33 @@ class LoadTestConfig:
             raise ValueError("the chat endpoint takes text prompts: pass a tokenizer")
         if self.text_dir and not self.tokenizer:
             raise ValueError("text prompts from text_dir need a tokenizer to count tokens")
+        for name in ("input_range_ratio", "output_range_ratio"):
+            ratio = getattr(self, name)
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"{name} {ratio}: must be in [0, 1)")
+        if self.prompt_len_range and self.input_range_ratio:
+            raise ValueError("prompt_len_range and input_range_ratio both spread the prompt "
+                             "lengths: give one of them")
         lengths = list(self.prompt_len_range or self.prompt_lens)
         minimum = 2 * ID_PREFIX_DIGITS + 1
         if not lengths or min(lengths) < minimum:
             raise ValueError(f"prompt lengths {lengths}: need at least one, each >= {minimum}")
+        shortest = ratio_bounds(min(lengths), self.input_range_ratio)[0]
+        if shortest < minimum:
+            raise ValueError(f"input_range_ratio {self.input_range_ratio} draws prompts as short "
+                             f"as {shortest} tokens: each must be >= {minimum}")
         if self.prompt_len_range and self.prompt_len_range[0] > self.prompt_len_range[1]:
             raise ValueError(f"prompt_len_range {self.prompt_len_range}: lo > hi")
         if self.output_len < 1:
             raise ValueError(f"output_len {self.output_len}: must be >= 1")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency {self.max_concurrency}: must be >= 1 (None: no cap)")
+
+
+def ratio_bounds(length: int, ratio: float, minimum: int = 0) -> tuple[int, int]:
+    """The inclusive range a length is drawn from under a range ratio, as for the random prompts
+    of `vllm bench serve`: [floor(length * (1 - ratio)), ceil(length * (1 + ratio))]."""
+    return max(minimum, math.floor(length * (1 - ratio))), math.ceil(length * (1 + ratio))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +255,20 @@ def plan_lengths(config: LoadTestConfig, count: int, rng: random.Random) -> list
         lo, hi = config.prompt_len_range
         return [rng.randint(lo, hi) for _ in range(count)]
     if config.length_order == "random":
-        return [rng.choice(config.prompt_lens) for _ in range(count)]
-    return [config.prompt_lens[i % len(config.prompt_lens)] for i in range(count)]
+        lengths = [rng.choice(config.prompt_lens) for _ in range(count)]
+    else:
+        lengths = [config.prompt_lens[i % len(config.prompt_lens)] for i in range(count)]
+    if config.input_range_ratio:
+        lengths = [rng.randint(*ratio_bounds(n, config.input_range_ratio)) for n in lengths]
+    return lengths
+
+
+def plan_output_lens(config: LoadTestConfig, count: int, rng: random.Random) -> list[int]:
+    """max_tokens of each request: output_len, or drawn around it under output_range_ratio."""
+    if not config.output_range_ratio:
+        return [config.output_len] * count
+    lo, hi = ratio_bounds(config.output_len, config.output_range_ratio, minimum=1)
+    return [rng.randint(lo, hi) for _ in range(count)]
 
 
 def plan_send_times(config: LoadTestConfig, count: int, rng: random.Random) -> list[float]:
@@ -240,11 +284,13 @@ def plan_send_times(config: LoadTestConfig, count: int, rng: random.Random) -> l
     return times
 
 
-def request_body(config: LoadTestConfig, model: str, prompt: list[int] | str) -> bytes:
+def request_body(config: LoadTestConfig, model: str, prompt: list[int] | str,
+                 max_tokens: int | None = None) -> bytes:
+    """The streamed request; max_tokens defaults to config.output_len."""
     body = {
         "model": model,
-        "max_tokens": config.output_len,
-        "ignore_eos": True,  # vLLM extension: decode exactly max_tokens tokens
+        "max_tokens": config.output_len if max_tokens is None else max_tokens,
+        "ignore_eos": config.ignore_eos,  # vLLM extension: decode exactly max_tokens tokens
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -460,7 +506,7 @@ def summarize_by_prompt_len(records: list[dict]) -> dict:
 
 
 async def run_benchmark(config: LoadTestConfig) -> dict:
-    """Run one load test; return the result dict (what --output-json writes).
+    """Run one load test; return the result dict (what --save-result writes).
 
     Raises ServerUnreachable before sending anything when the server does not answer, and
     ValueError for a bad config. Failed requests never raise: they are counted in `failed`.
@@ -484,12 +530,16 @@ async def run_benchmark(config: LoadTestConfig) -> dict:
         factory = PromptFactory(config, nonce)
         lengths = request_lengths(config)
         send_times = plan_send_times(config, len(lengths), random.Random(f"{config.seed}-arrivals"))
+        outputs = plan_output_lens(config, len(lengths), random.Random(f"{config.seed}-outputs"))
+        warmup_lens = warmup_lengths(config)
+        warmup_outputs = plan_output_lens(config, len(warmup_lens),
+                                          random.Random(f"{config.seed}-warmup-outputs"))
         # Warm-ups take the first indices so that every prompt of the run has its own prefix.
-        warmups = [PlannedRequest(i, n, request_body(config, model, factory.make(i, n)), 0.0)
-                   for i, n in enumerate(warmup_lengths(config))]
-        planned = [PlannedRequest(len(warmups) + i, n,
-                                  request_body(config, model, factory.make(len(warmups) + i, n)), t)
-                   for i, (n, t) in enumerate(zip(lengths, send_times))]
+        warmups = [PlannedRequest(i, n, request_body(config, model, factory.make(i, n), out), 0.0)
+                   for i, (n, out) in enumerate(zip(warmup_lens, warmup_outputs))]
+        planned = [PlannedRequest(len(warmups) + i, n, request_body(
+                       config, model, factory.make(len(warmups) + i, n), out), t)
+                   for i, (n, t, out) in enumerate(zip(lengths, send_times, outputs))]
         url = base_url + ENDPOINTS[config.endpoint]
         warmup_records = []
         for request in warmups:
@@ -528,7 +578,8 @@ async def run_benchmark(config: LoadTestConfig) -> dict:
         "base_url": base_url,
         "endpoint": ENDPOINTS[config.endpoint],
         "model": model,
-        "config": dataclasses.asdict(config),
+        # The key authenticates against the server: a result file must not carry it.
+        "config": {**dataclasses.asdict(config), "api_key": "<redacted>" if config.api_key else None},
         "prefix_nonce": nonce,
         **summarize(records, duration),
         "warmup_failed": sum(not r["success"] for r in warmup_records),
@@ -725,38 +776,206 @@ def parse_range(text: str) -> tuple[int, int]:
     return parse_tokens(lo), parse_tokens(hi)
 
 
+def parse_range_ratio(text: str) -> tuple[float, float]:
+    """`--random-range-ratio` as `vllm bench serve` reads it: one number for input and output
+    lengths, or a JSON object '{"input": 0.3, "output": 0.5}' -> (input ratio, output ratio)."""
+    try:
+        ratio = float(text)
+        return ratio, ratio
+    except ValueError:
+        pass
+    try:
+        data = json.loads(text)
+        return float(data["input"]), float(data["output"])
+    except (ValueError, TypeError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number, or a JSON object with the "
+                                         "keys \"input\" and \"output\"") from None
+
+
+def parse_endpoint(text: str) -> str:
+    """An API path (`/v1/completions`, `/v1/chat/completions`) or short name -> ENDPOINTS key."""
+    for key, path in ENDPOINTS.items():
+        if text.rstrip("/") in (key, path):
+            return key
+    raise argparse.ArgumentTypeError(f"{text!r}: use {' or '.join(ENDPOINTS.values())}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where there is one to show (not None, not an off switch); the option names
+    in an action's `hidden_aliases` (older spellings, still accepted) left out of --help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):
+        # Never break an option name such as --random-input-len at its hyphens.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _format_action_invocation(self, action):
+        hidden = getattr(action, "hidden_aliases", ())
+        if hidden:
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if s not in hidden]
+        return super()._format_action_invocation(action)
+
+
+def _option(group, *names: str, hidden: tuple[str, ...] = (), **kwargs) -> argparse.Action:
+    """add_argument with older spellings that parse the same but do not appear in --help."""
+    action = group.add_argument(*names, *hidden, **kwargs)
+    action.hidden_aliases = frozenset(hidden)
+    return action
+
+
+DESCRIPTION = """\
+Streaming load test for OpenAI-compatible servers (vllm serve): time to first
+token, time per output token, inter-token and end-to-end latency, per prompt
+length. Every prompt has an exact token count and a unique prefix (no
+prefix-cache hits), and decodes exactly the tokens asked for.
+
+  proxyattn-loadtest --random-input-len 8K,32K --num-prompts 6 --save-result
+  proxyattn-loadtest --plot ttft.png dense.json proxyattn.json   (plot only)"""
+
+EPILOG = """\
+Options spelled as in `vllm bench serve` mean the same here. Differences:
+  - lengths accept K and M (8K = 8192); --random-input-len takes a comma list
+    of lengths, and results are also reported per length;
+  - without --request-rate or --arrival, requests go one at a time, each after
+    the previous one completed (vllm bench serve sends all at once);
+    --request-rate alone gives Poisson arrivals at that rate, as there;
+  - --ignore-eos is on unless --no-ignore-eos (vllm bench serve forces it on
+    for its random prompts too);
+  - the defaults of --num-prompts, --random-output-len and --num-warmups suit
+    TTFT measurements;
+  - --result-dir or --result-filename alone also save the result; the JSON
+    holds every request's record and a per-length breakdown next to the
+    aggregate fields of vllm bench serve (mean_ttft_ms, p99_itl_ms, ...).
+Exit status: 0 done (failed requests are reported, not fatal), 1 every
+request failed, 2 bad arguments or an unreachable server."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="proxyattn-loadtest", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("results", nargs="*", help="with --plot: result JSONs to plot (no run)")
-    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
-    ap.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="completions")
-    ap.add_argument("--model", help="model name (default: the first one the server lists)")
-    ap.add_argument("--prompt-lens", type=parse_token_list, default=[1024],
-                    help="comma list of prompt lengths in tokens (8K = 8192)")
-    ap.add_argument("--prompt-len-range", type=parse_range, metavar="LO:HI",
-                    help="draw each length uniformly from [LO, HI] instead of --prompt-lens")
-    ap.add_argument("--length-order", choices=("cycle", "random"), default="cycle",
-                    help="cycle through --prompt-lens, or pick from them at random")
-    ap.add_argument("--num-prompts", type=int, help="measured requests (default: one per length)")
-    ap.add_argument("--arrival", choices=ARRIVALS, default="sequential",
-                    help="sequential: the next request after the previous one completes")
-    ap.add_argument("--request-rate", type=float, default=math.inf,
-                    help="requests/s for constant and poisson arrivals (inf: all at once)")
-    ap.add_argument("--max-concurrency", type=int)
-    ap.add_argument("--warmup-requests", type=int, default=1)
-    ap.add_argument("--output-len", type=int, default=16, help="decoded tokens per request")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", help="tokenizer path: send text of exact token counts")
-    ap.add_argument("--text-dir", help="directory of .txt files to cut text prompts from")
-    ap.add_argument("--label", default="", help="name of this run in tables and plots")
-    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
-    ap.add_argument("--request-timeout-s", type=float, default=3600.0)
-    ap.add_argument("--output-json", help="write the full result here")
-    ap.add_argument("--plot", metavar="PNG",
-                    help="plot TTFT vs prompt length of the given result JSONs, or of this run")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = argparse.ArgumentParser(prog="proxyattn-loadtest", description=DESCRIPTION,
+                                 epilog=EPILOG, formatter_class=_HelpFormatter)
+    ap.add_argument("results", nargs="*", metavar="RESULT_JSON",
+                    help="with --plot: result files to plot instead of running a load test")
+
+    server = ap.add_argument_group("server")
+    server.add_argument("--base-url", metavar="URL",
+                        help="server URL, e.g. http://10.0.0.5:8000 (default: http://HOST:PORT)")
+    server.add_argument("--host", default="127.0.0.1", help="server host, when no --base-url")
+    server.add_argument("--port", type=int, default=8000, help="server port, when no --base-url")
+    server.add_argument("--endpoint", type=parse_endpoint, default=ENDPOINTS["completions"],
+                        metavar="PATH", help="API path: /v1/completions (token-id or text "
+                        "prompts) or /v1/chat/completions (text only: needs --tokenizer)")
+    server.add_argument("--model", help="model name sent with the requests "
+                        "(default: the first model the server lists at /v1/models)")
+    server.add_argument("--api-key", metavar="KEY", help="bearer token for the server "
+                        "(default: $OPENAI_API_KEY, if set)")
+    server.add_argument("--request-timeout-s", type=float, default=3600.0, metavar="SECONDS",
+                        help="a request that has not finished after this long fails")
+
+    prompts = ap.add_argument_group("prompts")
+    _option(prompts, "--random-input-len", "--input-len", hidden=("--prompt-lens",),
+            dest="prompt_lens", type=parse_token_list, default="1024", metavar="LENS",
+            help="prompt length in tokens, counted as the server counts them; a comma list "
+            "(8K,32K) sends requests of each length in turn (see --length-order)")
+    _option(prompts, "--random-output-len", "--output-len", dest="output_len",
+            type=parse_tokens, default=16, metavar="N",
+            help="tokens decoded per request (the request's max_tokens)")
+    prompts.add_argument("--random-range-ratio", type=parse_range_ratio, default="0.0",
+                         metavar="R", help="draw each prompt length uniformly from "
+                         "[len * (1 - R), len * (1 + R)], and the output length likewise; "
+                         "R in [0, 1), or a JSON object '{\"input\": R1, \"output\": R2}' for "
+                         "separate ratios")
+    _option(prompts, "--input-len-range", hidden=("--prompt-len-range",), dest="prompt_len_range",
+            type=parse_range, metavar="LO:HI",
+            help="draw each prompt length uniformly from [LO, HI] instead of --random-input-len")
+    prompts.add_argument("--length-order", choices=("cycle", "random"), default="cycle",
+                         help="how requests take their lengths from a --random-input-len list: "
+                         "in turn, or each a random choice")
+    prompts.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                         help="send text prompts of exact token counts under this tokenizer "
+                         "(needs transformers) instead of token ids")
+    prompts.add_argument("--text-dir", metavar="DIR", help="with --tokenizer: cut the text prompts "
+                         "from the .txt files of this directory (default: generated filler words)")
+    prompts.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                         help="ask the server to decode all --random-output-len tokens even past "
+                         "an end-of-sequence token")
+    prompts.add_argument("--seed", type=int, default=0,
+                         help="seeds prompt contents, drawn lengths and arrival times")
+
+    load = ap.add_argument_group("load")
+    load.add_argument("--num-prompts", type=int, metavar="N",
+                      help="measured requests (default: one per --random-input-len length)")
+    load.add_argument("--request-rate", type=float, metavar="RATE",
+                      help="requests per second for --arrival poisson or constant; inf sends "
+                      "all requests at once. Given alone it means --arrival poisson "
+                      "(default: none, requests go one at a time)")
+    load.add_argument("--arrival", choices=ARRIVALS,
+                      help="sequential: each request after the previous one completed; constant: "
+                      "evenly spaced at --request-rate; poisson: exponential gaps at "
+                      "--request-rate (default: poisson with --request-rate, else sequential)")
+    load.add_argument("--max-concurrency", type=int, metavar="N",
+                      help="at most this many requests in flight; later ones wait for a free "
+                      "slot (default: no cap)")
+    _option(load, "--num-warmups", hidden=("--warmup-requests",), dest="warmup_requests",
+            type=int, default=1, metavar="N",
+            help="requests sent one at a time before the measured ones and not counted in the "
+            "results (their failures are reported)")
+
+    output = ap.add_argument_group("output")
+    output.add_argument("--label", default="", help="name of this run in the summary, plots "
+                        "and default result file name (default: none; 'loadtest' in file names)")
+    output.add_argument("--save-result", action="store_true",
+                        help="write the full result (aggregates, per length, per request) as JSON")
+    output.add_argument("--result-dir", metavar="DIR",
+                        help="directory for the result file (default: the current directory); "
+                        "implies --save-result")
+    _option(output, "--result-filename", hidden=("--output-json",), dest="result_filename",
+            metavar="NAME", help="result file name, inside --result-dir if given (default: "
+            "LABEL-MODEL-YYYYmmdd-HHMMSS.json); implies --save-result")
+    _option(output, "--disable-tqdm", hidden=("--no-progress",), dest="disable_tqdm",
+            action="store_true", help="turn off the progress bar (tqdm, or a status line on "
+            "stderr without tqdm)")
+    output.add_argument("--plot", metavar="PNG", help="plot mean TTFT against prompt length: "
+                        "of the RESULT_JSON files given (no load test), else of this run's saved "
+                        "result")
     return ap
+
+
+def build_config(args: argparse.Namespace) -> LoadTestConfig:
+    """The LoadTestConfig that parsed command-line arguments describe (not yet validated)."""
+    arrival = args.arrival or ("poisson" if args.request_rate is not None else "sequential")
+    input_ratio, output_ratio = args.random_range_ratio
+    return LoadTestConfig(
+        base_url=args.base_url or f"http://{args.host}:{args.port}",
+        endpoint=args.endpoint, model=args.model,
+        prompt_lens=args.prompt_lens, prompt_len_range=args.prompt_len_range,
+        input_range_ratio=input_ratio, output_range_ratio=output_ratio,
+        length_order=args.length_order, num_prompts=args.num_prompts, arrival=arrival,
+        request_rate=math.inf if args.request_rate is None else args.request_rate,
+        max_concurrency=args.max_concurrency, warmup_requests=args.warmup_requests,
+        output_len=args.output_len, ignore_eos=args.ignore_eos, seed=args.seed,
+        tokenizer=args.tokenizer, text_dir=args.text_dir, label=args.label,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        request_timeout_s=args.request_timeout_s, progress=not args.disable_tqdm)
+
+
+def saves_result(args: argparse.Namespace) -> bool:
+    return bool(args.save_result or args.result_dir or args.result_filename)
+
+
+def result_path(args: argparse.Namespace, model: str, now: datetime.datetime | None = None) -> str:
+    """Where --save-result writes: --result-filename, or LABEL-MODEL-DATETIME.json (the model's
+    last path component), inside --result-dir when given."""
+    name = args.result_filename
+    if not name:
+        stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        stem = f"{args.label or 'loadtest'}-{model.rstrip('/').split('/')[-1]}-{stamp}"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".json"
+    return os.path.join(args.result_dir, name) if args.result_dir else name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -766,29 +985,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.results and not args.plot:
         ap.error("result JSONs are only read with --plot")
-    if args.plot and not args.results and not args.output_json:
-        ap.error("--plot of this run needs --output-json")
+    if args.plot and not args.results and not saves_result(args):
+        ap.error("--plot of this run needs --save-result")
+    if args.arrival == "sequential" and args.request_rate is not None:
+        ap.error("--request-rate needs --arrival poisson or constant (sequential sends each "
+                 "request when the previous one completed)")
     try:
         if args.plot and args.results:
             plot_ttft(args.results, args.plot)
             print(f"wrote {args.plot}")
             return 0
-        config = LoadTestConfig(
-            base_url=args.base_url, endpoint=args.endpoint, model=args.model,
-            prompt_lens=args.prompt_lens, prompt_len_range=args.prompt_len_range,
-            length_order=args.length_order, num_prompts=args.num_prompts, arrival=args.arrival,
-            request_rate=args.request_rate, max_concurrency=args.max_concurrency,
-            warmup_requests=args.warmup_requests, output_len=args.output_len, seed=args.seed,
-            tokenizer=args.tokenizer, text_dir=args.text_dir, label=args.label,
-            api_key=args.api_key, request_timeout_s=args.request_timeout_s,
-            progress=not args.no_progress)
+        config = build_config(args)
         config.validate()
         result = run(config)
-        if args.output_json:
-            with open(args.output_json, "w", encoding="utf-8") as f:
+        if saves_result(args):
+            path = result_path(args, result["model"])
+            if args.result_dir:
+                os.makedirs(args.result_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=1)
-        if args.plot:
-            plot_ttft([args.output_json], args.plot)
+            print(f"result written to {path}", file=sys.stderr)
+            if args.plot:
+                plot_ttft([path], args.plot)
     except (ServerUnreachable, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 (tests/_fake_openai_server.py): metric math, failure accounting, prompt construction, CLI."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -108,8 +109,8 @@ def test_percentiles_and_std_by_hand():
 
 def test_rejected_requests_are_counted_with_the_servers_message(serve, capsys):
     server = serve(max_model_len=250)
-    code = loadtest.main(["--base-url", server.base_url, "--prompt-lens", "100,300",
-                          "--num-prompts", "4", "--output-len", "3", "--no-progress"])
+    code = loadtest.main(["--base-url", server.base_url, "--random-input-len", "100,300",
+                          "--num-prompts", "4", "--random-output-len", "3", "--disable-tqdm"])
     out = capsys.readouterr().out
     assert code == 0  # some requests completed: failures are reported, not fatal
     assert "completed 2  failed 2" in out
@@ -142,13 +143,13 @@ def test_an_error_event_in_the_stream_fails_the_request(serve):
 
 def test_all_requests_failing_exits_1(serve):
     server = serve(max_model_len=50)
-    assert loadtest.main(["--base-url", server.base_url, "--prompt-lens", "100",
-                          "--output-len", "2", "--no-progress", "--warmup-requests", "0"]) == 1
+    assert loadtest.main(["--base-url", server.base_url, "--random-input-len", "100",
+                          "--random-output-len", "2", "--disable-tqdm", "--num-warmups", "0"]) == 1
 
 
 def test_unreachable_server_is_one_line_and_exit_2(capsys):
     url = f"http://127.0.0.1:{free_port()}"
-    assert loadtest.main(["--base-url", url, "--no-progress"]) == 2
+    assert loadtest.main(["--base-url", url, "--disable-tqdm"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("error: cannot reach a server at " + url)
@@ -320,10 +321,13 @@ def test_max_concurrency_caps_requests_in_flight(serve):
 def test_json_output_names_and_console_summary(serve, tmp_path, capsys):
     server = serve(itl_s=0.002)
     out = tmp_path / "r.json"
-    assert loadtest.main(["--base-url", server.base_url, "--prompt-lens", "1K,2k", "--num-prompts", "4",
-                          "--output-len", "3", "--label", "dense", "--output-json", str(out),
-                          "--no-progress"]) == 0
+    assert loadtest.main(["--base-url", server.base_url, "--random-input-len", "1K,2k",
+                          "--num-prompts", "4", "--random-output-len", "3", "--label", "dense",
+                          "--save-result", "--result-filename", str(out), "--disable-tqdm",
+                          "--api-key", "sk-secret"]) == 0
+    assert "sk-secret" not in out.read_text()  # the result file never carries the key
     data = json.loads(out.read_text())
+    assert data["config"]["api_key"] == "<redacted>"
     assert VLLM_BENCH_NAMES <= set(data)
     assert VLLM_BENCH_NAMES <= set(data["by_prompt_len"]["1024"])
     assert set(data["by_prompt_len"]) == {"1024", "2048"}
@@ -356,9 +360,9 @@ def test_plot_of_result_files(serve, tmp_path):
     pytest.importorskip("matplotlib")
     server = serve(itl_s=0.0)
     result = str(tmp_path / "a.json")
-    assert loadtest.main(["--base-url", server.base_url, "--prompt-lens", "100,400", "--output-len", "2",
-                          "--output-json", result, "--plot", str(tmp_path / "run.png"),
-                          "--no-progress"]) == 0
+    assert loadtest.main(["--base-url", server.base_url, "--random-input-len", "100,400",
+                          "--random-output-len", "2", "--save-result", "--result-filename", result,
+                          "--plot", str(tmp_path / "run.png"), "--disable-tqdm"]) == 0
     png = tmp_path / "both.png"
     assert loadtest.main(["--plot", str(png), result, sweep_like_result(tmp_path / "s.json")]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -413,3 +417,211 @@ def test_fetching_server_histograms_from_a_server_without_metrics_gives_none():
 def test_length_labels():
     assert [loadtest.length_label(n) for n in (32768, 262128, 1000, 8192 + 100, 64)] == [
         "32K", "~256K", "1000", "8292", "64"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: the flags of `vllm bench serve`, the older spellings, --help
+
+
+def parse(*argv: str):
+    return loadtest.build_parser().parse_args(list(argv))
+
+
+def cli_config(*argv: str) -> loadtest.LoadTestConfig:
+    return loadtest.build_config(parse(*argv))
+
+
+def parser_exit(capsys, *argv: str, via_main: bool = False) -> str:
+    """Exit status 2 from the argument parser; returns its message."""
+    with pytest.raises(SystemExit) as exc:
+        loadtest.main(list(argv)) if via_main else parse(*argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_defaults_match_the_config_defaults(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert cli_config() == loadtest.LoadTestConfig()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    assert cli_config().api_key == "sk-from-env"
+    assert cli_config("--api-key", "sk-flag").api_key == "sk-flag"
+
+
+def test_vllm_bench_serve_flags_set_the_config(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = cli_config(
+        "--host", "10.1.2.3", "--port", "9000", "--endpoint", "/v1/chat/completions",
+        "--model", "m", "--random-input-len", "8K,32K", "--random-output-len", "64",
+        "--random-range-ratio", "0.25", "--num-prompts", "12", "--request-rate", "2.5",
+        "--max-concurrency", "3", "--num-warmups", "2", "--seed", "5", "--tokenizer", "tok",
+        "--disable-tqdm", "--label", "x")
+    assert cfg == loadtest.LoadTestConfig(
+        base_url="http://10.1.2.3:9000", endpoint="chat", model="m", prompt_lens=[8192, 32768],
+        output_len=64, input_range_ratio=0.25, output_range_ratio=0.25, num_prompts=12,
+        arrival="poisson", request_rate=2.5, max_concurrency=3, warmup_requests=2, seed=5,
+        tokenizer="tok", progress=False, label="x")
+    # --base-url wins over --host/--port, as in vllm bench serve.
+    assert cli_config("--base-url", "http://h:1", "--port", "2").base_url == "http://h:1"
+    # vllm bench serve's general --input-len / --output-len name the same settings.
+    assert cli_config("--input-len", "100", "--output-len", "7") == cli_config(
+        "--random-input-len", "100", "--random-output-len", "7")
+    assert cli_config("--random-output-len", "1K").output_len == 1024
+    split = cli_config("--random-range-ratio", '{"input": 0.5, "output": 0}')
+    assert (split.input_range_ratio, split.output_range_ratio) == (0.5, 0.0)
+    assert cli_config("--no-ignore-eos").ignore_eos is False
+    assert cli_config("--ignore-eos").ignore_eos is True
+    for path, key in (("/v1/completions", "completions"), ("/v1/chat/completions", "chat"),
+                      ("completions", "completions"), ("chat", "chat")):
+        assert cli_config("--endpoint", path).endpoint == key
+
+
+def test_old_spellings_are_hidden_aliases(capsys):
+    old = cli_config("--prompt-lens", "100,200", "--prompt-len-range", "50:60", "--output-len", "3",
+                     "--warmup-requests", "0", "--no-progress", "--endpoint", "chat")
+    new = cli_config("--random-input-len", "100,200", "--input-len-range", "50:60",
+                     "--random-output-len", "3", "--num-warmups", "0", "--disable-tqdm",
+                     "--endpoint", "/v1/chat/completions")
+    assert old == new
+    assert (new.prompt_lens, new.prompt_len_range, new.output_len, new.warmup_requests,
+            new.progress) == ([100, 200], (50, 60), 3, 0, False)
+    assert parse("--output-json", "r.json").result_filename == "r.json"
+    assert loadtest.saves_result(parse("--output-json", "r.json"))
+    with pytest.raises(SystemExit):
+        parse("--help")
+    help_text = capsys.readouterr().out
+    for hidden in ("--prompt-lens", "--prompt-len-range", "--warmup-requests", "--no-progress",
+                   "--output-json"):
+        assert hidden not in help_text
+    for name in ("--random-input-len LENS, --input-len LENS",
+                 "--random-output-len N, --output-len N", "--random-range-ratio", "--num-prompts",
+                 "--request-rate", "--max-concurrency", "--num-warmups", "--save-result",
+                 "--result-dir", "--result-filename", "--disable-tqdm", "--seed", "--base-url",
+                 "--host", "--port", "--model",
+                 "--endpoint", "--ignore-eos, --no-ignore-eos", "--input-len-range"):
+        assert name in help_text
+
+
+def test_help_describes_every_option_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-do-not-print")
+    with pytest.raises(SystemExit) as exc:
+        loadtest.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for action in loadtest.build_parser()._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    assert "sk-do-not-print" not in text  # the key is read at run time, never shown
+    assert "(default: None)" not in text and "(default: )" not in text
+    flat = " ".join(text.split())
+    for shown in ("(default: 1024)", "(default: 16)", "(default: 0.0)", "(default: 1)",
+                  "(default: 127.0.0.1)", "(default: 8000)", "(default: /v1/completions)",
+                  "(default: cycle)", "(default: True)", "(default: 3600.0)",
+                  "(default: one per --random-input-len length)"):
+        assert shown in flat, shown
+    assert "vllm bench serve" in text  # the epilog: where the meanings and defaults differ
+
+
+def test_request_rate_alone_means_poisson_arrivals(capsys):
+    assert (cli_config().arrival, cli_config().request_rate) == ("sequential", math.inf)
+    cfg = cli_config("--request-rate", "4")
+    assert (cfg.arrival, cfg.request_rate) == ("poisson", 4.0)
+    cfg = cli_config("--request-rate", "inf")  # vllm bench serve's default: all at once
+    assert cfg.arrival == "poisson"
+    assert loadtest.plan_send_times(cfg, 3, random.Random(0)) == [0.0, 0.0, 0.0]
+    cfg = cli_config("--arrival", "constant", "--request-rate", "2")
+    assert (cfg.arrival, cfg.request_rate) == ("constant", 2.0)
+    assert cli_config("--arrival", "poisson").request_rate == math.inf
+    err = parser_exit(capsys, "--arrival", "sequential", "--request-rate", "2", via_main=True)
+    assert "--request-rate needs --arrival poisson or constant" in err
+
+
+def test_bad_flag_values_are_rejected(capsys):
+    assert "random-range-ratio" in parser_exit(capsys, "--random-range-ratio", "wide")
+    assert "random-range-ratio" in parser_exit(capsys, "--random-range-ratio", '{"input": 0.1}')
+    assert "/v1/chat/completions" in parser_exit(capsys, "--endpoint", "/v1/embeddings")
+    assert "--plot of this run needs --save-result" in parser_exit(
+        capsys, "--plot", "x.png", via_main=True)
+    # Values the parser accepts but the config refuses: one line, exit 2, nothing sent.
+    for argv, message in (
+            (["--random-range-ratio", "1.0"], "input_range_ratio 1.0: must be in [0, 1)"),
+            (["--random-range-ratio", '{"input": 0, "output": -0.5}'], "output_range_ratio"),
+            (["--input-len-range", "100:200", "--random-range-ratio", "0.5"], "give one"),
+            (["--random-input-len", "12", "--random-range-ratio", "0.5"], ">= 9"),
+            (["--max-concurrency", "0"], "max_concurrency 0")):
+        assert loadtest.main(["--port", str(free_port()), *argv]) == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_range_ratio_draws_lengths_as_vllm_bench_serve():
+    cfg = loadtest.LoadTestConfig(prompt_lens=[1000, 4000], num_prompts=400, seed=1,
+                                  input_range_ratio=0.2, output_len=16, output_range_ratio=0.25)
+    lengths = loadtest.request_lengths(cfg)
+    assert lengths == loadtest.request_lengths(cfg)  # seeded
+    small, large = lengths[0::2], lengths[1::2]  # the nominal lengths still take turns
+    assert 800 <= min(small) < 820 and 1180 < max(small) <= 1200
+    assert 3200 <= min(large) < 3280 and 4720 < max(large) <= 4800
+    assert loadtest.ratio_bounds(1000, 0.2) == (800, 1200)
+    assert loadtest.ratio_bounds(15, 0.3) == (10, 20)  # floor and ceil
+    outputs = loadtest.plan_output_lens(cfg, 400, random.Random(0))
+    assert min(outputs) == 12 and max(outputs) == 20
+    one = loadtest.LoadTestConfig(output_len=1, output_range_ratio=0.9)
+    assert set(loadtest.plan_output_lens(one, 100, random.Random(0))) == {1, 2}  # never 0
+    fixed = loadtest.LoadTestConfig(prompt_lens=[100, 200], num_prompts=4)
+    assert loadtest.request_lengths(fixed) == [100, 200, 100, 200]
+    assert loadtest.plan_output_lens(fixed, 3, random.Random(0)) == [16, 16, 16]
+
+
+def test_range_ratio_end_to_end(serve):
+    server = serve(itl_s=0.0)
+    assert loadtest.main(["--base-url", server.base_url, "--random-input-len", "100",
+                          "--random-output-len", "4", "--random-range-ratio", "0.5",
+                          "--num-prompts", "20", "--num-warmups", "0", "--disable-tqdm"]) == 0
+    assert all(50 <= len(p) <= 150 for p in server.options.prompts)
+    assert len({len(p) for p in server.options.prompts}) > 5
+    result = loadtest.run(config(server, prompt_lens=[100], num_prompts=20, output_len=4,
+                                 output_range_ratio=0.5))
+    outputs = [r["output_tokens"] for r in result["requests"]]
+    assert all(2 <= n <= 6 for n in outputs) and len(set(outputs)) > 1
+
+
+def test_request_body_ignore_eos_and_max_tokens():
+    body = json.loads(loadtest.request_body(loadtest.LoadTestConfig(output_len=9), "m", [5, 6]))
+    assert body["ignore_eos"] is True and body["max_tokens"] == 9 and body["prompt"] == [5, 6]
+    body = json.loads(loadtest.request_body(cli_config("--no-ignore-eos"), "m", [5], max_tokens=3))
+    assert body["ignore_eos"] is False and body["max_tokens"] == 3
+
+
+def test_host_and_port_reach_the_server(serve, capsys):
+    server = serve(itl_s=0.0)
+    port = server.base_url.rsplit(":", 1)[1]
+    assert loadtest.main(["--host", "127.0.0.1", "--port", port, "--random-input-len", "50",
+                          "--random-output-len", "2", "--disable-tqdm"]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[:3] == ["all", "1", "0"]
+
+
+def test_save_result_names_and_places_the_file(serve, tmp_path, capsys, monkeypatch):
+    server = serve(itl_s=0.0)
+    common = ["--base-url", server.base_url, "--random-input-len", "50", "--random-output-len", "2",
+              "--num-warmups", "0", "--disable-tqdm"]
+    # --save-result alone: LABEL-MODEL-DATETIME.json in the current directory.
+    monkeypatch.chdir(tmp_path)
+    assert loadtest.main(common + ["--save-result", "--label", "my run"]) == 0
+    (saved,) = tmp_path.glob("my_run-fake-model-*.json")
+    assert VLLM_BENCH_NAMES <= set(json.loads(saved.read_text()))
+    assert f"result written to {saved.name}" in capsys.readouterr().err
+    # --result-dir alone saves too (directory created), with the default name.
+    assert loadtest.main(common + ["--result-dir", str(tmp_path / "a" / "b")]) == 0
+    (saved,) = (tmp_path / "a" / "b").glob("loadtest-fake-model-*.json")
+    data = json.loads(saved.read_text())
+    assert data["config"]["output_len"] == 2 and data["config"]["warmup_requests"] == 0
+    # --result-filename inside --result-dir.
+    assert loadtest.main(common + ["--result-dir", "c", "--result-filename", "r.json"]) == 0
+    assert (tmp_path / "c" / "r.json").is_file()
+    # Without any of them nothing is written.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert loadtest.main(common) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    assert loadtest.result_path(parse(), "meta-llama/Llama-3.1-8B", now) == \
+        "loadtest-Llama-3.1-8B-20260102-030405.json"
+    assert loadtest.result_path(parse("--result-dir", "d", "--label", "a/b c"), "m", now) == \
+        os.path.join("d", "a_b_c-m-20260102-030405.json")
