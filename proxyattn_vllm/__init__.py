@@ -29,13 +29,21 @@ def register() -> None:
       ``CUSTOM``. The resolved member pickles as ``CUSTOM`` (by value), so a ``spawn``-ed engine
       process can unpickle the config before it has loaded any plugin.
     """
+    import logging
+
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from .vllm_version import installed_vllm_version, unsupported_message
+
+    logger = logging.getLogger("vllm.proxyattn")
+    # Said here, in the API server, before any engine starts. The backend module itself refuses
+    # to load on such a release (``backend.py``), so only engines that select proxyattn stop.
+    message = unsupported_message(installed_vllm_version())
+    if message:
+        logger.warning("%s", message)
     custom = AttentionBackendEnum.CUSTOM
     if custom.is_overridden() and custom.get_path() != BACKEND_CLASS_PATH:
-        import logging
-
-        logging.getLogger("vllm.proxyattn").warning(
+        logger.warning(
             "proxyattn: replacing the CUSTOM attention backend %s registered by another plugin",
             custom.get_path(),
         )

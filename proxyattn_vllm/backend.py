@@ -17,10 +17,15 @@ from typing import ClassVar
 
 import torch
 
-from vllm.v1.attention.backend import AttentionType, MultipleOf
-from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+from .vllm_version import check_vllm_version
 
-from ._compat import dense_kernel_is_flash_attn
+# Before anything of vLLM's backend API is imported: on an unsupported release, one clear line.
+check_vllm_version()
+
+from vllm.v1.attention.backend import AttentionType, MultipleOf  # noqa: E402
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend  # noqa: E402
+
+from ._compat import dense_kernel_is_flash_attn  # noqa: E402
 
 #: KV-cache page size this backend asks vLLM for when ``--block-size`` is not given.
 PREFERRED_PAGE_SIZE = 128

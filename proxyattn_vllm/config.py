@@ -7,11 +7,16 @@ accepted, so a bad deployment fails at startup and never reaches a kernel.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from proxyattn_kernels import ProxyAttnParams
+
+_logger = logging.getLogger("vllm.proxyattn")
+_LOGGED_CONFIGS: set[str] = set()
+_LOGGED_ERRORS: set[str] = set()
 
 ADDITIONAL_CONFIG_KEY = "proxyattn"
 #: Values of ``sparse_kernel``: who computes the selected blocks of a long prefill chunk.
@@ -21,11 +26,10 @@ SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 #: ``(head_dim, page_size, Hq // Hkv)``; it applies to layers with ONE proxy group (otherwise
 #: "triton", see below). Unlisted shapes get "triton".
 #:
-#: Sources, both on 2026-11-29. Per layer at density 0.1 with every head at the same budget
-#: (benchmarks/results/kernels_h200_session7.json, H200, 128K context, last 8K chunk; Triton / FA3
-#: over the union pages; the runs before and after it, kernels_h200_session5/6.json and session
-#: 9's kernels_h200.json, agree within 3%: e.g. page 16 5.28 vs 3.28, page 128 3.95 vs 3.27), with
-#: head budgets 0.5x-1.5x the mean ("spread0.5": the union computes 0.155 for a mean of 0.104),
+#: Sources, both from 2026-11-29. Per layer at density 0.1 with every head at the same budget
+#: (the H200 kernel benchmark, benchmarks/results/kernels_h200.json and the runs of the same day
+#: before it, which agree within 3%: 128K context, last 8K chunk; Triton / FA3 over the union
+#: pages, e.g. page 16 5.28 vs 3.28, page 128 3.95 vs 3.27), with head budgets 0.5x-1.5x the mean ("spread0.5": the union computes 0.155 for a mean of 0.104),
 #: and how many blocks the union computes under real gamma budgets
 #: (benchmarks/results/union_density_cpu.json, CPU, real weights, gamma 0.95; union / exact).
 #: The union path wins when its per-block advantage exceeds that ratio:
@@ -40,8 +44,7 @@ SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
     # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.25 vs 3.35 ms, FA3 1.57x
     # faster per block, more than any one-group union ratio measured; spread0.5 5.36 vs 4.91.
-    # Session 11 (kernels_h200.json), Triton over its contiguous 128-token copy: 4.15 vs 3.24
-    # (1.28x), the same lead as at page 128 below, where Triton is kept; "fa3" stays here
+    # Triton over its contiguous 128-token copy (kernels_h200.json): 4.15 vs 3.24 (1.28x), the same lead as at page 128 below, where Triton is kept; "fa3" stays here
     # until a long-context union ratio decides both.
     (128, 16, 4): "fa3",
     # Page 128: 4.06 vs 3.20 ms, only 1.27x (with the dense tail 4.68 vs 3.67), within reach of
@@ -166,7 +169,11 @@ class ProxyAttnConfig:
         if values is None:
             return cls()
         if not isinstance(values, Mapping):
-            _fail(ADDITIONAL_CONFIG_KEY, values, "a mapping of ProxyAttn settings")
+            raise ProxyAttnConfigError(
+                f"proxyattn config: \"{ADDITIONAL_CONFIG_KEY}\" takes a mapping of ProxyAttn "
+                f"settings, not {values!r}; e.g. --additional-config "
+                f"'{{\"{ADDITIONAL_CONFIG_KEY}\": {{\"gamma\": 0.9}}}}'."
+            )
         known = [f.name for f in fields(cls)]
         for key in values:
             if key not in known:
@@ -232,3 +239,33 @@ class ProxyAttnConfig:
     def describe(self) -> str:
         """One line for the startup log."""
         return "ProxyAttn config: " + ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+def load_config(vllm_config: Any | None) -> ProxyAttnConfig:
+    """The :class:`ProxyAttnConfig` of ``vllm_config.additional_config["proxyattn"]``.
+
+    Raises :class:`~proxyattn_vllm.config.ProxyAttnConfigError` for a bad value, including one
+    that does not fit the model (at startup: builders and impls are created while the engine
+    starts). Logs the resolved configuration once per process (one line, however many layers
+    and builders ask).
+    """
+    additional = getattr(vllm_config, "additional_config", None) if vllm_config is not None else None
+    if additional is not None and not isinstance(additional, Mapping):
+        additional = None  # a non-dict additional_config belongs to some other plugin
+    try:
+        config = ProxyAttnConfig.from_additional_config(additional)
+        model_config = getattr(vllm_config, "model_config", None)
+        if model_config is not None:
+            config.check_model(model_config.get_total_num_hidden_layers())
+    except ProxyAttnConfigError as err:
+        # vLLM prints the engine's startup failure as a long traceback: say the cause first, in
+        # one line, so it is the line a user reads (logged once however many layers ask).
+        if str(err) not in _LOGGED_ERRORS:
+            _LOGGED_ERRORS.add(str(err))
+            _logger.error("%s", err)
+        raise
+    line = config.describe()
+    if line not in _LOGGED_CONFIGS:
+        _LOGGED_CONFIGS.add(line)
+        _logger.info("%s", line)
+    return config

@@ -33,7 +33,8 @@ from proxyattn_kernels.selection import select_blocks_paged
 from . import stats, warmup
 from ._compat import dense_kernel_is_flash_attn, triton_available
 from .config import ProxyAttnConfig, auto_sparse_kernel
-from .metadata import ProxyAttnMetadata, load_config
+from .config import load_config
+from .metadata import ProxyAttnMetadata
 
 logger = init_logger("vllm.proxyattn")
 
@@ -68,7 +69,7 @@ def sparse_prefill(
     This is the single boundary between the vLLM glue and the ProxyAttn kernels: the glue
     guarantees the arguments below; the Triton kernels compute proxy scores, budgets, the
     selection and block-sparse attention (kernel launches only, no host sync), and must equal
-    ``kernels/reference.py::proxyattn_prefill_reference`` (the oracle, see tests/test_vllm_impl.py).
+    ``proxyattn_kernels/reference.py::proxyattn_prefill_reference`` (the oracle, see tests/test_vllm_impl.py).
 
     Args:
         query: ``[q_len, Hq, D]`` post-RoPE queries of the chunk, absolute positions
@@ -378,7 +379,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
         engine's limits as they are now (None: not known). Called in that run, after vLLM has
         settled the page size: a shape taken in ``__init__`` had a page of 16 where vLLM then
         served 128 (H200, TP=2, no --block-size: four kernels compiled inside the first long
-        request, session 10)."""
+        request)."""
         return warmup.shape_from_vllm_config(
             self._vllm_config, self.num_heads, self.num_kv_heads, self.head_size, self.proxyattn_params)
 
@@ -396,9 +397,9 @@ class ProxyAttnImpl(FlashAttentionImpl):
                        tail_done=False, row_lse=None):
         """Like :func:`sparse_prefill`, but the selected blocks run through a dense paged kernel,
         one pseudo-request per query block over the union of what its heads selected
-        (``kernels/block_sparse_attn/union_pages.py``): ``kernel`` "fa3" is vLLM's varlen kernel
+        (``proxyattn_kernels/block_sparse_attn/union_pages.py``): ``kernel`` "fa3" is vLLM's varlen kernel
         (FA3 on Hopper), "flashinfer" FlashInfer's paged prefill
-        (``kernels/block_sparse_attn/flashinfer.py``). ``tail_done``, ``row_lse``: as
+        (``proxyattn_kernels/block_sparse_attn/flashinfer.py``). ``tail_done``, ``row_lse``: as
         :func:`sparse_prefill` ("fa3" only)."""
         params = self.proxyattn_params
         selection = select_blocks_paged(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -45,34 +44,9 @@ from vllm.v1.attention.backends.flash_attn import (
 from proxyattn_kernels import ChunkGeometry
 
 from ._compat import dense_kernel_is_flash_attn
-from .config import ProxyAttnConfig
+from .config import load_config
 
 logger = init_logger("vllm.proxyattn")
-
-_LOGGED_CONFIGS: set[str] = set()
-
-
-def load_config(vllm_config: Any | None) -> ProxyAttnConfig:
-    """The :class:`ProxyAttnConfig` of ``vllm_config.additional_config["proxyattn"]``.
-
-    Raises :class:`~proxyattn_vllm.config.ProxyAttnConfigError` for a bad value, including one
-    that does not fit the model (at startup: builders and impls are created while the engine
-    starts). Logs the resolved configuration once per process (one line, however many layers
-    and builders ask).
-    """
-    additional = getattr(vllm_config, "additional_config", None) if vllm_config is not None else None
-    if additional is not None and not isinstance(additional, Mapping):
-        additional = None  # a non-dict additional_config belongs to some other plugin
-    config = ProxyAttnConfig.from_additional_config(additional)
-    model_config = getattr(vllm_config, "model_config", None)
-    if model_config is not None:
-        config.check_model(model_config.get_total_num_hidden_layers())
-    line = config.describe()
-    if line not in _LOGGED_CONFIGS:
-        _LOGGED_CONFIGS.add(line)
-        logger.info("%s", line)
-    return config
-
 
 @dataclass(frozen=True)
 class SparseRow:

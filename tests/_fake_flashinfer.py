@@ -1,6 +1,6 @@
 """A torch stand-in for ``flashinfer`` 0.6.14's paged prefill wrapper (CPU tests only).
 
-It keeps the wrapper's Python-side contract that ``kernels/block_sparse_attn/flashinfer.py``
+It keeps the wrapper's Python-side contract that ``proxyattn_kernels/block_sparse_attn/flashinfer.py``
 relies on, and computes what the csrc computes, as read in 0.6.14:
 
 * ``plan`` reads ``qo_indptr``, ``paged_kv_indptr`` and ``paged_kv_last_page_len`` on the host,

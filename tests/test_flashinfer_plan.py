@@ -1,4 +1,4 @@
-"""kernels/block_sparse_attn/flashinfer.py on CPU, without FlashInfer: the inputs it builds
+"""proxyattn_kernels/block_sparse_attn/flashinfer.py on CPU, without FlashInfer: the inputs it builds
 (FlashInfer's CSR page lists) against an independent construction from the naive selection
 masks, the host plan, plan reuse across layers, and the import error. The kernel itself runs
 on the GPU (tests/test_flashinfer_path.py); here a torch stand-in (tests/_fake_flashinfer.py)

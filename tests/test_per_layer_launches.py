@@ -1,7 +1,7 @@
 """The per-layer work of a sparse chunk stays a handful of device launches.
 
 Each small launch costs a fixed few microseconds of GPU time, paid for every layer of every
-chunk: the session-7 TTFT fit found ~0.3 ms per layer and chunk above dense, and the selection
+chunk: the H200 TTFT fit found ~0.3 ms per layer and chunk above dense, and the selection
 plus the union page plan then issued ~57 launches (11 + 38 torch ops, 8 Triton kernels). This
 counts them on CPU: torch ops through a dispatch mode (views and allocations are free), Triton
 launches through stubs (nothing runs, so the counts are about launches, not results)."""

@@ -1,4 +1,4 @@
-"""The torch reference of ProxyAttn prefill (kernels/reference.py and the naive ops)."""
+"""The torch reference of ProxyAttn prefill (proxyattn_kernels/reference.py and the naive ops)."""
 from __future__ import annotations
 
 import dataclasses

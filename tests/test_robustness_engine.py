@@ -1,4 +1,4 @@
-"""Issue #7, engine behaviour on CPU: prefix-cache hits, chunked prefill and preemption with
+"""Engine behaviour on CPU: prefix-cache hits, chunked prefill and preemption with
 recompute give the same greedy tokens as a plain run and as vLLM's dense CPU backend.
 
 The tiny random Llama in fp32 with a full-density config (gamma 1, no minimum budget), so the

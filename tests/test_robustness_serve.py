@@ -1,4 +1,4 @@
-"""Issue #7, bad requests: ``vllm serve --attention-backend proxyattn`` on CPU answers malformed
+"""Bad requests: ``vllm serve --attention-backend proxyattn`` on CPU answers malformed
 requests with a 4xx and keeps serving.
 
 One server for all cases (startup is the expensive part). It runs in a subprocess started through

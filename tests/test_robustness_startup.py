@@ -1,4 +1,4 @@
-"""Issue #7, startup: a bad ProxyAttn config or a model ProxyAttn cannot serve stops
+"""Startup: a bad ProxyAttn config or a model ProxyAttn cannot serve stops
 ``LLM(...)`` on CPU with an error that names the key or the feature and says what to do.
 
 Engines are built in-process on vLLM's CPU platform (see ``tests/_vllm_cpu.py`` for the

@@ -1,4 +1,4 @@
-"""kernels/selection_stats.py against brute force, and the PROXYATTN_STATS collector through
+"""proxyattn_kernels/selection_stats.py against brute force, and the PROXYATTN_STATS collector through
 ``impl.sparse_prefill`` on a paged cache (Triton interpreter on CPU)."""
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ def test_budget_mass_from_given_lse(rng_seed, hq, hkv, d, ctx, q_len, block, pag
 def test_budget_default_tiles_follow_the_h200_sweep():
     """The one-pass mass at head_dim 128 takes 128x128 tiles with 8 warps on 128-token pages (0.36
     vs 0.41 ms on the H200), else 128x64 with 4 warps (0.40 vs 0.61 ms with 8); the two-pass mass
-    and head_dim 64 keep 128x64 with 8 (kernels/budget/triton.py)."""
+    and head_dim 64 keep 128x64 with 8 (proxyattn_kernels/budget/triton.py)."""
     from proxyattn_kernels.budget.triton import default_budget_tile_config
 
     assert default_budget_tile_config(128, 128, False, 128, from_lse=True) == BudgetTileConfig(128, 64, 4, 3)

@@ -1,4 +1,4 @@
-"""Issue #7 item 3, CPU analogue: tensor parallelism with the proxyattn backend.
+"""CPU analogue of the GPU tensor-parallel check: tensor parallelism with the proxyattn backend.
 
 The real check (TP=2 on two H200s) needs GPUs. Here vLLM's CPU build runs the tiny Llama (4
 query heads, 2 KV heads: each of 2 ranks gets 2 query heads and 1 KV head) with

@@ -1,4 +1,4 @@
-"""kernels/block_sparse_attn/union_pages.py: a selection as a dense varlen paged batch.
+"""proxyattn_kernels/block_sparse_attn/union_pages.py: a selection as a dense varlen paged batch.
 
 The plan is run through a torch emulation of what FA3's ``flash_attn_varlen_func`` computes
 (per pseudo-request: keys read through its block-table row, causal mask aligned bottom-right)

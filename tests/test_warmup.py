@@ -1,4 +1,4 @@
-"""Startup compilation of the sparse kernels (``kernels/warmup.py``, ``proxyattn_vllm/warmup.py``).
+"""Startup compilation of the sparse kernels (``proxyattn_kernels/warmup.py``, ``proxyattn_vllm/warmup.py``).
 
 CPU: the warm-up chunks reach every compile-time variant the selection can need, and the
 warm-up runs (interpreter, tiny shapes). GPU: after the warm-up, real chunks of other lengths
