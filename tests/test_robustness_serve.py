@@ -54,31 +54,44 @@ def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Base URL of a running server on the tiny Llama with proxyattn; its log on failure."""
-    from tests._tiny_llama import write_tiny_llama
-
-    model_dir = write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    proxyattn = {"gamma": 1.0, "min_budget_tokens": 0, "min_sparse_len": 32, "block_size": 16}
-    args = [
+def _serve_args(model_dir, port: int, proxyattn: dict) -> list[str]:
+    return [
         str(model_dir), "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
         "--attention-backend", "proxyattn", "--additional-config", json.dumps({"proxyattn": proxyattn}),
         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "16",
         "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--enforce-eager",
         "--kv-cache-memory-bytes", str(16 << 20), "--no-enable-prefix-caching",
     ]
-    site_dir = tmp_path_factory.mktemp("site")
+
+
+def _start_server(args: list[str], site_dir: Path, log_path: Path) -> subprocess.Popen:
+    """``vllm serve ARGS`` through vLLM's CLI entry point, every process set up for the CPU."""
     (site_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
     path = os.pathsep.join([str(site_dir), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *args], cwd=REPO, env=env,
             stdout=log, stderr=subprocess.STDOUT,
         )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tests._tiny_llama import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    """Base URL of a running server on the tiny Llama with proxyattn; its log on failure."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    proxyattn = {"gamma": 1.0, "min_budget_tokens": 0, "min_sparse_len": 32, "block_size": 16}
+    proc = _start_server(
+        _serve_args(tiny_model_dir, port, proxyattn), tmp_path_factory.mktemp("site"), log_path
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -139,3 +152,25 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert status in (200, 400), body
     status, body = _post(server, "/v1/completions", _completion(prompt_words(5, 10)))
     assert status == 200 and len(body["choices"][0]["text"].split()) >= 1, body
+
+
+def test_a_bad_config_stops_serve_and_its_first_error_line_says_why(tmp_path_factory, tiny_model_dir):
+    """vLLM prints an engine that fails to start as a long traceback; the line a user reads
+    first must be ours: the key, the value, what is accepted and the fix."""
+    log_path = tmp_path_factory.mktemp("serve_bad") / "server.log"
+    proc = _start_server(
+        _serve_args(tiny_model_dir, _free_port(), {"gamma": 2}), tmp_path_factory.mktemp("site"), log_path
+    )
+    try:
+        proc.wait(timeout=STARTUP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert proc.returncode != 0, log[-4000:]
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert errors, log[-4000:]
+    first = errors[0]
+    assert "proxyattn config: gamma=2 is invalid; accepted: a number in (0, 1]" in first, log[-4000:]
+    assert "--additional-config" in first
