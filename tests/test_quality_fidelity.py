@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from benchmarks.quality import fidelity
+from tests._essays import needs_essays  # noqa: E402
+
+pytestmark = needs_essays
 
 
 def _lp(ids, probs, actual):

@@ -12,10 +12,13 @@ import json
 import pytest
 
 from tests._vllm_cpu import honour_custom_backend_on_cpu, skip_unless_vllm_on_cpu
+from tests._essays import needs_essays
 
 skip_unless_vllm_on_cpu()
 
 from tests.test_vllm_e2e import restore_kv_cache_layout  # noqa: E402,F401  (fixture)
+
+pytestmark = needs_essays
 
 LENGTH = 128
 

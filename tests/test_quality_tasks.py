@@ -10,6 +10,9 @@ import pytest
 pytest.importorskip("transformers")
 
 from benchmarks.quality import tasks  # noqa: E402
+from tests._essays import needs_essays  # noqa: E402
+
+pytestmark = needs_essays
 
 
 @pytest.fixture(scope="module")
