@@ -40,6 +40,12 @@ def _supported_dtypes() -> list[torch.dtype]:
 
 class ProxyAttnBackend(FlashAttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = _supported_dtypes()
+    # vLLM 0.34's FlashAttentionBackend sets this True: a model's fused op (QK-norm + RoPE +
+    # cache write) may then call forward() with key/value omitted. ProxyAttn's forward has not
+    # been run that way, so it declares False: such models take their unfused path, which
+    # passes key/value and writes the cache through do_kv_cache_update. (vLLM before 0.34 never
+    # reads the attribute.)
+    supports_kv_cache_update_bypass: ClassVar[bool] = False
 
     @staticmethod
     def get_name() -> str:
@@ -60,7 +66,7 @@ class ProxyAttnBackend(FlashAttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        # The optional argument is vLLM 0.33's signature; 0.26 calls it without one.
+        # The optional argument is the signature of vLLM 0.32 and later; 0.26 calls it without one.
         return [MultipleOf(16)]
 
     @classmethod
@@ -68,6 +74,18 @@ class ProxyAttnBackend(FlashAttentionBackend):
         # Sliding-window layers run dense through FlashAttention with their window (one warning,
         # ProxyAttnImpl); the global layers of the same model (Gemma 3 style) run sparse.
         return True
+
+    @classmethod
+    def supports_rswa(cls) -> bool:
+        # vLLM 0.32+: "reference sliding window" (a prompt-prefix + window mask, Unlimited-OCR),
+        # which FlashAttention applies through a mask function; the sparse path does not.
+        return False
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        # vLLM 0.32+: adaptive speculative verification trims drafts on the device only. The
+        # plan slices the batch by the CPU query lengths (dense runs included), so it opts out.
+        return False
 
     @classmethod
     def supports_sink(cls) -> bool:

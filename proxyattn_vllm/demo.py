@@ -425,9 +425,15 @@ def _run(args: argparse.Namespace, undo: contextlib.ExitStack) -> int:
             try:
                 from .testing import kv_cache_layout_restored
 
+                dense_engine = dict(engine, attention_backend=dense_backend)
+                if dense_backend == "CPU_ATTN":  # its pages may need to be larger (vllm_compat)
+                    from .vllm_compat import cpu_attn_page_size
+
+                    page = cpu_attn_page_size(args.block_size)
+                    dense_engine.update(block_size=page, kv_cache_memory_bytes=_kv_cache_bytes(
+                        model_dir, max_model_len, page, dtype_bytes))
                 with kv_cache_layout_restored():  # CPU_ATTN changes the process-wide KV layout
-                    dense_tokens = _generate(dict(engine, attention_backend=dense_backend),
-                                             prompt_ids, args.max_tokens)
+                    dense_tokens = _generate(dense_engine, prompt_ids, args.max_tokens)
             except Exception:
                 traceback.print_exc()
                 print(f"error: the dense reference engine ({dense_backend}) failed", file=sys.stderr)

@@ -12,7 +12,7 @@ KV-cache group). It builds the stock FlashAttention metadata (the dense kernels'
 
 The plan is made from ``query_start_loc_cpu`` and ``seq_lens_cpu_upper_bound`` only (exact for
 prefill rows; never the deprecated ``seq_lens_cpu``, which syncs the device and is gone in vLLM
-0.33), so building it costs no device synchronisation. Its per-row numbers are Python ints, so
+0.32), so building it costs no device synchronisation. Its per-row numbers are Python ints, so
 the impl can slice tensors without ``.item()``.
 
 **Fast path.** Most steps of a serving engine are pure decode, where no row can be sparse. The
@@ -23,7 +23,8 @@ loop, no tensor. Its plan (:meth:`ProxyAttnPlan.dense_only`) leaves the per-row 
 unset.
 
 The FlashAttention metadata is wrapped, not subclassed: its fields differ between vLLM 0.26 and
-0.33, and the wrapper keeps ours separate from theirs.
+0.32/0.34 (``use_cascade`` is gone, R-SWA and prefix-LM fields are new), and the wrapper keeps
+ours separate from theirs.
 """
 from __future__ import annotations
 
@@ -288,6 +289,7 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
         return cls._cudagraph_support
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
+        # vLLM 0.26 asks; 0.32 has no cascade attention and never calls it.
         return False
 
     def is_decode_only(self, cm: CommonAttentionMetadata) -> bool:

@@ -11,11 +11,11 @@ Imports vLLM, transformers and tokenizers lazily (inside the functions that need
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 from pathlib import Path
-from typing import Iterator
+
+from .vllm_compat import kv_cache_layout_restored  # noqa: F401  (re-exported for the tests and the demo)
 
 NUM_LAYERS = 2
 NUM_HEADS = 4
@@ -105,16 +105,3 @@ def tear_down_engine() -> None:
             torch.cuda.empty_cache()
     except Exception:  # pragma: no cover  (freeing cached memory is best effort)
         pass
-
-
-@contextlib.contextmanager
-def kv_cache_layout_restored() -> Iterator[None]:
-    """vLLM's CPU_ATTN backend sets the process-wide KV-cache layout to HND; put back what was
-    there on exit, so that a later engine of this process gets vLLM's default layout."""
-    from vllm.v1.attention.backends import utils
-
-    previous = utils._KV_CACHE_LAYOUT_OVERRIDE
-    try:
-        yield
-    finally:
-        utils.set_kv_cache_layout(previous)

@@ -11,14 +11,16 @@ serving path patches nothing.
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Iterator
 
 from proxyattn_vllm.cpu_harness import engine_unavailable_reason, honour_custom_backend_on_cpu
 from proxyattn_vllm.testing import kv_cache_layout_restored, tear_down_engine
+from proxyattn_vllm.vllm_compat import cpu_attn_page_size, run_cpu_warm_up_forward
 
 __all__ = [
     "skip_unless_vllm_on_cpu", "honour_custom_backend_on_cpu", "tear_down_engine", "tiny_llm",
-    "kv_cache_layout_restored",
+    "kv_cache_layout_restored", "run_cpu_warm_up_forward", "cpu_attn_page_size",
 ]
 
 
@@ -57,10 +59,26 @@ def tiny_llm(model_dir: str, **kwargs) -> Iterator:
         seed=0,
     )
     args.update(kwargs)
+    if args.get("attention_backend") == "CPU_ATTN" and args.get("block_size"):
+        # The dense reference: vLLM 0.32's CPU kernels take pages of a multiple of 32 tokens.
+        args["block_size"] = cpu_attn_page_size(args["block_size"])
     llm = None
     try:
-        llm = LLM(**args)
+        try:
+            llm = LLM(**args)
+        except BaseException as exc:
+            # A failed startup leaves a half-built engine that only the traceback references; its
+            # finalizers (vLLM 0.32: EngineCore.shutdown, which destroys the model-parallel
+            # groups) would run whenever the traceback is dropped, e.g. while the next engine of
+            # this process starts. Drop the references now, so tear_down_engine collects it.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         yield llm
     finally:
+        if llm is not None:
+            # Shut the engine down here: vLLM 0.32 otherwise does it from a finalizer when the LLM
+            # is collected (EngineCore.shutdown destroys the model-parallel groups), which may be
+            # while the next engine of this process starts.
+            llm.llm_engine.engine_core.shutdown()
         del llm
         tear_down_engine()

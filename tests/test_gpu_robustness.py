@@ -550,8 +550,9 @@ def _tiny_model_and_essays(tmp_path, monkeypatch) -> str:
 
 
 def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
-    """Pages of 16 tokens, selection blocks of 32, an 88-token prefix: the cached part (80
-    tokens) ends mid-block; full density must give the uncached tokens."""
+    """Pages of 32 tokens (vLLM 0.32's CPU_ATTN takes no smaller ones), selection blocks of 64, a
+    104-token prefix: the cached part (96 tokens) ends mid-block; full density must give the
+    uncached tokens."""
     from tests._vllm_cpu import kv_cache_layout_restored
 
     model = _tiny_model_and_essays(tmp_path, monkeypatch)
@@ -563,10 +564,10 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
         rc = gr.main([
             "--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
             "--parts", "prefix", "--prefix-configs", "full,dense_fa", "--dense-backend", "CPU_ATTN",
-            "--prefix-tokens", "88",
+            "--prefix-tokens", "104",
             "--prefix-prompts", "2", "--prefix-output-tokens", "6", "--timing-repeats", "1",
-            "--page-size", "16", "--chunk", "32", "--max-model-len", "256", "--dtype", "float32",
-            "--proxyattn-overrides", '{"min_sparse_len": 48, "block_size": 32, "stride": 4}',
+            "--page-size", "32", "--chunk", "32", "--max-model-len", "256", "--dtype", "float32",
+            "--proxyattn-overrides", '{"min_sparse_len": 48, "block_size": 64, "stride": 4}',
             "--engine-args", json.dumps({"kv_cache_memory_bytes": 16 << 20, "max_num_seqs": 4,
                                          "distributed_executor_backend": "uni"})])
     part = json.loads(out.read_text())["parts"]["prefix"]
@@ -575,14 +576,14 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     s = res["summary"]
     assert s["identical"] == s["n"] == 2
     assert s["max_abs_logprob_diff"] < 1e-3  # fp32: the cached chunk computes the same numbers
-    assert s["num_cached_tokens"] == [80, 80] and s["hits_as_expected"] and s["reference_had_no_hits"]
-    assert s["first_chunk_ctx"] == 80 and s["cached_part_ends_mid_selection_block"]
-    assert res["cached"]["counters"]["vllm:prefix_cache_hits"] == 160
+    assert s["num_cached_tokens"] == [96, 96] and s["hits_as_expected"] and s["reference_had_no_hits"]
+    assert s["first_chunk_ctx"] == 96 and s["cached_part_ends_mid_selection_block"]
+    assert res["cached"]["counters"]["vllm:prefix_cache_hits"] == 192
     assert res["uncached"]["counters"]["vllm:prefix_cache_hits"] == 0
     assert s["ttft_cached_s"] > 0 and s["ttft_uncached_s"] > 0
-    assert res["cached"]["engine"]["page_size"] == 16
-    # The scheduler saw the same prefill chunks as proxyattn's plan (the cached one at ctx 80).
-    assert s["first_chunk_ctx_scheduled"] == 80 and res["uncached"]["scheduled"]["min_prefill_ctx"] == 0
+    assert res["cached"]["engine"]["page_size"] == 32
+    # The scheduler saw the same prefill chunks as proxyattn's plan (the cached one at ctx 96).
+    assert s["first_chunk_ctx_scheduled"] == 96 and res["uncached"]["scheduled"]["min_prefill_ctx"] == 0
     for key in ("cached", "uncached"):
         assert res[key]["scheduled"]["prefill_tokens"] == res[key]["plan"]["prefill_tokens"] > 0
     assert s["greedy"]["verdict"] == "PASS" and s["greedy"]["control"]["config"] == "dense_fa"
@@ -594,7 +595,7 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
     d = dense["summary"]
     assert dense["backend"] == "CPU_ATTN" and dense["proxyattn"] is None
     assert d["identical"] == 2 and d["greedy"]["verdict"] == "PASS" and d["hits_as_expected"]
-    assert d["first_chunk_ctx"] == 80 and d["cached_part_ends_mid_selection_block"] is None
+    assert d["first_chunk_ctx"] == 96 and d["cached_part_ends_mid_selection_block"] is None
     assert dense["cached"]["plan"]["sparse_chunks"] == 0  # proxyattn's plan never ran
     assert part["greedy_rule"]["near_tie_margin"] == 0.25
 
@@ -612,7 +613,7 @@ def test_preemption_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
             "--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
             "--parts", "preemption", "--preempt-configs", "full,dense_fa", "--dense-backend", "CPU_ATTN",
             "--preempt-prompts", "4", "--preempt-prompt-tokens", "100", "--preempt-output-tokens", "12",
-            "--preempt-cache-prompts", "1.5", "--page-size", "16", "--chunk", "64", "--dtype", "float32",
+            "--preempt-cache-prompts", "1.5", "--page-size", "32", "--chunk", "64", "--dtype", "float32",
             "--proxyattn-overrides", '{"min_sparse_len": 48, "block_size": 32, "stride": 4}',
             "--engine-args", json.dumps({"max_num_seqs": 4, "distributed_executor_backend": "uni"})])
     part = json.loads(out.read_text())["parts"]["preemption"]

@@ -76,7 +76,7 @@ def _write_config(path, arch: str) -> str:
     elif arch == "qwen2-sliding-window":
         cfg = transformers.Qwen2Config(
             **SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=64,
-            max_window_layers=2,
+            max_window_layers=0,  # layers i >= max_window_layers slide: all of them
         )
     elif arch == "gemma2-interleaved":  # sliding and global layers, plus logit soft-capping
         cfg = transformers.Gemma2Config(

@@ -18,10 +18,9 @@ ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 
 def parse(path):
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from proxyattn_vllm.vllm_compat import make_serve_arg_parser
 
-    return vars(make_arg_parser(FlexibleArgumentParser()).parse_args(["--config", path]))
+    return vars(make_serve_arg_parser().parse_args(["--config", path]))
 
 
 def test_there_are_configs():

@@ -89,12 +89,14 @@ def test_mixed_batch_plan(vllm_config, monkeypatch):
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
     from proxyattn_vllm.metadata import DenseRun, SparseRow
+    from proxyattn_vllm.vllm_compat import uses_cascade
 
     def _forbidden(self):
         raise AssertionError("the builder read seq_lens_cpu (a device sync)")
 
-    monkeypatch.setattr(CommonAttentionMetadata, "seq_lens_cpu", property(_forbidden))
-    monkeypatch.setattr(CommonAttentionMetadata, "num_computed_tokens_cpu", property(_forbidden))
+    # (Both are gone from vLLM 0.32's CommonAttentionMetadata: raising=False puts them back as traps.)
+    monkeypatch.setattr(CommonAttentionMetadata, "seq_lens_cpu", property(_forbidden), raising=False)
+    monkeypatch.setattr(CommonAttentionMetadata, "num_computed_tokens_cpu", property(_forbidden), raising=False)
     # Device seq_lens deliberately disagree with the CPU bound: the plan must use the CPU one.
     cm = common_metadata(
         MIXED_Q, MIXED_SEQ, pad_tokens=8,
@@ -103,7 +105,7 @@ def test_mixed_batch_plan(vllm_config, monkeypatch):
     md = _builder(vllm_config).build(0, cm)
 
     assert isinstance(md.dense, FlashAttentionMetadata)
-    assert md.dense.num_actual_tokens == 64 and md.dense.use_cascade is False
+    assert md.dense.num_actual_tokens == 64 and not uses_cascade(md.dense)
     assert md.dense.block_table is cm.block_table_tensor
     plan = md.plan
     assert plan.num_reqs == 7 and plan.num_tokens == 56

@@ -132,7 +132,8 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
     """Through vLLM on CPU: the memory-profiling forward asks for the warm-up with the engine's
     max_model_len and page size, and for the union page plan's variants where the layer's kernel
     uses it (the call itself compiles nothing on CPU)."""
-    from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
+    from tests._vllm_cpu import (
+        honour_custom_backend_on_cpu, kv_cache_layout_restored, run_cpu_warm_up_forward, skip_unless_vllm_on_cpu)
 
     skip_unless_vllm_on_cpu()
     from proxyattn_vllm import warmup as glue
@@ -148,6 +149,7 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
 
     monkeypatch.setattr(glue, "warm_up_once", record)
     honour_custom_backend_on_cpu(monkeypatch.setattr)
+    run_cpu_warm_up_forward(monkeypatch.setattr)  # the forward these tests watch
     model_dir = str(write_tiny_llama(tmp_path / "tiny"))
     with kv_cache_layout_restored(), tiny_llm(
             model_dir, attention_backend="proxyattn", max_model_len=192, block_size=32,
@@ -167,7 +169,8 @@ def test_warm_up_uses_the_page_size_vllm_settles_after_building_the_model(tmp_pa
     compile for the page served, not the one the impls saw while being built: on the H200 a TP=2
     engine compiled four kernels inside its first long request that way (built with 16, served
     128). Here the CPU platform's own choice (128) is the stale one and the backend prefers 64."""
-    from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
+    from tests._vllm_cpu import (
+        honour_custom_backend_on_cpu, kv_cache_layout_restored, run_cpu_warm_up_forward, skip_unless_vllm_on_cpu)
 
     skip_unless_vllm_on_cpu()
     from vllm.platforms.cpu import CpuPlatform
@@ -185,6 +188,7 @@ def test_warm_up_uses_the_page_size_vllm_settles_after_building_the_model(tmp_pa
                         classmethod(Platform.update_block_size_for_backend.__func__))
     monkeypatch.setattr(ProxyAttnBackend, "get_preferred_block_size", classmethod(lambda cls, default: 64))
     honour_custom_backend_on_cpu(monkeypatch.setattr)
+    run_cpu_warm_up_forward(monkeypatch.setattr)  # the forward these tests watch
     model_dir = str(write_tiny_llama(tmp_path / "tiny"))
     with kv_cache_layout_restored(), tiny_llm(
             model_dir, attention_backend="proxyattn", max_model_len=256, block_size=None,
@@ -245,7 +249,8 @@ def test_engine_profiling_run_reserves_the_copy_of_the_longest_prompt(tmp_path, 
     """Through vLLM on CPU, as if on Hopper (``has_tma`` forced): with 16-token pages the
     memory-profiling forward of a Triton layer allocates the copy of a max_model_len prompt
     (the KV cache is sized from that run's peak); a union-kernel layer has no copy."""
-    from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu
+    from tests._vllm_cpu import (
+        honour_custom_backend_on_cpu, kv_cache_layout_restored, run_cpu_warm_up_forward, skip_unless_vllm_on_cpu)
 
     skip_unless_vllm_on_cpu()
     from proxyattn_vllm import warmup as glue
@@ -257,6 +262,7 @@ def test_engine_profiling_run_reserves_the_copy_of_the_longest_prompt(tmp_path, 
     monkeypatch.setattr(glue, "has_tma", lambda device: True)
     monkeypatch.setattr(glue, "reserve_copy_memory", lambda *a: (results.append(real(*a)), results[-1])[1])
     honour_custom_backend_on_cpu(monkeypatch.setattr)
+    run_cpu_warm_up_forward(monkeypatch.setattr)  # the forward these tests watch
     model_dir = str(write_tiny_llama(tmp_path / "tiny"))
     with kv_cache_layout_restored(), tiny_llm(
             model_dir, attention_backend="proxyattn", max_model_len=300, block_size=16,
