@@ -40,10 +40,10 @@ def _supported_dtypes() -> list[torch.dtype]:
 
 class ProxyAttnBackend(FlashAttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = _supported_dtypes()
-    # vLLM 0.34's FlashAttentionBackend sets this True: a model's fused op (QK-norm + RoPE +
-    # cache write) may then call forward() with key/value omitted. ProxyAttn's forward has not
-    # been run that way, so it declares False: such models take their unfused path, which
-    # passes key/value and writes the cache through do_kv_cache_update. (vLLM before 0.34 never
+    # vLLM 0.33's and 0.34's FlashAttentionBackend set this True: a model's fused op (QK-norm +
+    # RoPE + cache write) may then call forward() with key/value omitted. ProxyAttn's forward has
+    # not been run that way, so it declares False: such models take their unfused path, which
+    # passes key/value and writes the cache through do_kv_cache_update. (vLLM before 0.33 never
     # reads the attribute.)
     supports_kv_cache_update_bypass: ClassVar[bool] = False
 

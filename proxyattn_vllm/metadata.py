@@ -23,7 +23,7 @@ loop, no tensor. Its plan (:meth:`ProxyAttnPlan.dense_only`) leaves the per-row 
 unset.
 
 The FlashAttention metadata is wrapped, not subclassed: its fields differ between vLLM 0.26 and
-0.32/0.34 (``use_cascade`` is gone, R-SWA and prefix-LM fields are new), and the wrapper keeps
+0.32-0.34 (``use_cascade`` is gone, R-SWA and prefix-LM fields are new), and the wrapper keeps
 ours separate from theirs.
 """
 from __future__ import annotations

@@ -13,9 +13,13 @@ releases behave which way:
   comes from the KV-cache spec (``compute_layer_kv_cache_shape_bytes``); no cascade attention in
   FlashAttention's metadata; the CPU worker skips its warm-up forward when ``enforce_eager`` and
   ``kv_cache_memory_bytes`` are both set; CPU_ATTN's kernel pages are multiples of 32.
-* 0.34 (Python API checked from its wheel, see tests/test_vllm034_api.py):
+* 0.33 (Python API checked from its wheel, see tests/test_vllm_api.py):
   ``vllm.entrypoints.common.cli_args``; FlashAttention declares
-  ``supports_kv_cache_update_bypass`` (ProxyAttnBackend turns it off, see backend.py).
+  ``supports_kv_cache_update_bypass`` (ProxyAttnBackend turns it off, see backend.py); the base
+  metadata builder has ``build_for_drafting``, which calls ``build`` (inherited as is).
+* 0.34 (Python API checked from its wheel, likewise): as 0.33 for the backend, less
+  ``build_for_drafting``; ``AttentionBackend.supports_head_size_v`` (ProxyAttnBackend inherits
+  the default: V's head size must equal K's). No shim differs from 0.33.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Callable, Iterator
 
 #: Where ``make_arg_parser`` (what ``vllm serve`` parses with) lives, newest first.
 _CLI_ARGS_MODULES = (
-    "vllm.entrypoints.common.cli_args",  # 0.34
+    "vllm.entrypoints.common.cli_args",  # 0.33, 0.34
     "vllm.entrypoints.launchers.cli_args",  # 0.32
     "vllm.entrypoints.openai.cli_args",  # 0.26
 )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
-#: vLLM minor series the backend is tested on (CPU CI and the GPU suite).
-SUPPORTED_VLLM_SERIES = ("0.26", "0.32", "0.34")
+#: vLLM minor series the backend is tested on (CPU CI, the API check of tests/test_vllm_api.py and
+#: the GPU suite).
+SUPPORTED_VLLM_SERIES = ("0.26", "0.32", "0.33", "0.34")
 #: Set to 1 to run on an unsupported vLLM anyway (for porting work; expect failures).
 ALLOW_UNSUPPORTED_ENV = "PROXYATTN_ALLOW_UNSUPPORTED_VLLM"
 

@@ -74,9 +74,9 @@ def test_pyproject_declares_the_plugin_scripts_and_extras():
 @pytest.mark.parametrize(
     "version, supported",
     [("0.26.0", True), ("0.26.3", True), ("0.26.0+cpu", True), ("0.26", True),
-     ("0.32.0", True), ("0.32.0+cpu", True), ("0.34.0", True), ("0.34.1", True),
-     ("0.25.1", False), ("0.27.0", False), ("0.31.2", False), ("0.33.0", False), ("0.260.0", False),
-     ("0.320.0", False), ("0.35.0", False), ("1.26.0", False)],
+     ("0.32.0", True), ("0.32.0+cpu", True), ("0.33.0", True), ("0.33.2", True), ("0.34.0", True),
+     ("0.34.1", True), ("0.25.1", False), ("0.27.0", False), ("0.31.2", False), ("0.260.0", False),
+     ("0.320.0", False), ("0.330.0", False), ("0.35.0", False), ("1.26.0", False)],
 )
 def test_supported_vllm_versions(version, supported):
     from proxyattn_vllm.vllm_version import is_supported, unsupported_message
@@ -85,7 +85,7 @@ def test_supported_vllm_versions(version, supported):
     message = unsupported_message(version)
     assert (message is None) is supported
     if message:
-        assert "\n" not in message and version in message and "0.26.x, 0.32.x, 0.34.x" in message
+        assert "\n" not in message and version in message and "0.26.x, 0.32.x, 0.33.x, 0.34.x" in message
         assert "FLASH_ATTN" in message and "pip install" in message
 
 

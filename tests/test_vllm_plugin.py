@@ -198,7 +198,7 @@ def test_backend_capabilities():
 
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
     assert kv_cache_shape(backend, spec, 8) == (8, 2, 16, 64)
-    # Forward always gets this step's key/value (vLLM 0.34 may otherwise omit them when a fused
+    # Forward always gets this step's key/value (vLLM 0.33+ may otherwise omit them when a fused
     # op already wrote the cache: the sparse path reads the chunk's keys from them).
     assert backend.supports_kv_cache_update_bypass is False
 

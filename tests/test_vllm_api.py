@@ -1,24 +1,79 @@
-"""The backend against vLLM 0.34's Python API, on a machine without a GPU.
+"""The backend against the Python API of the vLLM releases that have no CPU build, on a machine
+without a GPU.
 
-vLLM 0.34 has no CPU build. CI unpacks the Python files of its CUDA wheel (hash-pinned in
-``requirements/vllm034-api.lock``, see ``.ci/run``) into a folder and names it in
-``PROXYATTN_VLLM034_SRC``; without it this module skips. A subprocess imports that vLLM (its
-compiled extensions absent, CUDA hidden) together with this checkout, registers the plugin and
-reports what the backend, its builder and its impl inherit from and call on FlashAttention:
-the capability flags, the signatures vLLM calls them with, the metadata fields the plan reads,
-and the FlashAttention functions the impl calls. It does not run a forward (that needs a GPU).
+vLLM 0.33 and 0.34 have no CPU build. CI unpacks the Python files of each one's CUDA wheel
+(hash-pinned in ``requirements/vllm0XX-api.lock``, see ``.ci/run``) into a folder and names the
+folders in ``PROXYATTN_VLLM_API_SRC``, comma-separated ``SERIES=FOLDER`` pairs::
+
+    PROXYATTN_VLLM_API_SRC=0.33=/path/to/vllm033-src,0.34=/path/to/vllm034-src
+
+Every test runs once per release with a lock (``API_VERSIONS``); a release whose folder is not
+named skips with the reason. Per release, a subprocess imports that vLLM (its compiled extensions
+absent, CUDA hidden) together with this checkout, registers the plugin and reports what the
+backend, its builder and its impl inherit from and call on FlashAttention: the capability flags,
+the signatures vLLM calls them with, the metadata fields the plan reads, the FlashAttention
+functions the impl calls and where ``vllm serve``'s argument parser lives. What legitimately
+differs between the releases is spelled out in ``EXPECTED``. It does not run a forward (that needs
+a GPU).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SRC_ENV = "PROXYATTN_VLLM034_SRC"
+SRC_ENV = "PROXYATTN_VLLM_API_SRC"
+REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements"
+
+
+def _locked_api_versions() -> dict[str, str]:
+    """Series -> the release pinned in ``requirements/vllm0XX-api.in``."""
+    versions = {}
+    for path in sorted(REQUIREMENTS.glob("vllm0*-api.in")):
+        (release,) = re.findall(r"^vllm==(\S+)$", path.read_text(), re.M)
+        versions[".".join(release.split(".")[:2])] = release
+    return versions
+
+
+#: The releases checked from their wheel's Python files, series -> pinned release.
+API_VERSIONS = _locked_api_versions()
+
+#: What differs between the checked releases (everything else is asserted for all of them).
+EXPECTED = {
+    "0.33": dict(
+        cli_args_module="vllm.entrypoints.common.cli_args",
+        # FlashAttention may run forward() with key/value omitted after a fused cache write.
+        kv_cache_update_bypass=True,
+        # No per-backend check of a V head size unlike K's (0.34 adds supports_head_size_v).
+        supports_head_size_v=None,
+        # The base builder's build_for_drafting calls build(common_prefix_len=0, ...,
+        # fast_build=True); ours inherits it (0.34 drops the method).
+        build_for_drafting="inherited",
+    ),
+    "0.34": dict(
+        cli_args_module="vllm.entrypoints.common.cli_args",
+        kv_cache_update_bypass=True,
+        supports_head_size_v=False,  # AttentionBackend's default: V's head size must equal K's
+        build_for_drafting=None,
+    ),
+}
+
+
+def api_sources() -> dict[str, str]:
+    """Series -> folder, from ``PROXYATTN_VLLM_API_SRC`` (empty when it is unset)."""
+    sources = {}
+    for entry in filter(None, (e.strip() for e in os.environ.get(SRC_ENV, "").split(","))):
+        series, sep, folder = entry.partition("=")
+        if not sep or not folder:
+            raise ValueError(f"{SRC_ENV}: {entry!r} is not SERIES=FOLDER")
+        sources[series] = folder
+    return sources
+
 
 PROBE = r'''
 import inspect, json, sys
@@ -29,7 +84,8 @@ import vllm
 
 facts = {"version": vllm.__version__, "vllm_file": vllm.__file__}
 
-from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import (
+    AttentionBackend, AttentionCGSupport, AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 from vllm.v1.attention.backends import fa_utils
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadata, FlashAttentionMetadataBuilder)
@@ -64,7 +120,7 @@ facts["preferred_block_size_16"] = backend.get_preferred_block_size(16)
 facts["kv_cache_dtype_fp8"] = backend.supports_kv_cache_dtype("fp8")
 facts["kv_cache_layouts"] = repr(backend.supported_kv_cache_layouts())
 
-# validate_configuration with every keyword 0.34 has, as its selector passes them.
+# validate_configuration with every keyword this release has, as its selector passes them.
 params = inspect.signature(AttentionBackend.validate_configuration).parameters
 facts["validate_params"] = [p for p in params if p != "cls"]
 base = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None,
@@ -76,6 +132,9 @@ facts["validate_ok"] = backend.validate_configuration(**base)
 facts["validate_sink"] = backend.validate_configuration(**{**base, "has_sink": True})
 if "use_rswa" in params:
     facts["validate_rswa"] = backend.validate_configuration(**base, use_rswa=True)
+facts["supports_head_size_v"] = (
+    [backend.supports_head_size_v(128, 128), backend.supports_head_size_v(128, 64)]
+    if hasattr(AttentionBackend, "supports_head_size_v") else None)
 
 def sig(fn):
     return [p for p in inspect.signature(fn).parameters if p not in ("self", "cls")]
@@ -86,6 +145,11 @@ facts["builder_build"] = [sig(FlashAttentionMetadataBuilder.build), sig(builder.
 facts["builder_cg"] = [sig(FlashAttentionMetadataBuilder.get_cudagraph_support), builder._cudagraph_support.name]
 facts["builder_reorder"] = sig(FlashAttentionMetadataBuilder._init_reorder_batch_threshold)
 facts["builder_update_block_table"] = builder.supports_update_block_table
+if hasattr(AttentionMetadataBuilder, "build_for_drafting"):
+    inherited = builder.build_for_drafting is AttentionMetadataBuilder.build_for_drafting
+    facts["build_for_drafting"] = "inherited" if inherited else "overridden"
+else:
+    facts["build_for_drafting"] = None
 facts["common_fields"] = sorted(CommonAttentionMetadata.__dataclass_fields__)
 facts["fa_metadata_fields"] = sorted(FlashAttentionMetadata.__dataclass_fields__)
 
@@ -111,7 +175,22 @@ from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 facts["triton_kv_write"] = sig(triton_reshape_and_cache_flash)
 facts["triton_attention"] = sig(unified_attention)
 
-# The plan, from a CommonAttentionMetadata as 0.34 builds it (CPU tensors).
+# Where vllm_compat.make_serve_arg_parser finds make_arg_parser (building the parser needs a
+# platform: this imports the module only).
+import importlib
+from proxyattn_vllm.vllm_compat import _CLI_ARGS_MODULES
+facts["cli_args"] = None
+for name in _CLI_ARGS_MODULES:
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name and (name == error.name or name.startswith(error.name + ".")):  # absent here
+            continue
+        raise
+    facts["cli_args"] = [name, callable(getattr(module, "make_arg_parser", None))]
+    break
+
+# The plan, from a CommonAttentionMetadata as this release builds it (CPU tensors).
 from proxyattn_vllm.metadata import plan_batch
 qsl = torch.tensor([0, 1, 2, 42, 47], dtype=torch.int32)
 seq = torch.tensor([37, 20, 93, 15], dtype=torch.int32)
@@ -126,12 +205,28 @@ print("PROBE-FACTS " + json.dumps(facts, default=str))
 '''
 
 
+def test_the_checked_releases():
+    """Every locked release has its expectations and is supported; the variable names only them."""
+    assert set(API_VERSIONS) == set(EXPECTED) and API_VERSIONS
+    from proxyattn_vllm.vllm_version import SUPPORTED_VLLM_SERIES
+
+    assert set(API_VERSIONS) <= set(SUPPORTED_VLLM_SERIES)
+    unknown = set(api_sources()) - set(API_VERSIONS)
+    assert not unknown, f"{SRC_ENV} names {sorted(unknown)}; checked releases: {sorted(API_VERSIONS)}"
+
+
+@pytest.fixture(scope="module", params=sorted(API_VERSIONS))
+def series(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def facts():
-    src = os.environ.get(SRC_ENV)
+def facts(series):
+    src = api_sources().get(series)
     if not src:
-        pytest.skip(f"{SRC_ENV} is not set (.ci/run sets it to vLLM 0.34's unpacked Python files)")
-    assert (Path(src) / "vllm" / "__init__.py").is_file(), f"{SRC_ENV}={src} holds no vllm package"
+        pytest.skip(f"{SRC_ENV} names no folder for vLLM {series} (.ci/run sets it to the unpacked "
+                    f"Python files of requirements/vllm0{series.split('.')[1]}-api.lock)")
+    assert (Path(src) / "vllm" / "__init__.py").is_file(), f"{SRC_ENV}: {series}={src} holds no vllm package"
     import proxyattn_kernels
     import proxyattn_vllm
 
@@ -147,9 +242,13 @@ def facts():
     return result
 
 
-def test_it_is_vllm_034_and_supported(facts):
-    assert facts["version"].startswith("0.34.")
+def test_it_is_the_locked_release_and_supported(facts, series):
+    assert facts["version"] == API_VERSIONS[series]
     assert facts["supported"] is True
+
+
+def test_serve_argument_parser(facts, series):
+    assert facts["cli_args"] == [EXPECTED[series]["cli_args_module"], True]
 
 
 def test_registration(facts):
@@ -157,11 +256,14 @@ def test_registration(facts):
     assert facts["impl"] == "ProxyAttnImpl" and facts["builder"] == "ProxyAttnMetadataBuilder"
 
 
-def test_capability_flags(facts):
+def test_capability_flags(facts, series):
     flags = {name: ours for name, (ours, _fa) in facts["flags"].items()}
     fa = {name: theirs for name, (_ours, theirs) in facts["flags"].items()}
-    # 0.34 adds this to FlashAttention (forward without key/value after a fused cache write).
-    assert fa["supports_kv_cache_update_bypass"] is True and flags["supports_kv_cache_update_bypass"] is False
+    # 0.33 adds this to FlashAttention (forward without key/value after a fused cache write).
+    if EXPECTED[series]["kv_cache_update_bypass"]:
+        assert fa["supports_kv_cache_update_bypass"] is True and flags["supports_kv_cache_update_bypass"] is False
+    else:
+        assert "supports_kv_cache_update_bypass" not in flags
     assert flags["forward_includes_kv_cache_update"] is False  # vLLM calls do_kv_cache_update first
     for name in ("is_sparse", "is_mla", "supports_sink", "supports_mm_prefix", "supports_non_causal",
                  "supports_batch_invariance", "supports_rswa", "supports_device_cpu_query_lens_mismatch",
@@ -174,16 +276,18 @@ def test_capability_flags(facts):
     assert facts["kernel_block_sizes"] == ["MultipleOf(16)"] and facts["preferred_block_size_16"] == 128
     assert facts["kv_cache_dtype_fp8"] is False
     assert facts["kv_cache_layouts"] == "None"  # FlashAttention's: any layout (kernels take strides)
+    expected_v = EXPECTED[series]["supports_head_size_v"]
+    assert facts["supports_head_size_v"] == (None if expected_v is None else [True, expected_v])
 
 
 def test_validate_configuration(facts):
     assert facts["validate_ok"] == []
     assert "attention sinks not supported" in facts["validate_sink"]
     assert "--attention-backend FLASH_ATTN" in facts["validate_sink"][-1]
-    assert facts.get("validate_rswa", ["x"])  # R-SWA refused where 0.34 has it
+    assert facts.get("validate_rswa", ["x"])  # R-SWA refused where the release has it
 
 
-def test_builder_api(facts):
+def test_builder_api(facts, series):
     fa_init, ours_init = facts["builder_init"]
     assert fa_init == ours_init == ["kv_cache_spec", "layer_names", "vllm_config", "device"]
     fa_build, ours_build = facts["builder_build"]
@@ -191,6 +295,7 @@ def test_builder_api(facts):
     assert facts["builder_cg"] == [["vllm_config", "kv_cache_spec"], "UNIFORM_BATCH"]
     assert facts["builder_reorder"][0] == "reorder_batch_threshold"
     assert facts["builder_update_block_table"] is False
+    assert facts["build_for_drafting"] == EXPECTED[series]["build_for_drafting"]
     # What the plan and the metadata wrapper read.
     assert {"query_start_loc_cpu", "seq_lens_cpu_upper_bound", "num_reqs", "max_query_len",
             "block_table_tensor"} <= set(facts["common_fields"])
