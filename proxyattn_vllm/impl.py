@@ -27,6 +27,7 @@ from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn, copy_bytes, default_copy_page
 from proxyattn_kernels.block_sparse_attn.union_pages import tail_first_calls, union_call_num_splits, union_page_plan
+from proxyattn_kernels.common import SUPPORTED_HEAD_DIMS
 from proxyattn_kernels.device import has_tma, sm_count
 from proxyattn_kernels.selection import select_blocks_paged
 
@@ -39,8 +40,6 @@ from .metadata import ProxyAttnMetadata
 logger = init_logger("vllm.proxyattn")
 
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
-#: Head sizes the Triton selection and block-sparse kernels are built for (power-of-two tiles).
-SUPPORTED_HEAD_SIZES = (16, 32, 64, 128, 256)
 
 
 class ProxyAttnUnsupportedError(ValueError):
@@ -514,10 +513,10 @@ def _check_supported(attn_type, head_size, alibi_slopes, logits_soft_cap, kv_cac
         )
     # Checked here because the kernels would otherwise only reject it at the first long prompt,
     # after startup, killing the engine mid-serving.
-    if head_size not in SUPPORTED_HEAD_SIZES:
+    if head_size not in SUPPORTED_HEAD_DIMS:
         raise ProxyAttnUnsupportedError(
             f"proxyattn: head size {head_size} is not supported by the sparse kernels "
-            f"(accepted: {', '.join(map(str, SUPPORTED_HEAD_SIZES))}): {fallback}."
+            f"(accepted: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}): {fallback}."
         )
     if alibi_slopes is not None:
         raise ProxyAttnUnsupportedError(

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import proxyattn_kernels.common as kernels_common
 import proxyattn_kernels.proxy_scores.triton as proxy_triton
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.budget.naive import (
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.fixture(autouse=True)
 def poison_workspaces(monkeypatch):
     """Internal workspaces start as NaN: every element a kernel reads must have been written."""
-    monkeypatch.setattr(proxy_triton, "_POISON_WORKSPACE", True)
+    monkeypatch.setattr(kernels_common, "_POISON_WORKSPACE", True)
 
 
 def make_chunk(hq, hkv, d, ctx, q_len, dtype, device=DEVICE, q_scale=1.0):
@@ -122,7 +123,7 @@ def test_proxy_scores_with_the_smallest_heads_tile(rng_seed, monkeypatch, hq, hk
     """On a GPU the proxy keys' means take 8-row programs when 32-row ones would be too few (a
     context below ~64K tokens); under the interpreter that happens only when asked for many
     programs, as here (poisoned workspaces: every padded row must still be written)."""
-    monkeypatch.setattr(proxy_triton, "_target_programs", lambda device: 10**6)
+    monkeypatch.setattr(proxy_triton, "target_programs", lambda device: 10**6)
     assert proxy_triton._heads_tile(64, 1, 32, torch.device("cpu")) == 8
     q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.float32)
     kv_cache, table = make_paged(k, v, page)
@@ -132,7 +133,7 @@ def test_proxy_scores_with_the_smallest_heads_tile(rng_seed, monkeypatch, hq, hk
 
 
 def test_heads_tile_halves_until_the_launch_is_wide_enough(monkeypatch):
-    monkeypatch.setattr(proxy_triton, "_target_programs", lambda device: 1056)  # 8 per SM of an H200
+    monkeypatch.setattr(proxy_triton, "target_programs", lambda device: 1056)  # 8 per SM of an H200
     cpu = torch.device("cpu")
     assert proxy_triton._heads_tile(2048, 1, 64, cpu) == 8     # 8K tokens of strided keys: 256 programs
     assert proxy_triton._heads_tile(32768, 1, 64, cpu) == 16   # 128K tokens: 2048 programs
@@ -589,7 +590,7 @@ def test_gpu_budget_from_fa3_tail_lse(rng_seed, hq, hkv, d, page):
 def test_gpu_128k_chunk_runs_and_is_consistent(rng_seed, monkeypatch):
     """The performance-target shape (ctx=120K, q_len=8K): sanity and a printed timing (run with
     ``-s`` to see it; the budget is about 1.4 ms on an H200)."""
-    monkeypatch.setattr(proxy_triton, "_POISON_WORKSPACE", False)  # time the real allocations
+    monkeypatch.setattr(kernels_common, "_POISON_WORKSPACE", False)  # time the real allocations
     hq, hkv, d, ctx, q_len, page = 32, 8, 128, 122880, 8192, 16
     q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.bfloat16)
     kv_cache, table = make_paged(k, v, page)

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
-from proxyattn_kernels.select.triton import MAX_TRITON_BLOCKS
+from proxyattn_kernels.common import MAX_TRITON_BLOCKS
 from proxyattn_kernels.warmup import warm_up, warmup_chunks
 
 # The interpreter computes log2(0) of masked rows before discarding them.
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 def _kb_pad(num_k_blocks: int) -> int:
-    return max(16, triton.next_power_of_2(num_k_blocks))  # as select/triton.py pads a row
+    return max(16, triton.next_power_of_2(num_k_blocks))  # as common.row_pad pads a row
 
 
 @pytest.mark.parametrize("max_len,block", [(131072, 128), (262144 + 5, 128), (100, 16), (3000, 64),

@@ -1,9 +1,12 @@
-"""Helpers shared by the kernels that read vLLM's paged KV cache."""
+"""Helpers shared by the kernels that read vLLM's paged KV cache: its input checks, row
+addressing through the block table, tile loads, and a contiguous copy of one request."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import SUPPORTED_DTYPES, check_head_dim
 
 
 @triton.jit
@@ -16,6 +19,63 @@ def paged_row_offsets(block_table_ptr, pos, valid, stride_page, stride_tok, PAGE
     else:
         page = tl.load(block_table_ptr + pos // PAGE_SIZE, mask=valid, other=0)
     return page.to(tl.int64) * stride_page + (pos % PAGE_SIZE).to(tl.int64) * stride_tok
+
+
+@triton.jit
+def load_paged_tile(kv_base, block_table_ptr, pos, valid, offs_d, stride_page, stride_tok,
+                    PAGE_SIZE: tl.constexpr, V_OFFSET: tl.constexpr = None):
+    """Keys ``[N, D]`` (``N = len(pos)``, ``D = len(offs_d)``) of the cache rows at absolute token
+    positions ``pos [N]``, each found through the request's block table (:func:`paged_row_offsets`);
+    ``kv_base`` is the cache pointer plus the KV head's offset.
+
+    ``valid [N]`` masks the rows: rows where it is False read 0 (positions past the sequence). Pass
+    None when every row is valid: the loads then carry no mask. With ``V_OFFSET`` (``D`` for vLLM's
+    rows, which pack ``[K | V]``) the values that many columns further along the same rows come
+    too, from the same block-table lookup: returns ``(k, v)`` instead of ``k``."""
+    row_off = paged_row_offsets(block_table_ptr, pos, valid, stride_page, stride_tok, PAGE_SIZE)
+    k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
+    if valid is None:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+    if V_OFFSET is None:
+        return k
+    else:
+        if valid is None:
+            v = tl.load(k_ptrs + V_OFFSET)
+        else:
+            v = tl.load(k_ptrs + V_OFFSET, mask=valid[:, None], other=0.0)
+        return k, v
+
+
+def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> None:
+    """Raise ``ValueError`` unless the inputs are what the selection kernels read: ``q``
+    ``[q_len, Hq, D]`` and ``kv_cache`` ``[num_pages, Hkv, page_size, 2 * D]`` in one of
+    :data:`~proxyattn_kernels.common.SUPPORTED_DTYPES` with a supported ``D``, ``Hkv`` dividing
+    ``Hq``, pages of a multiple of 16 tokens, contiguous last dimensions, and a 1-D int32
+    ``block_table`` covering ``seq_len`` tokens, all on one device."""
+    if q.dim() != 3 or kv_cache.dim() != 4:
+        raise ValueError(f"q must be [q_len, Hq, D] and kv_cache [pages, Hkv, page_size, 2D]; got "
+                         f"{tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    head_dim = q.shape[2]
+    if kv_cache.shape[3] != 2 * head_dim:
+        raise ValueError(f"kv_cache last dim {kv_cache.shape[3]} != 2 * head_dim {2 * head_dim}")
+    check_head_dim(head_dim)
+    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
+        raise ValueError(f"q and kv_cache must share one dtype among fp16/bf16/fp32; got {q.dtype}, {kv_cache.dtype}")
+    if q.shape[1] % kv_cache.shape[1]:
+        raise ValueError(f"Hq={q.shape[1]} is not a multiple of Hkv={kv_cache.shape[1]}")
+    if kv_cache.shape[2] % 16:
+        raise ValueError(f"page_size={kv_cache.shape[2]} must be a multiple of 16")
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("q and kv_cache need a contiguous last dimension")
+    if block_table.dim() != 1 or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be 1-D int32; got {block_table.dtype}{tuple(block_table.shape)}")
+    if block_table.numel() * kv_cache.shape[2] < seq_len:
+        raise ValueError(f"block_table covers {block_table.numel() * kv_cache.shape[2]} tokens < seq_len={seq_len}")
+    if q.device != kv_cache.device or q.device != block_table.device:
+        raise ValueError(f"q, kv_cache and block_table must be on one device; got {q.device}, "
+                         f"{kv_cache.device}, {block_table.device}")
 
 
 def contiguous_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,

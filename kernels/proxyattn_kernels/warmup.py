@@ -24,8 +24,8 @@ import triton
 from .block_sparse_attn.triton import block_sparse_attn
 from .block_sparse_attn.union_pages import union_page_plan
 from .budget.triton import last_block_mass_paged
+from .common import MAX_TRITON_BLOCKS
 from .params import ProxyAttnParams
-from .select.triton import MAX_TRITON_BLOCKS
 from .selection import select_blocks_paged
 
 

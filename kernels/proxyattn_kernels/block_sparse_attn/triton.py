@@ -22,11 +22,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..common import LOG2E, MAX_TRITON_BLOCKS, check_head_dim, row_pad, row_warps
 from ..device import has_tma
-from ..paged import contiguous_pages, paged_row_offsets
-from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
-
-_LOG2E = 1.4426950408889634
+from ..paged import contiguous_pages, load_paged_tile
 
 
 @dataclass(frozen=True)
@@ -121,18 +119,9 @@ def _attend_tile(
 ):
     """Online-softmax update with the ``BLOCK_N`` keys starting at absolute ``key_start``."""
     k_pos = key_start + offs_n
-    if MASKED:
-        in_seq = k_pos < seq_len
-        row_off = paged_row_offsets(block_table_ptr, k_pos, in_seq, stride_kv_page, stride_kv_tok, PAGE_SIZE)
-    else:
-        row_off = paged_row_offsets(block_table_ptr, k_pos, None, stride_kv_page, stride_kv_tok, PAGE_SIZE)
-    k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
-        v = tl.load(k_ptrs + HEAD_DIM, mask=in_seq[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(k_ptrs + HEAD_DIM)
+    in_seq = k_pos < seq_len if MASKED else None
+    k, v = load_paged_tile(kv_base, block_table_ptr, k_pos, in_seq, offs_d, stride_kv_page, stride_kv_tok,
+                           PAGE_SIZE, HEAD_DIM)
     qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
@@ -419,8 +408,7 @@ def block_sparse_attn(
     first_q_block = ctx // block_size
     if packed_dim != 2 * head_dim:
         raise ValueError(f"kv_cache last dim {packed_dim} != 2 * head_dim {2 * head_dim}")
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head_dim={head_dim} unsupported; accepted: 16, 32, 64, 128, 256")
+    check_head_dim(head_dim)
     if num_q_heads % num_kv_heads or num_kv_heads % num_groups:
         raise ValueError(f"heads must nest: Hq={num_q_heads}, Hkv={num_kv_heads}, groups={num_groups}")
     if page_size % 16 or block_size % 16:
@@ -469,7 +457,7 @@ def block_sparse_attn(
         return out
     _block_sparse_attn_kernel[grid](
         q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out,
-        ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, scale * _LOG2E,
+        ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         ranking.stride(0), ranking.stride(1),

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import MAX_TRITON_BLOCKS, row_pad, row_warps
 from ..params import ChunkGeometry
-from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
 from .naive import selection_block_mask
 
 

@@ -43,15 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import (
+    LOG2E, LOG2E_JIT, MAX_TRITON_BLOCKS, even_splits, input_precision, lse_merge, lse_tile_update, row_pad,
+    row_warps, safe_max, target_programs, workspace,
+)
+from ..paged import check_paged_inputs, load_paged_tile
 from ..params import ChunkGeometry
-from ..proxy_scores import triton as _proxy_triton  # _workspace (and its test poison switch)
-from ..proxy_scores.triton import _check_paged_inputs, _input_precision, _safe_max, _target_programs
-from ..paged import paged_row_offsets
-from ..select.triton import MAX_TRITON_BLOCKS, row_pad, row_warps
 from .naive import budget_bounds, gamma_block_counts, limit_budget
-
-_LOG2E = 1.4426950408889634
-_LOG2E_JIT = tl.constexpr(_LOG2E)  # the same, readable inside kernels
 
 
 @dataclass(frozen=True)
@@ -105,16 +103,8 @@ def _logits_tile(q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scal
     """Scaled logits (log2 domain) of the query tile against keys ``key_start + offs_n`` from the
     paged cache; with ``MASKED``, -inf past the sequence and above the causal diagonal."""
     k_pos = key_start + offs_n
-    if MASKED:
-        in_seq = k_pos < seq_len
-        row_off = paged_row_offsets(block_table_ptr, k_pos, in_seq, stride_kv_page, stride_kv_tok, PAGE_SIZE)
-    else:
-        row_off = paged_row_offsets(block_table_ptr, k_pos, None, stride_kv_page, stride_kv_tok, PAGE_SIZE)
-    k_ptrs = kv_base + row_off[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+    in_seq = k_pos < seq_len if MASKED else None
+    k = load_paged_tile(kv_base, block_table_ptr, k_pos, in_seq, offs_d, stride_kv_page, stride_kv_tok, PAGE_SIZE)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
@@ -127,10 +117,7 @@ def _block_lse_tile(m_b, l_b, q, kv_base, block_table_ptr, key_start, q_pos, seq
                     PAGE_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     s = _logits_tile(q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scale, offs_n, offs_d,
                      stride_kv_page, stride_kv_tok, PAGE_SIZE, INPUT_PRECISION, MASKED)
-    m_new = tl.maximum(m_b, tl.max(s, 1))
-    m_use = _safe_max(m_new)
-    l_b = l_b * tl.exp2(m_b - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
-    return m_new, l_b
+    return lse_tile_update(m_b, l_b, s)
 
 
 @triton.jit
@@ -146,7 +133,7 @@ def _block_lse_step(m_b, l_b, m_r, l_r, t, q, kv_base, block_table_ptr, blse_bas
     tl.store(blse_base + (t // TILES_PER_BLOCK) * stride_blse_block,
              tl.where(l_b > 0.0, m_b + tl.log2(l_b), float("-inf")), mask=block_end)
     m_new = tl.maximum(m_r, m_b)
-    m_use = _safe_max(m_new)
+    m_use = safe_max(m_new)
     l_new = l_r * tl.exp2(m_r - m_use) + l_b * tl.exp2(m_b - m_use)
     m_r = tl.where(block_end, m_new, m_r)
     l_r = tl.where(block_end, l_new, l_r)
@@ -231,10 +218,7 @@ def _block_mass_kernel(
         for s in range(num_splits):
             part = tl.load(lse_part_ptr + head * stride_lp_head + s * stride_lp_split + rows, mask=rv,
                            other=float("-inf"))
-            m_new = tl.maximum(m, part)
-            m_use = _safe_max(m_new)
-            l = l * tl.exp2(m - m_use) + tl.exp2(part - m_use)
-            m = m_new
+            m, l = lse_merge(m, l, part)
         lse = tl.where(rv, m + tl.log2(l), 0.0)  # every real row sees key 0: l > 0
         x = tl.load(
             blse_ptr + head.to(tl.int64) * stride_blse_head + kb[:, None] * stride_blse_block + rows[None, :],
@@ -290,7 +274,7 @@ def _block_mass_from_lse_kernel(
     if NUM_M_TILES == 1:  # the usual case (n <= 128): the query tile stays in registers
         rv = offs_m < n_last
         q = tl.load(q_head_ptr + (q_tok0 + offs_m).to(tl.int64)[:, None] * stride_q_tok, mask=rv[:, None], other=0.0)
-        lse2 = tl.load(lse_head_ptr + offs_m, mask=rv, other=float("inf")) * _LOG2E_JIT
+        lse2 = tl.load(lse_head_ptr + offs_m, mask=rv, other=float("inf")) * LOG2E_JIT
         q_pos = q_pos0 + offs_m
         for b in range(b_lo, b_full):
             total = _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos, seq_len, qk_scale,
@@ -310,7 +294,7 @@ def _block_mass_from_lse_kernel(
                 rv = rows < n_last
                 q = tl.load(q_head_ptr + (q_tok0 + rows).to(tl.int64)[:, None] * stride_q_tok, mask=rv[:, None],
                             other=0.0)
-                lse2 = tl.load(lse_head_ptr + rows, mask=rv, other=float("inf")) * _LOG2E_JIT
+                lse2 = tl.load(lse_head_ptr + rows, mask=rv, other=float("inf")) * LOG2E_JIT
                 total += _rows_block_mass(q, lse2, kv_base, block_table_ptr, b * BLOCK_SIZE, q_pos0 + rows, seq_len,
                                           qk_scale, offs_n, offs_d, stride_kv_page, stride_kv_tok,
                                           PAGE_SIZE, TILES_PER_BLOCK, BLOCK_M, BLOCK_N, INPUT_PRECISION, True)
@@ -409,7 +393,7 @@ def last_block_mass_paged(
     if block_size % 16 or block_size < 16:
         raise ValueError(f"block_size={block_size} must be a positive multiple of 16")
     geo = ChunkGeometry(ctx, q_len, block_size)
-    _check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
+    check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[1]
     device = q.device
@@ -435,36 +419,34 @@ def last_block_mass_paged(
     if tile.num_splits is not None:
         splits = tile.num_splits
     else:
-        splits = _target_programs(device) // (num_q_heads * grid_m)
-    splits = max(1, min(splits, num_k_blocks))
-    blocks_per_split = -(-num_k_blocks // splits)
-    splits = -(-num_k_blocks // blocks_per_split)
+        splits = target_programs(device) // (num_q_heads * grid_m)
+    splits, blocks_per_split = even_splits(num_k_blocks, splits)
     if row_lse is not None:
         _block_mass_from_lse_kernel[(num_q_heads // num_kv_heads, splits, num_kv_heads)](
             q, kv_cache, block_table, row_lse, out,
             q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, num_k_blocks, blocks_per_split,
-            scale * _LOG2E, 1.0 / n_last,
+            scale * LOG2E, 1.0 / n_last,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             row_lse.stride(0), out.stride(0),
             HEADS_PER_KV=num_q_heads // num_kv_heads, NUM_M_TILES=num_m_tiles,
             HEAD_DIM=head_dim, PAGE_SIZE=kv_cache.shape[2], BLOCK_SIZE=block_size,
-            BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=_input_precision(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=input_precision(q.dtype),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
         return out
 
     n_pad = num_m_tiles * bm
-    blse = _proxy_triton._workspace((num_q_heads, num_k_blocks, n_pad), device)
-    lse_part = _proxy_triton._workspace((num_q_heads, splits, n_pad), device)
+    blse = workspace((num_q_heads, num_k_blocks, n_pad), device)
+    lse_part = workspace((num_q_heads, splits, n_pad), device)
     _block_lse_kernel[(num_m_tiles * (num_q_heads // num_kv_heads), splits, num_kv_heads)](
         q, kv_cache, block_table, blse, lse_part,
-        q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, blocks_per_split, scale * _LOG2E,
+        q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, blocks_per_split, scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         blse.stride(0), blse.stride(1), lse_part.stride(0), lse_part.stride(1),
         HEADS_PER_KV=num_q_heads // num_kv_heads, NUM_M_TILES=num_m_tiles,
         HEAD_DIM=head_dim, PAGE_SIZE=kv_cache.shape[2], BLOCK_SIZE=block_size,
-        BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=_input_precision(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION=input_precision(q.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     block_k, block_r = (32, 16) if device.type == "cpu" else (64, 32)

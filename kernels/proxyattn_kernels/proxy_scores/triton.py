@@ -36,12 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..device import sm_count
-from ..paged import paged_row_offsets
+from ..common import LOG2E, even_splits, input_precision, lse_merge, lse_tile_update, target_programs, workspace
+from ..paged import check_paged_inputs, paged_row_offsets
 from ..params import ChunkGeometry
-
-_LOG2E = 1.4426950408889634
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -75,14 +72,6 @@ def default_proxy_tile_config(block_size: int, stride: int, on_cpu: bool) -> Pro
 def _nests(strided_block: int, tile: int) -> bool:
     """A tile is inside one block, or holds whole blocks, at every aligned position."""
     return strided_block % tile == 0 or tile % strided_block == 0
-
-
-def _target_programs(device: torch.device) -> int:
-    """How many programs a streamed pass should have: about 8 per SM on a GPU (fine-grained
-    enough that the last wave is short); a few under the CPU interpreter, to exercise splits."""
-    if device.type != "cuda":
-        return 4
-    return 8 * sm_count(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,21 +125,12 @@ def _proxy_heads_kernel(
 
 
 @triton.jit
-def _safe_max(m):
-    """-inf -> 0 so that ``exp2(x - m)`` stays NaN-free on fully masked rows."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
 def _lse_tile(m_i, l_i, q, k_tile_ptrs, a, j, qk_scale, INPUT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     k = tl.load(k_tile_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(j[None, :] <= a[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = _safe_max(m_new)
-    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
-    return m_new, l_i
+    return lse_tile_update(m_i, l_i, s)
 
 
 @triton.jit(do_not_specialize=["a0", "a_last", "a_base", "tiles_per_split"])
@@ -263,11 +243,7 @@ def _proxy_pool_kernel(
     m_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_r = tl.zeros([BLOCK_M], tl.float32)
     for sp in range(num_splits):
-        part = tl.load(lse_rows + sp * stride_lse_split)
-        m_new = tl.maximum(m_r, part)
-        m_use = _safe_max(m_new)
-        l_r = l_r * tl.exp2(m_r - m_use) + tl.exp2(part - m_use)
-        m_r = m_new
+        m_r, l_r = lse_merge(m_r, l_r, tl.load(lse_rows + sp * stride_lse_split))
     q_valid = (a >= a0) & (a <= a_last)
     # Padding rows get +inf here and are masked out of every pooled cell below.
     lse = tl.where(q_valid, m_r + tl.log2(l_r), float("inf"))
@@ -292,37 +268,6 @@ def _proxy_pool_kernel(
 # --------------------------------------------------------------------------------------------
 # Public wrapper.
 # --------------------------------------------------------------------------------------------
-
-
-def _check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> None:
-    if q.dim() != 3 or kv_cache.dim() != 4:
-        raise ValueError(f"q must be [q_len, Hq, D] and kv_cache [pages, Hkv, page_size, 2D]; got "
-                         f"{tuple(q.shape)} and {tuple(kv_cache.shape)}")
-    head_dim = q.shape[2]
-    if kv_cache.shape[3] != 2 * head_dim:
-        raise ValueError(f"kv_cache last dim {kv_cache.shape[3]} != 2 * head_dim {2 * head_dim}")
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head_dim={head_dim} unsupported; accepted: 16, 32, 64, 128, 256")
-    if q.dtype not in _SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"q and kv_cache must share one dtype among fp16/bf16/fp32; got {q.dtype}, {kv_cache.dtype}")
-    if q.shape[1] % kv_cache.shape[1]:
-        raise ValueError(f"Hq={q.shape[1]} is not a multiple of Hkv={kv_cache.shape[1]}")
-    if kv_cache.shape[2] % 16:
-        raise ValueError(f"page_size={kv_cache.shape[2]} must be a multiple of 16")
-    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
-        raise ValueError("q and kv_cache need a contiguous last dimension")
-    if block_table.dim() != 1 or block_table.dtype != torch.int32:
-        raise ValueError(f"block_table must be 1-D int32; got {block_table.dtype}{tuple(block_table.shape)}")
-    if block_table.numel() * kv_cache.shape[2] < seq_len:
-        raise ValueError(f"block_table covers {block_table.numel() * kv_cache.shape[2]} tokens < seq_len={seq_len}")
-    if q.device != kv_cache.device or q.device != block_table.device:
-        raise ValueError(f"q, kv_cache and block_table must be on one device; got {q.device}, "
-                         f"{kv_cache.device}, {block_table.device}")
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs (tests, not production): exact fp32 products rather than tf32.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def proxy_block_scores_paged(
@@ -359,7 +304,7 @@ def proxy_block_scores_paged(
     if q_len < 1 or ctx < 0:
         raise ValueError(f"need q_len >= 1 and ctx >= 0; got q {tuple(q.shape)}, ctx={ctx}")
     geo = ChunkGeometry(ctx, q_len, block_size)
-    _check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
+    check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[1]
     if num_groups < 1 or num_kv_heads % num_groups:
@@ -387,14 +332,12 @@ def proxy_block_scores_paged(
     if tile.num_splits is not None:
         splits = tile.num_splits
     else:
-        splits = _target_programs(device) // (num_q_tiles * num_groups)
-    splits = max(1, min(splits, num_k_tiles))
-    tiles_per_split = -(-num_k_tiles // splits)
-    splits = -(-num_k_tiles // tiles_per_split)
+        splits = target_programs(device) // (num_q_tiles * num_groups)
+    splits, tiles_per_split = even_splits(num_k_tiles, splits)
 
     # 1. Proxy queries and keys (mean over the group's heads), zero padded.
-    pq = _workspace((num_groups, nq_pad, head_dim), device, q.dtype)
-    pk = _workspace((num_groups, nk_pad, head_dim), device, q.dtype)
+    pq = workspace((num_groups, nq_pad, head_dim), device, q.dtype)
+    pk = workspace((num_groups, nk_pad, head_dim), device, q.dtype)
     # The strided queries are few (2048 for an 8K chunk at stride 4): 8 rows per program always
     # (one compiled variant, whatever the chunk's length).
     _proxy_heads_kernel[(nq_pad // 8, num_groups)](
@@ -412,10 +355,10 @@ def proxy_block_scores_paged(
     )
 
     # 2. Row statistics.
-    lse = _workspace((num_groups, splits, nq_pad), device)
-    qk_scale = scale * _LOG2E
+    lse = workspace((num_groups, splits, nq_pad), device)
+    qk_scale = scale * LOG2E
     grid = (num_q_tiles, splits, num_groups)
-    precision = _input_precision(q.dtype)
+    precision = input_precision(q.dtype)
     _proxy_lse_kernel[grid](
         pq, pk, lse, a0, a_last, a_base, tiles_per_split, qk_scale,
         pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1), lse.stride(0), lse.stride(1),
@@ -442,23 +385,13 @@ def proxy_block_scores_paged(
 def _heads_tile(num_rows: int, num_groups: int, tile: int, device: torch.device) -> int:
     """Strided key rows per program of ``_proxy_heads_kernel``: 32 (at most ``tile``, a power of
     two that divides ``num_rows``), halved down to 8 while the launch has fewer programs than
-    :func:`_target_programs`: up to 128K tokens of context, 32-row programs would not give each
+    :func:`~proxyattn_kernels.common.target_programs`: up to 128K tokens of context, 32-row programs would not give each
     of an H200's SMs eight. Monotone in ``num_rows``, so the warm-up's chunks (context lengths
     doubling up to the longest prompt, ``proxyattn_kernels/warmup.py``) compile every variant used."""
     rows_t = min(32, tile)
-    while rows_t > 8 and (num_rows // rows_t) * num_groups < _target_programs(device):
+    while rows_t > 8 and (num_rows // rows_t) * num_groups < target_programs(device):
         rows_t //= 2
     return rows_t
-
-
-# Tests set this to poison the internal workspaces with NaN (every element read must be written).
-_POISON_WORKSPACE = False
-
-
-def _workspace(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if _POISON_WORKSPACE:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 __all__ = ["ProxyTileConfig", "default_proxy_tile_config", "proxy_block_scores_paged"]

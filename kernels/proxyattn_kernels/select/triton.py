@@ -24,24 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import MAX_TRITON_BLOCKS, row_pad
 from ..params import ChunkGeometry
 from . import naive
 
-MAX_TRITON_BLOCKS = 8192  # the row lives in registers: up to 8192 int64 per program
 _INDEX_BITS = 24
-
-
-def row_pad(num_k_blocks: int) -> int:
-    """``KB_PAD`` of every kernel that holds a row of key blocks in registers (this one, the
-    budget count, the union plan, the head lists): the next power of two, at least 16.
-    proxyattn_kernels/warmup.py compiles one variant per value."""
-    return max(16, triton.next_power_of_2(num_k_blocks))
-
-
-def row_warps(kb_pad: int) -> int:
-    """Warps of a program holding a ``kb_pad`` row of 32-bit values (the budget count, the union
-    plan, the head lists; this kernel's int64 row has its own rule)."""
-    return 4 if kb_pad <= 2048 else 8
 
 
 # Values and row strides that follow the chunk are not specialized: no compile per new chunk
@@ -185,4 +172,4 @@ def select_blocks(
     return ranking, counts, num_forced
 
 
-__all__ = ["MAX_TRITON_BLOCKS", "row_pad", "row_warps", "select_blocks"]
+__all__ = ["select_blocks"]
