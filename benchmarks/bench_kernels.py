@@ -874,7 +874,7 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
-                     "flashinfer": fib.fi.FLASHINFER_VERSION if fib.fi is not None else None,
+                     "flashinfer": fib.fi.installed_flashinfer_version() if fib.fi is not None else None,
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "timing": "triton.testing.do_bench median (warmup 50 ms, rep 300 ms), CUDA events; p10/p90 spread",

@@ -178,8 +178,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
         self.proxyattn_params = proxyattn_config.kernel_params(num_heads, num_kv_heads)
         if proxyattn_config.sparse_kernel == "flashinfer" and not fi.flashinfer_available():
             raise ProxyAttnUnsupportedError(
-                f"proxyattn: sparse_kernel \"flashinfer\" needs flashinfer-python=="
-                f"{fi.FLASHINFER_VERSION}, which cannot be used here ({fi.flashinfer_import_error()}): "
+                f"proxyattn: sparse_kernel \"flashinfer\" needs {fi.FLASHINFER_REQUIREMENT}, "
+                f"which cannot be used here ({fi.flashinfer_import_error()}): "
                 f"{fi.INSTALL_HINT}, or set sparse_kernel to \"triton\" or \"fa3\"."
             )
         self._sparse_kernel: str | None = None  # resolved on the first sparse forward (page size)

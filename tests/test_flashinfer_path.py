@@ -17,7 +17,8 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
         not torch.cuda.is_available() or not fi.flashinfer_available(),
-        reason=f"needs CUDA and flashinfer-python=={fi.FLASHINFER_VERSION}",
+        reason=f"needs CUDA and {fi.FLASHINFER_REQUIREMENT}"
+        + (f" ({fi.flashinfer_import_error()})" if fi.flashinfer_import_error() else ""),
     ),
 ]
 

@@ -2,11 +2,15 @@
 (FlashInfer's CSR page lists) against an independent construction from the naive selection
 masks, the host plan, plan reuse across layers, and the import error. The kernel itself runs
 on the GPU (tests/test_flashinfer_path.py); here a torch stand-in (tests/_fake_flashinfer.py)
-computes what the 0.6.14 kernels read."""
+computes what the kernels of the accepted releases read, in each of their API variants (0.6.14,
+0.7.x). Which releases are accepted, and that pyproject.toml's extra admits exactly those."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +20,12 @@ from proxyattn_kernels.block_sparse_attn.naive import selection_block_mask
 from proxyattn_kernels.block_sparse_attn.union_pages import row_bounds, union_page_plan
 from proxyattn_kernels.params import ChunkGeometry
 
-from tests._fake_flashinfer import fake_flashinfer  # noqa: F401 - fixture
+from tests._fake_flashinfer import RELEASES, fake_flashinfer  # noqa: F401 - fixture
 from tests._union_cases import CASE_IDS, CASES, random_cache, random_selection, union_reference
 
 D = 16
+#: Run a test with the stand-in of each API variant.
+each_api = pytest.mark.parametrize("fake_flashinfer", RELEASES, indirect=True)
 
 
 def expected_page_lists(ranking, counts, table, ctx, q_len, block_size, page_size):
@@ -88,6 +94,7 @@ def test_host_bounds_are_the_dense_rows():
     assert plan.qo_indptr_host.tolist() == [0, 84, 212, 340, 468, 596, 724, 852, 980, 1000]
 
 
+@each_api
 @pytest.mark.parametrize("backend", fi.BACKENDS)
 @pytest.mark.parametrize("ctx,q_len,block,page,hq,hkv,groups", [CASES[0], CASES[2]], ids=[CASE_IDS[0], CASE_IDS[2]])
 def test_plan_reuse_across_layers(fake_flashinfer, backend, rng_seed, ctx, q_len, block, page, hq, hkv, groups):
@@ -112,6 +119,7 @@ def test_plan_reuse_across_layers(fake_flashinfer, backend, rng_seed, ctx, q_len
     assert fake_flashinfer.plans == (1 if backend == "fa2" else 3)
 
 
+@each_api
 def test_lru_reuses_wrappers_and_stays_correct(fake_flashinfer, monkeypatch, rng_seed):
     monkeypatch.setattr(fi, "PLAN_CACHE_SIZE", 2)
     scale = D**-0.5
@@ -129,6 +137,7 @@ def test_lru_reuses_wrappers_and_stays_correct(fake_flashinfer, monkeypatch, rng
     assert len(fi._STATES[torch.device("cpu")].plans) == 2
 
 
+@each_api
 def test_non_contiguous_output_is_written(fake_flashinfer, rng_seed):
     ctx, q_len, block, page, hq, hkv = 37, 300, 64, 16, 8, 2
     q = torch.randn(q_len, hq, D)
@@ -147,10 +156,12 @@ def test_missing_flashinfer_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # `import flashinfer` raises ImportError
     fi._import_result.cache_clear()
     try:
-        assert not fi.flashinfer_available()
+        assert not fi.flashinfer_available() and fi.installed_flashinfer_version() is None
         with pytest.raises(ImportError, match=r"pip install 'proxyattn-vllm\[flashinfer\]'") as err:
             fi.import_flashinfer()
-        assert "flashinfer-python==0.6.14" in str(err.value)
+        message = str(err.value)
+        assert "\n" not in message and "flashinfer-python is not installed" in message
+        assert "flashinfer-python 0.6.14, 0.7.0.post1, 0.7.2.post1, 0.7.3 or 0.7.4" in message
         with pytest.raises(ImportError, match="flashinfer"):
             fi.chunk_plan(torch.zeros(64, 4, D), torch.zeros(8, 2, 16, 2 * D), ctx=0, scale=1.0, block_size=64)
     finally:
@@ -158,17 +169,55 @@ def test_missing_flashinfer_names_the_extra(monkeypatch):
         fi.clear_plan_cache()
 
 
-def test_other_flashinfer_versions_are_refused(monkeypatch):
-    import types
-
-    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(__version__="0.7.0"))
+def _with_version(monkeypatch, version):
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(__version__=version))
     fi._import_result.cache_clear()
+
+
+@pytest.mark.parametrize("version", ["0.6.13", "0.6.15", "0.6.18.post1", "0.7.0", "0.7.1", "0.7.2",
+                                     "0.7.2rc6", "0.7.5", "0.8.0", "unknown"])
+def test_other_flashinfer_versions_are_refused(monkeypatch, version):
+    _with_version(monkeypatch, version)
     try:
-        assert "flashinfer 0.7.0 is installed" in fi.flashinfer_import_error()
-        with pytest.raises(ImportError, match="0.6.14"):
+        assert fi.flashinfer_import_error() == f"flashinfer-python {version} is installed"
+        assert fi.installed_flashinfer_version() == version
+        with pytest.raises(ImportError) as err:
             fi.import_flashinfer()
+        message = str(err.value)
+        # One line: what is installed, what is accepted, what to do.
+        assert "\n" not in message
+        assert f"flashinfer-python {version} is installed" in message
+        assert fi.FLASHINFER_REQUIREMENT in message and fi.INSTALL_HINT in message
     finally:
         fi._import_result.cache_clear()
+
+
+@pytest.mark.parametrize("version", ["0.6.14", "0.7.0.post1", "0.7.2.post1", "0.7.3", "0.7.4", "0.7.4+cu130"])
+def test_each_supported_vllms_flashinfer_is_accepted(monkeypatch, version):
+    _with_version(monkeypatch, version)
+    try:
+        assert fi.flashinfer_import_error() is None
+        assert fi.import_flashinfer() is sys.modules["flashinfer"]
+    finally:
+        fi._import_result.cache_clear()
+
+
+def test_the_extra_admits_exactly_the_accepted_releases():
+    """pyproject.toml's ``[flashinfer]`` extra, against flashinfer-python's releases from 0.6.13
+    to 0.7.5: it admits the accepted ones and no other, so that next to a supported vLLM it
+    resolves to that vLLM's pin and alone to a release the path accepts."""
+    specifiers = pytest.importorskip("packaging.specifiers")
+    requirements = pytest.importorskip("packaging.requirements")
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (line,) = meta["optional-dependencies"]["flashinfer"]
+    requirement = requirements.Requirement(line)
+    assert requirement.name == "flashinfer-python"
+    releases = ["0.6.13", "0.6.14", "0.6.15", "0.6.15.post1", "0.6.16", "0.6.16.post4", "0.6.17",
+                "0.6.18", "0.6.18.post1", "0.7.0", "0.7.0.post1", "0.7.1", "0.7.2", "0.7.2.post1",
+                "0.7.3", "0.7.4", "0.7.5", "0.8.0"]
+    assert isinstance(requirement.specifier, specifiers.SpecifierSet)
+    admitted = [v for v in releases if requirement.specifier.contains(v)]
+    assert admitted == list(fi.SUPPORTED_FLASHINFER_VERSIONS)
 
 
 def test_module_imports_without_flashinfer():
@@ -178,6 +227,7 @@ def test_module_imports_without_flashinfer():
     assert result.returncode == 0 and result.stdout.strip() == "fa2", result.stderr
 
 
+@each_api
 def test_warm_up_plans_a_one_row_chunk(fake_flashinfer):
     fi.warm_up("cpu", torch.float32, num_q_heads=8, num_kv_heads=2, head_dim=D, page_size=16, block_size=64)
     assert (fake_flashinfer.wrappers, fake_flashinfer.plans, fake_flashinfer.runs) == (1, 1, 1)

@@ -20,9 +20,10 @@ views of vLLM's cache, ``[pages, page_size, Hkv, D]`` each (the physical NHD ten
 its last dim; no copy): both FlashInfer kernels take the cache's strides (``paged_kv_t`` built
 from ``kv_cache_strides`` in ``csrc/batch_prefill.cu``; ``k_page_stride``/``k_stride_n``/
 ``k_stride_h`` in ``csrc/batch_prefill_sm90.cu``), and require only that K and V have equal
-strides, which two halves of one tensor do.
+strides (0.6.14; 0.7.x also takes unequal ones), which two halves of one tensor do.
 
-**Plan once per chunk, device buffers per layer (why this is safe, from the 0.6.14 csrc).**
+**Plan once per chunk, device buffers per layer (why this is safe, from the csrc of the accepted
+releases, see "Releases" below).**
 ``BatchPrefillWithPagedKVCacheWrapper.plan()`` is host code: it reads ``qo_indptr``,
 ``paged_kv_indptr`` and ``paged_kv_last_page_len`` on the host and writes a schedule into the
 wrapper's int workspace. What the kernel then reads differs by FlashInfer backend:
@@ -43,7 +44,7 @@ wrapper's int workspace. What the kernel then reads differs by FlashInfer backen
   device: **no host sync per layer**. The wrapper's run reads the buffers it was planned with;
   ``indices`` is ours already (``plan`` keeps a tensor that is on the device as is), ``indptr``
   and ``last_page_len`` are rebound to ours after ``plan`` (:meth:`_ChunkPlan._bind`, the one
-  use of FlashInfer internals; hence the exact version pin). Programmatic dependent launch is
+  use of FlashInfer internals; hence the fixed set of releases). Programmatic dependent launch is
   turned off for these runs: the fa2 kernel reads the lengths before its ``griddepcontrol.wait``,
   so it must not start before the kernels that write them end.
 * ``"fa3"`` (SM90; ``csrc/batch_prefill_sm90.cu``, ``PrefillSM90Plan`` in ``scheduler.cuh``,
@@ -61,6 +62,37 @@ wrapper's int workspace. What the kernel then reads differs by FlashInfer backen
 Wrappers, their workspaces and the per-chunk buffers are cached per device (not per layer) in a
 small LRU keyed by the chunk shape ``(backend, ctx, q_len, block_size, page_size, Hq, Hkv, D,
 dtype, scale)``, so layers 2..N of a step (and equal chunks of other requests) reuse the plan.
+
+**Releases.** Accepted: :data:`SUPPORTED_FLASHINFER_VERSIONS`, the ones the supported vLLMs pin
+(0.26: 0.6.14, 0.32: 0.7.0.post1, 0.33: 0.7.2.post1, 0.34: 0.7.3) and 0.7.4. Everything above was
+read in the wheels of 0.6.14, 0.7.0.post1, 0.7.2.post1 and 0.7.4 (0.7.3 is not on PyPI; its
+neighbours 0.7.2.post1 and 0.7.4 agree on all of it). Between 0.6.14 and 0.7.x, for what this
+module uses:
+
+* same calls: ``BatchPrefillWithPagedKVCacheWrapper(float_workspace, "NHD", backend=...)``,
+  ``plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, Hq, Hkv, D,
+  page_size, causal=, sm_scale=, q_data_type=, kv_data_type=, non_blocking=,
+  disable_split_kv=)`` and ``run(q, (k, v), out=, enable_pdl=)`` keep their names, order and
+  meaning; 0.7.x only adds keywords this module does not pass (``variant_owns_mask``,
+  ``max_total_num_rows``; ``uniform_q_len``, ``use_token_head_sf``; ``lse_base``,
+  ``lse_layout``, ``use_fp16_softmax``, ``uses_spcompress``) and a ``workspace_size`` method;
+* same internals: ``plan`` (not in CUDA-graph mode) stores ``Tensor.to(device)`` of its inputs
+  in ``_qo_indptr_buf``, ``_paged_kv_indptr_buf``, ``_paged_kv_indices_buf`` and
+  ``_paged_kv_last_page_len_buf``, and ``run`` passes those to the kernel; 0.7.x first takes
+  ``.contiguous()`` of them, which keeps our contiguous ``kv_indices`` as it is;
+* workspaces: the wrapper allocates its own 8 MiB int workspace and pinned copy in both; 0.7.x
+  checks that both workspaces are 16-byte aligned (a fresh allocation is);
+* the fa2 kernel: the paged run moved to ``csrc/batch_prefill_paged.cuh`` and takes K and V
+  strides separately (``SAME_KV_STRIDES``; ours are equal), it still reads ``qo_len`` and
+  ``kv_len`` from the device buffers (``paged_kv_t::get_length``) before
+  ``griddepcontrol.wait``, and ``PrefillSplitQOKVIndptr`` with ``disable_split_kv`` still makes
+  one CTA per (request, query tile) over the whole device length (its new ``uniform_q_len`` is
+  read only in CUDA-graph mode);
+* the fa3 kernel: ``csrc/batch_prefill_sm90.cu``, ``PrefillSM90Plan`` and the hopper headers
+  are unchanged.
+
+So no call differs between them; :func:`_import_result` checks the release, and
+:meth:`_ChunkPlan._bind` checks the internals it rebinds.
 """
 from __future__ import annotations
 
@@ -73,8 +105,14 @@ import torch
 from ..params import ChunkGeometry
 from .union_pages import UnionPagePlan, row_bounds, union_page_plan
 
-#: The FlashInfer release vLLM 0.26 pins; the kernel behaviour above was read in its csrc.
-FLASHINFER_VERSION = "0.6.14"
+#: The flashinfer-python releases this path accepts (see "Releases" above): each supported
+#: vLLM's pin (0.26: 0.6.14, 0.32: 0.7.0.post1, 0.33: 0.7.2.post1, 0.34: 0.7.3) and 0.7.4.
+#: pyproject.toml's ``[flashinfer]`` extra admits the same releases.
+SUPPORTED_FLASHINFER_VERSIONS = ("0.6.14", "0.7.0.post1", "0.7.2.post1", "0.7.3", "0.7.4")
+#: The accepted releases in words, for messages.
+FLASHINFER_REQUIREMENT = "flashinfer-python " + " or ".join(
+    [", ".join(SUPPORTED_FLASHINFER_VERSIONS[:-1]), SUPPORTED_FLASHINFER_VERSIONS[-1]])
+#: Next to the user's vLLM, the extra resolves to the release that vLLM pins.
 INSTALL_HINT = "pip install 'proxyattn-vllm[flashinfer]'"
 #: FlashInfer backends: "fa2" plans once per chunk (no per-layer sync), "fa3" plans per layer.
 BACKENDS = ("fa2", "fa3")
@@ -94,21 +132,35 @@ FLOAT_WORKSPACE_BYTES = 16 << 20
 # import
 
 
+def _release(version: str) -> str:
+    """``flashinfer.__version__`` without its local part (``0.7.4+cu130`` -> ``0.7.4``)."""
+    return version.split("+")[0]
+
+
 @functools.cache
 def _import_result():
     try:
         import flashinfer
-    except Exception as exc:  # noqa: BLE001 - missing, or installed but broken (CUDA, deps)
-        return None, f"{type(exc).__name__}: {exc}"
+    except ModuleNotFoundError as exc:
+        if exc.name == "flashinfer":
+            return None, None, "flashinfer-python is not installed"
+        return None, None, f"flashinfer cannot be imported: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - installed but broken (CUDA, dependencies)
+        return None, None, f"flashinfer cannot be imported: {type(exc).__name__}: {exc}"
     version = str(getattr(flashinfer, "__version__", "unknown"))
-    if version.split("+")[0] != FLASHINFER_VERSION:
-        return None, f"flashinfer {version} is installed; this path is written for {FLASHINFER_VERSION}"
-    return flashinfer, None
+    if _release(version) not in SUPPORTED_FLASHINFER_VERSIONS:
+        return None, version, f"flashinfer-python {version} is installed"
+    return flashinfer, version, None
+
+
+def installed_flashinfer_version() -> str | None:
+    """``flashinfer.__version__`` of the importable FlashInfer (accepted or not), or None."""
+    return _import_result()[1]
 
 
 def flashinfer_import_error() -> str | None:
-    """Why FlashInfer cannot be used here (not installed, wrong version), or None."""
-    return _import_result()[1]
+    """Why FlashInfer cannot be used here (not installed, broken, unaccepted release), or None."""
+    return _import_result()[2]
 
 
 def flashinfer_available() -> bool:
@@ -117,11 +169,11 @@ def flashinfer_available() -> bool:
 
 def import_flashinfer():
     """The ``flashinfer`` module, or ImportError naming the fix."""
-    module, error = _import_result()
+    module, _, error = _import_result()
     if module is None:
         raise ImportError(
-            f"proxyattn: the FlashInfer sparse path needs flashinfer-python=={FLASHINFER_VERSION} "
-            f"({error}): {INSTALL_HINT}"
+            f"proxyattn: the FlashInfer sparse path needs {FLASHINFER_REQUIREMENT} ({error}): "
+            f"{INSTALL_HINT} next to your vLLM"
         )
     return module
 
@@ -217,7 +269,8 @@ class _ChunkPlan:
         self.plan(host[: self.num_rows + 1], host[self.num_rows + 1 :])
 
     def _bind(self) -> None:
-        """Make the planned wrapper read our device buffers (FlashInfer 0.6.14 internals).
+        """Make the planned wrapper read our device buffers (FlashInfer internals, the same in
+        every accepted release).
 
         ``plan`` keeps ``paged_kv_indices`` as given (``Tensor.to`` of a tensor already on the
         device returns it) and copies ``indptr``/``last_page_len`` (it needs them on the host);
@@ -227,11 +280,14 @@ class _ChunkPlan:
         for name in ("_paged_kv_indptr_buf", "_paged_kv_indices_buf", "_paged_kv_last_page_len_buf"):
             if not hasattr(w, name):
                 raise RuntimeError(
-                    f"proxyattn: FlashInfer's prefill wrapper has no {name}; this path is written "
-                    f"for flashinfer-python=={FLASHINFER_VERSION}"
+                    f"proxyattn: FlashInfer's prefill wrapper has no {name}; this path needs "
+                    f"{FLASHINFER_REQUIREMENT}, got {installed_flashinfer_version()}"
                 )
         if w._paged_kv_indices_buf is not self.kv_indices:
-            raise RuntimeError("proxyattn: FlashInfer copied paged_kv_indices in plan(); unsupported version")
+            raise RuntimeError(
+                f"proxyattn: FlashInfer copied paged_kv_indices in plan(); this path needs "
+                f"{FLASHINFER_REQUIREMENT}, got {installed_flashinfer_version()}"
+            )
         w._paged_kv_indptr_buf = self.kv_indptr
         w._paged_kv_last_page_len_buf = self.last_page_len
 
