@@ -50,7 +50,10 @@ def auto_table(path: Path = AUTO_TABLE_PATH) -> dict:
     by_shape = {(e["head_dim"], e["page_size"], e["q_per_kv"]): e["kernel"] for e in table["shapes"]}
     for kernel in (*by_shape.values(), table["default"], table["several_proxy_groups"]):
         if kernel not in KERNELS:
-            raise ValueError(f"{path}: kernel {kernel!r} is not one of {sorted(KERNELS)}")
+            raise ValueError(
+                f"{path}: kernel {kernel!r} is not one of {sorted(KERNELS)}; fix its \"kernel\", \"default\" "
+                "and \"several_proxy_groups\" values (benchmarks/bench_kernels.py --auto-table writes valid ones)."
+            )
     return {**table, "by_shape": by_shape}
 
 
