@@ -77,7 +77,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
         check_configured(proxyattn_config.sparse_kernel)
         # Chosen on the first sparse forward, from the cache's page size (fixed for the layer).
         self.sparse_kernel: SparseKernel | None = None
-        # Read again when the memory-profiling run compiles the kernels (_warmup_shape): vLLM
+        # Read again when the memory-profiling run compiles the kernels (_warm_up): vLLM
         # sets the page size it serves after building the model (when no --block-size was given,
         # from our backend's preferred size), so the value seen here can be stale.
         self._vllm_config = vllm_config

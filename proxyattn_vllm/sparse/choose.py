@@ -33,7 +33,9 @@ from .triton import TritonSparseKernel
 logger = init_logger("vllm.proxyattn")
 
 #: The kernels by ``sparse_kernel`` value ("auto" picks one of them).
-KERNELS: dict[str, type[SparseKernel]] = {k.name: k for k in (TritonSparseKernel, FA3UnionKernel, FlashInferUnionKernel)}
+KERNELS: dict[str, type[SparseKernel]] = {
+    k.name: k for k in (TritonSparseKernel, FA3UnionKernel, FlashInferUnionKernel)
+}
 assert (*KERNELS, "auto") == SPARSE_KERNELS
 
 AUTO_TABLE_PATH = Path(__file__).with_name("auto_table.json")
