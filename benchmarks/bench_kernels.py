@@ -134,7 +134,7 @@ def fa3_dense(fa3, q, kv, table, seq_len, scale, out, return_lse=False):
 
 def tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out, tail_tokens=None):
     """The backend's dense tail through FA3 first: attends the chunk's tail rows into ``out``
-    and returns the budget rows' LSE (``[Hq, min(q_len, block)]``, ``impl.budget_rows_lse``).
+    and returns the budget rows' LSE (``[Hq, min(q_len, block)]``, ``proxyattn_vllm.sparse.base.budget_rows_lse``).
     ``tail_tokens``: the tail's tokens (default: the rows of ``TAIL_TOKENS``)."""
     q_len = q.shape[0]
     if tail_tokens is None:
@@ -692,7 +692,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sweep", action="store_true", help="also sweep tile configs on the Llama shape")
     ap.add_argument("--only-sweep", action="store_true", help="sweep tile configs, skip the cases and the JSON")
     ap.add_argument("--skip-gate", action="store_true", help="debug only: time without the correctness gate")
-    return ap.parse_args(argv)
+    ap.add_argument("--auto-table", metavar="OUT",
+                    help="also write the table of sparse_kernel \"auto\" (the format of "
+                         "proxyattn_vllm/sparse/auto_table.json) from the density-0.1 cases; needs --union-ratio")
+    ap.add_argument("--union-ratio", type=float, metavar="R",
+                    help="blocks the union computes over the blocks the heads selected, for one proxy group "
+                         "at the target prompt length (benchmarks' union_density): a union kernel is chosen "
+                         "where it is more than R times faster than Triton")
+    args = ap.parse_args(argv)
+    if args.auto_table and not (args.union_ratio and args.union_ratio >= 1.0):
+        ap.error(f"--auto-table needs --union-ratio R >= 1 (got {args.union_ratio}): the union/exact block ratio "
+                 "of the target model, e.g. 1.18 for one proxy group at 8K tokens")
+    return args
+
+
+#: The kernels of the auto table and the case label (after "SHAPE pageN density0.1") timing each.
+AUTO_TABLE_CASES = {"triton": "", "fa3": " fa3-union", "flashinfer": " flashinfer-union"}
+
+
+def auto_table(cases: list[dict], *, gpu: str, date: str, source: str, union_ratio: float) -> dict:
+    """The ``sparse_kernel: "auto"`` table (``proxyattn_vllm/sparse/auto_table.json``) of one
+    run's ``cases``: per model shape and page size, the density-0.1 attention times of each
+    kernel, and the fastest union kernel where it beats Triton by more than ``union_ratio``
+    (the union computes that many more blocks than the heads selected), else "triton"."""
+    shapes = []
+    by_name = {c["name"]: c for c in cases}
+    for c in cases:
+        prefix = f"{c['model_shape']} page{c['page_size']} density0.1"
+        if c["name"] != prefix:
+            continue
+        ms = {k: round(by_name[prefix + label]["attn_ms"], 2)
+              for k, label in AUTO_TABLE_CASES.items() if prefix + label in by_name}
+        unions = {k: v for k, v in ms.items() if k != "triton"}
+        best = min(unions, key=unions.get, default=None)
+        kernel = best if best is not None and ms["triton"] / unions[best] > union_ratio else "triton"
+        shapes.append({"model": c["model_shape"], "head_dim": c["head_dim"], "page_size": c["page_size"],
+                       "q_per_kv": c["hq"] // c["hkv"], "kernel": kernel,
+                       "why": f"triton / fastest union {ms['triton'] / unions[best]:.2f} vs union ratio {union_ratio}"
+                              if best is not None else "no union kernel timed",
+                       "attn_ms": ms})
+    return {"about": f"sparse_kernel \"auto\": written by benchmarks/bench_kernels.py --auto-table from {source}",
+            "gpu": gpu, "date": date[:10], "source": source, "default": "triton", "several_proxy_groups": "triton",
+            "union_over_exact": {"one_group": {"given": union_ratio}}, "shapes": shapes}
 
 
 def main(argv=None) -> int:
@@ -893,6 +934,13 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     log(f"\nwrote {args.out}  ({result['gpu']}, {result['date']})")
+    if args.auto_table:
+        table = auto_table(cases, gpu=result["gpu"], date=result["date"], source=args.out, union_ratio=args.union_ratio)
+        with open(args.auto_table, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+        log(f"wrote {args.auto_table}: " + ", ".join(f"{e['model']} page{e['page_size']} {e['kernel']}"
+                                                     for e in table["shapes"]))
     if fib.first_call_s:
         log("flashinfer first calls (JIT compile): " + ", ".join(f"{k} {v:.1f} s" for k, v in fib.first_call_s.items()))
     header = f"{'case':54s} {'density':>7s} {'attn ms':>8s} {'sel ms':>7s} {'fa3 ms':>8s} {'attn/fa3':>8s} {'TFLOP/s':>8s}"

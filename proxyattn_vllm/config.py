@@ -22,47 +22,10 @@ ADDITIONAL_CONFIG_KEY = "proxyattn"
 #: Values of ``sparse_kernel``: who computes the selected blocks of a long prefill chunk.
 SPARSE_KERNELS = ("triton", "fa3", "flashinfer", "auto")
 
-#: ``sparse_kernel: "auto"``: the kernel that was fastest for a layer shape, keyed by
-#: ``(head_dim, page_size, Hq // Hkv)``; it applies to layers with ONE proxy group (otherwise
-#: "triton", see below). Unlisted shapes get "triton".
-#:
-#: Sources, both from 2026-11-29. Per layer at density 0.1 with every head at the same budget
-#: (the H200 kernel benchmark, benchmarks/results/kernels_h200.json and the runs of the same day
-#: before it, which agree within 3%: 128K context, last 8K chunk; Triton / FA3 over the union
-#: pages, e.g. page 16 5.28 vs 3.28, page 128 3.95 vs 3.27), with head budgets 0.5x-1.5x the mean ("spread0.5": the union computes 0.155 for a mean of 0.104),
-#: and how many blocks the union computes under real gamma budgets
-#: (benchmarks/results/union_density_cpu.json, CPU, real weights, gamma 0.95; union / exact).
-#: The union path wins when its per-block advantage exceeds that ratio:
-#:
-#: * one proxy group (SmolLM2-135M, 9/3 heads): union / exact 1.07 at 4K, 1.18 at 8K;
-#: * two proxy groups (Qwen2.5-Coder-0.5B): 1.17 at 4K, 1.48 at 8K, 1.85 at 16K. Their
-#:   rankings differ and the union approaches dense, so several groups always get "triton".
-#:
-#: FlashInfer ("flashinfer") was never the fastest: it beats Triton only for the Llama shape
-#: (page 16: Hopper backend 4.58 vs 5.25 ms at density 0.1; page 128 at full density), where
-#: FA3's union is faster still (3.35 ms), so no entry names it.
-AUTO_SPARSE_KERNEL: dict[tuple[int, int, int], str] = {
-    # Llama-3.1-8B (32/8 heads, D 128). Page 16 (vLLM's default page): 5.25 vs 3.35 ms, FA3 1.57x
-    # faster per block, more than any one-group union ratio measured; spread0.5 5.36 vs 4.91.
-    # Triton over its contiguous 128-token copy (kernels_h200.json): 4.15 vs 3.24 (1.28x), the same lead as at page 128 below, where Triton is kept; "fa3" stays here
-    # until a long-context union ratio decides both.
-    (128, 16, 4): "fa3",
-    # Page 128: 4.06 vs 3.20 ms, only 1.27x (with the dense tail 4.68 vs 3.67), within reach of
-    # the 1.18 measured at 8K (rising with length); spread0.5 4.24 vs 4.88, Triton ahead. Triton
-    # until a long-context union ratio of a 32-head model is measured.
-    (128, 128, 4): "triton",
-    (64, 16, 7): "triton",    # Qwen2.5-0.5B, 14/2 heads, D 64: 1.30 vs 1.07 (1.21x); two groups anyway
-    (64, 128, 7): "triton",   # 1.14 vs 0.98 (1.16x)
-}
-
-
-def auto_sparse_kernel(head_dim: int, page_size: int, num_q_heads: int, num_kv_heads: int,
-                       num_groups: int = 1) -> str:
-    """What ``sparse_kernel: "auto"`` runs for a layer shape (see :data:`AUTO_SPARSE_KERNEL`):
-    "triton" whenever the layer has several proxy groups (their union is much larger)."""
-    if num_groups != 1:
-        return "triton"
-    return AUTO_SPARSE_KERNEL.get((head_dim, page_size, num_q_heads // num_kv_heads), "triton")
+#: The kernel parameters :meth:`ProxyAttnConfig.kernel_params` computes from other settings
+#: (per layer: the proxy groups depend on its head counts); every other field of
+#: :class:`ProxyAttnParams` is the user setting of the same name.
+RESOLVED_PARAMS = ("num_groups", "min_budget_blocks")
 
 
 class ProxyAttnConfigError(ValueError):
@@ -117,7 +80,7 @@ class ProxyAttnConfig:
             the selected blocks: every head computes the blocks any head selected),
             ``"flashinfer"`` (the same union through FlashInfer's paged prefill kernel; needs
             the ``[flashinfer]`` extra) or ``"auto"`` (per layer shape, the kernel measured
-            fastest: :data:`AUTO_SPARSE_KERNEL`).
+            fastest, from ``sparse/auto_table.json``; see ``sparse/choose.py``).
     """
 
     gamma: float = 0.95
@@ -217,19 +180,16 @@ class ProxyAttnConfig:
             )
 
     def kernel_params(self, num_q_heads: int, num_kv_heads: int) -> ProxyAttnParams:
-        """Resolve into the parameters the kernels take, for one layer."""
-        return ProxyAttnParams(
-            gamma=self.gamma,
-            stride=self.stride,
-            block_size=self.block_size,
-            num_groups=self.resolve_num_groups(num_q_heads, num_kv_heads),
-            min_budget_blocks=max(1, math.ceil(self.min_budget_tokens / self.block_size)),
-            sink_blocks=self.sink_blocks,
-            local_blocks=self.local_blocks,
-            min_sparse_len=self.min_sparse_len,
-            max_density=self.max_density,
-            dense_tail_tokens=self.dense_tail_tokens,
-        )
+        """Resolve into the parameters the kernels take, for one layer: every field of
+        :class:`ProxyAttnParams` is the setting of the same name, except the two this method
+        resolves (:data:`RESOLVED_PARAMS`)."""
+        resolved = {
+            "num_groups": self.resolve_num_groups(num_q_heads, num_kv_heads),
+            "min_budget_blocks": max(1, math.ceil(self.min_budget_tokens / self.block_size)),
+        }
+        assert resolved.keys() == set(RESOLVED_PARAMS)
+        same_name = {f.name: getattr(self, f.name) for f in fields(ProxyAttnParams) if f.name not in resolved}
+        return ProxyAttnParams(**same_name, **resolved)
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)

@@ -3,7 +3,7 @@
 Enable with ``PROXYATTN_STATS=/path/file.jsonl`` (read once, when this module is imported; an
 in-process caller such as ``benchmarks/quality/run_eval.py`` may also call :func:`configure`).
 Disabled, the cost is one Python bool check per sparse chunk (``stats.ENABLED`` in
-``impl.sparse_prefill``). Enabled, each sparse chunk appends one line::
+``sparse/triton.py::sparse_prefill`` and ``sparse/union.py``). Enabled, each sparse chunk appends one line::
 
     {"layer": 3, "ctx": 8192, "q_len": 8192, "causal_blocks": 192, "density": 0.41,
      "kept_mass": 0.93, "kept_mass_sparse_rows": 0.92, "pid": 1234}
@@ -56,7 +56,7 @@ DEFAULT_MASS_HEADS = 4
 MASS_QUERIES = 128
 FLUSH_EVERY = 64
 
-# Read by impl.sparse_prefill on every sparse chunk: keep it a plain module-level bool.
+# Read by the sparse kernels on every sparse chunk: keep it a plain module-level bool.
 ENABLED = False
 
 

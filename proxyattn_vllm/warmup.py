@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,10 +21,14 @@ from proxyattn_kernels.block_sparse_attn.triton import copy_bytes, default_copy_
 from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.warmup import warm_up
 
+if TYPE_CHECKING:
+    from .sparse.base import SparseKernel
+
 logger = init_logger("vllm.proxyattn")
 
 _warmed: set = set()
 _logged_reservation = False  # reserve_copy_memory's log line, once per process
+_warned_page_mismatch = False  # check_page_size's warning, once per process
 
 
 @dataclass(frozen=True)
@@ -117,3 +122,30 @@ def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.de
         chunks, time.perf_counter() - start,
     )
     return True
+
+
+def warm_up_layer(shape: WarmupShape | None, kernel: "SparseKernel | None", dtype: torch.dtype,
+                  device: torch.device, dense_tail_first: bool) -> None:
+    """A sparse layer's part of the memory-profiling run: reserve the Triton kernel's copy and
+    compile what ``kernel`` (the layer's sparse kernel at ``shape``'s page size; None: not known
+    yet) runs. ``dense_tail_first``: the dense kernel takes the dense-tail rows first, so the
+    budget reads their LSE (``DenseAttention.tail_first``)."""
+    if kernel is not None and kernel.copies_pages:
+        reserve_copy_memory(shape, dtype, device)
+    budget_lse = (dense_tail_first and kernel is not None and kernel.dense_tail_first
+                  and shape is not None and shape.params.dense_tail_tokens > 0)
+    warm_up_once(shape, dtype, device, flashinfer=kernel is not None and kernel.name == "flashinfer",
+                 union_plan=kernel is not None and kernel.union_pages, budget_lse=budget_lse)
+
+
+def check_page_size(warmed_page_size: int | None, page_size: int) -> None:
+    """Warn once per process when the cache's pages differ from those the startup warm-up
+    compiled for (``warmed_page_size``; None: nothing was compiled)."""
+    global _warned_page_mismatch
+    if warmed_page_size not in (None, page_size) and not _warned_page_mismatch:
+        _warned_page_mismatch = True
+        logger.warning(
+            "proxyattn: the sparse kernels were compiled at startup for KV pages of %d tokens, but "
+            "the cache has pages of %d: the first long prompts compile them again (seconds each). "
+            "Please report this with your vllm serve command.", warmed_page_size, page_size,
+        )

@@ -2,6 +2,7 @@
 compute the selection exactly, so a timing never measures a wrong kernel."""
 from __future__ import annotations
 
+import json
 import time
 import types
 
@@ -282,3 +283,31 @@ def test_host_launch_probe_refuses_to_run_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["host_launch_probe.py", "--out", "/nonexistent/x.json"])
     assert host_launch_probe.main() == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_auto_table_from_the_cases_of_a_run(tmp_path):
+    """``--auto-table``: the density-0.1 cases of a run become the table ``sparse_kernel: "auto"``
+    reads; a union kernel is chosen only where it beats Triton by more than the union ratio."""
+    from proxyattn_vllm.sparse.choose import auto_sparse_kernel
+    from proxyattn_vllm.sparse.choose import auto_table as read_table
+
+    def case(name, shape, page, ms, hq=32, hkv=8, d=128):
+        return {"name": f"{shape} page{page} density0.1{name}", "model_shape": shape, "page_size": page,
+                "hq": hq, "hkv": hkv, "head_dim": d, "attn_ms": ms}
+
+    cases = [case("", "llama", 16, 5.0), case(" fa3-union", "llama", 16, 3.0), case(" flashinfer-union", "llama", 16, 4.0),
+             case("", "llama", 128, 4.0), case(" fa3-union", "llama", 128, 3.5),
+             case(" gather", "llama", 128, 9.0), case("", "qwen", 16, 1.3, 14, 2, 64)]
+    table = bench_kernels.auto_table(cases, gpu="GPU", date="2026-01-02T00:00:00+00:00", source="k.json",
+                                     union_ratio=1.2)
+    assert [(e["model"], e["page_size"], e["kernel"]) for e in table["shapes"]] == [
+        ("llama", 16, "fa3"), ("llama", 128, "triton"), ("qwen", 16, "triton")]  # 5/3 > 1.2; 4/3.5 < 1.2
+    assert table["shapes"][0]["attn_ms"] == {"triton": 5.0, "fa3": 3.0, "flashinfer": 4.0}
+    assert (table["gpu"], table["date"], table["source"]) == ("GPU", "2026-01-02", "k.json")
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps(table))
+    loaded = read_table.__wrapped__(path)
+    assert auto_sparse_kernel(128, 16, 32, 8, table=loaded) == "fa3"
+    assert auto_sparse_kernel(128, 128, 32, 8, table=loaded) == "triton"
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(["--auto-table", str(path)])  # no union ratio

@@ -158,19 +158,31 @@ def test_dense_layers_must_exist_in_the_model():
 
 
 def test_sparse_kernel_values():
-    from proxyattn_vllm.config import AUTO_SPARSE_KERNEL, SPARSE_KERNELS, auto_sparse_kernel
+    from proxyattn_vllm.config import SPARSE_KERNELS
 
     assert ProxyAttnConfig().sparse_kernel == "triton"
     for kernel in SPARSE_KERNELS:
         assert ProxyAttnConfig.from_dict({"sparse_kernel": kernel}).sparse_kernel == kernel
-    # "auto": the measured table, by (head_dim, page_size, Hq // Hkv); unlisted shapes: Triton.
-    assert set(AUTO_SPARSE_KERNEL.values()) <= {"triton", "fa3", "flashinfer"}
-    for (head_dim, page_size, group), kernel in AUTO_SPARSE_KERNEL.items():
-        assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2) == kernel
-    assert auto_sparse_kernel(96, 32, 8, 8) == "triton"
-    # Several proxy groups: their union approaches dense (union_density_cpu.json), so Triton.
-    fa3_shapes = [key for key, kernel in AUTO_SPARSE_KERNEL.items() if kernel == "fa3"]
-    assert fa3_shapes, "the table lists a shape where the union path was measured faster"
-    head_dim, page_size, group = fa3_shapes[0]
-    assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2, num_groups=1) == "fa3"
-    assert auto_sparse_kernel(head_dim, page_size, 2 * group, 2, num_groups=2) == "triton"
+
+
+def test_kernel_params_take_every_same_named_setting():
+    """Each kernel parameter is either the user setting of the same name, passed through, or one
+    of the few the config resolves per layer; a parameter added to the kernels without a setting
+    fails here, not silently at its default."""
+    from dataclasses import fields
+
+    from proxyattn_kernels import ProxyAttnParams
+    from proxyattn_vllm.config import RESOLVED_PARAMS
+
+    config_names = {f.name for f in fields(ProxyAttnConfig)}
+    for f in fields(ProxyAttnParams):
+        assert (f.name in config_names) != (f.name in RESOLVED_PARAMS), f.name
+    # Values differing from both classes' defaults, so a dropped one shows.
+    values = {"gamma": 0.7, "stride": 8, "block_size": 64, "sink_blocks": 3, "local_blocks": 2,
+              "min_sparse_len": 1000, "max_density": 0.3, "dense_tail_tokens": 40,
+              "min_budget_tokens": 130, "num_proxy_groups": 2}
+    params = ProxyAttnConfig.from_dict(values).kernel_params(8, 4)
+    for f in fields(ProxyAttnParams):
+        if f.name not in RESOLVED_PARAMS:
+            assert getattr(params, f.name) == values[f.name], f.name
+    assert params.num_groups == 2 and params.min_budget_blocks == 3  # ceil(130 / 64)

@@ -52,16 +52,16 @@ class SparseCalls:
     """Records ``(ctx, q_len)`` of every sparse_prefill call (the sparse path really ran)."""
 
     def __init__(self, monkeypatch):
-        import proxyattn_vllm.impl as impl_module
+        import proxyattn_vllm.sparse.triton as triton_module
 
         self.calls: list[tuple[int, int]] = []
-        original = impl_module.sparse_prefill
+        original = triton_module.sparse_prefill
 
         def recording(query, kv_cache, block_table_row, output, ctx, *args, **kwargs):
             self.calls.append((ctx, query.shape[0]))
             return original(query, kv_cache, block_table_row, output, ctx, *args, **kwargs)
 
-        monkeypatch.setattr(impl_module, "sparse_prefill", recording)
+        monkeypatch.setattr(triton_module, "sparse_prefill", recording)
 
 
 @pytest.fixture(scope="module")

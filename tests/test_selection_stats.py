@@ -1,5 +1,5 @@
 """proxyattn_kernels/selection_stats.py against brute force, and the PROXYATTN_STATS collector through
-``impl.sparse_prefill`` on a paged cache (Triton interpreter on CPU)."""
+``sparse_prefill`` (``proxyattn_vllm/sparse/triton.py``) on a paged cache (Triton interpreter on CPU)."""
 from __future__ import annotations
 
 import json
@@ -234,7 +234,7 @@ def _chunk(ctx, q_len, seed=0):
     ids=["full-density", "sparse", "sparse-dense-tail"],
 )
 def test_collector_writes_sane_lines(collector, params, full):
-    from proxyattn_vllm.impl import sparse_prefill
+    from proxyattn_vllm.sparse.triton import sparse_prefill
 
     stats, path = collector
     stats.configure(path, mass_heads=2)
@@ -274,7 +274,7 @@ def test_collector_writes_sane_lines(collector, params, full):
 
 
 def test_collector_off_writes_nothing_and_density_only_mode(collector):
-    from proxyattn_vllm.impl import sparse_prefill
+    from proxyattn_vllm.sparse.triton import sparse_prefill
 
     stats, path = collector
     q, kv_cache, table = _chunk(0, 32)

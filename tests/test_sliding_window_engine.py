@@ -44,11 +44,12 @@ def _greedy(llm, prompts):
 
 def test_mixed_sliding_and_global_layers_match_dense(mixed_model_dir, monkeypatch):
     import proxyattn_vllm.impl as impl_module
+    import proxyattn_vllm.sparse.triton as triton_module
 
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (90, 70, 20)]
     sparse_calls, sliding_impls = [], []
-    original = impl_module.sparse_prefill
+    original = triton_module.sparse_prefill
 
     def recording(query, *args, **kwargs):
         sparse_calls.append(query.shape[0])
@@ -60,7 +61,7 @@ def test_mixed_sliding_and_global_layers_match_dense(mixed_model_dir, monkeypatc
         original_init(self, *args, **kwargs)
         sliding_impls.append(self.sliding_window_layer)
 
-    monkeypatch.setattr(impl_module, "sparse_prefill", recording)
+    monkeypatch.setattr(triton_module, "sparse_prefill", recording)
     monkeypatch.setattr(impl_module.ProxyAttnImpl, "__init__", recording_init)
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     with kv_cache_layout_restored():

@@ -121,23 +121,23 @@ def _generate(llm, prompts: list[str]) -> list[list[int]]:
 # Both run inside the workers (``LLM.collective_rpc``; the worker is the first argument).
 def _start_recording_sparse_calls(worker) -> int:
     """Wrap ``sparse_prefill`` in this worker to record each call's ``(ctx, q_len)``."""
-    import proxyattn_vllm.impl as impl_module
+    import proxyattn_vllm.sparse.triton as triton_module
 
     calls: list[tuple[int, int]] = []
-    original = impl_module.sparse_prefill
+    original = triton_module.sparse_prefill
 
     def recording(query, kv_cache, block_table_row, output, ctx, *args, **kwargs):
         calls.append((ctx, query.shape[0]))
         return original(query, kv_cache, block_table_row, output, ctx, *args, **kwargs)
 
-    impl_module.sparse_prefill = recording
-    impl_module._test_recorded_sparse_calls = calls
+    triton_module.sparse_prefill = recording
+    triton_module._test_recorded_sparse_calls = calls
     return os.getpid()
 
 
 def _rank_report(worker) -> dict:
     """This rank's TP coordinates, its attention impls' head counts, its recorded sparse calls."""
-    import proxyattn_vllm.impl as impl_module
+    import proxyattn_vllm.sparse.triton as triton_module
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     layers = worker.model_runner.compilation_config.static_forward_context.values()
@@ -145,7 +145,7 @@ def _rank_report(worker) -> dict:
         "tp": (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()),
         "impls": [(type(layer.impl).__name__, layer.impl.num_heads, layer.impl.num_kv_heads)
                   for layer in layers if hasattr(layer, "impl")],
-        "sparse_calls": list(getattr(impl_module, "_test_recorded_sparse_calls", [])),
+        "sparse_calls": list(getattr(triton_module, "_test_recorded_sparse_calls", [])),
     }
 
 

@@ -57,11 +57,11 @@ def restore_kv_cache_layout():
 
 
 def test_greedy_tokens_match_dense_cpu_backend(model_dir, prompts, monkeypatch, restore_kv_cache_layout):
-    import proxyattn_vllm.impl as impl_module
+    import proxyattn_vllm.sparse.triton as triton_module
 
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     calls: list[tuple[int, int]] = []
-    original_sparse_prefill = impl_module.sparse_prefill
+    original_sparse_prefill = triton_module.sparse_prefill
 
     def counting_sparse_prefill(query, kv_cache, block_table_row, output, ctx, scale, params, **kwargs):
         calls.append((ctx, query.shape[0]))
@@ -69,7 +69,7 @@ def test_greedy_tokens_match_dense_cpu_backend(model_dir, prompts, monkeypatch, 
             query, kv_cache, block_table_row, output, ctx, scale, params, **kwargs
         )
 
-    monkeypatch.setattr(impl_module, "sparse_prefill", counting_sparse_prefill)
+    monkeypatch.setattr(triton_module, "sparse_prefill", counting_sparse_prefill)
     # ProxyAttn first: it then runs with vLLM's default (NHD) cache layout, as in production.
     proxy_tokens = _generate(
         model_dir, prompts, attention_backend="proxyattn",

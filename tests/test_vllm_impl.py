@@ -143,7 +143,6 @@ def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkey
     """``tail_by_dense``: the sparse row's dense-tail rows go to the dense kernel first (as with
     FlashAttention on a GPU; here vLLM's Triton kernel), the block-sparse kernel skips them."""
     from proxyattn_vllm import ProxyAttnConfig
-    from proxyattn_vllm.impl import ProxyAttnImpl
 
     batch = Batch(MIXED_Q, MIXED_SEQ, dtype, pad_tokens=PAD_TOKENS)
     md = _builder(vllm_config).build(0, batch.common)
@@ -155,15 +154,15 @@ def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkey
     params = ProxyAttnConfig.from_dict(SPARSE).kernel_params(NUM_HEADS, NUM_KV_HEADS)
 
     impl = _impl()
-    monkeypatch.setattr(ProxyAttnImpl, "_tail_by_dense_kernel", lambda self: tail_by_dense)
+    monkeypatch.setattr(impl.dense, "tail_first", tail_by_dense)
     dense_calls = []  # (query rows, max_seq_len) of each dense varlen call
-    real_dense_varlen = impl._dense_varlen
+    real_dense_varlen = impl.dense.varlen
 
     def recording_dense_varlen(layer, query, *args, **kwargs):
         dense_calls.append((query.shape[0], args[-2]))
         return real_dense_varlen(layer, query, *args, **kwargs)
 
-    monkeypatch.setattr(impl, "_dense_varlen", recording_dense_varlen)
+    monkeypatch.setattr(impl.dense, "varlen", recording_dense_varlen)
     output = batch.run(impl, md, _Layer(0))
     assert ((13, 93) in dense_calls) == tail_by_dense, dense_calls
 
@@ -192,8 +191,7 @@ def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkey
 def test_a_chunk_that_is_all_dense_tail_skips_the_selection(vllm_config, monkeypatch):
     """With the tail through the dense kernel, a chunk whose dense tail covers it whole (a short
     last chunk) is one dense call: no selection runs for it."""
-    from proxyattn_vllm import impl as impl_module
-    from proxyattn_vllm.impl import ProxyAttnImpl
+    from proxyattn_vllm.sparse import triton as triton_module
 
     config = {**SPARSE, "dense_tail_tokens": 64}  # covers the long row's 40 tokens
     batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=5)
@@ -201,13 +199,14 @@ def test_a_chunk_that_is_all_dense_tail_skips_the_selection(vllm_config, monkeyp
     md.plan = dataclasses.replace(md.plan, sparse_rows=tuple(
         dataclasses.replace(r, tail_tokens=r.q_len, tail_cu_seqlens_q=torch.tensor([0, r.q_len], dtype=torch.int32))
         for r in md.plan.sparse_rows))
-    monkeypatch.setattr(ProxyAttnImpl, "_tail_by_dense_kernel", lambda self: True)
 
     def no_selection(*args, **kwargs):
         raise AssertionError("selection ran for a chunk that is all dense tail")
 
-    monkeypatch.setattr(impl_module, "select_blocks_paged", no_selection)
-    output = batch.run(_impl(config), md, _Layer(0))
+    monkeypatch.setattr(triton_module, "select_blocks_paged", no_selection)
+    impl = _impl(config)
+    monkeypatch.setattr(impl.dense, "tail_first", True)
+    output = batch.run(impl, md, _Layer(0))
     for r, tokens, ctx in batch.rows():
         expected = dense_causal_attention(batch.query[tokens], batch.keys[r], batch.values[r], ctx, SCALE)
         torch.testing.assert_close(output[tokens], expected, **_tol(torch.float32), msg=f"row {r}")
@@ -233,8 +232,8 @@ def test_budget_reuses_the_dense_tails_lse(vllm_config, kernel, tail, monkeypatc
     computes its own otherwise (8); either way the output is the one without the LSE."""
     from proxyattn_kernels.budget.naive import last_rows_lse
 
-    from proxyattn_vllm import impl as impl_module
-    from proxyattn_vllm.impl import ProxyAttnImpl
+    from proxyattn_vllm.sparse import triton as triton_module
+    from proxyattn_vllm.sparse import union as union_module
 
     config = {**SPARSE, "sparse_kernel": kernel, "dense_tail_tokens": tail}
     batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS, seed=11)
@@ -245,18 +244,19 @@ def test_budget_reuses_the_dense_tails_lse(vllm_config, kernel, tail, monkeypatc
     assert tail_tokens == {16: 29, 8: 13}[tail]  # rows 4-5 (tokens 64-92) / row 5 (80-92)
     md.plan = dataclasses.replace(md.plan, sparse_rows=(dataclasses.replace(
         row, tail_tokens=tail_tokens, tail_cu_seqlens_q=torch.tensor([0, tail_tokens], dtype=torch.int32)),))
-    monkeypatch.setattr(ProxyAttnImpl, "_tail_by_dense_kernel", lambda self: True)
-    lses, real_select = [], impl_module.select_blocks_paged
+    lses, real_select = [], triton_module.select_blocks_paged
 
     def recording_select(*args, **kwargs):
         lses.append(kwargs["row_lse"])
         return real_select(*args, **kwargs)
 
-    monkeypatch.setattr(impl_module, "select_blocks_paged", recording_select)
+    for module in (triton_module, union_module):  # the selection of "triton" and of "fa3"
+        monkeypatch.setattr(module, "select_blocks_paged", recording_select)
     outputs = []
     for with_lse in (True, False):
         impl = _impl(config)
-        real_varlen = impl._dense_varlen
+        monkeypatch.setattr(impl.dense, "tail_first", True)
+        real_varlen = impl.dense.varlen
 
         def dense_varlen(layer, query, kv_cache, output, *args, return_lse=False, num_splits=0, _real=real_varlen):
             _real(layer, query, kv_cache, output, *args, num_splits=num_splits)
@@ -265,7 +265,7 @@ def test_budget_reuses_the_dense_tails_lse(vllm_config, kernel, tail, monkeypatc
                 return _lse_from_cache(query, kv_cache, int(seq_lens[0]), block_table[0])
             return None
 
-        monkeypatch.setattr(impl, "_dense_varlen", dense_varlen)
+        monkeypatch.setattr(impl.dense, "varlen", dense_varlen)
         outputs.append(batch.run(impl, md, _Layer(0)))
     q, k = batch.query[batch.qsl[3] : batch.qsl[4]], batch.keys[3]
     if tail == 16:
@@ -289,9 +289,8 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
     from proxyattn_kernels.block_sparse_attn.union_pages import union_block_mask
 
     from proxyattn_vllm import ProxyAttnConfig
-    from proxyattn_vllm import impl as impl_module
-
     from proxyattn_vllm import stats
+    from proxyattn_vllm.sparse import fa3 as fa3_module
 
     if kernel == "flashinfer":
         from proxyattn_kernels.block_sparse_attn import flashinfer as fi
@@ -309,11 +308,11 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
     stats.configure(stats_path, mass_heads=2)
     impl = _impl(config)
     calls, splits = [], []  # query rows and num_splits of each dense varlen call
-    real_varlen = impl._dense_varlen
-    monkeypatch.setattr(impl, "_dense_varlen", lambda layer, query, *a, **kw: (
+    real_varlen = impl.dense.varlen
+    monkeypatch.setattr(impl.dense, "varlen", lambda layer, query, *a, **kw: (
         calls.append(query.shape[0]), splits.append(kw.get("num_splits", 0)), real_varlen(layer, query, *a, **kw)))
     # As if on a 1-SM GPU: union calls of >= 8 (row, head) tiles run unsplit (union_call_num_splits).
-    monkeypatch.setattr(impl_module, "sm_count", lambda device: 1)
+    monkeypatch.setattr(fa3_module, "sm_count", lambda device: 1)
     try:
         output = batch.run(impl, md, _Layer(0))
     finally:
@@ -387,21 +386,21 @@ def test_explicit_flashinfer_without_flashinfer_fails_at_init(no_flashinfer):
     ],
 )
 def test_union_kernels_fall_back_to_triton_with_one_warning(kernel, setup, page, message, request, monkeypatch):
-    from proxyattn_vllm import config as config_module
     from proxyattn_vllm import impl as impl_module
+    from proxyattn_vllm.sparse import choose
 
     if setup == "fake":
         request.getfixturevalue("fake_flashinfer")
     elif setup == "missing":
         request.getfixturevalue("no_flashinfer")
-        monkeypatch.setitem(config_module.AUTO_SPARSE_KERNEL, (HEAD_DIM, page, NUM_HEADS // NUM_KV_HEADS), "flashinfer")
+        monkeypatch.setitem(choose.auto_table()["by_shape"], (HEAD_DIM, page, NUM_HEADS // NUM_KV_HEADS), "flashinfer")
     warnings = []
-    monkeypatch.setattr(impl_module.ProxyAttnImpl, "_warned_kernel_fallbacks", set())
+    monkeypatch.setattr(choose, "_warned_fallbacks", set())
     monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     kv_cache = torch.zeros(4, page, NUM_KV_HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
     for _ in range(2):  # two layers: one warning
         impl = _impl({**SPARSE, "sparse_kernel": kernel})
-        assert impl._resolve_sparse_kernel(kv_cache) == "triton"
+        assert impl._choose_sparse_kernel(kv_cache).name == "triton"
     assert len(warnings) == 1 and message in warnings[0], warnings
     assert "using the Triton block-sparse kernel" in warnings[0]
 
@@ -411,34 +410,35 @@ def test_a_warm_up_for_another_page_size_is_reported_once(monkeypatch):
     settling the page size after the warm-up read it, fixed; see tests/test_warmup.py), the
     first sparse chunk says so, once per process; a matching or unknown warm-up says nothing."""
     from proxyattn_vllm import impl as impl_module
+    from proxyattn_vllm import warmup
 
     warnings = []
-    monkeypatch.setattr(impl_module.ProxyAttnImpl, "_warned_page_mismatch", False)
+    monkeypatch.setattr(warmup, "_warned_page_mismatch", False)
     monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     kv_cache = torch.zeros(4, PAGE, NUM_KV_HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
     for warmed in (None, PAGE):
         impl = _impl(SPARSE)
         impl._warmed_page_size = warmed
-        impl._resolve_sparse_kernel(kv_cache)
+        impl._choose_sparse_kernel(kv_cache)
     assert warnings == []
     for _ in range(2):  # two layers: one warning
         impl = _impl(SPARSE)
         impl._warmed_page_size = 2 * PAGE
-        assert impl._resolve_sparse_kernel(kv_cache) == "triton"
+        assert impl._choose_sparse_kernel(kv_cache).name == "triton"
     assert len(warnings) == 1, warnings
     assert f"compiled at startup for KV pages of {2 * PAGE} tokens, but the cache has pages of {PAGE}" in warnings[0]
 
 
 def test_auto_takes_the_measured_kernel(monkeypatch):
-    from proxyattn_vllm import config as config_module
+    from proxyattn_vllm.sparse import choose
 
     kv_cache = torch.zeros(4, PAGE, NUM_KV_HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3)
-    assert _impl({**SPARSE, "sparse_kernel": "auto"})._resolve_sparse_kernel(kv_cache) == "triton"
-    monkeypatch.setitem(config_module.AUTO_SPARSE_KERNEL, (HEAD_DIM, PAGE, NUM_HEADS // NUM_KV_HEADS), "fa3")
-    assert _impl({**SPARSE, "sparse_kernel": "auto"})._resolve_sparse_kernel(kv_cache) == "fa3"
+    assert _impl({**SPARSE, "sparse_kernel": "auto"})._choose_sparse_kernel(kv_cache).name == "triton"
+    monkeypatch.setitem(choose.auto_table()["by_shape"], (HEAD_DIM, PAGE, NUM_HEADS // NUM_KV_HEADS), "fa3")
+    assert _impl({**SPARSE, "sparse_kernel": "auto"})._choose_sparse_kernel(kv_cache).name == "fa3"
     # Two proxy groups: the union of their rankings is much larger, so Triton whatever the table says.
     two_groups = {**SPARSE, "sparse_kernel": "auto", "num_proxy_groups": 2}
-    assert _impl(two_groups)._resolve_sparse_kernel(kv_cache) == "triton"
+    assert _impl(two_groups)._choose_sparse_kernel(kv_cache).name == "triton"
 
 
 def test_dense_layers_and_pure_dense_batches(vllm_config):
@@ -490,7 +490,7 @@ def test_sparse_prefill_boundary_writes_in_place():
     """The kernel boundary: a view of the query, the paged cache and a block-table row in, the
     output view overwritten; equal to the reference on the same inputs."""
     from proxyattn_vllm import ProxyAttnConfig
-    from proxyattn_vllm.impl import sparse_prefill
+    from proxyattn_vllm.sparse.triton import sparse_prefill
 
     params = ProxyAttnConfig.from_dict(SPARSE).kernel_params(NUM_HEADS, NUM_KV_HEADS)
     batch = Batch([50], [120], torch.float32, seed=3)
@@ -568,7 +568,7 @@ def test_sparse_prefill_reads_the_pages_directly_after_the_copy_ran_out_of_memor
     run): the Triton kernel's contiguous copy runs out of memory once; that chunk and every later
     one read the pages directly (copy_page=0), with the reference's result and one warning that
     says what to do. Another out-of-memory (no copy involved) is not swallowed."""
-    import proxyattn_vllm.impl as impl_module
+    import proxyattn_vllm.sparse.triton as triton_module
     from proxyattn_kernels import ProxyAttnParams
     from tests._paged import make_paged
 
@@ -582,7 +582,7 @@ def test_sparse_prefill_reads_the_pages_directly_after_the_copy_ran_out_of_memor
                                                                    "min_sparse_len")}, "min_budget_blocks": 1})
     expected, _ = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params, scale=SCALE)
 
-    real = impl_module.block_sparse_attn
+    real = triton_module.block_sparse_attn
     copy_pages = []
 
     def copy_runs_out_of_memory(*args, copy_page, **kwargs):
@@ -592,26 +592,26 @@ def test_sparse_prefill_reads_the_pages_directly_after_the_copy_ran_out_of_memor
         return real(*args, copy_page=copy_page, **kwargs)
 
     warnings = []
-    monkeypatch.setattr(impl_module, "_copy_out_of_memory", False)
-    monkeypatch.setattr(impl_module, "block_sparse_attn", copy_runs_out_of_memory)
+    monkeypatch.setattr(triton_module, "_copy_out_of_memory", False)
+    monkeypatch.setattr(triton_module, "block_sparse_attn", copy_runs_out_of_memory)
     # As on Hopper with the kernel's TMA tiles: the kernel would copy these pages (its own rule,
     # default_copy_page, is tested in test_block_sparse_triton.py).
-    monkeypatch.setattr(impl_module, "default_copy_page", lambda *args: 128)
-    monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setattr(triton_module, "default_copy_page", lambda *args: 128)
+    monkeypatch.setattr(triton_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     for _ in range(2):  # two layers
         out = torch.full_like(q, float("nan"))
-        impl_module.sparse_prefill(q, kv_cache, table, out, ctx, SCALE, params)
+        triton_module.sparse_prefill(q, kv_cache, table, out, ctx, SCALE, params)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
     assert copy_pages == [128, 0, 0]  # the second layer no longer tries the copy
     assert len(warnings) == 1 and "out of GPU memory for the sparse kernel's copy of a 93-token prompt" in warnings[0]
     assert "--block-size 128" in warnings[0] and "--kv-cache-memory-bytes" in warnings[0]
 
-    monkeypatch.setattr(impl_module, "_copy_out_of_memory", False)
-    monkeypatch.setattr(impl_module, "default_copy_page", lambda *args: 0)  # no copy: the error is another one
+    monkeypatch.setattr(triton_module, "_copy_out_of_memory", False)
+    monkeypatch.setattr(triton_module, "default_copy_page", lambda *args: 0)  # no copy: the error is another one
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
 
-    monkeypatch.setattr(impl_module, "block_sparse_attn", out_of_memory)
+    monkeypatch.setattr(triton_module, "block_sparse_attn", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        impl_module.sparse_prefill(q, kv_cache, table, torch.empty_like(q), ctx, SCALE, params)
+        triton_module.sparse_prefill(q, kv_cache, table, torch.empty_like(q), ctx, SCALE, params)

@@ -71,14 +71,9 @@ def even_splits(num_items: int, wanted: int) -> tuple[int, int]:
     return -(-num_items // per_split), per_split
 
 
-# Tests set this to poison the internal workspaces with NaN (every element read must be written).
-_POISON_WORKSPACE = False
-
-
 def workspace(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised scratch buffer of a kernel pass (NaN-filled while tests poison them)."""
-    if _POISON_WORKSPACE:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    """An uninitialised scratch buffer of a kernel pass: every element a kernel reads must have
+    been written (tests replace this function with a NaN-filled one to check it)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
