@@ -28,25 +28,27 @@ Options:
   --plan LIST           comma list of steps (default: $DEFAULT_PLAN; "all": every step). They
                         always run in this order, whatever the order of LIST:
                           tests        the gpu-marked tests (pytest -m gpu)
-                          kernels      benchmarks/bench_kernels.py: Triton / FA3 / FlashInfer
-                                       kernels, the selection, chunk costs, tile sweeps
-                          host_launch  benchmarks/host_launch_probe.py: host time per launch
-                          ttft         benchmarks/ttft_sweep.py on the dummy Llama-3.1-8B shape,
-                                       32K-256K: FLASH_ATTN, then the sparse backends appended
+                          kernels      benchmarks/kernels/bench_kernels.py: Triton / FA3 /
+                                       FlashInfer kernels, the selection, chunk costs, tile sweeps
+                          host_launch  benchmarks/kernels/host_launch_probe.py: host time per
+                                       launch
+                          ttft         benchmarks/e2e/ttft_sweep.py on the dummy Llama-3.1-8B
+                                       shape, 32K-256K: FLASH_ATTN, then the sparse backends
+                                       appended
                           density      the density each TTFT length used (appended to its JSON)
                           ttft_page16  TTFT on 16-token pages: FLASH_ATTN vs proxyattn:triton
-                          profile      benchmarks/profile_prefill.py: one 128K prompt of the
+                          profile      benchmarks/e2e/profile_prefill.py: one 128K prompt of the
                                        dummy 8B under vLLM's profiler, dense then sparse
                           ttft_qwen    TTFT of Qwen2.5-Coder-0.5B with real weights, 8K and 32K,
                                        with its density pass   (needs --qwen-model, --essays)
-                          backend      benchmarks/gpu_backend_check.py: full-density equivalence,
-                                       CUDA graphs, the OpenAI server, the dummy 8B at 128K
-                                       (needs --smollm-model, --essays)
+                          backend      benchmarks/robustness/gpu_backend_check.py: full-density
+                                       equivalence, CUDA graphs, the OpenAI server, the dummy 8B
+                                       at 128K (needs --smollm-model, --essays)
                           tp2          gpu_backend_check.py at tensor parallelism 2: TP=2 vs TP=1,
                                        and the dummy 8B at 128K (needs --qwen-model, --essays and
                                        two GPUs; skipped with one)
-                          robustness   benchmarks/gpu_robustness.py: prefix caching, preemption
-                                       (needs --qwen-model, --essays)
+                          robustness   benchmarks/robustness/gpu_robustness.py: prefix caching,
+                                       preemption (needs --qwen-model, --essays)
                           soak         gpu_robustness.py --parts soak: 600 s of mixed load on a
                                        vLLM server of the dummy 8B (needs --essays)
                           quality      benchmarks/quality/run_eval.py: long-context tasks, dense vs
@@ -62,8 +64,9 @@ Options:
                         it is: install the project there first (pip install '.[vllm,test,bench]').
   --python PY           Python interpreter of every step (default: python3)
   --tag TAG             suffix of the result names, e.g. "h200": kernels_h200.json (default: none)
-  --dummy-8b DIR        a model folder written by benchmarks/dummy_llama.py (default: written to
-                        OUT/dummy8b when a step needs it; only config and tokenizer, no weights)
+  --dummy-8b DIR        a model folder written by benchmarks/common/dummy_llama.py (default:
+                        written to OUT/dummy8b when a step needs it; only config and tokenizer,
+                        no weights)
   --qwen-model DIR      Hugging Face folder of Qwen2.5-Coder-0.5B-Instruct (or Qwen2.5-0.5B)
   --smollm-model DIR    Hugging Face folder of SmolLM2-135M-Instruct
   --essays DIR          folder of .txt essays: prompt text of the real-weight steps
@@ -147,7 +150,7 @@ fi
   || die "--sparse-backends: a comma list of proxyattn or proxyattn:KERNEL, got '$SPARSE_BACKENDS'"
 command -v "$PY" > /dev/null || die "--python: '$PY' is not a command"
 if [ -n "$DUMMY8B" ] && [ ! -f "$DUMMY8B/config.json" ]; then
-  die "--dummy-8b: '$DUMMY8B' holds no config.json (write one with benchmarks/dummy_llama.py)"
+  die "--dummy-8b: '$DUMMY8B' holds no config.json (write one with benchmarks/common/dummy_llama.py)"
 fi
 WHEELS=()
 if [ -n "$BUNDLE" ]; then
@@ -265,16 +268,16 @@ if wants tests; then
   step tests 240 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rs
   TESTS_RC=$?
 fi
-wants kernels && step kernels 300 "$PY" benchmarks/bench_kernels.py --out "$OUT/$(name kernels)"
-wants host_launch && step host_launch 60 "$PY" benchmarks/host_launch_probe.py --out "$OUT/$(name host_launch)"
+wants kernels && step kernels 300 "$PY" benchmarks/kernels/bench_kernels.py --out "$OUT/$(name kernels)"
+wants host_launch && step host_launch 60 "$PY" benchmarks/kernels/host_launch_probe.py --out "$OUT/$(name host_launch)"
 
 if [ -z "$DUMMY8B" ] && { wants ttft || wants density || wants ttft_page16 || wants profile || wants backend || wants tp2 || wants soak; }; then
   DUMMY8B=$OUT/dummy8b
-  step dummy_model 30 "$PY" benchmarks/dummy_llama.py "$DUMMY8B"
+  step dummy_model 30 "$PY" benchmarks/common/dummy_llama.py "$DUMMY8B"
 fi
 set_ttft() {  # TTFT=(the TTFT sweep of the dummy 8B at 32K-256K; max_density 0.1 in the config)
   set_budget
-  TTFT=("$PY" benchmarks/ttft_sweep.py --model "$DUMMY8B" --config "$LLAMA_CONFIG" --lengths 32K,64K,128K,256K
+  TTFT=("$PY" benchmarks/e2e/ttft_sweep.py --model "$DUMMY8B" --config "$LLAMA_CONFIG" --lengths 32K,64K,128K,256K
         --repeats 2 --warmups 1 --warmup-len 131072 --decode-requests 6 --decode-len 256 --mix-long 0
         --out "$OUT/$(name ttft_llama8b_dummy)" --logdir "$OUT/ttft_logs" --append ${BUDGET[@]+"${BUDGET[@]}"})
 }
@@ -297,14 +300,14 @@ if wants ttft_page16 && timing_allowed ttft_page16; then
   # 16-token pages (vLLM's default page size): the Triton kernel through its contiguous copy
   # against FA3 dense on the same pages.
   set_budget
-  step ttft_page16 420 "$PY" benchmarks/ttft_sweep.py --model "$DUMMY8B" --config "$LLAMA_CONFIG" \
+  step ttft_page16 420 "$PY" benchmarks/e2e/ttft_sweep.py --model "$DUMMY8B" --config "$LLAMA_CONFIG" \
     --lengths 64K,128K --repeats 2 --warmups 1 --warmup-len 131072 --decode-requests 0 --mix-long 0 \
     --backends FLASH_ATTN,proxyattn:triton --serve-args="--block-size 16" --startup-estimate-s 220 \
     --out "$OUT/$(name ttft_page16_llama8b_dummy)" --logdir "$OUT/ttft_page16_logs" ${BUDGET[@]+"${BUDGET[@]}"}
 fi
 if wants profile && timing_allowed profile; then
   # Where one 131008-token prompt's GPU time goes in the engine: dense, then "fa3" at max_density 0.1.
-  profile=("$PY" benchmarks/profile_prefill.py --model "$DUMMY8B" --dummy --prompt-len 131008
+  profile=("$PY" benchmarks/e2e/profile_prefill.py --model "$DUMMY8B" --dummy --prompt-len 131008
            --out "$OUT/$(name profile_prefill)")
   step profile_dense 180 "${profile[@]}" --backend FLASH_ATTN --trace-dir "$OUT/traces/dense"
   step profile_sparse 180 "${profile[@]}" --append --backend proxyattn --trace-dir "$OUT/traces/fa3" \
@@ -313,26 +316,26 @@ fi
 if wants ttft_qwen && timing_allowed ttft_qwen; then
   # Real weights at the default gamma 0.95, with the density each length used.
   set_budget
-  step ttft_qwen 420 "$PY" benchmarks/ttft_sweep.py --model "$QWEN" --config "$QWEN_CONFIG" \
+  step ttft_qwen 420 "$PY" benchmarks/e2e/ttft_sweep.py --model "$QWEN" --config "$QWEN_CONFIG" \
     --backends FLASH_ATTN,proxyattn --lengths 8K,32K --repeats 3 --warmups 1 --warmup-len 16384 \
     --decode-requests 0 --mix-long 0 --tokenizer "$QWEN" --text-dir "$ESSAYS" --density-pass \
     --startup-estimate-s 90 --out "$OUT/$(name ttft_qwen05b)" --logdir "$OUT/ttft_qwen_logs" ${BUDGET[@]+"${BUDGET[@]}"}
 fi
-wants backend && step backend 300 "$PY" benchmarks/gpu_backend_check.py --model "$SMOLLM" --essays "$ESSAYS" \
+wants backend && step backend 300 "$PY" benchmarks/robustness/gpu_backend_check.py --model "$SMOLLM" --essays "$ESSAYS" \
   --dummy-8b "$DUMMY8B" --serve --out "$OUT/$(name backend)"
 if wants tp2; then
   if [ "$DRY_RUN" = 0 ] && [ "$NUM_GPUS" -lt 2 ]; then
     say "skip tp2: needs 2 GPUs, $NUM_GPUS visible"
   else
-    step tp2 420 "$PY" benchmarks/gpu_backend_check.py --model "$QWEN" --essays "$ESSAYS" --tensor-parallel 2 \
+    step tp2 420 "$PY" benchmarks/robustness/gpu_backend_check.py --model "$QWEN" --essays "$ESSAYS" --tensor-parallel 2 \
       --skip cudagraphs --dummy-8b "$DUMMY8B" --out "$OUT/$(name backend_tp2)"
   fi
 fi
 ROBUSTNESS_JSON=$OUT/$(name robustness)
-wants robustness && step robustness 300 "$PY" benchmarks/gpu_robustness.py --model "$QWEN" --essays "$ESSAYS" \
+wants robustness && step robustness 300 "$PY" benchmarks/robustness/gpu_robustness.py --model "$QWEN" --essays "$ESSAYS" \
   --parts prefix,preemption --prefix-configs dense_fa,full,full_block256 --preempt-configs dense_fa,full \
   --append --out "$ROBUSTNESS_JSON"
-wants soak && step soak 900 "$PY" benchmarks/gpu_robustness.py --model "$DUMMY8B" --essays "$ESSAYS" \
+wants soak && step soak 900 "$PY" benchmarks/robustness/gpu_robustness.py --model "$DUMMY8B" --essays "$ESSAYS" \
   --parts soak --soak-s 600 --soak-token-ids --max-model-len 131072 --soak-long-range 8192:131000 \
   --soak-long-rate 0.1 --soak-short-rate 2 --gpu-memory-utilization 0.85 \
   --soak-serve-args "--load-format dummy" --proxyattn-overrides '{"max_density": 0.1}' \

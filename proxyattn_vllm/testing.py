@@ -1,5 +1,6 @@
-"""Helpers for the demo (``proxyattn-demo``) and the tests: a tiny random Llama, prompts for it,
-and what running several in-process vLLM engines one after the other needs.
+"""Helpers for the demo (``proxyattn-demo``), the tests and the benchmarks: a tiny random Llama,
+prompts for it, a ``VllmConfig`` for it, and what running several in-process vLLM engines one
+after the other needs.
 
 Nothing here is used on the serving path. The tiny model is written to a directory without any
 hub access: random weights (fp32 safetensors), a Llama config and a word-level tokenizer whose
@@ -81,6 +82,28 @@ def write_tiny_llama(path: str | Path, seed: int = 0,
 def prompt_words(start: int, count: int) -> str:
     """A deterministic prompt of ``count`` vocabulary words of the tiny model (one token each)."""
     return " ".join(VOCAB_WORDS[26 + (start + 7 * i) % 970] for i in range(count))
+
+
+def make_vllm_config(model_dir: str | Path, proxyattn: dict | None = None, block_size: int = 16,
+                     **kwargs):
+    """A ``VllmConfig`` for the tiny model at ``model_dir`` with the proxyattn backend (what the
+    engine builds), for building the backend's pieces without an engine. ``proxyattn`` is the
+    backend's ``additional_config["proxyattn"]``; ``kwargs`` override the ``EngineArgs``."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(
+        model=str(model_dir),
+        dtype="float32",
+        block_size=block_size,
+        max_model_len=256,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+        enforce_eager=True,
+        attention_backend="proxyattn",
+        additional_config={"proxyattn": dict(proxyattn or {})},
+    )
+    args.update(kwargs)
+    return EngineArgs(**args).create_engine_config()
 
 
 # ------------------------------------------------------------------------------------------

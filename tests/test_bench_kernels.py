@@ -1,4 +1,4 @@
-"""benchmarks/bench_kernels.py helpers on CPU (Triton interpreter): the composite paths it times
+"""benchmarks/kernels/bench_kernels.py helpers on CPU (Triton interpreter): the composite paths it times
 compute the selection exactly, so a timing never measures a wrong kernel."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from benchmarks import bench_kernels
+from benchmarks.kernels import bench_kernels
 from proxyattn_kernels import ChunkGeometry
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
@@ -277,7 +277,7 @@ def test_proxy_tile_sweep_reports_scores_that_differ(monkeypatch):
 
 def test_host_launch_probe_refuses_to_run_without_cuda(monkeypatch, capsys):
     """The probe times the CUDA launch path; under the interpreter it would time something else."""
-    from benchmarks import host_launch_probe
+    from benchmarks.kernels import host_launch_probe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("sys.argv", ["host_launch_probe.py", "--out", "/nonexistent/x.json"])

@@ -1,9 +1,9 @@
-"""benchmarks/dummy_llama.py: the weightless model folder the TTFT benchmark serves."""
+"""benchmarks/common/dummy_llama.py: the weightless model folder the TTFT benchmark serves."""
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.dummy_llama import write_dummy_llama
+from benchmarks.common.dummy_llama import write_dummy_llama
 
 transformers = pytest.importorskip("transformers")
 

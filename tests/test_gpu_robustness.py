@@ -1,4 +1,4 @@
-"""benchmarks/gpu_robustness.py without a GPU: arguments, prompt layout (the cached part ends
+"""benchmarks/robustness/gpu_robustness.py without a GPU: arguments, prompt layout (the cached part ends
 inside the prefix), output comparison, the summary and the JSON report, the time guard; the
 soak loop against tests/_fake_openai_server.py; the greedy-token verdict (near-ties vs clear
 margins, the dense control); and the prefix and preemption parts themselves on the tiny CPU
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import gpu_robustness as gr
+from benchmarks.robustness import gpu_robustness as gr
 
 FAKE_SERVER = os.path.join(os.path.dirname(__file__), "_fake_openai_server.py")
 BASE = ["--model", "m", "--essays", "e"]
@@ -51,7 +51,7 @@ def essay_ids(n: int = 5000) -> list[int]:
 def test_importing_the_module_leaves_the_environment_alone():
     import subprocess
 
-    code = ("import os; import benchmarks.gpu_robustness; "
+    code = ("import os; import benchmarks.robustness.gpu_robustness; "
             "print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'))")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -538,7 +538,7 @@ def _tiny_model_and_essays(tmp_path, monkeypatch) -> str:
     from tests._vllm_cpu import honour_custom_backend_on_cpu, skip_unless_vllm_on_cpu
 
     skip_unless_vllm_on_cpu()
-    from tests._tiny_llama import prompt_words, write_tiny_llama
+    from proxyattn_vllm.testing import prompt_words, write_tiny_llama
 
     model = str(write_tiny_llama(tmp_path / "tiny"))
     (tmp_path / "essays").mkdir()

@@ -133,14 +133,14 @@ def test_each_step_expands_to_its_commands(tmp_path, dirs):
     _, commands = dry_run("--out", out, "--plan", "all", "--tag", "h200", *model_args(dirs))
     py = "python3"
     assert command(commands, "tests") == [py, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider", "-rs"]
-    assert command(commands, "kernels") == [py, "benchmarks/bench_kernels.py", "--out", f"{out}/kernels_h200.json"]
-    assert command(commands, "host_launch") == [py, "benchmarks/host_launch_probe.py", "--out", f"{out}/host_launch_h200.json"]
+    assert command(commands, "kernels") == [py, "benchmarks/kernels/bench_kernels.py", "--out", f"{out}/kernels_h200.json"]
+    assert command(commands, "host_launch") == [py, "benchmarks/kernels/host_launch_probe.py", "--out", f"{out}/host_launch_h200.json"]
     dummy = f"{out}/dummy8b"
-    assert command(commands, "dummy_model") == [py, "benchmarks/dummy_llama.py", dummy]
+    assert command(commands, "dummy_model") == [py, "benchmarks/common/dummy_llama.py", dummy]
     # TTFT: dense alone, then the sparse backends and the density pass appended to the same JSON.
     ttft = {step: command(commands, step) for step in ("ttft_dense", "ttft_sparse", "density")}
     for argv in ttft.values():
-        assert argv[:2] == [py, "benchmarks/ttft_sweep.py"] and "--append" in argv
+        assert argv[:2] == [py, "benchmarks/e2e/ttft_sweep.py"] and "--append" in argv
         assert option(argv, "--model") == dummy and option(argv, "--out") == f"{out}/ttft_llama8b_dummy_h200.json"
         assert option(argv, "--lengths") == "32K,64K,128K,256K" and "--time-budget-s" not in argv
     assert option(ttft["ttft_dense"], "--backends") == "FLASH_ATTN"
@@ -191,18 +191,20 @@ def test_every_benchmark_command_passes_its_scripts_own_argument_checks(tmp_path
     combination would lose that step's GPU time."""
     pytest.importorskip("vllm")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
-    from benchmarks import (bench_kernels, dummy_llama, gpu_backend_check, gpu_robustness, host_launch_probe,
-                            profile_prefill, ttft_sweep)
+    from benchmarks.common import dummy_llama
+    from benchmarks.e2e import profile_prefill, ttft_sweep
+    from benchmarks.kernels import bench_kernels, host_launch_probe
+    from benchmarks.robustness import gpu_backend_check, gpu_robustness
     from benchmarks.quality import run_eval
 
     parsers = {
-        "benchmarks/bench_kernels.py": bench_kernels.parse_args,
-        "benchmarks/host_launch_probe.py": host_launch_probe.parse_args,
-        "benchmarks/dummy_llama.py": dummy_llama.parse_args,
-        "benchmarks/ttft_sweep.py": ttft_sweep.parse_args,
-        "benchmarks/profile_prefill.py": profile_prefill.parse_args,
-        "benchmarks/gpu_backend_check.py": gpu_backend_check.parse_args,
-        "benchmarks/gpu_robustness.py": gpu_robustness.parse_args,
+        "benchmarks/kernels/bench_kernels.py": bench_kernels.parse_args,
+        "benchmarks/kernels/host_launch_probe.py": host_launch_probe.parse_args,
+        "benchmarks/common/dummy_llama.py": dummy_llama.parse_args,
+        "benchmarks/e2e/ttft_sweep.py": ttft_sweep.parse_args,
+        "benchmarks/e2e/profile_prefill.py": profile_prefill.parse_args,
+        "benchmarks/robustness/gpu_backend_check.py": gpu_backend_check.parse_args,
+        "benchmarks/robustness/gpu_robustness.py": gpu_robustness.parse_args,
         "benchmarks/quality/run_eval.py": run_eval.parse_args,
     }
     _, commands = dry_run("--out", tmp_path, "--plan", "all", *model_args(dirs))
@@ -397,7 +399,7 @@ def test_the_bundle_is_installed_before_the_steps_and_on_their_path(tmp_path, st
     pips = [argv for _, argv in rows if argv[:2] == ["-m", "pip"]]
     assert len(pips) == 2 and "--find-links" in pips[0] and pips[1][-1] == str(REPO)
     assert rows.index((f"{out}/site", pips[1])) < len(rows) - 1  # the checkout's install, then the step
-    assert rows[-1] == (f"{out}/site", ["benchmarks/bench_kernels.py", "--out", f"{out}/kernels.json"])
+    assert rows[-1] == (f"{out}/site", ["benchmarks/kernels/bench_kernels.py", "--out", f"{out}/kernels.json"])
 
 
 # ---- gpu_backend_check.py's engine arguments ---------------------------------------------------
@@ -411,7 +413,7 @@ def test_tp_engines_stay_off_nvlink_multicast(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
     from vllm.config import CompilationConfig
 
-    from benchmarks import gpu_backend_check
+    from benchmarks.robustness import gpu_backend_check
 
     assert gpu_backend_check.no_multicast_kwargs(1) == {}
     kwargs = gpu_backend_check.no_multicast_kwargs(2)
@@ -428,7 +430,7 @@ def test_dummy_128k_runs_sparse_at_the_requested_tp(monkeypatch):
 
     import vllm
 
-    from benchmarks import gpu_backend_check
+    from benchmarks.robustness import gpu_backend_check
 
     engines = []
 

@@ -1,4 +1,4 @@
-"""benchmarks/loadtest.py against a fake OpenAI-compatible streaming server with known timings
+"""benchmarks/e2e/loadtest.py against a fake OpenAI-compatible streaming server with known timings
 (tests/_fake_openai_server.py): metric math, failure accounting, prompt construction, CLI."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
-from benchmarks import loadtest  # noqa: E402
+from benchmarks.e2e import loadtest  # noqa: E402
 from tests._fake_openai_server import FakeOptions, FakeServer  # noqa: E402
 
 # Field names of `vllm bench serve` JSON that the result must carry.
@@ -177,7 +177,7 @@ def test_token_id_prompts_are_exact_unique_and_safe(serve):
 
 def write_byte_level_tokenizer(path) -> str:
     """The dummy benchmark model's byte-level tokenizer (3 specials + 256 bytes)."""
-    from benchmarks.dummy_llama import write_dummy_llama
+    from benchmarks.common.dummy_llama import write_dummy_llama
 
     write_dummy_llama(str(path), num_layers=1)
     return str(path)

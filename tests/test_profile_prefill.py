@@ -1,4 +1,4 @@
-"""benchmarks/profile_prefill.py on CPU: the trace summary (categories, busy and idle GPU time) on
+"""benchmarks/e2e/profile_prefill.py on CPU: the trace summary (categories, busy and idle GPU time) on
 synthetic traces, and every Triton kernel of the package named into its own category."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from benchmarks import profile_prefill
+from benchmarks.e2e import profile_prefill
 
 
 def kernel(name, ts, dur, stream=7):

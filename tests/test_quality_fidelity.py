@@ -69,7 +69,7 @@ def test_fidelity_prompts_exact_and_seeded(tmp_path):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(write_tiny_llama(tmp_path / "tiny"))
     a = fidelity.fidelity_prompts(tok, [64, 100], 2, seed=1)

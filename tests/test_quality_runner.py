@@ -25,7 +25,7 @@ LENGTH = 128
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory) -> str:
 def test_runner_end_to_end_on_cpu(model_dir, tmp_path, monkeypatch, restore_kv_cache_layout):
     from benchmarks.quality import run_eval
 
-    from benchmarks import vllm_engine
+    from benchmarks.common import vllm_engine
 
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     shut_down = []  # every engine is shut down, not just deleted (it would keep its GPU memory)

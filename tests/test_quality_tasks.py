@@ -18,10 +18,10 @@ pytestmark = needs_essays
 @pytest.fixture(scope="module")
 def byte_tokenizer(tmp_path_factory):
     """The byte-level BPE tokenizer (one token per byte, a chat template) of the TTFT benchmark's
-    dummy model (benchmarks/dummy_llama.py)."""
+    dummy model (benchmarks/common/dummy_llama.py)."""
     from transformers import AutoTokenizer
 
-    from benchmarks.dummy_llama import write_dummy_llama
+    from benchmarks.common.dummy_llama import write_dummy_llama
 
     path = tmp_path_factory.mktemp("byte_tok")
     write_dummy_llama(str(path), num_layers=1)
@@ -33,7 +33,7 @@ def word_tokenizer(tmp_path_factory):
     """The word-level tokenizer of the tiny test Llama (no chat template: plain format)."""
     from transformers import AutoTokenizer
 
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return AutoTokenizer.from_pretrained(write_tiny_llama(tmp_path_factory.mktemp("tiny")))
 

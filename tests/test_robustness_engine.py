@@ -26,7 +26,7 @@ CACHED = SHARED_PREFIX // PAGE * PAGE
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def prompts() -> list[str]:
     """Four prompts of 100-112 tokens sharing their first SHARED_PREFIX tokens."""
-    from tests._tiny_llama import prompt_words
+    from proxyattn_vllm.testing import prompt_words
 
     prefix = prompt_words(0, SHARED_PREFIX)
     return [f"{prefix} {prompt_words(500 + 37 * i, 12 + 4 * i)}" for i in range(4)]

@@ -78,7 +78,7 @@ def _start_server(args: list[str], site_dir: Path, log_path: Path) -> subprocess
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
@@ -123,7 +123,7 @@ def _completion(prompt, **params) -> dict:
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
-    from tests._tiny_llama import prompt_words
+    from proxyattn_vllm.testing import prompt_words
 
     long_prompt = prompt_words(0, 60)  # sparse: >= min_sparse_len, prefilled in one chunk
     cases = {  # name: (request, the parameter vLLM's 400 names)

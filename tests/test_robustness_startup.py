@@ -28,7 +28,7 @@ SMALL = dict(
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> str:
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
@@ -157,7 +157,7 @@ def test_unsupported_attention_layer_fails_at_construction(tiny_llama_dir, featu
     from vllm.model_executor.layers.attention.encoder_only_attention import EncoderOnlyAttention
     from vllm.model_executor.models.bloom import _get_alibi_slopes
 
-    from tests._tiny_llama import make_vllm_config
+    from proxyattn_vllm.testing import make_vllm_config
 
     heads, head_dim = 4, 32
     args = dict(num_heads=heads, head_size=head_dim, scale=head_dim**-0.5, num_kv_heads=heads)
@@ -182,7 +182,7 @@ def test_mla_models_fail_at_backend_selection(tiny_llama_dir):
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.selector import get_attn_backend
 
-    from tests._tiny_llama import make_vllm_config
+    from proxyattn_vllm.testing import make_vllm_config
 
     with set_current_vllm_config(make_vllm_config(tiny_llama_dir)):
         with pytest.raises(ValueError) as err:

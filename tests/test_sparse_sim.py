@@ -23,7 +23,7 @@ SEQ_LEN = 200  # not a multiple of the block size: a partial final row
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     path = write_tiny_llama(tmp_path_factory.mktemp("tiny_sim"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

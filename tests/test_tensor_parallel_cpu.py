@@ -59,16 +59,16 @@ pytestmark = pytest.mark.skipif(_NO_TP is not None, reason=_NO_TP or "")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tests import _tiny_llama
+    from proxyattn_vllm import testing
 
-    assert _tiny_llama.NUM_KV_HEADS == TP  # one KV head per rank
-    return str(_tiny_llama.write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+    assert testing.NUM_KV_HEADS == TP  # one KV head per rank
+    return str(testing.write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
 
 @pytest.fixture(scope="module")
 def prompts() -> list[str]:
     """Prompts of 70, 90 and 110 tokens: 3-4 chunks each, every chunk after the first sparse."""
-    from tests._tiny_llama import prompt_words
+    from proxyattn_vllm.testing import prompt_words
 
     return [prompt_words(300 + 53 * i, 70 + 20 * i) for i in range(3)]
 

@@ -1,4 +1,4 @@
-"""benchmarks/ttft_sweep.py end to end with tests/_fake_openai_server.py as the "vllm serve"
+"""benchmarks/e2e/ttft_sweep.py end to end with tests/_fake_openai_server.py as the "vllm serve"
 command: server lifecycle, incremental JSON, time budget, failures, density statistics."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("yaml")
 
-from benchmarks import ttft_sweep  # noqa: E402
+from benchmarks.e2e import ttft_sweep  # noqa: E402
 
 FAKE_SERVER = os.path.join(os.path.dirname(__file__), "_fake_openai_server.py")
 
@@ -170,7 +170,7 @@ def test_sigterm_stops_the_server_and_keeps_the_results(tmp_path):
     # A first token that takes 30 s keeps the sweep busy until it is terminated.
     args = sweep_args(tmp_path, "--backends", "FLASH_ATTN", "--warmups", "0",
                       fake_args="--ttft-s 30")
-    proc = subprocess.Popen([sys.executable, os.path.join(ttft_sweep.REPO, "benchmarks", "ttft_sweep.py"),
+    proc = subprocess.Popen([sys.executable, os.path.join(ttft_sweep.REPO, "benchmarks", "e2e", "ttft_sweep.py"),
                              *args], stdout=subprocess.PIPE, text=True)
     port = None
     for line in proc.stdout:
@@ -272,7 +272,7 @@ def test_server_dies_with_a_sweep_killed_by_sigkill(tmp_path):
     parent_code = (
         "import os, sys, time\n"
         f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
-        "from benchmarks.ttft_sweep import ServerProcess\n"
+        "from benchmarks.e2e.ttft_sweep import ServerProcess\n"
         "server = ServerProcess([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
         f"                       {str(tmp_path / 'server.log')!r}, dict(os.environ), 0)\n"
         "server.start()\n"

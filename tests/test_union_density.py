@@ -43,7 +43,7 @@ def test_chunked_prefill_tiny(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from benchmarks.quality import sparse_sim
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     model = AutoModelForCausalLM.from_pretrained(write_tiny_llama(tmp_path), dtype=torch.float32).eval()
     sparse_sim.register_attention()

@@ -15,14 +15,14 @@ CONFIG = {"min_sparse_len": 64, "block_size": 16, "stride": 4}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
 
 @pytest.fixture(scope="module")
 def vllm_config(model_dir):
-    from tests._tiny_llama import make_vllm_config
+    from proxyattn_vllm.testing import make_vllm_config
 
     return make_vllm_config(model_dir, CONFIG, block_size=PAGE)
 
@@ -31,7 +31,7 @@ def _builder(vllm_config):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from proxyattn_vllm.metadata import ProxyAttnMetadataBuilder
-    from tests._tiny_llama import HEAD_DIM, NUM_KV_HEADS
+    from proxyattn_vllm.testing import HEAD_DIM, NUM_KV_HEADS
 
     spec = FullAttentionSpec(
         block_size=PAGE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM, dtype=torch.float32
@@ -294,7 +294,7 @@ def test_missing_upper_bound_runs_dense(vllm_config):
 
 def test_config_is_logged_once_per_process(model_dir):
     from proxyattn_vllm.impl import ProxyAttnImpl
-    from tests._tiny_llama import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, make_vllm_config
+    from proxyattn_vllm.testing import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, make_vllm_config
     from vllm.config import set_current_vllm_config
 
     lines: list[str] = []
@@ -322,7 +322,7 @@ def test_config_is_logged_once_per_process(model_dir):
 
 def test_bad_config_fails_at_builder_construction(model_dir):
     from proxyattn_vllm import ProxyAttnConfigError
-    from tests._tiny_llama import make_vllm_config
+    from proxyattn_vllm.testing import make_vllm_config
 
     cfg = make_vllm_config(model_dir, {"gama": 0.9})
     with pytest.raises(ProxyAttnConfigError, match="unknown key 'gama'"):

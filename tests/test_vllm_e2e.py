@@ -29,14 +29,14 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
 
 @pytest.fixture(scope="module")
 def prompts() -> list[str]:
-    from tests._tiny_llama import prompt_words
+    from proxyattn_vllm.testing import prompt_words
 
     # 100 and 70 tokens (sparse, prefilled in chunks of <= 64 tokens), 20 tokens (short).
     return [prompt_words(0, 100), prompt_words(3, 20), prompt_words(11, 70)]

@@ -35,7 +35,7 @@ PAD_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def vllm_config(tmp_path_factory):
-    from tests._tiny_llama import make_vllm_config, write_tiny_llama
+    from proxyattn_vllm.testing import make_vllm_config, write_tiny_llama
 
     model_dir = write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
     return make_vllm_config(model_dir, SPARSE, block_size=PAGE)

@@ -19,7 +19,7 @@ BACKEND_PATH = "proxyattn_vllm.backend.ProxyAttnBackend"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 

@@ -137,7 +137,7 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
 
     skip_unless_vllm_on_cpu()
     from proxyattn_vllm import warmup as glue
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
     from tests._vllm_cpu import tiny_llm
 
     calls = []
@@ -178,7 +178,7 @@ def test_warm_up_uses_the_page_size_vllm_settles_after_building_the_model(tmp_pa
 
     from proxyattn_vllm import warmup as glue
     from proxyattn_vllm.backend import ProxyAttnBackend
-    from tests._tiny_llama import write_tiny_llama
+    from proxyattn_vllm.testing import write_tiny_llama
     from tests._vllm_cpu import tiny_llm
 
     calls = []
@@ -254,7 +254,7 @@ def test_engine_profiling_run_reserves_the_copy_of_the_longest_prompt(tmp_path, 
 
     skip_unless_vllm_on_cpu()
     from proxyattn_vllm import warmup as glue
-    from tests._tiny_llama import HEAD_DIM, NUM_KV_HEADS, write_tiny_llama
+    from proxyattn_vllm.testing import HEAD_DIM, NUM_KV_HEADS, write_tiny_llama
     from tests._vllm_cpu import tiny_llm
 
     results = []

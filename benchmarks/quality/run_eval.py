@@ -45,7 +45,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import vllm_engine  # noqa: E402
+from benchmarks.common import vllm_engine  # noqa: E402
 from benchmarks.quality import fidelity, tasks  # noqa: E402
 
 DEFAULT_TASKS = "niah_multikey,niah_multivalue,variable_tracking,common_words"
@@ -301,7 +301,7 @@ def wait_for_gpu_memory(fraction: float, timeout_s: float = 60.0, settle_s: floa
 
 def free_engine(llm=None) -> None:
     """Shut ``llm`` down (if it started) and release what it held, so the next engine of this
-    process fits (``benchmarks/vllm_engine.py``: deleting it is not enough)."""
+    process fits (``benchmarks/common/vllm_engine.py``: deleting it is not enough)."""
     if llm is not None:
         vllm_engine.shut_down(llm)
     else:

@@ -1,6 +1,6 @@
 """GPU checks of the vLLM backend, one engine per backend, in-process.
 
-    python benchmarks/gpu_backend_check.py --model /tmp/models/smollm2 --essays DIR \
+    python benchmarks/robustness/gpu_backend_check.py --model /tmp/models/smollm2 --essays DIR \
         [--dummy-8b DIR] [--serve] --out results.json
 
 1. Full-density equivalence: greedy tokens of proxyattn (gamma 1, every block kept, sparse path
@@ -32,10 +32,10 @@ import urllib.request
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: count impl calls
 
-if __package__:  # imported as benchmarks.gpu_backend_check
-    from . import vllm_engine
-else:  # run as a script: the script's folder is on sys.path
-    import vllm_engine
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.common import vllm_engine  # noqa: E402
 
 
 def log(msg):

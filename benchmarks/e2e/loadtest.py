@@ -1,6 +1,6 @@
 """Streaming load test for OpenAI-compatible servers (vLLM): time to first token and friends.
 
-    python benchmarks/loadtest.py --base-url http://127.0.0.1:8000 --random-input-len 8K,32K \
+    python benchmarks/e2e/loadtest.py --base-url http://127.0.0.1:8000 --random-input-len 8K,32K \
         --num-prompts 6 --random-output-len 16 --label dense --result-filename ttft.json
     proxyattn-loadtest ...                        # the same, installed as a console script
     proxyattn-loadtest --plot ttft.png dense.json proxyattn.json   # TTFT vs prompt length only
@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 
 # Token ids that are ordinary (non-special) tokens in every tokenizer we serve; the byte-level
-# tokenizer of benchmarks/dummy_llama.py has 3 special tokens, then 256 byte tokens.
+# tokenizer of benchmarks/common/dummy_llama.py has 3 special tokens, then 256 byte tokens.
 SAFE_TOKEN_IDS = range(3, 251)
 # Leading tokens that make each prompt unique: 4 for the run's nonce, 4 for the request index.
 ID_PREFIX_DIGITS = 4

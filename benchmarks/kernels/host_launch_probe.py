@@ -8,7 +8,7 @@ arguments, a small torch op, and the selection and the union plan as the backend
 each as host milliseconds per call without waiting for the GPU (``bench_kernels.host_launch_ms``);
 then a cProfile of the selection's Python, to show where the host time goes.
 
-    python benchmarks/host_launch_probe.py --out benchmarks/results/host_launch_h200.json
+    python benchmarks/kernels/host_launch_probe.py --out benchmarks/results/host_launch_h200.json
 
 Needs torch and triton only (no vLLM). Prints a table last.
 """
@@ -28,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.bench_kernels import host_launch_ms, make_cache, synthetic_selection  # noqa: E402
+from benchmarks.kernels.bench_kernels import host_launch_ms, make_cache, synthetic_selection  # noqa: E402
 from proxyattn_kernels import ProxyAttnParams  # noqa: E402
 from proxyattn_kernels.block_sparse_attn.triton import head_lists_and_tile_rows  # noqa: E402
 from proxyattn_kernels.block_sparse_attn.union_pages import union_page_plan  # noqa: E402

@@ -1,12 +1,12 @@
 """Where one long prefill's GPU time goes inside the engine: one prompt under vLLM's torch
 profiler, kernel time summed per category, and the GPU's idle time between kernels.
 
-    python benchmarks/profile_prefill.py --model /tmp/dummy8b --dummy --prompt-len 262128 \\
+    python benchmarks/e2e/profile_prefill.py --model /tmp/dummy8b --dummy --prompt-len 262128 \\
         --backend proxyattn --proxyattn-overrides '{"max_density": 0.1, "sparse_kernel": "fa3"}' \\
         --out benchmarks/results/profile_prefill_h200.json
 
 Run it once per backend (``--backend FLASH_ATTN`` for the dense reference; ``--append`` adds to the
-same JSON). The kernel benchmark (bench_kernels.py ``chunk_costs``) times the attention path
+same JSON). The kernel benchmark (kernels/bench_kernels.py ``chunk_costs``) times the attention path
 alone. This script measures the path inside the engine: the model's other kernels, the other
 layers, and the host between steps: a fit of the 256K TTFT put the engine's attention per chunk
 10-14% above the sum of the kernel benchmark's parts, and this profile places the excess in the
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
             report = json.load(f)
     import torch
 
-    from benchmarks.ttft_sweep import versions  # the same version record as the TTFT JSON
+    from benchmarks.e2e.ttft_sweep import versions  # the same version record as the TTFT JSON
 
     report.update({"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -206,5 +206,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     sys.exit(main())

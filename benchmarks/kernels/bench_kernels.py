@@ -2,7 +2,7 @@
 
 One command on a CUDA host (vLLM importable for FA3; without it the FA3 columns stay empty):
 
-    python benchmarks/bench_kernels.py [--sweep] [--out benchmarks/results/kernels_h200.json]
+    python benchmarks/kernels/bench_kernels.py [--sweep] [--out benchmarks/results/kernels_h200.json]
 
 Order: a correctness gate first (Triton vs the torch spec in bf16 on mid-size chunks, and
 Triton at full density vs FA3 dense on the benchmark shape); no timing runs if it fails.

@@ -1,6 +1,6 @@
 """Write a weightless Llama-3.1-8B-shaped model folder for vLLM's ``load_format="dummy"``.
 
-    python benchmarks/dummy_llama.py /tmp/dummy8b [--layers 32] [--max-len 262144]
+    python benchmarks/common/dummy_llama.py /tmp/dummy8b [--layers 32] [--max-len 262144]
 
 vLLM fills the weights with random values, so prefill timings have the real model's shapes
 without downloading 16 GB. The folder holds ``config.json`` and a byte-level tokenizer whose

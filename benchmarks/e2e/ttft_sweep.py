@@ -1,6 +1,6 @@
 """The TTFT comparison on one GPU host, in one command: dense (FLASH_ATTN) vs proxyattn.
 
-    python benchmarks/ttft_sweep.py --model /tmp/dummy8b \
+    python benchmarks/e2e/ttft_sweep.py --model /tmp/dummy8b \
         --config serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml \
         --lengths 8K,32K,64K,128K,256K --repeats 2 --density-pass --time-budget-s 540 \
         --out results/ttft.json --logdir results/ttft_logs
@@ -49,12 +49,12 @@ import time
 import urllib.error
 import urllib.request
 
-if __package__:  # imported as benchmarks.ttft_sweep (tests)
-    from . import loadtest
-else:  # run as a script: the script's folder is on sys.path
-    import loadtest
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, REPO)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.e2e import loadtest  # noqa: E402
+
 DEFAULT_CONFIG = os.path.join(REPO, "serve_configs", "llama3.1-8b-dummy-256k-proxyattn.yaml")
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "ttft_llama8b_dummy_h200.json")
 SPARSE_BACKEND = "proxyattn"
@@ -345,7 +345,7 @@ class Sweep:
             "gpu": gpu_name(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "command": shlex.join(["python", "benchmarks/ttft_sweep.py", *argv]),
+            "command": shlex.join(["python", "benchmarks/e2e/ttft_sweep.py", *argv]),
             "model": args.model or self.yaml[self.backends[0]].get("model"),
             "configs": {b: os.path.relpath(config_for(args.config, b), REPO) for b in self.backends},
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "logdir")},

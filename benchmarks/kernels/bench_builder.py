@@ -1,9 +1,9 @@
 """CPU cost of one metadata build per step: ProxyAttnMetadataBuilder vs FlashAttentionMetadataBuilder.
 
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/bench_builder.py [--iterations 20000]
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 python benchmarks/kernels/bench_builder.py [--iterations 20000]
 
 Builds the metadata of a few step shapes (decodes, short prefills, a mixed batch) with both
-builders on a tiny Llama config (tests/_tiny_llama.py) and prints microseconds per build, the best
+builders on the tiny Llama of ``proxyattn_vllm.testing`` and prints microseconds per build, the best
 of five repeats. FA3 AOT scheduling is off for both (no vllm_flash_attn on CPU; on a GPU both
 builders call it alike). Needs vLLM (the CPU build is enough).
 """
@@ -13,9 +13,6 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PAGE = 128
 
@@ -38,7 +35,7 @@ def main(argv=None) -> int:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from proxyattn_vllm.metadata import ProxyAttnMetadataBuilder
-    from tests._tiny_llama import HEAD_DIM, NUM_KV_HEADS, make_vllm_config, write_tiny_llama
+    from proxyattn_vllm.testing import HEAD_DIM, NUM_KV_HEADS, make_vllm_config, write_tiny_llama
 
     model_dir = write_tiny_llama(tempfile.mkdtemp())
     cfg = make_vllm_config(model_dir, {"min_sparse_len": 4096}, block_size=PAGE, max_model_len=65536,

@@ -1,6 +1,6 @@
 """GPU robustness checks of the proxyattn backend (prefix caching, preemption, a soak), one command:
 
-    python3 benchmarks/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
+    python3 benchmarks/robustness/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
         --out robustness.json [--parts prefix,preemption,soak] [--soak-s 120] \
         [--gpu-memory-utilization 0.12]
 
@@ -30,7 +30,7 @@
 
 3. ``soak`` (only when listed in ``--parts``): one ``vllm serve`` subprocess (loopback,
    port from the OS, default proxyattn config, CUDA graphs) under ``--soak-s`` seconds of mixed
-   load in bounded rounds (benchmarks/loadtest.py): short prompts decoding 128 tokens next to
+   load in bounded rounds (benchmarks/e2e/loadtest.py): short prompts decoding 128 tokens next to
    8K-32K prefills. Reported: request counts, failures, latencies, and GPU memory and server RSS
    after the first round and at the end (and after every round).
 
@@ -45,7 +45,7 @@ first differences with both margins, the control's numbers, the rule and the rea
 threshold's justification: NEAR_TIE_MARGIN below).
 
 Every engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
-benchmarks/gpu_backend_check.py) and is shut down before the next starts. Each part records
+benchmarks/robustness/gpu_backend_check.py) and is shut down before the next starts. Each part records
 ``{"status": "failed", "error": ...}`` on an exception and runs under a time guard (SIGALRM), so
 later parts still run; the JSON is rewritten after every step, and a summary table is printed
 last. ``--append`` keeps the parts of an existing ``--out`` that this run does not run (so the
@@ -72,14 +72,12 @@ import time
 # gpu_backend_check sets VLLM_ENABLE_V1_MULTIPROCESSING=0 when imported; main() does that here,
 # so that importing this module (the tests) changes nothing for other engines of the process.
 _MULTIPROCESSING = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-if __package__:  # imported as benchmarks.gpu_robustness (tests)
-    from . import gpu_backend_check as gbc
-    from . import loadtest, ttft_sweep, vllm_engine
-else:  # run as a script: the script's folder is on sys.path
-    import gpu_backend_check as gbc
-    import loadtest
-    import ttft_sweep
-    import vllm_engine
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.common import vllm_engine  # noqa: E402
+from benchmarks.e2e import loadtest, ttft_sweep  # noqa: E402
+from benchmarks.robustness import gpu_backend_check as gbc  # noqa: E402
 if _MULTIPROCESSING is None:
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
@@ -551,7 +549,7 @@ def with_engine(kwargs: dict, fn):
     """``fn(llm)`` on a new in-process ``vllm.LLM``, which is shut down and dropped afterwards
     (also when construction or ``fn`` fails; no caller keeps a reference to it).
 
-    (``benchmarks/vllm_engine.py``: a deleted in-process engine keeps its GPU memory.)"""
+    (``benchmarks/common/vllm_engine.py``: a deleted in-process engine keeps its GPU memory.)"""
     from vllm import LLM
 
     llm = None

@@ -1,0 +1,1 @@
+"""Per-step microbenchmarks: the kernels, the host time of their launches, the metadata builder."""
