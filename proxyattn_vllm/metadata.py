@@ -303,7 +303,7 @@ class ProxyAttnMetadataBuilder(FlashAttentionMetadataBuilder):
 
         Batches with prefill chunks that are all shorter than ``min_sparse_len`` take the
         general path on purpose: their per-row plan costs ~20 us next to milliseconds of
-        prefill, and ``benchmarks/gpu_robustness.py`` counts computed prefill tokens through
+        prefill, and ``benchmarks/robustness/gpu_robustness.py`` counts computed prefill tokens through
         :func:`plan_batch`.
         """
         return cm.max_query_len <= self.max_dense_query_len

@@ -2,7 +2,7 @@
 
 * ``"triton"``, ``"fa3"``, ``"flashinfer"``: that kernel;
 * ``"auto"``: per layer shape, the kernel measured fastest, read from ``auto_table.json`` (GPU,
-  date, source result file and the measured times behind each entry; ``benchmarks/bench_kernels.py
+  date, source result file and the measured times behind each entry; ``benchmarks/kernels/bench_kernels.py
   --auto-table`` writes one). A layer with several proxy groups gets the table's
   ``several_proxy_groups`` kernel: their rankings differ, so the union of the heads' blocks
   approaches dense.
@@ -54,7 +54,7 @@ def auto_table(path: Path = AUTO_TABLE_PATH) -> dict:
         if kernel not in KERNELS:
             raise ValueError(
                 f"{path}: kernel {kernel!r} is not one of {sorted(KERNELS)}; fix its \"kernel\", \"default\" "
-                "and \"several_proxy_groups\" values (benchmarks/bench_kernels.py --auto-table writes valid ones)."
+                "and \"several_proxy_groups\" values (benchmarks/kernels/bench_kernels.py --auto-table writes valid ones)."
             )
     return {**table, "by_shape": by_shape}
 

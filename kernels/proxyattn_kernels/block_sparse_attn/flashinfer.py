@@ -53,7 +53,7 @@ wrapper's int workspace. What the kernel then reads differs by FlashInfer backen
   those; the device ``indptr``/``last_page_len`` are not read at all, only ``indices``. Shorter
   actual lengths would be computed at the planned length: not safe. This backend therefore
   plans every layer after one device-to-host copy of the union's lengths (a sync per layer;
-  ``benchmarks/bench_kernels.py`` measures it). It is the ``backend="fa3"`` option, not the
+  ``benchmarks/kernels/bench_kernels.py`` measures it). It is the ``backend="fa3"`` option, not the
   default: on the H200 (128K context, 8K chunk) its kernel alone beats fa2's by 1.2-1.5x, but
   the sync and its host plan (about 1.7 ms for 32 heads) stall every layer. Rewriting the
   schedule's per-work-item lengths in the workspace on the device would remove both; not done

@@ -47,7 +47,7 @@ class TileConfig:
 
 
 def default_tile_config(block_size: int, head_dim: int, on_cpu: bool, page_size: int = 16) -> TileConfig:
-    """Tile sizes measured best on the H200 (benchmarks/bench_kernels.py --sweep);
+    """Tile sizes measured best on the H200 (benchmarks/kernels/bench_kernels.py --sweep);
     small tiles on CPU, where the Triton interpreter's cost grows with the tile."""
     if on_cpu:
         tile = min(block_size, 32)
