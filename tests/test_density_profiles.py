@@ -82,6 +82,16 @@ def test_fit_measured_recovers_layers_and_heads():
         dp.fit_measured(doc, 0.9)
 
 
+def test_rising_layer_is_held_at_longest_value():
+    doc, a, b, ratio = _synthetic_measured()
+    for e in doc["results"].values():  # layer 3 rises: L ** +0.2
+        e["gamma_fraction_last_chunk"][3] = [1e-3 * e["length"] ** 0.2 * float(r) for r in ratio]
+    fit = dp.fit_measured(doc, 0.95)
+    assert fit["raw_b"][3] == pytest.approx(-0.2, rel=1e-6)
+    assert fit["layer_fits"][3] == pytest.approx((1e-3 * 16384 ** 0.2, 0.0), rel=1e-6)
+    assert fit["layer_fits"][2] == pytest.approx((a[2], b[2]), rel=1e-6)
+
+
 def test_build_profiles_llama_shape():
     doc, a, b, _ = _synthetic_measured()
     out = dp.build_profiles(doc, lengths=[65536, 131072], paper={**dp.PAPER_LLAMA8B, "lengths": [16384, 65536]})

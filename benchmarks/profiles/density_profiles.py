@@ -127,8 +127,13 @@ def last_chunk_density(fraction: torch.Tensor, length: int, sel: dict = SELECTIO
 def fit_measured(doc: dict, gamma: float) -> dict:
     """Per-layer power laws and per-head ratios of one measured model at ``gamma``.
 
-    Returns ``{"lengths", "layer_fits": [(a, b)] * layers, "head_ratio": [layers, heads]
-    tensor (mean 1 per layer), "overall_fit": (a, b), "layer_means": {length: [layers]}}``.
+    A layer whose fitted fraction rises with length (``b < 0``) is held at its value at the
+    longest measured length (``b = 0``): growth measured over a few short lengths is not
+    extrapolated 4-16x (the raw exponents stay in ``raw_b``).
+
+    Returns ``{"lengths", "layer_fits": [(a, b)] * layers, "raw_b": [layers], "head_ratio":
+    [layers, heads] tensor (mean 1 per layer), "overall_fit": (a, b), "layer_means": {length:
+    [layers]}}``.
     """
     entries = sorted((e for e in doc["results"].values() if abs(e["gamma"] - gamma) < 1e-9),
                      key=lambda e: e["length"])
@@ -138,11 +143,13 @@ def fit_measured(doc: dict, gamma: float) -> dict:
     lengths = [e["length"] for e in entries]
     frac = torch.stack([torch.tensor(e["gamma_fraction_last_chunk"], dtype=torch.float64) for e in entries])  # [n, layers, heads]
     layer_mean = frac.mean(-1)  # [n, layers]
-    fits = [fit_power_law(lengths, layer_mean[:, i].tolist()) for i in range(frac.shape[1])]
+    raw = [fit_power_law(lengths, layer_mean[:, i].tolist()) for i in range(frac.shape[1])]
+    fits = [(a, b) if b >= 0 else (float(layer_mean[-1, i]), 0.0) for i, (a, b) in enumerate(raw)]
     longest = frac[-1]
     return {
         "lengths": lengths,
         "layer_fits": fits,
+        "raw_b": [b for _, b in raw],
         "head_ratio": longest / longest.mean(-1, keepdim=True),
         "overall_fit": fit_power_law(lengths, frac.mean((1, 2)).tolist()),
         "layer_means": {L: layer_mean[j].tolist() for j, L in enumerate(lengths)},
@@ -245,11 +252,13 @@ def build_profiles(measured: dict, shape: dict = LLAMA8B_SHAPE, gammas=(0.95, 0.
         prof = map_profile(fit, shape["layers"], shape["q_heads"])
         prof.update({
             "derivation": (f"{measured['model']['name']} at gamma {g} on essay text (measured lengths {fit['lengths']}); "
-                           f"per-layer power law of the mean last-chunk gamma fraction, head ratios at the longest "
-                           f"length; mapped onto {shape['layers']} layers x {shape['q_heads']} heads by relative position"),
+                           f"per-layer power law of the mean last-chunk gamma fraction (a rising layer held at its "
+                           f"longest-length value), head ratios at the longest length; mapped onto {shape['layers']} layers x {shape['q_heads']} heads by relative position"),
             "source": source, "gamma": g,
             "source_fit": {"overall_a": fit["overall_fit"][0], "overall_b": fit["overall_fit"][1],
-                           "layer_b": [round(b, 4) for _, b in fit["layer_fits"]]},
+                           "layer_b": [round(b, 4) for _, b in fit["layer_fits"]],
+                           "layer_b_raw": [round(b, 4) for b in fit["raw_b"]],
+                           "layers_held": [i for i, b in enumerate(fit["raw_b"]) if b < 0]},
         })
         profiles[f"measured-{tag}-gamma{g:.2f}"] = prof
     base = profiles.get(f"measured-{tag}-gamma0.95")
