@@ -121,6 +121,29 @@ def test_build_profiles_llama_shape():
     assert paper["head_ratio"] == measured["head_ratio"] and paper["scale_by_length"]["65536"] > 1
 
 
+def test_cli_merges_runs_and_writes_loadable_profiles(tmp_path):
+    import json
+
+    doc, *_ = _synthetic_measured()
+    short = {**doc, "results": {k: v for k, v in doc["results"].items() if v["length"] < 16384}}
+    long = {**doc, "results": {k: v for k, v in doc["results"].items() if v["length"] == 16384}}
+    paths = []
+    for name, d in (("short.json", short), ("long.json", long)):
+        paths.append(str(tmp_path / name))
+        Path(paths[-1]).write_text(json.dumps(d))
+    out = tmp_path / "profiles.json"
+    dp.main(["--measured", *paths, "--tag", "syn", "--lengths", "65536", "--out", str(out)])
+    prof = dp.load_profile("measured-syn-gamma0.95", out)
+    assert len(prof["source_fit"]["layer_b"]) == 6  # three lengths from two files: the fit ran
+    assert dp.head_budget_blocks(prof, 131072).shape == (32, 32)
+    with pytest.raises(KeyError, match="available: measured-syn-gamma0.95, paper-llama8b-gamma0.95"):
+        dp.load_profile("nope", out)
+    other = {**long, "model": {"name": "Other-2B"}}
+    Path(paths[1]).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different models"):
+        dp.main(["--measured", *paths, "--out", str(out)])
+
+
 def test_paper_target_out_of_reach_is_an_error():
     doc, *_ = _synthetic_measured()
     prof = dp.map_profile(dp.fit_measured(doc, 0.95), 4, 4)

@@ -18,7 +18,8 @@ chunked prefill, counting forced blocks and the dense tail as the selection does
 Example (writes benchmarks/profiles/profiles.json and prints each profile's densities)::
 
     python benchmarks/profiles/density_profiles.py \\
-        --measured benchmarks/results/head_budgets_qwen05b_gamma095.json --out benchmarks/profiles/profiles.json
+        --measured benchmarks/results/head_budgets_qwen05b_gamma095.json --tag qwen05b \\
+        --out benchmarks/profiles/profiles.json
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -283,12 +285,23 @@ def build_profiles(measured: dict, shape: dict = LLAMA8B_SHAPE, gammas=(0.95, 0.
 
 def _round(doc):
     if isinstance(doc, float):
-        return round(doc, 5)
+        return float(f"{doc:.4g}")
     if isinstance(doc, dict):
         return {k: _round(v) for k, v in doc.items()}
     if isinstance(doc, (list, tuple)):
         return [_round(v) for v in doc]
     return doc
+
+
+def merge_measured(docs: list[dict]) -> dict:
+    """One measured document from several runs of the same model (their results side by side)."""
+    names = {d["model"]["name"] for d in docs}
+    if len(names) != 1:
+        raise SystemExit(f"--measured files hold different models {sorted(names)}; pass the runs of one model")
+    merged = {**docs[0], "results": {}}
+    for d in docs:
+        merged["results"].update(d["results"])
+    return merged
 
 
 def load_profile(name: str, path: str | Path = Path(__file__).with_name("profiles.json")) -> dict:
@@ -303,15 +316,22 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--measured", required=True, help="measure_budgets.py result JSON")
+    p.add_argument("--measured", required=True, nargs="+",
+                   help="measure_budgets.py result JSON(s) of one model (several: their lengths are merged)")
     p.add_argument("--tag", default=None, help="short model name in the profile names (default: from the JSON)")
+    p.add_argument("--lengths", default=",".join(map(str, PROFILE_LENGTHS)),
+                   help="comma list of context lengths the summary covers (default: %(default)s)")
     p.add_argument("--out", default=str(Path(__file__).with_name("profiles.json")), help="profiles JSON (default: %(default)s)")
     args = p.parse_args(argv)
-    measured = json.loads(Path(args.measured).read_text())
+    measured = merge_measured([json.loads(Path(m).read_text()) for m in args.measured])
     if args.tag:
         measured["tag"] = args.tag
-    doc = _round(build_profiles(measured, source=args.measured))
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    doc = _round(build_profiles(measured, lengths=lengths, source=", ".join(args.measured)))
+    text = json.dumps(doc, indent=1)
+    # One line per innermost list of numbers: a 32 x 32 table reads as 32 rows.
+    text = re.sub(r"\[\s*([-0-9.e+,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    Path(args.out).write_text(text + "\n")
     for name, prof in doc["profiles"].items():
         scale = prof.get("scale_by_length") or prof["scale"]
         print(f"{name}: scale {scale}")

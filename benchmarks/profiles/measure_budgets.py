@@ -50,8 +50,9 @@ from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
 from proxyattn_kernels.reference import Selection
 from proxyattn_kernels.select.naive import select_blocks
 
-#: The essay corpus beside the repository (read in place, never copied).
-DEFAULT_ESSAY_DIR = "/work/shared/data/pg_essays"
+#: Plain-text essays: $PROXYATTN_ESSAY_DIR, else the shared data folder beside the repository
+#: (read in place, never copied; any folder of .txt files works: --essay-dir).
+DEFAULT_ESSAY_DIR = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "pg_essays")
 #: Measurement settings on top of the backend defaults (see the module docstring).
 OVERRIDES = {"min_sparse_len": 0, "max_density": None}
 CAPTURE_NAME = "proxyattn_budget_capture"
