@@ -250,3 +250,12 @@ def test_cli_help(capsys):
     assert exc.value.code == 0 and "--lengths" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mb.parse_args(["--model-dir", "x", "--out", "y", "--gammas", "1.5"])
+
+
+def test_dumps_round_trips_with_one_line_per_row():
+    import json
+
+    doc = {"t": [[0.5, -1e-05, 3], [2, 1.25e+20, 0]], "e": [], "s": ["a, b", "[1]"], "n": {"x": [1]}}
+    text = mb.dumps(doc)
+    assert json.loads(text) == doc
+    assert "[0.5, -1e-05, 3]" in text and "[2, 1.25e+20, 0]" in text

@@ -27,13 +27,16 @@ import argparse
 import functools
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from proxyattn_kernels.params import ChunkGeometry, num_forced_blocks
+
+if __package__ in (None, ""):  # run as a script or imported from tests: its sibling by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_budgets import dumps  # noqa: E402
 
 #: Llama-3.1-8B: the shape the speed benchmarks use.
 LLAMA8B_SHAPE = {"name": "Llama-3.1-8B", "layers": 32, "q_heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -328,10 +331,7 @@ def main(argv=None) -> dict:
         measured["tag"] = args.tag
     lengths = [int(x) for x in args.lengths.split(",")]
     doc = _round(build_profiles(measured, lengths=lengths, source=", ".join(args.measured)))
-    text = json.dumps(doc, indent=1)
-    # One line per innermost list of numbers: a 32 x 32 table reads as 32 rows.
-    text = re.sub(r"\[\s*([-0-9.e+,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
-    Path(args.out).write_text(text + "\n")
+    Path(args.out).write_text(dumps(doc))
     for name, prof in doc["profiles"].items():
         scale = prof.get("scale_by_length") or prof["scale"]
         print(f"{name}: scale {scale}")

@@ -37,6 +37,7 @@ import datetime as _dt
 import json
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -192,6 +193,14 @@ def essay_tokens(tokenizer, length: int, seed: int, essay_dir: str) -> list[int]
     raise SystemExit(f"essays in {essay_dir} hold only {len(ids)} tokens, fewer than --lengths {length}")
 
 
+def dumps(doc: dict) -> str:
+    """JSON with one line per innermost list of numbers (a layers x heads table reads as rows)."""
+    text = json.dumps(doc, indent=1)
+    return re.sub(r"\[\s*([-0-9.e+,\s]*?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]" if m.group(1).strip() else "[]",
+                  text) + "\n"
+
+
 def _r(x: torch.Tensor | float, d: int = 5):
     if isinstance(x, torch.Tensor) and x.dim() > 0:
         return [round(float(v), d) for v in x]
@@ -334,7 +343,7 @@ def main(argv=None) -> dict:
                                       args.seed, args.essay_dir, progress_cls=tqdm))
         doc["elapsed_s"] = round(time.time() - t_start, 1)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(doc, indent=1) + "\n")  # after every length: partial runs keep their data
+        out_path.write_text(dumps(doc))  # after every length: partial runs keep their data
     print(f"results: {out_path}")
     return doc
 
