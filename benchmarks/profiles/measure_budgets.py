@@ -48,8 +48,7 @@ import torch
 from proxyattn_kernels.budget.naive import gamma_block_counts, last_block_mass, limit_budget
 from proxyattn_kernels.params import ChunkGeometry, ProxyAttnParams
 from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
-from proxyattn_kernels.reference import Selection
-from proxyattn_kernels.select.naive import select_blocks
+from proxyattn_kernels.reference import Selection, selection_from_budgets
 
 #: Plain-text essays: $PROXYATTN_ESSAY_DIR, else the shared data folder beside the repository
 #: (read in place, never copied; any folder of .txt files works: --essay-dir).
@@ -92,13 +91,7 @@ def chunk_selections(q: torch.Tensor, k: torch.Tensor, ctx: int, params: dict[fl
     for gamma, p in params.items():
         gamma_counts = gamma_block_counts(mass, gamma)
         budget = limit_budget(gamma_counts, geo.num_k_blocks, p.min_budget_blocks, p.budget_cap_blocks(geo))
-        dense_reason = None
-        if geo.seq_len < p.min_sparse_len:
-            dense_reason = "short"
-            budget = torch.full_like(budget, geo.num_k_blocks)
-        ranking, counts, num_forced = select_blocks(scores, budget, ctx, geo.q_len, p.block_size, p.sink_blocks,
-                                                    p.local_blocks, p.dense_tail_tokens)
-        out[gamma] = Selection(geo, scores, ranking, counts, num_forced, budget, gamma_counts, dense_reason)
+        out[gamma] = selection_from_budgets(geo, scores, budget, gamma_counts, p)
     return out
 
 

@@ -167,12 +167,23 @@ def reference_selection(
         q, k, ctx, scale, params.block_size, params.gamma, params.min_budget_blocks,
         params.budget_cap_blocks(geo),
     )
+    return selection_from_budgets(geo, scores, budget, gamma_counts, params)
+
+
+def selection_from_budgets(
+    geo: ChunkGeometry, scores: torch.Tensor, budget: torch.Tensor, gamma_counts: torch.Tensor,
+    params: ProxyAttnParams,
+) -> Selection:
+    """The last step of :func:`reference_selection`: the blocks each head computes, given the
+    chunk's proxy scores (``[groups, query blocks, key blocks]``) and the heads' budgets
+    (``budget``, ``gamma_counts``: ``[Hq]`` int32 block counts). A chunk shorter than
+    ``min_sparse_len`` keeps every block."""
     dense_reason = None
     if geo.seq_len < params.min_sparse_len:
         dense_reason = "short"
         budget = torch.full_like(budget, geo.num_k_blocks)
     ranking, counts, num_forced = select_blocks(
-        scores, budget, ctx, geo.q_len, params.block_size, params.sink_blocks, params.local_blocks,
+        scores, budget, geo.ctx, geo.q_len, params.block_size, params.sink_blocks, params.local_blocks,
         params.dense_tail_tokens,
     )
     return Selection(geo, scores, ranking, counts, num_forced, budget, gamma_counts, dense_reason)
