@@ -39,6 +39,13 @@ def _fail(key: str, value: Any, accepted: str) -> None:
     )
 
 
+def check_sparse_kernel(value: Any) -> None:
+    """Raise :class:`ProxyAttnConfigError` unless ``value`` is one of :data:`SPARSE_KERNELS`."""
+    if value not in SPARSE_KERNELS:
+        quoted = [f'"{k}"' for k in SPARSE_KERNELS]
+        _fail("sparse_kernel", value, ", ".join(quoted[:-1]) + " or " + quoted[-1])
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -119,9 +126,7 @@ class ProxyAttnConfig:
         if not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers):
             _fail("dense_layers", layers, "a list of non-negative layer indices, e.g. [0, 1]")
         object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
-        if self.sparse_kernel not in SPARSE_KERNELS:
-            quoted = [f'"{k}"' for k in SPARSE_KERNELS]
-            _fail("sparse_kernel", self.sparse_kernel, ", ".join(quoted[:-1]) + " or " + quoted[-1])
+        check_sparse_kernel(self.sparse_kernel)
         object.__setattr__(self, "gamma", float(self.gamma))
         if self.max_density is not None:
             object.__setattr__(self, "max_density", float(self.max_density))

@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 
-from ..config import SPARSE_KERNELS, ProxyAttnConfigError
+from ..config import SPARSE_KERNELS, check_sparse_kernel
 from ..errors import ProxyAttnUnsupportedError
 from .base import SparseKernel, SparseLayer
 from .fa3 import FA3UnionKernel
@@ -68,20 +68,10 @@ def auto_sparse_kernel(head_dim: int, page_size: int, num_q_heads: int, num_kv_h
     return table["by_shape"].get((head_dim, page_size, num_q_heads // num_kv_heads), table["default"])
 
 
-def _check_value(sparse_kernel: str) -> None:
-    if sparse_kernel not in SPARSE_KERNELS:
-        quoted = [f'"{k}"' for k in SPARSE_KERNELS]
-        raise ProxyAttnConfigError(
-            f"proxyattn config: sparse_kernel={sparse_kernel!r} is invalid; accepted: "
-            f"{', '.join(quoted[:-1])} or {quoted[-1]}. Fix it in --additional-config "
-            f"'{{\"proxyattn\": {{\"sparse_kernel\": ...}}}}'."
-        )
-
-
 def check_configured(sparse_kernel: str) -> None:
     """At layer construction: a ``sparse_kernel`` asked for by name must be able to run at all
     (``"auto"`` falls back per shape instead)."""
-    _check_value(sparse_kernel)
+    check_sparse_kernel(sparse_kernel)
     if sparse_kernel == "flashinfer" and not fi.flashinfer_available():
         raise ProxyAttnUnsupportedError(
             f"proxyattn: sparse_kernel \"flashinfer\" needs {fi.FLASHINFER_REQUIREMENT}, "
@@ -93,7 +83,7 @@ def check_configured(sparse_kernel: str) -> None:
 def choose(sparse_kernel: str, layer: SparseLayer, page_size: int, dtype: torch.dtype) -> tuple[str, str | None]:
     """``(kernel, why it cannot run or None)`` for a layer of this page size and dtype, without
     warning: ``sparse_kernel``, with "auto" looked up by shape."""
-    _check_value(sparse_kernel)
+    check_sparse_kernel(sparse_kernel)
     params = layer.params
     kernel = sparse_kernel
     if sparse_kernel == "auto":
