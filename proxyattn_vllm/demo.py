@@ -423,12 +423,10 @@ def _run(args: argparse.Namespace, undo: contextlib.ExitStack) -> int:
         if not args.no_dense:
             progress.phase(f"dense reference: the same prompt with attention_backend='{dense_backend}'")
             try:
-                from .testing import kv_cache_layout_restored
+                from .vllm_compat import cpu_attn_page_size, kv_cache_layout_restored
 
                 dense_engine = dict(engine, attention_backend=dense_backend)
                 if dense_backend == "CPU_ATTN":  # its pages may need to be larger (vllm_compat)
-                    from .vllm_compat import cpu_attn_page_size
-
                     page = cpu_attn_page_size(args.block_size)
                     dense_engine.update(block_size=page, kv_cache_memory_bytes=_kv_cache_bytes(
                         model_dir, max_model_len, page, dtype_bytes))

@@ -16,8 +16,6 @@ import gc
 import json
 from pathlib import Path
 
-from .vllm_compat import kv_cache_layout_restored  # noqa: F401  (re-exported for the tests and the demo)
-
 NUM_LAYERS = 2
 NUM_HEADS = 4
 NUM_KV_HEADS = 2

@@ -15,8 +15,8 @@ import traceback
 from typing import Iterator
 
 from proxyattn_vllm.cpu_harness import engine_unavailable_reason, honour_custom_backend_on_cpu
-from proxyattn_vllm.testing import kv_cache_layout_restored, tear_down_engine
-from proxyattn_vllm.vllm_compat import cpu_attn_page_size, run_cpu_warm_up_forward
+from proxyattn_vllm.testing import tear_down_engine
+from proxyattn_vllm.vllm_compat import cpu_attn_page_size, kv_cache_layout_restored, run_cpu_warm_up_forward
 
 __all__ = [
     "skip_unless_vllm_on_cpu", "honour_custom_backend_on_cpu", "tear_down_engine", "tiny_llm",
