@@ -36,14 +36,16 @@ from proxyattn_kernels.params import ChunkGeometry, num_forced_blocks
 
 if __package__ in (None, ""):  # run as a script or imported from tests: its sibling by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure_budgets import dumps  # noqa: E402
+from measure_budgets import default_params, dumps  # noqa: E402
 
 #: Llama-3.1-8B: the shape the speed benchmarks use.
 LLAMA8B_SHAPE = {"name": "Llama-3.1-8B", "layers": 32, "q_heads": 32, "kv_heads": 8, "head_dim": 128}
-#: Selection settings the densities are computed with (``ProxyAttnConfig`` defaults; chunk =
-#: vLLM's max_num_batched_tokens of the benchmarks).
-SELECTION = {"block_size": 128, "min_budget_blocks": 16, "sink_blocks": 1, "local_blocks": 1,
-             "dense_tail_tokens": 128, "chunk_tokens": 8192}
+#: Selection settings the densities are computed with: the ``ProxyAttnConfig`` defaults as the
+#: backend resolves them for this shape, and chunk = vLLM's max_num_batched_tokens of the benchmarks.
+_DEFAULT_PARAMS = default_params(LLAMA8B_SHAPE["q_heads"], LLAMA8B_SHAPE["kv_heads"], gamma=0.95)
+SELECTION = {**{key: getattr(_DEFAULT_PARAMS, key) for key in
+                ("block_size", "min_budget_blocks", "sink_blocks", "local_blocks", "dense_tail_tokens")},
+             "chunk_tokens": 8192}
 #: Paper (ProxyAttn, RULER table): Llama-3.1-8B at gamma 0.95 skips 0.69 of the attention
 #: averaged over RULER's lengths, i.e. a mean density of 0.31 over one unchunked prefill each.
 PAPER_LLAMA8B = {"density": 0.31, "lengths": [4096, 8192, 16384, 32768, 65536, 131072]}
