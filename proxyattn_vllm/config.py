@@ -88,6 +88,10 @@ class ProxyAttnConfig:
             ``"flashinfer"`` (the same union through FlashInfer's paged prefill kernel; needs
             the ``[flashinfer]`` extra) or ``"auto"`` (per layer shape, the kernel measured
             fastest, from ``sparse/auto_table.json``; see ``sparse/choose.py``).
+        budget_profile, budget_profile_file: benchmarking only: each head keeps the share of
+            key blocks that profile ``budget_profile`` of the JSON file ``budget_profile_file``
+            prescribes for its layer and the context length, instead of its gamma budget
+            (``budget_profile.py``; the profiles: ``benchmarks/profiles/profiles.json``).
     """
 
     gamma: float = 0.95
@@ -102,6 +106,8 @@ class ProxyAttnConfig:
     dense_layers: tuple[int, ...] = ()
     dense_tail_tokens: int = 128
     sparse_kernel: str = "triton"
+    budget_profile: str | None = None
+    budget_profile_file: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.gamma) or not 0.0 < self.gamma <= 1.0:
@@ -130,6 +136,27 @@ class ProxyAttnConfig:
         object.__setattr__(self, "gamma", float(self.gamma))
         if self.max_density is not None:
             object.__setattr__(self, "max_density", float(self.max_density))
+        self._check_budget_profile()
+
+    def _check_budget_profile(self) -> None:
+        name, file = self.budget_profile, self.budget_profile_file
+        if name is None and file is None:
+            return
+        if not isinstance(name, str) or not name:
+            _fail("budget_profile", name, "a profile name of budget_profile_file, e.g. \"paper-llama8b-gamma0.95\"")
+        if not isinstance(file, str) or not file:
+            _fail("budget_profile_file", file, "the path of a profiles JSON, e.g. benchmarks/profiles/profiles.json")
+        if self.max_density is not None:
+            _fail("max_density", self.max_density, "null with budget_profile (the profile sets every budget)")
+        self.load_budget_profile()
+
+    def load_budget_profile(self):
+        """The :class:`~proxyattn_vllm.budget_profile.BudgetProfile` of ``budget_profile``, or None."""
+        if self.budget_profile is None:
+            return None
+        from .budget_profile import load_budget_profile  # imports this module
+
+        return load_budget_profile(self.budget_profile_file, self.budget_profile)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "ProxyAttnConfig":
@@ -173,9 +200,13 @@ class ProxyAttnConfig:
             )
         return int(self.num_proxy_groups)
 
-    def check_model(self, num_layers: int) -> None:
+    def check_model(self, num_layers: int, num_q_heads: int | None = None) -> None:
         """Check the settings that depend on the model: ``dense_layers`` must name its layers
-        (an index past the last layer would be ignored silently, most likely a typo)."""
+        (an index past the last layer would be ignored silently, most likely a typo); a
+        ``budget_profile`` must have its shape (``num_q_heads``: all ranks' query heads)."""
+        profile = self.load_budget_profile()
+        if profile is not None and num_q_heads is not None:
+            profile.check_model(num_layers, num_q_heads, self.budget_profile_file)
         outside = [i for i in self.dense_layers if i >= num_layers]
         if outside:
             _fail(
@@ -221,7 +252,9 @@ def load_config(vllm_config: Any | None) -> ProxyAttnConfig:
         config = ProxyAttnConfig.from_additional_config(additional)
         model_config = getattr(vllm_config, "model_config", None)
         if model_config is not None:
-            config.check_model(model_config.get_total_num_hidden_layers())
+            text_config = getattr(model_config, "hf_text_config", None)
+            config.check_model(model_config.get_total_num_hidden_layers(),
+                               getattr(text_config, "num_attention_heads", None))
     except ProxyAttnConfigError as err:
         # vLLM prints the engine's startup failure as a long traceback: say the cause first, in
         # one line, so it is the line a user reads (logged once however many layers ask).

@@ -16,6 +16,8 @@ feature and what to use instead.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from vllm.logger import init_logger
@@ -135,6 +137,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
             raise NotImplementedError("proxyattn: fused output quantization is not supported")
         # Resolved before the profiling-run exit, so a bad layer name fails during startup.
         dense_layer = self._is_dense_layer(layer)
+        if self.proxyattn_config.budget_profile is not None and self.sparse_layer.budget_profile is None:
+            self._attach_budget_profile(layer, query.device)
         if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
             if not dense_layer and not self.sliding_window_layer:
                 self._warm_up(query)
@@ -187,6 +191,15 @@ class ProxyAttnImpl(FlashAttentionImpl):
                                              shape.page_size, query.dtype, warn=False)
         warmup.warm_up_layer(shape, kernel, query.dtype, query.device, self.dense.tail_first)
 
+    def _attach_budget_profile(self, layer: torch.nn.Module, device: torch.device) -> None:
+        """This layer's rank of the ``budget_profile`` (benchmarks only; ``budget_profile.py``)."""
+        from vllm.distributed import parallel_state
+
+        profile = self.proxyattn_config.load_budget_profile()
+        rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+        self.sparse_layer = replace(self.sparse_layer, budget_profile=profile.for_layer(
+            _layer_index(layer, "budget_profile"), rank * self.num_heads, self.num_heads, device))
+
     def _is_dense_layer(self, layer: torch.nn.Module) -> bool:
         if self._dense_layer is None:
             dense_layers = self.proxyattn_config.dense_layers
@@ -197,7 +210,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
         return self._dense_layer
 
 
-def _layer_index(layer: torch.nn.Module) -> int:
+def _layer_index(layer: torch.nn.Module, setting: str = "dense_layers") -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     name = getattr(layer, "layer_name", None)
@@ -206,7 +219,7 @@ def _layer_index(layer: torch.nn.Module) -> int:
     except (AssertionError, ValueError, AttributeError) as exc:
         raise ProxyAttnUnsupportedError(
             f"proxyattn: cannot find the layer index in the attention layer name {name!r}, so "
-            "'dense_layers' cannot be applied; remove 'dense_layers' from the proxyattn config."
+            f"'{setting}' cannot be applied; remove '{setting}' from the proxyattn config."
         ) from exc
 
 

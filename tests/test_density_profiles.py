@@ -4,17 +4,15 @@ tiny random model."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"))
 
-import density_profiles as dp  # noqa: E402
-from proxyattn_kernels.params import ChunkGeometry  # noqa: E402
-from proxyattn_kernels.select.naive import select_blocks  # noqa: E402
+from benchmarks.profiles import density_profiles as dp
+from proxyattn_kernels.params import ChunkGeometry
+from proxyattn_kernels.select.naive import select_blocks
 
 
 def test_power_law_recovered():
@@ -154,7 +152,7 @@ def test_paper_target_out_of_reach_is_an_error():
 # ---- measure_budgets.py on a tiny random Llama ------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
-import measure_budgets as mb  # noqa: E402
+from benchmarks.profiles import measure_budgets as mb  # noqa: E402
 
 
 class _CharTokenizer:

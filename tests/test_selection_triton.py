@@ -16,7 +16,7 @@ import proxyattn_kernels.common as kernels_common
 import proxyattn_kernels.proxy_scores.triton as proxy_triton
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.budget.naive import (
-    block_mass_given_lse, gamma_block_counts, last_block_mass, last_rows_lse, limit_budget,
+    block_mass_given_lse, fraction_budgets, gamma_block_counts, last_block_mass, last_rows_lse, limit_budget,
 )
 from proxyattn_kernels.budget.triton import BudgetTileConfig, gamma_budgets, head_budgets_paged, last_block_mass_paged
 from proxyattn_kernels.proxy_scores.naive import proxy_block_scores
@@ -474,6 +474,32 @@ def test_select_blocks_paged_matches_reference(rng_seed, hq, hkv, d, ctx, q_len,
                                          block_table=table)
     check_against_reference(sel, ref, q, k, ctx, scale, params, *TOL[torch.float32])
     assert (sel.counts < ref.extents()[None]).any(), "a real sparse selection"
+
+
+def test_prescribed_budget_fractions_replace_the_gamma_budget(rng_seed):
+    """``budget_fraction``: each head keeps ``ceil(fraction * key blocks)`` (floored at the
+    minimum, capped by max_density and the key blocks) instead of its gamma budget; the gamma
+    counts are still computed; the kernels equal the reference given the same fractions."""
+    hq, hkv, d, ctx, q_len, block = 4, 2, 16, 150, 70, 16
+    q, k, v = make_chunk(hq, hkv, d, ctx, q_len, torch.float32, q_scale=2.0)
+    kv_cache, table = make_paged(k, v, 16)
+    params = ProxyAttnParams(gamma=0.8, stride=4, block_size=block, num_groups=1, min_budget_blocks=3,
+                             sink_blocks=1, local_blocks=1, min_sparse_len=0, max_density=0.8)
+    geo = ChunkGeometry(ctx, q_len, block)  # 14 key blocks
+    cap = params.budget_cap_blocks(geo)
+    fraction = torch.tensor([0.05, 0.3, 0.5, 2.0])  # below the minimum, two free, above every block
+    expected = torch.tensor([3, math.ceil(0.3 * 14), 7, min(cap, 14)], dtype=torch.int32)
+    assert torch.equal(fraction_budgets(fraction, 14, 3, cap), expected)
+    scale = d**-0.5
+    sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=scale, params=params, budget_fraction=fraction)
+    free = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=scale, params=params)
+    assert torch.equal(sel.budget, expected) and not torch.equal(free.budget, expected)
+    assert torch.equal(sel.gamma_counts, free.gamma_counts)
+    _, ref = proxyattn_prefill_reference(q, ctx=ctx, params=params, scale=scale, kv_cache=kv_cache,
+                                         block_table=table, budget_fraction=fraction)
+    assert torch.equal(ref.budget, expected)
+    assert torch.equal(sel.ranking, ref.ranking) and torch.equal(sel.counts, ref.counts)
+    assert (sel.counts[0] < sel.counts[2]).any(), "heads with unequal budgets compute unequal blocks"
 
 
 def test_short_sequence_budget_is_every_block(rng_seed):

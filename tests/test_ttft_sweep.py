@@ -298,16 +298,42 @@ def test_sparse_kernel_variants_share_the_proxyattn_config():
                    "additional-config": {"proxyattn": {"max_density": 0.1}, "other_plugin": {"x": 1}}}
     assert ttft_sweep.backend_kind("proxyattn:fa3") == "proxyattn"
     assert ttft_sweep.is_sparse("proxyattn:fa3") and not ttft_sweep.is_sparse("FLASH_ATTN")
-    assert ttft_sweep.sparse_kernel_override("proxyattn", yaml_config) == []
-    flag, value = ttft_sweep.sparse_kernel_override("proxyattn:fa3", yaml_config)
+    assert ttft_sweep.proxyattn_override("proxyattn", yaml_config) == []
+    flag, value = ttft_sweep.proxyattn_override("proxyattn:fa3", yaml_config)
     assert flag == "--additional-config"
     assert json.loads(value) == {"proxyattn": {"max_density": 0.1, "sparse_kernel": "fa3"},
                                  "other_plugin": {"x": 1}}
     # The YAML may hold additional-config as a JSON string too (serve_configs/ do).
-    _, value = ttft_sweep.sparse_kernel_override(
+    _, value = ttft_sweep.proxyattn_override(
         "proxyattn:triton", {"additional-config": '{"proxyattn": {"gamma": 0.9}}'})
     assert json.loads(value) == {"proxyattn": {"gamma": 0.9, "sparse_kernel": "triton"}}
     assert ttft_sweep.config_for("x-proxyattn.yaml", "proxyattn:fa3") == "x-proxyattn.yaml"
+
+
+def test_density_variants_serve_a_cap_or_a_profile():
+    yaml_config = {"additional-config": {"proxyattn": {"max_density": 0.1, "gamma": 0.9}}}
+    assert ttft_sweep.parse_backend("proxyattn:fa3@density0.2") == ("proxyattn", "fa3", "density0.2")
+    assert ttft_sweep.parse_backend("FLASH_ATTN") == ("FLASH_ATTN", None, None)
+    assert ttft_sweep.is_sparse("proxyattn@density0.3") and ttft_sweep.backend_kind("proxyattn@x") == "proxyattn"
+    _, value = ttft_sweep.proxyattn_override("proxyattn@density0.3", yaml_config)
+    assert json.loads(value) == {"proxyattn": {"max_density": 0.3, "gamma": 0.9}}
+    _, value = ttft_sweep.proxyattn_override("proxyattn:fa3@paper-llama8b-gamma0.95", yaml_config)
+    assert json.loads(value) == {"proxyattn": {
+        "gamma": 0.9, "sparse_kernel": "fa3", "max_density": None, "budget_profile": "paper-llama8b-gamma0.95",
+        "budget_profile_file": ttft_sweep.PROFILES_JSON}}
+    # What the server is given is a valid config: it loads the profile.
+    from proxyattn_vllm import ProxyAttnConfig
+
+    assert ProxyAttnConfig.from_dict(json.loads(value)["proxyattn"]).load_budget_profile().num_layers == 32
+    for bad, message in (("density0", "densityX with X in"), ("density1.5", "densityX with X in"),
+                         ("no-such-profile", "neither densityX nor a profile")):
+        with pytest.raises(SystemExit, match=message):
+            ttft_sweep.proxyattn_override(f"proxyattn@{bad}", yaml_config)
+    # A profile's density is prescribed: computed for the run; a cap is labelled as a cap.
+    density = ttft_sweep.prescribed_density("proxyattn@paper-llama8b-gamma0.95", 65536, 8192)
+    assert 0.1 < density < 0.5
+    assert ttft_sweep.prescribed_density("proxyattn@density0.1", 65536, 8192) is None
+    assert ttft_sweep.density_label("proxyattn@density0.1", None) == "<= 0.1"
 
 
 def test_table_has_a_speedup_column_per_sparse_kernel():
@@ -319,8 +345,8 @@ def test_table_has_a_speedup_column_per_sparse_kernel():
         run("FLASH_ATTN", 1000, 400.0), run("proxyattn", 1000, 200.0), run("proxyattn:fa3", 1000, 100.0)]}
     lines = ttft_sweep.format_table(results).splitlines()
     row = next(line for line in lines if line.lstrip().startswith("1000"))
-    assert row.rstrip().endswith("2.00x |             4.00x")
-    assert "0.100" in row
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[-4:] == ["0.100", "2.00x", "-", "4.00x"]
     assert lines[-1].startswith("speedup = FLASH_ATTN mean TTFT / proxyattn or proxyattn:fa3 mean TTFT")
 
 

@@ -188,6 +188,34 @@ def test_mixed_batch_matches_reference(vllm_config, dtype, tail_by_dense, monkey
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
 
 
+def test_a_budget_profile_prescribes_each_heads_budget(vllm_config, tmp_path):
+    """``budget_profile``: the sparse row's heads keep the profile's share of blocks for their
+    layer (here layer 1 of the layer name) at the row's length; the output equals the reference
+    given the same fractions."""
+    import json
+
+    from proxyattn_vllm import ProxyAttnConfig
+
+    profile = {"a": [9.0, 0.5], "b": [0.0, 0.1], "head_ratio": [[1.0] * 4, [0.2, 1.0, 1.8, 1.0]], "scale": 1.0}
+    path = tmp_path / "profiles.json"
+    path.write_text(json.dumps({"profiles": {"unequal": profile}}))
+    config = {**SPARSE, "max_density": None, "budget_profile": "unequal", "budget_profile_file": str(path)}
+    batch = Batch(MIXED_Q, MIXED_SEQ, torch.float32, pad_tokens=PAD_TOKENS)
+    md = _builder(vllm_config).build(0, batch.common)
+    output = batch.run(_impl(config), md, _Layer(1))
+    r, tokens, ctx = next(row for row in batch.rows() if row[0] == 3)
+    fraction = torch.tensor([0.5 * ratio * MIXED_SEQ[3] ** -0.1 for ratio in profile["head_ratio"][1]])
+    params = ProxyAttnConfig.from_dict(config).kernel_params(NUM_HEADS, NUM_KV_HEADS)
+    expected, selection = proxyattn_prefill_reference(
+        batch.query[tokens], batch.keys[r], batch.values[r], ctx=ctx, params=params, scale=SCALE,
+        budget_fraction=fraction)
+    assert selection.budget.tolist() == [1, 2, 4, 2]  # ceil(fraction * 6 key blocks)
+    torch.testing.assert_close(output[tokens], expected, **_tol(torch.float32))
+    unprescribed, _ = proxyattn_prefill_reference(batch.query[tokens], batch.keys[r], batch.values[r], ctx=ctx,
+                                                  params=params, scale=SCALE)
+    assert (output[tokens] - unprescribed).abs().max() > 1e-3, "the profile changed nothing"
+
+
 def test_a_chunk_that_is_all_dense_tail_skips_the_selection(vllm_config, monkeypatch):
     """With the tail through the dense kernel, a chunk whose dense tail covers it whole (a short
     last chunk) is one dense call: no selection runs for it."""

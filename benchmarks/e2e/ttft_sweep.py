@@ -28,7 +28,12 @@ fake server). --append adds to an existing --out, for a comparison split over se
 (e.g. dense alone first, so that its long cold start does not shorten the sparse backends' share
 of --time-budget-s).
 A --backends entry proxyattn:KERNEL serves proxyattn with sparse_kernel=KERNEL (e.g.
---backends FLASH_ATTN,proxyattn,proxyattn:fa3 compares both sparse kernels in one run).
+--backends FLASH_ATTN,proxyattn,proxyattn:fa3 compares both sparse kernels in one run), and
+proxyattn@VARIANT (or proxyattn:KERNEL@VARIANT) with a density: @density0.1 caps every head at
+max_density 0.1 (the best case), @PROFILE serves the per-layer, per-head budgets of a profile of
+benchmarks/profiles/profiles.json (e.g. @paper-llama8b-gamma0.95, what real attention selects;
+its density is computed, not measured). On random weights, e.g.:
+    --backends FLASH_ATTN,proxyattn@paper-llama8b-gamma0.95,proxyattn@density0.1
 """
 from __future__ import annotations
 
@@ -56,29 +61,76 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.e2e import loadtest  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "serve_configs", "llama3.1-8b-dummy-256k-proxyattn.yaml")
+PROFILES_JSON = os.path.join(REPO, "benchmarks", "profiles", "profiles.json")
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "ttft_llama8b_dummy_h200.json")
 SPARSE_BACKEND = "proxyattn"
 
 
+def parse_backend(backend: str) -> tuple[str, str | None, str | None]:
+    """A --backends entry ``KIND[:KERNEL][@VARIANT]`` -> ``(kind, kernel, variant)``, e.g.
+    ``"proxyattn:fa3@density0.1"`` -> ``("proxyattn", "fa3", "density0.1")``."""
+    base, _, variant = backend.partition("@")
+    kind, _, kernel = base.partition(":")
+    return kind, kernel or None, variant or None
+
+
 def backend_kind(backend: str) -> str:
-    """``"proxyattn:fa3"`` -> ``"proxyattn"``: the attention backend a --backends entry serves."""
-    return backend.split(":", 1)[0]
+    """``"proxyattn:fa3@density0.1"`` -> ``"proxyattn"``: the attention backend an entry serves."""
+    return parse_backend(backend)[0]
 
 
 def is_sparse(backend: str) -> bool:
     return backend_kind(backend).lower() == SPARSE_BACKEND
 
 
-def sparse_kernel_override(backend: str, yaml_config: dict) -> list[str]:
-    """For ``proxyattn:KERNEL``: ``--additional-config`` with the YAML's proxyattn settings plus
-    ``sparse_kernel: KERNEL`` (the README's config key), so one sweep compares sparse kernels."""
-    if ":" not in backend:
+def variant_settings(variant: str) -> dict:
+    """The proxyattn settings of a variant: ``densityX`` -> ``max_density: X`` (every head
+    capped at the same share, the best case); a name of ``benchmarks/profiles/profiles.json``
+    -> that ``budget_profile`` (per-layer, per-head budgets as real attention chooses them)."""
+    if variant.startswith("density"):
+        try:
+            density = float(variant[len("density"):])
+        except ValueError:
+            density = -1.0
+        if not 0.0 < density <= 1.0:
+            raise SystemExit(f"--backends: variant {variant!r}: write densityX with X in (0, 1], e.g. density0.1")
+        return {"max_density": density}
+    profiles = json.loads(open(PROFILES_JSON, encoding="utf-8").read())["profiles"]
+    if variant not in profiles:
+        raise SystemExit(f"--backends: variant {variant!r} is neither densityX nor a profile of "
+                         f"{os.path.relpath(PROFILES_JSON, REPO)} ({', '.join(profiles)})")
+    return {"budget_profile": variant, "budget_profile_file": PROFILES_JSON, "max_density": None}
+
+
+def proxyattn_override(backend: str, yaml_config: dict) -> list[str]:
+    """For ``proxyattn:KERNEL`` and ``proxyattn@VARIANT``: ``--additional-config`` with the
+    YAML's proxyattn settings plus ``sparse_kernel: KERNEL`` and the variant's settings
+    (README's config keys), so one sweep compares sparse kernels and densities."""
+    _, kernel, variant = parse_backend(backend)
+    if kernel is None and variant is None:
         return []
     additional = yaml_config.get("additional-config") or {}
     if isinstance(additional, str):
         additional = json.loads(additional)
-    proxyattn = {**additional.get(SPARSE_BACKEND, {}), "sparse_kernel": backend.split(":", 1)[1]}
+    proxyattn = dict(additional.get(SPARSE_BACKEND, {}))
+    if kernel:
+        proxyattn["sparse_kernel"] = kernel
+    if variant:
+        proxyattn.update(variant_settings(variant))
     return ["--additional-config", json.dumps({**additional, SPARSE_BACKEND: proxyattn})]
+
+
+def prescribed_density(backend: str, prompt_len: int, chunk: int) -> float | None:
+    """The density a ``proxyattn@PROFILE`` entry computes on a ``prompt_len`` prompt (its
+    budgets are prescribed, so it is known without measuring); None for other entries."""
+    _, _, variant = parse_backend(backend)
+    if not variant or variant.startswith("density"):
+        return None
+    from benchmarks.profiles.density_profiles import served_prefill_density
+
+    return round(served_prefill_density(variant, prompt_len, chunk), 4)
+
+
 # Dense FLASH_ATTN prefill of the Llama-3.1-8B shape on the H200 (DESIGN.md anchors):
 # TTFT(n) = a*n + b*n^2 with a*n = 2.9 s and b*n^2 = 7.3 s at 128K. Used before anything is
 # measured; an upper bound for proxyattn, whose attention (the n^2 part) is cheaper.
@@ -399,6 +451,9 @@ class Sweep:
                  "density": None, "reason": reason}
         if backend == SPARSE_BACKEND:  # measured by a density pass of an earlier, appended run
             entry["density"] = self.measured_density(prompt_len)
+        elif is_sparse(backend):
+            chunk = int(self.yaml[backend].get("max-num-batched-tokens") or 8192)
+            entry["density"] = prescribed_density(backend, prompt_len, chunk)
         if result:
             entry.update(mean_ttft_ms=result["mean_ttft_ms"], p50_ttft_ms=result["median_ttft_ms"],
                          p99_ttft_ms=result["p99_ttft_ms"], std_ttft_ms=result["std_ttft_ms"],
@@ -421,11 +476,11 @@ class Sweep:
                 "--port", str(port)]
         if str(self.yaml[backend].get("attention-backend", "")).lower() != backend_kind(backend).lower():
             cmd += ["--attention-backend", backend_kind(backend)]
-        cmd += sparse_kernel_override(backend, self.yaml[backend])
+        cmd += proxyattn_override(backend, self.yaml[backend])
         cmd += shlex.split(self.args.serve_args) + extra_args
         env = {k: v for k, v in os.environ.items() if k != "PROXYATTN_STATS"}
         env.update(env_extra)
-        log_name = name.replace(":", "-")  # plain file names travel everywhere
+        log_name = name.replace(":", "-").replace("@", "-")  # plain file names travel everywhere
         server = ServerProcess(cmd, os.path.join(self.args.logdir, f"{log_name}.log"), env, port)
         record = {"backend": backend, "name": name, "log": server.log_path, "cmd": shlex.join(cmd)}
         self.results["servers"].append(record)
@@ -733,6 +788,16 @@ def fmt_density(density) -> str:
     return "-" if density is None else f"{density:.3f}"
 
 
+def density_label(backend: str, run: dict | None) -> str:
+    """The density cell of one sparse backend's run."""
+    if run and run.get("density") is not None:
+        return fmt_density(run["density"])
+    variant = parse_backend(backend)[2]
+    if variant and variant.startswith("density"):
+        return f"<= {variant[len('density'):]}"
+    return "-"
+
+
 def format_table(results: dict) -> str:
     """Per prompt length: each backend's mean/p99 TTFT and TPOT, proxyattn's density, and the
     speedup (reference backend TTFT / proxyattn TTFT); then the Poisson mixes."""
@@ -744,7 +809,7 @@ def format_table(results: dict) -> str:
     header = f"{'prompt':>8}"
     for b in backends:
         header += f" | {b + ' TTFT s':>17} {'p99 s':>7} {'TPOT ms':>7}"
-    header += f" | {'density':>7}" + "".join(f" | {'speedup ' + b:>17}" for b in sparse_backends)
+    header += "".join(f" | {'density ' + b:>17} | {'speedup ' + b:>17}" for b in sparse_backends)
     lines = [f" TTFT on {results['gpu']}, model {results['model']} ".center(len(header), "="), header]
     for n in lengths:
         row = f"{n:>8}"
@@ -755,14 +820,12 @@ def format_table(results: dict) -> str:
             else:
                 row += (f" | {fmt_s(r['mean_ttft_ms']):>17} {fmt_s(r['p99_ttft_ms']):>7} "
                         f"{fmt_ms(r['mean_tpot_ms']):>7}")
-        measured = by_key.get((SPARSE_BACKEND, n))  # the density pass serves plain proxyattn
-        row += f" | {fmt_density(measured['density']) if measured else '-':>7}"
         d = by_key.get((reference, n)) if reference else None
         for b in sparse_backends:
             s = by_key.get((b, n))
             ok = d and s and d["mean_ttft_ms"] and s["mean_ttft_ms"]
             speedup = f"{d['mean_ttft_ms'] / s['mean_ttft_ms']:.2f}x" if ok else "-"
-            row += f" | {speedup:>17}"
+            row += f" | {density_label(b, s):>17} | {speedup:>17}"
         lines.append(row)
     dense_decode = results.get("decode", {}).get(reference) if reference else None
     for backend, dec in results.get("decode", {}).items():
@@ -791,7 +854,8 @@ def format_table(results: dict) -> str:
             f"p99 ITL {fmt_ms(sh['p99_itl_ms'])} ms ({sh['completed']} ok, {sh['failed']} failed)")
     if reference and sparse_backends:
         lines.append(f"speedup = {reference} mean TTFT / {' or '.join(sparse_backends)} mean TTFT; "
-                     "density = selected / causal blocks of proxyattn (density pass)")
+                     "density = selected / causal blocks over the prompt (proxyattn: the density pass; "
+                     "@PROFILE: what the profile prescribes; @densityX: a cap of X)")
     return "\n".join(lines)
 
 

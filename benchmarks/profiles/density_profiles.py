@@ -34,9 +34,9 @@ import torch
 
 from proxyattn_kernels.params import ChunkGeometry, num_forced_blocks
 
-if __package__ in (None, ""):  # run as a script or imported from tests: its sibling by path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure_budgets import default_params, dumps  # noqa: E402
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.profiles.measure_budgets import default_params, dumps  # noqa: E402
 
 #: Llama-3.1-8B: the shape the speed benchmarks use.
 LLAMA8B_SHAPE = {"name": "Llama-3.1-8B", "layers": 32, "q_heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -50,6 +50,7 @@ SELECTION = {**{key: getattr(_DEFAULT_PARAMS, key) for key in
 #: averaged over RULER's lengths, i.e. a mean density of 0.31 over one unchunked prefill each.
 PAPER_LLAMA8B = {"density": 0.31, "lengths": [4096, 8192, 16384, 32768, 65536, 131072]}
 PROFILE_LENGTHS = [65536, 131072, 262144]
+PROFILES_JSON = Path(__file__).with_name("profiles.json")
 
 
 def fit_power_law(lengths, values) -> tuple[float, float]:
@@ -208,6 +209,24 @@ def head_budget_blocks(profile: dict, length: int, sel: dict = SELECTION) -> tor
     return blocks.clamp(max=num_k_blocks).long()
 
 
+def served_prefill_density(name: str, length: int, chunk: int = SELECTION["chunk_tokens"],
+                           path: str | Path | None = None, sel: dict = SELECTION) -> float:
+    """Mean density (selected / causal blocks, all layers and heads) of a ``length``-token prompt
+    prefilled in ``chunk``-token chunks by the backend with ``budget_profile: name``: each chunk
+    keeps the fractions the backend's :class:`~proxyattn_vllm.budget_profile.BudgetProfile`
+    gives at the chunk's end (its ``scale(L)`` included)."""
+    from proxyattn_vllm.budget_profile import BudgetProfile
+
+    profile = BudgetProfile.load(str(path or PROFILES_JSON), name)
+    a, b = torch.tensor(profile.a, dtype=torch.float64), torch.tensor(profile.b, dtype=torch.float64)
+    ratio = torch.tensor(profile.head_ratio, dtype=torch.float64)
+
+    def fraction_at(end: int) -> torch.Tensor:
+        return (profile.scale_at(end) * ratio * (a * float(end) ** -b)[:, None]).clamp(1e-6, 1.0)
+
+    return float(prefill_density(fraction_at, length, sel, chunk).mean())
+
+
 def calibrate_scale(profile: dict, target: float, lengths, sel: dict = SELECTION, chunked: bool = False) -> float:
     """The scale ``s`` for which the mean over ``lengths`` of the profile's mean prefill density
     (unchunked unless ``chunked``) equals ``target`` (bisection; density is nondecreasing in s)."""
@@ -309,8 +328,9 @@ def merge_measured(docs: list[dict]) -> dict:
     return merged
 
 
-def load_profile(name: str, path: str | Path = Path(__file__).with_name("profiles.json")) -> dict:
+def load_profile(name: str, path: str | Path | None = None) -> dict:
     """One named profile from ``profiles.json`` (for :func:`head_budget_blocks`)."""
+    path = path or PROFILES_JSON
     doc = json.loads(Path(path).read_text())
     if name not in doc["profiles"]:
         raise KeyError(f"profile {name!r} is not in {path}; available: {', '.join(doc['profiles'])}")
@@ -326,7 +346,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default=None, help="short model name in the profile names (default: from the JSON)")
     p.add_argument("--lengths", default=",".join(map(str, PROFILE_LENGTHS)),
                    help="comma list of context lengths the summary covers (default: %(default)s)")
-    p.add_argument("--out", default=str(Path(__file__).with_name("profiles.json")), help="profiles JSON (default: %(default)s)")
+    p.add_argument("--out", default=str(PROFILES_JSON), help="profiles JSON (default: %(default)s)")
     args = p.parse_args(argv)
     measured = merge_measured([json.loads(Path(m).read_text()) for m in args.measured])
     if args.tag:

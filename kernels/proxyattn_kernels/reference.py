@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .block_sparse_attn.naive import block_sparse_attention, selection_block_mask
-from .budget.naive import head_budgets
+from .budget.naive import fraction_budgets, head_budgets
 from .params import ChunkGeometry, ProxyAttnParams
 from .proxy_scores.naive import proxy_block_scores
 from .select.naive import select_blocks
@@ -122,6 +122,7 @@ def proxyattn_prefill_reference(
     scale: float | None = None,
     kv_cache: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    budget_fraction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Selection]:
     """ProxyAttn prefill of one chunk.
 
@@ -133,6 +134,8 @@ def proxyattn_prefill_reference(
         scale: softmax scale; defaults to ``D ** -0.5``.
         kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` paged cache (vLLM 0.26 layout).
         block_table: ``[max_pages]`` the request's block-table row, with ``kv_cache``.
+        budget_fraction: optional ``[Hq]`` share of the key blocks each head keeps per row,
+            replacing the gamma budget (:func:`reference_selection`).
 
     Returns:
         ``(out [q_len, Hq, D] in q.dtype, selection)``.
@@ -143,13 +146,14 @@ def proxyattn_prefill_reference(
         k, v = gather_paged_kv(kv_cache, block_table, geo.seq_len)
     assert k is not None and v is not None and k.shape[0] == geo.seq_len, (k.shape if k is not None else None, geo)
     scale = q.shape[2] ** -0.5 if scale is None else scale
-    selection = reference_selection(q, k, ctx=ctx, params=params, scale=scale)
+    selection = reference_selection(q, k, ctx=ctx, params=params, scale=scale, budget_fraction=budget_fraction)
     out = block_sparse_attention(q, k, v, ctx, selection.block_mask(), scale, params.block_size)
     return out, selection
 
 
 def reference_selection(
-    q: torch.Tensor, k: torch.Tensor, *, ctx: int, params: ProxyAttnParams, scale: float
+    q: torch.Tensor, k: torch.Tensor, *, ctx: int, params: ProxyAttnParams, scale: float,
+    budget_fraction: torch.Tensor | None = None,
 ) -> Selection:
     """The blocks one chunk computes (``proxyattn_prefill_reference`` up to the attention).
 
@@ -157,6 +161,9 @@ def reference_selection(
         q: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``.
         k: ``[ctx + q_len, Hkv, D]`` contiguous keys.
         ctx, params, scale: as in :func:`proxyattn_prefill_reference`.
+        budget_fraction: optional ``[Hq]`` share of the chunk's key blocks each head keeps per
+            row (``budget.naive.fraction_budgets``), in place of the gamma budget; the gamma
+            counts are still computed and reported.
     """
     geo = ChunkGeometry(ctx, q.shape[0], params.block_size)
     assert q.shape[1] % k.shape[1] == 0 and k.shape[1] % params.num_groups == 0
@@ -167,6 +174,9 @@ def reference_selection(
         q, k, ctx, scale, params.block_size, params.gamma, params.min_budget_blocks,
         params.budget_cap_blocks(geo),
     )
+    if budget_fraction is not None:
+        budget = fraction_budgets(budget_fraction, geo.num_k_blocks, params.min_budget_blocks,
+                                  params.budget_cap_blocks(geo))
     return selection_from_budgets(geo, scores, budget, gamma_counts, params)
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .budget.naive import fraction_budgets
 from .budget.triton import BudgetTileConfig, head_budgets_paged
 from .params import ChunkGeometry, ProxyAttnParams
 from .proxy_scores.triton import ProxyTileConfig, proxy_block_scores_paged
@@ -54,6 +55,7 @@ def select_blocks_paged(
     proxy_tile: ProxyTileConfig | None = None,
     budget_tile: BudgetTileConfig | None = None,
     row_lse: torch.Tensor | None = None,
+    budget_fraction: torch.Tensor | None = None,
 ) -> PagedSelection:
     """Block selection of one prefill chunk.
 
@@ -71,6 +73,9 @@ def select_blocks_paged(
         row_lse: optional ``[Hq, min(q_len, block_size)]`` float32 natural-log LSE of the
             chunk's last queries (the budget rows), from a dense kernel that already attended
             them: the budget's block mass then takes one pass (``last_block_mass_paged``).
+        budget_fraction: optional ``[Hq]`` float32 share of the key blocks each head keeps per
+            row, replacing the gamma budget (``budget.naive.fraction_budgets``: two small launches).
+            The gamma budget is still computed, so the selection costs what it costs without it.
 
     Returns:
         ``PagedSelection(ranking, counts, num_forced, budget, gamma_counts, scores)``, equal to
@@ -91,6 +96,9 @@ def select_blocks_paged(
         gamma=params.gamma, min_budget_blocks=params.min_budget_blocks,
         max_blocks=params.budget_cap_blocks(geo), tile=budget_tile, row_lse=row_lse,
     )
+    if budget_fraction is not None:
+        budget = fraction_budgets(budget_fraction, geo.num_k_blocks, params.min_budget_blocks,
+                                  params.budget_cap_blocks(geo))
     if geo.seq_len < params.min_sparse_len:
         budget = torch.full_like(budget, geo.num_k_blocks)
     ranking, counts, num_forced = select_blocks(

@@ -21,6 +21,7 @@ import torch
 
 from proxyattn_kernels import ProxyAttnParams
 
+from ..budget_profile import LayerBudgetProfile
 from ..dense import DenseAttention
 
 
@@ -33,6 +34,8 @@ class SparseLayer:
         scale: the softmax scale.
         params: the layer's resolved ProxyAttn parameters.
         dense: the layer's dense attention (the "fa3" kernel's union calls go through it).
+        budget_profile: the layer's prescribed budgets (``budget_profile`` setting, benchmarks
+            only), or None: budgets from gamma.
     """
 
     num_heads: int
@@ -41,6 +44,13 @@ class SparseLayer:
     scale: float
     params: ProxyAttnParams
     dense: DenseAttention
+    budget_profile: LayerBudgetProfile | None = None
+
+    def budget_fraction(self, chunk: "SparseChunk") -> torch.Tensor | None:
+        """``[Hq]`` prescribed budget fractions of ``chunk`` (None without a profile)."""
+        if self.budget_profile is None:
+            return None
+        return self.budget_profile.fractions(chunk.ctx + chunk.query.shape[0])
 
 
 class SparseChunk(NamedTuple):

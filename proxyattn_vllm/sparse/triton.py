@@ -32,6 +32,7 @@ def sparse_prefill(
     layer_index: int | None = None,
     tail_done: bool = False,
     row_lse: torch.Tensor | None = None,
+    budget_fraction: torch.Tensor | None = None,
 ) -> None:
     """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
 
@@ -52,9 +53,11 @@ def sparse_prefill(
         row_lse: optional ``[Hq, min(q_len, block_size)]`` float32 LSE of the chunk's last
             queries from that dense kernel (:func:`.base.budget_rows_lse`): the budget then
             reuses it.
+        budget_fraction: optional ``[Hq]`` prescribed budget fractions (``budget_profile.py``).
     """
     selection = select_blocks_paged(
-        query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params, row_lse=row_lse
+        query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params, row_lse=row_lse,
+        budget_fraction=budget_fraction,
     )
     if stats.ENABLED:  # diagnostic only (see stats.py); off: this one check
         stats.record(
@@ -102,4 +105,4 @@ class TritonSparseKernel(SparseKernel):
 
     def run(self, attn_layer, chunk: SparseChunk, *, tail_done=False, row_lse=None, layer_index=None) -> None:
         sparse_prefill(*chunk, self.layer.scale, self.layer.params, layer_index=layer_index,
-                       tail_done=tail_done, row_lse=row_lse)
+                       tail_done=tail_done, row_lse=row_lse, budget_fraction=self.layer.budget_fraction(chunk))

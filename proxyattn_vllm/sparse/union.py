@@ -19,7 +19,8 @@ def union_pages(layer: SparseLayer, chunk: SparseChunk, row_lse: torch.Tensor | 
     params = layer.params
     query, kv_cache, block_table_row, _, ctx = chunk
     selection = select_blocks_paged(
-        query, kv_cache, block_table_row, ctx=ctx, scale=layer.scale, params=params, row_lse=row_lse
+        query, kv_cache, block_table_row, ctx=ctx, scale=layer.scale, params=params, row_lse=row_lse,
+        budget_fraction=layer.budget_fraction(chunk),
     )
     pages = union_page_plan(
         selection.ranking, selection.counts, block_table_row, ctx=ctx, q_len=query.shape[0],

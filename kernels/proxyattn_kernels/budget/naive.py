@@ -113,6 +113,16 @@ def budget_bounds(num_k_blocks: int, min_budget_blocks: int, max_blocks: int | N
     return max(1, min_budget_blocks), upper
 
 
+def fraction_budgets(
+    fraction: torch.Tensor, num_k_blocks: int, min_budget_blocks: int, max_blocks: int | None
+) -> torch.Tensor:
+    """Budgets that keep a given share of the key blocks: ``fraction [Hq]`` (of the chunk's
+    ``num_k_blocks``) -> ``[Hq]`` int32 ``ceil(fraction * num_k_blocks)``, then
+    :func:`limit_budget`. Replaces the gamma budget when a benchmark prescribes each head's
+    density (a density profile) instead of measuring it from the attention."""
+    return limit_budget(torch.ceil(fraction.float() * num_k_blocks), num_k_blocks, min_budget_blocks, max_blocks)
+
+
 def head_budgets(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,1 @@
+"""Density profiles: per-layer, per-head budgets measured on real models, fitted for long contexts."""
