@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--template", default="base",
                    help="model template: base (RULER's default), a name of long_context_eval's Templates "
                         "(meta-chat, ...) or chat (the tokenizer's chat template) (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cap every task's answer budget (quick checks only: RULER's budgets fit the answers)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model-path)")
     p.add_argument("--cache-dir", default=str(ruler_tasks.DEFAULT_CACHE_DIR),
                    help="generated prompts (default: $PROXYATTN_RULER_CACHE or %(default)s)")
@@ -186,7 +188,7 @@ def new_doc(args, lengths, tasks) -> dict:
             "model": args.model_path or args.model, "tokenizer": args.tokenizer, "lengths": lengths,
             "tasks": {t: {"metric": ruler_tasks.metric_name(t, configs),
                           "tokens_to_generate": configs[t]["tokens_to_generate"]} for t in tasks},
-            "samples": args.samples, "seed": args.seed, "template": args.template,
+            "samples": args.samples, "seed": args.seed, "template": args.template, "max_tokens_cap": args.max_tokens,
             "sentence_splitter": ruler_tasks.splitter_name(), "decoding": "greedy (temperature 0)",
             "score": "RULER's metric, 0-100, mean over the samples",
             "density": "selected / causal key blocks of the sparse prefill chunks (proxyattn_vllm.stats), "
@@ -450,6 +452,9 @@ def main(argv: list[str] | None = None) -> dict:
     samples = ruler_tasks.generate(tasks, lengths, args.samples, args.seed, args.tokenizer, args.template,
                                    Path(args.cache_dir), args.gen_workers, progress=not args.no_progress)
     ruler_tasks.encode(samples, AutoTokenizer.from_pretrained(args.tokenizer), args.template)
+    if args.max_tokens is not None:
+        for sample in samples:
+            sample.max_tokens = min(sample.max_tokens, args.max_tokens)
     print(f"[ruler] {len(samples)} prompts ready in {time.time() - t0:.0f} s (cache: {args.cache_dir})", flush=True)
     save(doc, out)
     if args.base_url:
