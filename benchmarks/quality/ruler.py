@@ -33,6 +33,7 @@ import platform
 import re
 import shlex
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
@@ -100,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--max-num-seqs", type=int, default=None, help="(default: vLLM's)")
     eng.add_argument("--kv-block-size", type=int, default=128, help="vLLM page size (default: %(default)s)")
     eng.add_argument("--dtype", default="auto", help="model dtype (default: the model's)")
+    eng.add_argument("--stats-dir", default=None, help="keep the raw PROXYATTN_STATS JSONL files here")
     eng.add_argument("--keep-going", action="store_true", help="run the other configurations when one fails to start")
     args = p.parse_args(argv)
     if not args.plot_only:
@@ -288,7 +290,8 @@ def run_in_process(args, samples, doc, out: Path) -> None:
                       "proxyattn": None if c["proxyattn"] is None else run_eval.effective_proxyattn(c["proxyattn"])}
                      for c in configs],
     })
-    stats_dir = out.parent / (out.stem + "_stats")
+    # Raw stats lines stay out of the results folder unless asked for (they can be large).
+    stats_dir = Path(args.stats_dir or tempfile.mkdtemp(prefix="ruler_stats_"))
     for cfg in configs:
         run_eval.wait_for_gpu_memory(args.gpu_memory_utilization)
         try:
