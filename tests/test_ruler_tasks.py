@@ -148,6 +148,25 @@ def test_bad_task_and_template_are_one_line_errors(tokenizer_path, tmp_path):
         ruler_tasks.generate(["vt"], [LENGTH], 1, 42, tokenizer_path, template="nope", cache_dir=tmp_path)
 
 
+def test_a_generator_that_does_not_finish_is_stopped(tokenizer_path, tmp_path):
+    from benchmarks.quality import ruler_tasks
+
+    with pytest.raises(RuntimeError, match="RULER generator for vt at length 4096 did not finish in 0.2 s"):
+        ruler_tasks.generate(["vt"], [LENGTH], 1, 42, tokenizer_path, cache_dir=tmp_path, progress=False,
+                             timeout_s=0.2)
+    assert not list(tmp_path.rglob("*.jsonl"))  # nothing half-made is cached
+
+
+def test_samples_without_answers_are_refused(tokenizer_path, tmp_path, monkeypatch):
+    from benchmarks.quality import ruler_tasks
+
+    rows = [{"index": 0, "input": "a list", "outputs": [], "length": 10}]
+    monkeypatch.setattr(ruler_tasks, "run_generator", lambda *args: rows)
+    with pytest.raises(RuntimeError, match="cwe made samples without expected answers at length 4096"):
+        ruler_tasks.generate(["cwe"], [LENGTH], 1, 42, tokenizer_path, cache_dir=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.jsonl"))
+
+
 def test_chat_template_puts_the_answer_prefix_after_the_generation_prompt():
     from benchmarks.quality import ruler_tasks
 

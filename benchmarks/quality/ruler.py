@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generated prompts (default: $PROXYATTN_RULER_CACHE or %(default)s)")
     p.add_argument("--gen-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="generator subprocesses at once (each needs up to ~2 GB) (default: %(default)s)")
+    p.add_argument("--gen-timeout", type=float, default=ruler_tasks.GENERATOR_TIMEOUT_S,
+                   help="seconds one task's generation may take (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="results JSON (default: benchmarks/results/ruler_<model>_<device>.json)")
     p.add_argument("--plot", action="store_true", help="also draw average score against density (PNG beside --out)")
@@ -452,8 +454,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_logging.set_verbosity_error()  # long prompts exceed model_max_length on purpose
     t0 = time.time()
-    samples = ruler_tasks.generate(tasks, lengths, args.samples, args.seed, args.tokenizer, args.template,
-                                   Path(args.cache_dir), args.gen_workers, progress=not args.no_progress)
+    try:
+        samples = ruler_tasks.generate(tasks, lengths, args.samples, args.seed, args.tokenizer, args.template,
+                                       Path(args.cache_dir), args.gen_workers, progress=not args.no_progress,
+                                       timeout_s=args.gen_timeout)
+    except RuntimeError as exc:  # a generator failed: its own message and output tail
+        raise SystemExit(f"[ruler] {exc}") from exc
     ruler_tasks.encode(samples, AutoTokenizer.from_pretrained(args.tokenizer), args.template)
     if args.max_tokens is not None:
         for sample in samples:

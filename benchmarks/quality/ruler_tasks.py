@@ -187,8 +187,14 @@ def cache_path(cache_dir: Path, tokenizer: str, length: int, seed: int, samples:
     return Path(cache_dir) / f"{name}_{length}_seed{seed}_n{samples}_{template}_{digest}"
 
 
+#: Seconds one generator subprocess may run. Some never end instead of failing: the vt generator
+#: retries forever when its one-shot example does not fit in 500 tokens (a tokenizer of about one
+#: token per byte); a 128K niah task takes minutes.
+GENERATOR_TIMEOUT_S = 3600
+
+
 def run_generator(task: str, cfg: dict, length: int, samples: int, seed: int, tokenizer: str,
-                  template: str, workdir: Path) -> list[dict]:
+                  template: str, workdir: Path, timeout_s: float = GENERATOR_TIMEOUT_S) -> list[dict]:
     """The package's generator script for ``task`` in a subprocess; its JSON lines
     (``{"index", "input", "outputs", "length"}``)."""
     script = package_dir() / "data" / "synthetic" / f"{cfg['task']}.py"
@@ -209,7 +215,13 @@ def run_generator(task: str, cfg: dict, length: int, samples: int, seed: int, to
     roots = [str(package_dir().parent), str(Path(__file__).resolve().parents[2])]
     env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(
+            f"RULER generator for {task} at length {length} did not finish in {timeout_s:g} s; raise "
+            f"--gen-timeout for long lengths (vt never finishes with a tokenizer of ~1 token per byte)"
+        ) from exc
     out = workdir / task / "validation.jsonl"
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -220,7 +232,7 @@ def run_generator(task: str, cfg: dict, length: int, samples: int, seed: int, to
 
 def generate(tasks: list[str], lengths: list[int], samples: int, seed: int, tokenizer: str,
              template: str = "base", cache_dir: Path = DEFAULT_CACHE_DIR, workers: int = 2,
-             progress: bool = True) -> list[RulerSample]:
+             progress: bool = True, timeout_s: float = GENERATOR_TIMEOUT_S) -> list[RulerSample]:
     """Samples of every task at every length, from the cache or the generators (``workers``
     subprocesses at once). Order: by length, then ``tasks`` order, then index."""
     configs = task_configs()
@@ -241,7 +253,11 @@ def generate(tasks: list[str], lengths: list[int], samples: int, seed: int, toke
     def work(item):
         task, length, path = item
         with tempfile.TemporaryDirectory(prefix="ruler_gen_") as tmp:
-            rows = run_generator(task, configs[task], length, samples, seed, tokenizer, template, Path(tmp))
+            rows = run_generator(task, configs[task], length, samples, seed, tokenizer, template, Path(tmp), timeout_s)
+        if not rows or any(not row["outputs"] for row in rows):
+            # e.g. cwe when the length cannot hold its word list with this tokenizer: nothing to score.
+            raise RuntimeError(f"RULER generator for {task} made samples without expected answers at length "
+                               f"{length} with this tokenizer; use a longer length")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp")
         partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
