@@ -240,7 +240,7 @@ def generate(tasks: list[str], lengths: list[int], samples: int, seed: int, toke
     if unknown:
         raise SystemExit(f"--tasks: unknown {', '.join(unknown)}; RULER's tasks are {', '.join(configs)}")
     prompt_template(configs[tasks[0]], template)  # a bad --template fails here, before any work
-    todo, records = [], {}
+    missing, records = [], {}
     for length in lengths:
         folder = cache_path(cache_dir, tokenizer, length, seed, samples, template)
         for task in tasks:
@@ -248,7 +248,7 @@ def generate(tasks: list[str], lengths: list[int], samples: int, seed: int, toke
             if path.exists():
                 records[(task, length)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             else:
-                todo.append((task, length, path))
+                missing.append((task, length, path))
 
     def work(item):
         task, length, path = item
@@ -264,9 +264,9 @@ def generate(tasks: list[str], lengths: list[int], samples: int, seed: int, toke
         partial.replace(path)  # a cut-short run never leaves a half-written cache file
         return task, length, rows
 
-    if todo:
+    if missing:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = [pool.submit(work, item) for item in todo]
+            futures = [pool.submit(work, item) for item in missing]
             for future in _progress(as_completed(futures), len(futures), "RULER generation", progress):
                 task, length, rows = future.result()
                 records[(task, length)] = rows
