@@ -339,10 +339,11 @@ def _slug(text: str) -> str:
 
 
 def _density(lines: list[dict]):
-    if not lines:
-        return None
-    weights = [line.get("causal_blocks") or 1 for line in lines]  # proxyattn_vllm.stats.overall's weighting
-    return round(sum(w * line["density"] for w, line in zip(weights, lines)) / sum(weights), 4)
+    """Selected / causal blocks over the stats lines of one cell (None without sparse chunks)."""
+    from proxyattn_vllm import stats
+
+    value = stats.overall(lines)["density"]
+    return None if value is None else round(value, 4)
 
 
 def _file_size(path) -> int:
