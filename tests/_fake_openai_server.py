@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -43,6 +44,8 @@ class FakeOptions:
     prompts: list = field(default_factory=list)  # every prompt received, in order
     # Engine-side histogram totals served at GET /metrics, as vLLM names them (see make_app).
     histograms: dict = field(default_factory=dict)
+    # Text of a non-streaming completion, from the request body (None: "x" per max_tokens).
+    answer: Callable[[dict], str] | None = None
 
 
 def prompt_tokens(body: dict) -> int:
@@ -85,6 +88,13 @@ def make_app(options: FakeOptions):
         if options.stats_path:
             write_stats(options.stats_path, options, n_prompt)
         chat = request.path.endswith("/chat/completions")
+        if not body.get("stream"):
+            await asyncio.sleep(options.ttft_s + options.ttft_per_token_s * n_prompt)
+            text = options.answer(body) if options.answer else "x" * body["max_tokens"]
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": body["max_tokens"],
+                     "total_tokens": n_prompt + body["max_tokens"]}
+            return web.json_response({"choices": [choice], "usage": usage})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         n_out = body["max_tokens"]

