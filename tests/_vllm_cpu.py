@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from proxyattn_vllm.cpu_harness import engine_unavailable_reason, honour_custom_backend_on_cpu
 from proxyattn_vllm.testing import tear_down_engine
@@ -21,6 +21,7 @@ from proxyattn_vllm.vllm_compat import cpu_attn_page_size, kv_cache_layout_resto
 __all__ = [
     "skip_unless_vllm_on_cpu", "honour_custom_backend_on_cpu", "tear_down_engine", "tiny_llm",
     "kv_cache_layout_restored", "run_cpu_warm_up_forward", "cpu_attn_page_size",
+    "greedy", "count_preemptions", "SparseChunks",
 ]
 
 
@@ -82,3 +83,57 @@ def tiny_llm(model_dir: str, **kwargs) -> Iterator:
             llm.llm_engine.engine_core.shutdown()
         del llm
         tear_down_engine()
+
+
+def greedy(llm, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Greedy token ids of each prompt (``max_tokens`` each, EOS ignored), and how many of its
+    prompt tokens came from the prefix cache."""
+    from vllm import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens or 0 for o in outs]
+
+
+def count_preemptions(monkeypatch) -> list[str]:
+    """The ids of the requests vLLM's scheduler preempts from now on (appended as it happens)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempted: list[str] = []
+    original = Scheduler._preempt_request
+
+    def counting(self, request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", counting)
+    return preempted
+
+
+class RecordedChunk(NamedTuple):
+    """One sparse chunk: where it starts, its queries, and the blocks it computed (summed over heads)."""
+
+    ctx: int
+    q_len: int
+    selected: int
+    causal: int
+
+
+class SparseChunks:
+    """Records every chunk the sparse path (``sparse_kernel`` "triton") selects blocks for, in
+    ``chunks``: the sparse path really ran, where, and how sparse it was."""
+
+    def __init__(self, monkeypatch):
+        import proxyattn_vllm.sparse.triton as triton_module
+        from proxyattn_kernels import ChunkGeometry
+
+        self.chunks: list[RecordedChunk] = []
+        original = triton_module.select_blocks_paged
+
+        def recording(query, *args, ctx, params, **kwargs):
+            selection = original(query, *args, ctx=ctx, params=params, **kwargs)
+            geo = ChunkGeometry(ctx, query.shape[0], params.block_size)
+            causal = sum(geo.row_extent(r) for r in range(geo.num_q_blocks)) * query.shape[1]
+            self.chunks.append(RecordedChunk(ctx, query.shape[0], int(selection.counts.sum()), causal))
+            return selection
+
+        monkeypatch.setattr(triton_module, "select_blocks_paged", recording)

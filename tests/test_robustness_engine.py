@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu, tiny_llm
+from tests._vllm_cpu import (
+    SparseChunks, count_preemptions, greedy, honour_custom_backend_on_cpu, kv_cache_layout_restored,
+    skip_unless_vllm_on_cpu, tiny_llm,
+)
 
 skip_unless_vllm_on_cpu()
 
@@ -40,30 +43,6 @@ def prompts() -> list[str]:
     return [f"{prefix} {prompt_words(500 + 37 * i, 12 + 4 * i)}" for i in range(4)]
 
 
-def _generate(llm, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
-    """Greedy token ids of each prompt, and how many prompt tokens came from the prefix cache."""
-    from vllm import SamplingParams
-
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens or 0 for o in outs]
-
-
-class SparseCalls:
-    """Records ``(ctx, q_len)`` of every sparse_prefill call (the sparse path really ran)."""
-
-    def __init__(self, monkeypatch):
-        import proxyattn_vllm.sparse.triton as triton_module
-
-        self.calls: list[tuple[int, int]] = []
-        original = triton_module.sparse_prefill
-
-        def recording(query, kv_cache, block_table_row, output, ctx, *args, **kwargs):
-            self.calls.append((ctx, query.shape[0]))
-            return original(query, kv_cache, block_table_row, output, ctx, *args, **kwargs)
-
-        monkeypatch.setattr(triton_module, "sparse_prefill", recording)
-
-
 @pytest.fixture(scope="module")
 def reference(model_dir, prompts) -> list[list[int]]:
     """Greedy tokens without prefix caching and with ample KV cache; proxyattn must equal the
@@ -72,9 +51,9 @@ def reference(model_dir, prompts) -> list[list[int]]:
         honour_custom_backend_on_cpu(mp.setattr)
         with tiny_llm(model_dir, attention_backend="proxyattn",
                       additional_config={"proxyattn": PROXYATTN}, **ENGINE) as llm:
-            proxy_tokens, _ = _generate(llm, prompts)
+            proxy_tokens, _ = greedy(llm, prompts, MAX_TOKENS)
         with tiny_llm(model_dir, attention_backend="CPU_ATTN", **ENGINE) as llm:
-            dense_tokens, _ = _generate(llm, prompts)
+            dense_tokens, _ = greedy(llm, prompts, MAX_TOKENS)
     assert all(len(t) == MAX_TOKENS for t in dense_tokens)
     assert proxy_tokens == dense_tokens
     return dense_tokens
@@ -84,24 +63,24 @@ def reference(model_dir, prompts) -> list[list[int]]:
 def proxyattn_on_cpu(monkeypatch):
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     with kv_cache_layout_restored():
-        yield SparseCalls(monkeypatch)
+        yield SparseChunks(monkeypatch)
 
 
 def test_prefix_cache_hit_mid_block_matches_uncached(model_dir, prompts, reference, proxyattn_on_cpu):
     with tiny_llm(model_dir, attention_backend="proxyattn", additional_config={"proxyattn": PROXYATTN},
                   enable_prefix_caching=True, **ENGINE) as llm:
-        first, first_cached = _generate(llm, prompts[:1])
-        proxyattn_on_cpu.calls.clear()
-        rest, rest_cached = _generate(llm, prompts[1:])
+        first, first_cached = greedy(llm, prompts[:1], MAX_TOKENS)
+        proxyattn_on_cpu.chunks.clear()
+        rest, rest_cached = greedy(llm, prompts[1:], MAX_TOKENS)
 
     assert first_cached == [0]
     assert rest_cached == [CACHED] * 3, rest_cached  # the shared pages were reused
     assert first + rest == reference
     # The first chunks after the hit start at ctx = 80, mid-way through selection block 2.
-    assert any(ctx == CACHED for ctx, _ in proxyattn_on_cpu.calls), proxyattn_on_cpu.calls
+    assert any(c.ctx == CACHED for c in proxyattn_on_cpu.chunks), proxyattn_on_cpu.chunks
     assert CACHED % PROXYATTN["block_size"] != 0
     # Nothing before the cached prefix was recomputed.
-    assert min(ctx for ctx, _ in proxyattn_on_cpu.calls) == CACHED
+    assert min(c.ctx for c in proxyattn_on_cpu.chunks) == CACHED
 
 
 def test_preemption_and_recompute_match_unpressured_run(model_dir, prompts, reference, proxyattn_on_cpu, monkeypatch):
@@ -112,22 +91,13 @@ def test_preemption_and_recompute_match_unpressured_run(model_dir, prompts, refe
     vLLM 0.26 admits a request only when its whole prompt fits (``scheduler_reserve_full_isl``),
     so with short generations nothing would ever be preempted; admitting on the first chunk
     instead lets later chunks of running requests run out of pages."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    preempted: list[str] = []
-    original = Scheduler._preempt_request
-
-    def counting(self, request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return original(self, request, *args, **kwargs)
-
-    monkeypatch.setattr(Scheduler, "_preempt_request", counting)
+    preempted = count_preemptions(monkeypatch)
     with tiny_llm(model_dir, attention_backend="proxyattn", additional_config={"proxyattn": PROXYATTN},
                   num_gpu_blocks_override=18, scheduler_reserve_full_isl=False, **ENGINE) as llm:
-        tokens, _ = _generate(llm, prompts)
+        tokens, _ = greedy(llm, prompts, MAX_TOKENS)
 
     assert preempted, "no request was preempted: the KV cache was not small enough"
     assert tokens == reference
     # Chunked prefill: every prompt ran sparse chunks after its first (ctx > 0).
-    assert sum(ctx > 0 for ctx, _ in proxyattn_on_cpu.calls) >= len(prompts)
-    assert max(q_len for _, q_len in proxyattn_on_cpu.calls) <= ENGINE["max_num_batched_tokens"]
+    assert sum(c.ctx > 0 for c in proxyattn_on_cpu.chunks) >= len(prompts)
+    assert max(c.q_len for c in proxyattn_on_cpu.chunks) <= ENGINE["max_num_batched_tokens"]

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests._vllm_cpu import honour_custom_backend_on_cpu, kv_cache_layout_restored, skip_unless_vllm_on_cpu, tiny_llm
+from tests._vllm_cpu import (
+    SparseChunks, count_preemptions, greedy, honour_custom_backend_on_cpu, kv_cache_layout_restored,
+    skip_unless_vllm_on_cpu, tiny_llm,
+)
 
 skip_unless_vllm_on_cpu()
 
@@ -43,43 +46,17 @@ def long_prompts(n: int, suffix: int = 100) -> list[str]:
     return [f"{prefix} {prompt_words(500 + 37 * i, suffix + 4 * i)}" for i in range(n)]
 
 
-class Selections:
-    """Every sparse chunk's ``(ctx, q_len, selected blocks, causal blocks)``, summed over heads."""
-
-    def __init__(self, monkeypatch):
-        import proxyattn_vllm.sparse.triton as triton_module
-        from proxyattn_kernels import ChunkGeometry
-
-        self.chunks: list[tuple[int, int, int, int]] = []
-        original = triton_module.select_blocks_paged
-
-        def recording(query, *args, ctx, params, **kwargs):
-            selection = original(query, *args, ctx=ctx, params=params, **kwargs)
-            geo = ChunkGeometry(ctx, query.shape[0], params.block_size)
-            causal = sum(geo.row_extent(r) for r in range(geo.num_q_blocks)) * query.shape[1]
-            self.chunks.append((ctx, query.shape[0], int(selection.counts.sum()), causal))
-            return selection
-
-        monkeypatch.setattr(triton_module, "select_blocks_paged", recording)
-
-    def assert_sparse(self) -> None:
-        assert self.chunks, "the sparse path never ran"
-        assert any(selected < causal for *_, selected, causal in self.chunks), self.chunks
+def assert_sparse(recorder: SparseChunks) -> None:
+    """The sparse path ran and some chunk computed a strict subset of its causal blocks."""
+    assert recorder.chunks, "the sparse path never ran"
+    assert any(c.selected < c.causal for c in recorder.chunks), recorder.chunks
 
 
 @pytest.fixture
 def selections(monkeypatch):
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     with kv_cache_layout_restored():
-        yield Selections(monkeypatch)
-
-
-def generate(llm, prompts: list[str], max_tokens: int = MAX_TOKENS) -> tuple[list[list[int]], list[int]]:
-    """Greedy token ids of each prompt, and how many prompt tokens came from the prefix cache."""
-    from vllm import SamplingParams
-
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-    return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens or 0 for o in outs]
+        yield SparseChunks(monkeypatch)
 
 
 def sparse_llm(model_dir: str, **kwargs):
@@ -91,43 +68,34 @@ def sparse_llm(model_dir: str, **kwargs):
 def test_prefix_cache_hit_mid_block_runs_sparse(model_dir, selections):
     with sparse_llm(model_dir, enable_prefix_caching=True) as llm:
         prompts = long_prompts(3)
-        first, first_cached = generate(llm, prompts[:1])
+        first, first_cached = greedy(llm, prompts[:1], MAX_TOKENS)
         selections.chunks.clear()
-        rest, rest_cached = generate(llm, prompts[1:])
+        rest, rest_cached = greedy(llm, prompts[1:], MAX_TOKENS)
     assert first_cached == [0] and rest_cached == [CACHED, CACHED], rest_cached
     assert all(len(t) == MAX_TOKENS for t in first + rest)
-    assert CACHED % BLOCK and min(ctx for ctx, *_ in selections.chunks) == CACHED, selections.chunks
-    selections.assert_sparse()
+    assert CACHED % BLOCK and min(c.ctx for c in selections.chunks) == CACHED, selections.chunks
+    assert_sparse(selections)
 
 
 def test_preemption_and_recompute_run_sparse(model_dir, selections, monkeypatch):
     """A KV cache of 20 pages for 4 requests of 12-13 pages each: the scheduler preempts and
     recomputes (see tests/test_robustness_engine.py for why ``scheduler_reserve_full_isl`` is off)."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    preempted: list[str] = []
-    original = Scheduler._preempt_request
-
-    def counting(self, request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return original(self, request, *args, **kwargs)
-
-    monkeypatch.setattr(Scheduler, "_preempt_request", counting)
+    preempted = count_preemptions(monkeypatch)
     with sparse_llm(model_dir, num_gpu_blocks_override=20, scheduler_reserve_full_isl=False) as llm:
-        tokens, _ = generate(llm, long_prompts(4))
+        tokens, _ = greedy(llm, long_prompts(4), MAX_TOKENS)
     assert preempted, "no request was preempted: the KV cache was not small enough"
     assert all(len(t) == MAX_TOKENS for t in tokens)
-    selections.assert_sparse()
+    assert_sparse(selections)
 
 
 @pytest.mark.parametrize("chunk", [40, 72])
 def test_chunks_not_aligned_to_blocks_run_sparse(model_dir, selections, chunk):
     with sparse_llm(model_dir, max_num_batched_tokens=chunk) as llm:
-        tokens, _ = generate(llm, long_prompts(2))
+        tokens, _ = greedy(llm, long_prompts(2), MAX_TOKENS)
     assert all(len(t) == MAX_TOKENS for t in tokens)
-    assert max(q_len for _, q_len, *_ in selections.chunks) <= chunk
-    assert any(ctx % BLOCK for ctx, *_ in selections.chunks), "every chunk started on a block boundary"
-    selections.assert_sparse()
+    assert max(c.q_len for c in selections.chunks) <= chunk
+    assert any(c.ctx % BLOCK for c in selections.chunks), "every chunk started on a block boundary"
+    assert_sparse(selections)
 
 
 def test_short_requests_batched_with_a_long_prompt(model_dir, selections):
@@ -137,7 +105,7 @@ def test_short_requests_batched_with_a_long_prompt(model_dir, selections):
 
     short = [prompt_words(900 + 11 * i, 12 + i) for i in range(8)]
     with sparse_llm(model_dir, max_num_seqs=9, max_num_batched_tokens=64) as llm:
-        tokens, _ = generate(llm, long_prompts(1, suffix=140) + short, max_tokens=12)
+        tokens, _ = greedy(llm, long_prompts(1, suffix=140) + short, 12)
     assert all(len(t) == 12 for t in tokens)
-    assert len({ctx for ctx, *_ in selections.chunks}) >= 2, "the long prompt ran one sparse chunk at most"
-    selections.assert_sparse()
+    assert len({c.ctx for c in selections.chunks}) >= 2, "the long prompt ran one sparse chunk at most"
+    assert_sparse(selections)

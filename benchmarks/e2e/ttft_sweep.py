@@ -95,10 +95,12 @@ def variant_settings(variant: str) -> dict:
         if not 0.0 < density <= 1.0:
             raise SystemExit(f"--backends: variant {variant!r}: write densityX with X in (0, 1], e.g. density0.1")
         return {"max_density": density}
-    profiles = json.loads(open(PROFILES_JSON, encoding="utf-8").read())["profiles"]
-    if variant not in profiles:
-        raise SystemExit(f"--backends: variant {variant!r} is neither densityX nor a profile of "
-                         f"{os.path.relpath(PROFILES_JSON, REPO)} ({', '.join(profiles)})")
+    from benchmarks.profiles.density_profiles import load_profile
+
+    try:
+        load_profile(variant, PROFILES_JSON)
+    except KeyError as exc:
+        raise SystemExit(f"--backends: variant {variant!r} is neither densityX nor a profile: {exc.args[0]}") from None
     return {"budget_profile": variant, "budget_profile_file": PROFILES_JSON, "max_density": None}
 
 

@@ -217,14 +217,9 @@ def served_prefill_density(name: str, length: int, chunk: int = SELECTION["chunk
     gives at the chunk's end (its ``scale(L)`` included)."""
     from proxyattn_vllm.budget_profile import BudgetProfile
 
-    profile = BudgetProfile.load(str(path or PROFILES_JSON), name)
-    a, b = torch.tensor(profile.a, dtype=torch.float64), torch.tensor(profile.b, dtype=torch.float64)
-    ratio = torch.tensor(profile.head_ratio, dtype=torch.float64)
-
-    def fraction_at(end: int) -> torch.Tensor:
-        return (profile.scale_at(end) * ratio * (a * float(end) ** -b)[:, None]).clamp(1e-6, 1.0)
-
-    return float(prefill_density(fraction_at, length, sel, chunk).mean())
+    path = str(path or PROFILES_JSON)
+    served, doc = BudgetProfile.load(path, name), load_profile(name, path)
+    return float(prefill_density(lambda end: _fractions(doc, end, served.scale_at(end)), length, sel, chunk).mean())
 
 
 def calibrate_scale(profile: dict, target: float, lengths, sel: dict = SELECTION, chunked: bool = False) -> float:
