@@ -454,3 +454,37 @@ def test_dummy_128k_runs_sparse_at_the_requested_tp(monkeypatch):
         assert report["dummy_8b_128k"]["completed"] is True
         assert report["dummy_8b_128k"]["config"] == (expected or "default")
         assert report["dummy_8b_128k"]["tensor_parallel_size"] == 2
+
+
+def test_serve_check_asks_through_the_openai_client(monkeypatch, tmp_path):
+    """The serve check's requests go through the official ``openai`` client (completions and chat,
+    streamed and not) and judge the passkey prompt by its answer: found when the server says it,
+    not found when it does not."""
+    pytest.importorskip("openai")
+    pytest.importorskip("aiohttp")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+    from benchmarks.robustness import gpu_backend_check
+    from tests._fake_openai_server import FakeOptions, FakeServer
+
+    class ByteTokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return list(text.encode())
+
+        def decode(self, ids):
+            return bytes(ids).decode(errors="ignore")
+
+    (tmp_path / "a.txt").write_text("Some essay sentence. " * 400)
+    prompt = gpu_backend_check.passkey_prompt(ByteTokenizer(), str(tmp_path), 3000)
+    assert prompt.count(gpu_backend_check.PASSKEY) == 2 and prompt.endswith("The pass key is")
+    assert 2900 < len(prompt) < 3200
+
+    for answer, found in ((f" {gpu_backend_check.PASSKEY}.", True), (" 12345.", False)):
+        options = FakeOptions(answer=lambda body, a=answer: a if "pass key" in str(body.get("prompt")) else "Paris")
+        server = FakeServer(options).start()
+        try:
+            results = gpu_backend_check._openai_requests(server.base_url, options.model, prompt)
+        finally:
+            server.stop()
+        assert all(results[k] for k in results if k.startswith("/v1/"))
+        assert len([k for k in results if k.startswith("/v1/")]) == 4
+        assert results["passkey found"] is found and results["passkey prompt_tokens"] == len(prompt.encode())

@@ -63,6 +63,33 @@ def test_launcher_provides_sent_tokenize(tmp_path):
     assert missing.returncode != 0 and "no generator script at" in missing.stderr
 
 
+def test_splitter_override(tmp_path, monkeypatch):
+    """PROXYATTN_RULER_SPLITTER=regex forces the fallback (and the cache key with it), even in a
+    subprocess where a fake NLTK with punkt data is importable; a bad value is refused in one line."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "nltk"
+    (fake / "tokenize").mkdir(parents=True)
+    (fake / "__init__.py").write_text("class data:\n    @staticmethod\n    def find(resource):\n        return resource\n")
+    (fake / "tokenize" / "__init__.py").write_text("def sent_tokenize(text, language='english'):\n    return ['punkt']\n")
+    script = tmp_path / "gen.py"
+    script.write_text("from nltk.tokenize import sent_tokenize\nprint(sent_tokenize('One. Two.'))\n")
+
+    def run(value):
+        env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        if value is not None:
+            env[ruler_splitter.SPLITTER_ENV] = value
+        return subprocess.run([sys.executable, ruler_splitter.__file__, str(script)], capture_output=True, text=True, env=env)
+
+    assert run(None).stdout.splitlines() == [ruler_splitter.SPLITTER_TAG + "nltk-punkt", "['punkt']"]
+    assert run("regex").stdout.splitlines() == [ruler_splitter.SPLITTER_TAG + "fallback-regex", "['One.', 'Two.']"]
+    bad = run("spacy")
+    assert bad.returncode != 0 and "accepted are 'auto'" in bad.stderr
+    monkeypatch.setenv(ruler_splitter.SPLITTER_ENV, "regex")
+    assert not ruler_splitter.punkt_available()
+
+
 # --------------------------------------------------------------------------------------------
 # Generation
 

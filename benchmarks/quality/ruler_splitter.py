@@ -17,6 +17,7 @@ printed on the first line of output (``ruler_tasks.py`` records it and keys its 
 """
 from __future__ import annotations
 
+import os
 import re
 import runpy
 import sys
@@ -47,8 +48,20 @@ def split_sentences(text: str, language: str = "english") -> list[str]:
     return [p for p in parts if p]
 
 
+#: ``PROXYATTN_RULER_SPLITTER=regex`` uses the fallback splitter even where NLTK's punkt is
+#: installed, so prompts (and their cache) made on a machine without punkt are reproduced exactly.
+SPLITTER_ENV = "PROXYATTN_RULER_SPLITTER"
+
+
 def punkt_available() -> bool:
-    """NLTK installed with the punkt data its ``sent_tokenize`` needs."""
+    """NLTK installed with the punkt data its ``sent_tokenize`` needs (and not overridden by
+    :data:`SPLITTER_ENV`)."""
+    choice = os.environ.get(SPLITTER_ENV, "auto")
+    if choice not in ("auto", "regex"):
+        raise SystemExit(f"{SPLITTER_ENV}={choice!r}: accepted are 'auto' (punkt when installed) and 'regex' "
+                         "(always the fallback splitter)")
+    if choice == "regex":
+        return False
     try:
         import nltk
     except ImportError:

@@ -14,7 +14,9 @@
    sparse path (``max_density`` 0.1 unless ``--dummy-max-density`` says otherwise: random weights
    make gamma budgets dense), with the time to the first token.
 4. ``--serve``: ``vllm serve --attention-backend proxyattn`` answers /v1/completions and
-   /v1/chat/completions, streamed and not.
+   /v1/chat/completions, streamed and not, through the ``openai`` client, and a ~6K-token passkey
+   prompt that runs sparse (``min_sparse_len`` 1024 on the server; its selection statistics say
+   how many chunks ran sparse and at what density).
 
 Tensor parallelism (needs N GPUs): ``--tensor-parallel 2 --model /tmp/models/qwen05b
 --skip cudagraphs --dummy-8b DIR`` compares TP=2 with TP=1 instead (FLASH_ATTN TP=2 vs TP=1 is the
@@ -244,14 +246,75 @@ def check_dummy_128k(args, report):
     del llm
 
 
+#: The served passkey: a long prompt must take the sparse path (``min_sparse_len`` lowered to
+#: 1024 on the server) and still find it.
+PASSKEY = "68417"
+PASSKEY_REPEATS = 3
+SERVE_SPARSE_CONFIG = {"proxyattn": {"min_sparse_len": 1024}}
+
+
+def passkey_prompt(tokenizer, essays_dir, tokens: int) -> str:
+    """About ``tokens`` tokens of essay text with the passkey sentence in the middle, then the
+    question; the answer is :data:`PASSKEY`."""
+    (body,) = essay_prompts(tokenizer, essays_dir, [tokens])
+    body = body.rsplit("\n\nQuestion:", 1)[0]
+    half = len(body) // 2
+    needle = f" The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
+    return body[:half] + needle + body[half:] + "\n\nWhat is the pass key? The pass key is"
+
+
+def _openai_requests(base: str, model: str, long_prompt: str) -> dict:
+    """Completions and chat completions, streamed and not, through the official ``openai``
+    client (what users run), and the passkey prompt; each entry is True when it answered."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="EMPTY", timeout=120)
+    results = {}
+    for stream in (False, True):
+        out = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                        temperature=0, stream=stream)
+        text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+        results[f"/v1/completions stream={stream}"] = bool(text)
+        log(f"serve /v1/completions stream={stream}: {text!r}")
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],
+                                             max_tokens=8, stream=stream)
+        text = ("".join(c.choices[0].delta.content or "" for c in out if c.choices) if stream
+                else out.choices[0].message.content)
+        results[f"/v1/chat/completions stream={stream}"] = bool(text)
+        log(f"serve /v1/chat/completions stream={stream}: {text!r}")
+    # Asked PASSKEY_REPEATS times: the server's statistics reach their file every 64 lines
+    # (stats.FLUSH_EVERY), and one prompt of a small model writes fewer.
+    answers = []
+    for _ in range(PASSKEY_REPEATS):
+        out = client.completions.create(model=model, prompt=long_prompt, max_tokens=8, temperature=0)
+        answers.append(out.choices[0].text)
+    results["passkey prompt_tokens"] = out.usage.prompt_tokens
+    results["passkey answers"] = answers
+    results["passkey found"] = all(PASSKEY in a for a in answers)
+    log(f"serve passkey ({out.usage.prompt_tokens} tokens) x{PASSKEY_REPEATS}: {answers!r}")
+    return results
+
+
 def check_serve(args, report):
+    """``vllm serve --attention-backend proxyattn`` of the real model, asked through the
+    ``openai`` client; the server's selection statistics show whether the long prompt ran sparse."""
+    from transformers import AutoTokenizer
+
+    from proxyattn_vllm import stats
+
     port = 8765
+    stats_path = os.path.join(args.logdir, "serve_stats.jsonl")
+    if os.path.exists(stats_path):
+        os.remove(stats_path)
+    long_prompt = passkey_prompt(AutoTokenizer.from_pretrained(args.model), args.essays, 6000)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model,
-         "--attention-backend", "proxyattn", "--port", str(port), "--max-model-len", "4096",
-         "--enforce-eager", "--gpu-memory-utilization", "0.4"],
+         "--attention-backend", "proxyattn", "--port", str(port), "--max-model-len", "8192",
+         "--enforce-eager", "--gpu-memory-utilization", "0.4",
+         "--additional-config", json.dumps(SERVE_SPARSE_CONFIG)],
         stdout=open(os.path.join(args.logdir, "serve.log"), "w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "PROXYATTN_STATS": stats_path,
+             "PROXYATTN_STATS_MASS_HEADS": "0"},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -264,25 +327,14 @@ def check_serve(args, report):
                 if proc.poll() is not None:
                     raise RuntimeError("server exited; see serve.log")
                 time.sleep(2)
-        results = {}
-        for endpoint, body in [
-            ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}),
-        ]:
-            for stream in (False, True):
-                req = urllib.request.Request(
-                    base + endpoint, data=json.dumps({**body, "model": args.model, "stream": stream}).encode(),
-                    headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=60) as resp:
-                    raw = resp.read().decode()
-                chunks = [line for line in raw.splitlines() if line.startswith("data: ")] if stream else []
-                ok = (len(chunks) > 1 and chunks[-1] == "data: [DONE]") if stream else '"choices"' in raw
-                results[f"{endpoint} stream={stream}"] = ok
-                log(f"serve {endpoint} stream={stream}: {'ok' if ok else 'FAIL'} ({raw[:120]!r})")
-        report["serve"] = results
+        results = _openai_requests(base, args.model, long_prompt)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    lines = stats.read_lines(stats_path) if os.path.exists(stats_path) else []
+    results["sparse chunks"] = len(lines)
+    results["sparse density"] = stats.overall(lines)["density"] if lines else None
+    report["serve"] = results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
