@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from benchmarks.quality import ruler_report
 from tests._fake_openai_server import FakeOptions, FakeServer
 from tests._ruler import LENGTH, SAMPLES, cache_dir, needs_ruler, tokenizer_dir
 
@@ -113,12 +114,64 @@ def test_plot_and_table_from_a_results_file(tmp_path, capsys):
     path.write_text(json.dumps({"device": "cpu", "date": "2026-01-01", "cells": cells}))
     ruler.main(["--plot-only", str(path)])
     assert path.with_suffix(".png").stat().st_size > 0
-    rows = {(r["label"], r["length"]): r for r in ruler.averages({"cells": cells})}
+    rows = {(r["label"], r["length"]): r for r in ruler_report.averages({"cells": cells})}
     assert rows[("dense", 4096)]["score"] == 90.0 and rows[("dense", 4096)]["density"] is None
     assert rows[("proxyattn:gamma=0.9", 8192)] == {"label": "proxyattn:gamma=0.9", "backend": "proxyattn",
                                                    "length": 8192, "tasks": 2, "score": 80.0, "density": 0.3}
-    out = capsys.readouterr().out.splitlines()
-    assert out[-1].split() == ["proxyattn:gamma=0.9", "8192", "80.0", "80.0", "80.0", "0.300"]
+    out = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["proxyattn:gamma=0.9", "8192", "80.0", "80.0", "80.0", "0.300"] in out
+    # 10 points below dense in every task: both targets missed.
+    assert out[-1] == ["proxyattn:gamma=0.9", "8192", "0.300", "-10.00", "vt", "-10.0", "MISSED"]
+
+
+def test_comparison_with_dense():
+    """The average and the worst task against dense, per length; the verdict follows both targets
+    (average within 1 point, no task more than 5 below) and ignores tasks dense did not run."""
+    def cell(label, task, score, length=4096):
+        return {"label": label, "backend": "x", "gamma": None, "task": task, "length": length,
+                "score": score, "n": 10, "prompt_tokens": 1.0, "density": 0.4 if label != "dense" else None}
+
+    cells = [cell("dense", "vt", 90.0), cell("dense", "qa_1", 50.0),
+             cell("a", "vt", 90.0), cell("a", "qa_1", 48.5),           # avg -0.75, worst -1.5: within
+             cell("b", "vt", 94.0), cell("b", "qa_1", 44.0),           # avg -1.0, worst -6: a task missed
+             cell("c", "vt", 89.0), cell("c", "qa_1", 48.0),           # avg -1.5: the average missed
+             cell("c", "cwe", 0.0)]                                    # no dense cell: not compared
+    rows = {r["label"]: r for r in ruler_report.compare({"cells": cells})}
+    assert (rows["a"]["average_delta"], rows["a"]["worst_delta"], rows["a"]["within_targets"]) == (-0.75, -1.5, True)
+    assert (rows["b"]["worst_task"], rows["b"]["worst_delta"], rows["b"]["within_targets"]) == ("qa_1", -6.0, False)
+    assert (rows["c"]["average_delta"], rows["c"]["within_targets"]) == (-1.5, False)
+    assert ruler_report.compare({"cells": [cell("a", "vt", 1.0)]}) == []
+
+
+def test_merge_joins_parts_of_one_run(tmp_path, capsys):
+    """Parts with the same prompts join into one document (cells, errors, each part's command);
+    parts built from other prompts, or the same configuration twice, are refused."""
+    from benchmarks.quality import ruler
+
+    def part(name, labels, samples=10):
+        doc = {"device": "gpu", "date": "2026-01-01", "command": f"run {name}",
+               "config": {"model": "m", "tokenizer": "t", "samples": samples, "seed": 42, "template": "base",
+                          "max_tokens_cap": None, "sentence_splitter": "fallback-regex", "lengths": [4096],
+                          "backends": [{"label": label} for label in labels]},
+               "cells": [{"label": label, "backend": "x", "gamma": None, "task": "vt", "length": 4096,
+                          "score": 50.0, "n": samples, "prompt_tokens": 1.0, "density": None} for label in labels],
+               "errors": [{"label": labels[0], "stage": "generate", "error": name}]}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        return str(path)
+
+    a, b = part("a", ["dense", "p1"]), part("b", ["p2"])
+    doc = ruler.main(["--merge", a, b, "--out", str(tmp_path / "all.json")])
+    assert [c["label"] for c in doc["cells"]] == ["dense", "p1", "p2"]
+    assert [p["command"] for p in doc["parts"]] == ["run a", "run b"] and len(doc["errors"]) == 2
+    assert json.loads((tmp_path / "all.json").read_text())["cells"] == doc["cells"]
+    assert "p2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="samples=20.*share their prompts"):
+        ruler.main(["--merge", a, part("c", ["p3"], samples=20), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="'p1' is in both"):
+        ruler.main(["--merge", a, part("d", ["p1"]), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        ruler.parse_args(["--merge", a])  # no --out
 
 
 def test_arguments():

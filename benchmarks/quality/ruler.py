@@ -45,7 +45,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.quality import ruler_tasks, run_eval  # noqa: E402
+from benchmarks.quality import ruler_report, ruler_tasks, run_eval  # noqa: E402
 
 DEFAULT_LENGTHS = "4K,8K,16K,32K"
 DEFAULT_CONFIGS = "dense,proxyattn:gamma=0.95"
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="results JSON (default: benchmarks/results/ruler_<model>_<device>.json)")
     p.add_argument("--plot", action="store_true", help="also draw average score against density (PNG beside --out)")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the plot and print the table of a results file")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="join the result files of a run's parts (same prompts, other configurations) into --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ep = p.add_argument_group("OpenAI-compatible server")
@@ -106,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--stats-dir", default=None, help="keep the raw PROXYATTN_STATS JSONL files here")
     eng.add_argument("--keep-going", action="store_true", help="run the other configurations when one fails to start")
     args = p.parse_args(argv)
-    if not args.plot_only:
+    if args.merge and not args.out:
+        p.error("--merge needs --out FILE")
+    if not (args.plot_only or args.merge):
         if bool(args.base_url) == bool(args.model_path):
             p.error("give --base-url (a server) or --model-path (in-process engines), not both or neither")
         args.tokenizer = args.tokenizer or args.model_path
@@ -367,70 +371,6 @@ def _maybe_progress(iterable, total, desc, args):
 # Table and plot
 
 
-def averages(doc) -> list[dict]:
-    """Per configuration and length: the mean score over its tasks and the mean density."""
-    rows = []
-    keys = dict.fromkeys((c["label"], c["length"]) for c in doc["cells"])
-    for label, length in keys:
-        cells = [c for c in doc["cells"] if (c["label"], c["length"]) == (label, length)]
-        densities = [c["density"] for c in cells if c["density"] is not None]
-        rows.append({"label": label, "backend": cells[0]["backend"], "length": length, "tasks": len(cells),
-                     "score": round(sum(c["score"] for c in cells) / len(cells), 2),
-                     "density": round(sum(densities) / len(densities), 4) if densities else None})
-    return rows
-
-
-def table(doc) -> str:
-    """Scores per configuration and length (rows) and task (columns), average and density last."""
-    tasks = list(dict.fromkeys(c["task"] for c in doc["cells"]))
-    short = {t: t.replace("niah_", "").replace("single", "s").replace("multikey", "mk")
-             .replace("multivalue", "mv").replace("multiquery", "mq") for t in tasks}
-    width = max([len("config")] + [len(c["label"]) for c in doc["cells"]])
-    head = f"{'config':<{width}} {'length':>6} " + " ".join(f"{short[t]:>6}" for t in tasks) + f" {'avg':>6} {'density':>7}"
-    lines = [f"RULER scores (0-100), {doc.get('device', '')}, {doc.get('date', '')[:10]}", head]
-    for row in averages(doc):
-        scores = []
-        for t in tasks:
-            cell = next((c for c in doc["cells"] if (c["label"], c["length"], c["task"]) == (row["label"], row["length"], t)), None)
-            scores.append(f"{cell['score']:>6.1f}" if cell else f"{'-':>6}")
-        density = "-" if row["density"] is None else f"{row['density']:.3f}"
-        lines.append(f"{row['label']:<{width}} {row['length']:>6} " + " ".join(scores) + f" {row['score']:>6.1f} {density:>7}")
-    return "\n".join(lines)
-
-
-def plot(doc, png: Path) -> None:
-    """Average score against density, one line per length (dense at density 1.0)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({exc})") from exc
-    rows = averages(doc)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for length in sorted({r["length"] for r in rows}):
-        # Dense engines have no density: they compute every block. A server without
-        # --server-stats has none either and is left out.
-        points = sorted((1.0 if r["density"] is None else r["density"], r["score"], r["label"])
-                        for r in rows if r["length"] == length
-                        and (r["density"] is not None or r["backend"] not in ("proxyattn", "server")))
-        if not points:
-            continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                label=f"{length // 1024}K" if length % 1024 == 0 else str(length))
-        for x, y, label in points:
-            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("mean selection density (dense = 1.0)")
-    ax.set_ylabel("RULER average score")
-    ax.set_title(f"RULER: score against density ({doc.get('device', '')}, {doc.get('date', '')[:10]})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(title="length")
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"[ruler] plot: {png}")
-
-
 # --------------------------------------------------------------------------------------------
 
 
@@ -438,8 +378,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.plot_only:
         doc = json.loads(Path(args.plot_only).read_text())
-        plot(doc, Path(args.plot_only).with_suffix(".png"))
-        print(table(doc))
+        ruler_report.plot(doc, Path(args.plot_only).with_suffix(".png"))
+        print(report(doc))
+        return doc
+    if args.merge:
+        doc = ruler_report.merge([Path(p) for p in args.merge])
+        save(doc, Path(args.out))
+        print(f"[ruler] {len(args.merge)} parts joined: {args.out}")
+        if args.plot:
+            ruler_report.plot(doc, Path(args.out).with_suffix(".png"))
+        print(report(doc))
         return doc
     lengths = parse_lengths(args.lengths)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -474,9 +422,14 @@ def main(argv: list[str] | None = None) -> dict:
     save(doc, out)
     print(f"[ruler] results: {out}")
     if args.plot:
-        plot(doc, out.with_suffix(".png"))
-    print(table(doc))
+        ruler_report.plot(doc, out.with_suffix(".png"))
+    print(report(doc))
     return doc
+
+
+def report(doc) -> str:
+    """The table of scores, then the comparison with dense when the run has dense cells."""
+    return "\n\n".join(t for t in (ruler_report.table(doc), ruler_report.comparison_table(doc)) if t)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""RULER results documents (``ruler.py``'s JSON): averages, the table, the comparison against
+dense, the score-density plot, and joining the parts of a run split over processes or hosts.
+
+    python benchmarks/quality/ruler.py --plot-only results.json
+    python benchmarks/quality/ruler.py --merge part_a.json part_b.json --out results.json [--plot]
+
+A document holds ``cells``: one per configuration label, length and task, with the mean score
+(0-100), the number of samples ``n`` and the density the sparse prefill used.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: Keys of ``config`` that must agree for parts to be joined: the same prompts and scoring.
+SAME_PROMPTS = ("model", "tokenizer", "samples", "seed", "template", "max_tokens_cap", "sentence_splitter")
+#: Targets of the comparison with dense (RULER points, 0-100).
+MAX_AVERAGE_DROP = 1.0
+MAX_CELL_DROP = 5.0
+
+
+def averages(doc) -> list[dict]:
+    """Per configuration and length: the mean score over its tasks and the mean density."""
+    rows = []
+    keys = dict.fromkeys((c["label"], c["length"]) for c in doc["cells"])
+    for label, length in keys:
+        cells = [c for c in doc["cells"] if (c["label"], c["length"]) == (label, length)]
+        densities = [c["density"] for c in cells if c["density"] is not None]
+        rows.append({"label": label, "backend": cells[0]["backend"], "length": length, "tasks": len(cells),
+                     "score": round(sum(c["score"] for c in cells) / len(cells), 2),
+                     "density": round(sum(densities) / len(densities), 4) if densities else None})
+    return rows
+
+
+def table(doc) -> str:
+    """Scores per configuration and length (rows) and task (columns), average and density last."""
+    tasks = list(dict.fromkeys(c["task"] for c in doc["cells"]))
+    short = {t: t.replace("niah_", "").replace("single", "s").replace("multikey", "mk")
+             .replace("multivalue", "mv").replace("multiquery", "mq") for t in tasks}
+    width = max([len("config")] + [len(c["label"]) for c in doc["cells"]])
+    head = f"{'config':<{width}} {'length':>6} " + " ".join(f"{short[t]:>6}" for t in tasks) + f" {'avg':>6} {'density':>7}"
+    lines = [f"RULER scores (0-100), {doc.get('device', '')}, {doc.get('date', '')[:10]}", head]
+    for row in averages(doc):
+        scores = []
+        for t in tasks:
+            cell = next((c for c in doc["cells"] if (c["label"], c["length"], c["task"]) == (row["label"], row["length"], t)), None)
+            scores.append(f"{cell['score']:>6.1f}" if cell else f"{'-':>6}")
+        density = "-" if row["density"] is None else f"{row['density']:.3f}"
+        lines.append(f"{row['label']:<{width}} {row['length']:>6} " + " ".join(scores) + f" {row['score']:>6.1f} {density:>7}")
+    return "\n".join(lines)
+
+
+def plot(doc, png: Path) -> None:
+    """Average score against density, one line per length (dense at density 1.0)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({exc})") from exc
+    rows = averages(doc)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for length in sorted({r["length"] for r in rows}):
+        # Dense engines have no density: they compute every block. A server without
+        # --server-stats has none either and is left out.
+        points = sorted((1.0 if r["density"] is None else r["density"], r["score"], r["label"])
+                        for r in rows if r["length"] == length
+                        and (r["density"] is not None or r["backend"] not in ("proxyattn", "server")))
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=f"{length // 1024}K" if length % 1024 == 0 else str(length))
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("mean selection density (dense = 1.0)")
+    ax.set_ylabel("RULER average score")
+    ax.set_title(f"RULER: score against density ({doc.get('device', '')}, {doc.get('date', '')[:10]})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(title="length")
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"[ruler] plot: {png}")
+
+
+def compare(doc, reference: str = "dense") -> list[dict]:
+    """Per configuration other than ``reference`` and length: the average score minus the
+    reference's over the tasks both ran, the worst task's difference, and whether both stay
+    within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`. Empty without reference cells."""
+    ref = {(c["length"], c["task"]): c["score"] for c in doc["cells"] if c["label"] == reference}
+    rows = []
+    for row in averages(doc):
+        if row["label"] == reference:
+            continue
+        cells = [c for c in doc["cells"] if (c["label"], c["length"]) == (row["label"], row["length"])
+                 and (c["length"], c["task"]) in ref]
+        if not cells:
+            continue
+        deltas = {c["task"]: c["score"] - ref[(c["length"], c["task"])] for c in cells}
+        worst = min(deltas, key=deltas.get)
+        average = sum(deltas.values()) / len(deltas)
+        rows.append({"label": row["label"], "length": row["length"], "density": row["density"],
+                     "average_delta": round(average, 2), "worst_task": worst, "worst_delta": round(deltas[worst], 2),
+                     "within_targets": average >= -MAX_AVERAGE_DROP and deltas[worst] >= -MAX_CELL_DROP})
+    return rows
+
+
+def comparison_table(doc, reference: str = "dense") -> str:
+    rows = compare(doc, reference)
+    if not rows:
+        return ""
+    width = max(len("config"), *(len(r["label"]) for r in rows))
+    lines = [f"against {reference} (targets: average >= -{MAX_AVERAGE_DROP:g}, every task >= -{MAX_CELL_DROP:g} points)",
+             f"{'config':<{width}} {'length':>6} {'density':>7} {'avg diff':>8} {'worst task':>16} {'diff':>6}  verdict"]
+    for r in rows:
+        density = "-" if r["density"] is None else f"{r['density']:.3f}"
+        lines.append(f"{r['label']:<{width}} {r['length']:>6} {density:>7} {r['average_delta']:>+8.2f} "
+                     f"{r['worst_task']:>16} {r['worst_delta']:>+6.1f}  {'within' if r['within_targets'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path]) -> dict:
+    """One document from the parts of a run (each a ``ruler.py`` JSON): their cells, errors and
+    commands. Parts must have built the same prompts (:data:`SAME_PROMPTS`), and a configuration
+    label may come from one part only."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    if not docs:
+        raise SystemExit("--merge: give the result files of the parts")
+    first = docs[0]
+    for path, doc in zip(paths[1:], docs[1:]):
+        for key in SAME_PROMPTS:
+            if doc["config"].get(key) != first["config"].get(key):
+                raise SystemExit(f"--merge: {path} has {key}={doc['config'].get(key)!r}, {paths[0]} "
+                                 f"{first['config'].get(key)!r}: the parts must share their prompts")
+    owner: dict = {}
+    for path, doc in zip(paths, docs):
+        for label in dict.fromkeys(c["label"] for c in doc["cells"]):
+            if owner.setdefault(label, path) != path:
+                raise SystemExit(f"--merge: configuration {label!r} is in both {owner[label]} and {path}")
+    merged = {key: value for key, value in first.items() if key not in ("cells", "errors", "command")}
+    merged["config"] = dict(first["config"])
+    merged["config"]["lengths"] = sorted({n for d in docs for n in d["config"]["lengths"]})
+    merged["config"].pop("backends", None)
+    merged["config"]["backends"] = [b for d in docs for b in d["config"].get("backends", [])]
+    merged["parts"] = [{"file": Path(p).name, "date": d.get("date"), "device": d.get("device"),
+                        "command": d.get("command")} for p, d in zip(paths, docs)]
+    merged["cells"] = [c for d in docs for c in d["cells"]]
+    merged["errors"] = [e for d in docs for e in d.get("errors", [])]
+    return merged
