@@ -1,7 +1,7 @@
-"""GPU robustness checks of the proxyattn backend (prefix caching, preemption, a soak), one command:
+"""GPU robustness checks of the proxyattn backend (prefix caching, preemption, the sparse path, a soak), one command:
 
     python3 benchmarks/robustness/gpu_robustness.py --model /tmp/models/qwen05b --essays .essays \
-        --out robustness.json [--parts prefix,preemption,soak] [--soak-s 120] \
+        --out robustness.json [--parts prefix,preemption,sparse,soak] [--soak-s 120] \
         [--gpu-memory-utilization 0.12]
 
 1. ``prefix``: a shared prefix of ``--prefix-tokens`` essay tokens (default 16589: not
@@ -28,7 +28,13 @@
    every request and its tokens vs the ample run (configs as in the prefix part: ``dense_fa``,
    ``full``, ``sparse`` by default).
 
-3. ``soak`` (only when listed in ``--parts``): one ``vllm serve`` subprocess (loopback,
+3. ``sparse_prefix``, ``sparse_preemption``, ``sparse_chunks``, ``sparse_mixed`` (only when
+   listed; ``sparse`` lists all four): retrieval prompts (a needle's number asked at the end)
+   through proxyattn's default config and the dense control, checked for completion, answers
+   right wherever the control's are, no kernel compile inside a request, and each scenario's
+   own condition; see benchmarks/robustness/sparse_scenarios.py.
+
+4. ``soak`` (only when listed in ``--parts``): one ``vllm serve`` subprocess (loopback,
    port from the OS, default proxyattn config, CUDA graphs) under ``--soak-s`` seconds of mixed
    load in bounded rounds (benchmarks/e2e/loadtest.py): short prompts decoding 128 tokens next to
    8K-32K prefills. Reported: request counts, failures, latencies, and GPU memory and server RSS
@@ -78,16 +84,22 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import vllm_engine  # noqa: E402
 from benchmarks.e2e import loadtest, ttft_sweep  # noqa: E402
 from benchmarks.robustness import gpu_backend_check as gbc  # noqa: E402
+from benchmarks.robustness.engines import (  # noqa: E402,F401 - re-exported for the tests
+    CONTROL, COUNTERS, PlanRecorder, PreemptionCounter, SchedulerRecorder, counter_delta, counters, engine_info,
+    engine_kwargs, greedy, proxyattn_default, recording_both, token_prompts, with_engine)
+from benchmarks.robustness.prompts import (  # noqa: E402,F401
+    common_prefix_len, load_essay_ids, prefix_layout, special_prefix, take_tokens)
+from benchmarks.robustness import sparse_scenarios  # noqa: E402
+from benchmarks.robustness.report import fmt, log  # noqa: E402
 if _MULTIPROCESSING is None:
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
-PARTS = ("prefix", "preemption", "soak")
+PARTS = ("prefix", "preemption", *sparse_scenarios.PARTS, "soak")
 DEFAULT_PARTS = "prefix,preemption"
 FULL = dict(gbc.FULL_DENSITY["proxyattn"])  # gamma 1, no minimum budget, sparse from 1024
 # Configs of the prefix and preemption parts: a proxyattn config ({} is the default, sparse
 # one), or None for the dense control, vLLM's own backend (--dense-backend, FLASH_ATTN), which
 # runs the same procedure first: how often bf16 alone flips a greedy token there.
-CONTROL = "dense_fa"
 CONFIGS = {
     CONTROL: None,
     "full": FULL,
@@ -121,19 +133,16 @@ SOAK_MAX_GPU_GROWTH_MIB = 128
 SOAK_MAX_RSS_GROWTH_FRACTION = 0.10
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
 
 def parse_parts(text: str) -> list[str]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = sparse_scenarios.expand_parts([p.strip() for p in text.split(",") if p.strip()])
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
-        raise argparse.ArgumentTypeError(f"parts {text!r}: a comma list of {', '.join(PARTS)}")
+        raise argparse.ArgumentTypeError(f"parts {text!r}: a comma list of {', '.join(PARTS)} ('sparse': "
+                                         "the four sparse parts)")
     return [p for p in PARTS if p in parts]  # always in this order
 
 
@@ -163,9 +172,29 @@ def parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+PARTS_HELP = """parts (--parts, in this order):
+  prefix             prefix-cache hits mid page / mid selection block: greedy tokens vs caching off
+                     (full density judged, sparse INFO), hits, TTFT
+  preemption         a KV cache too small for the batch: preemptions, recompute, greedy tokens
+  sparse_prefix      default sparse config, retrieval: one long document, one question per needle,
+                     every question a prefix-cache hit ending mid selection block and mid chunk
+  sparse_preemption  default sparse config, retrieval prompts preempted and recomputed
+  sparse_chunks      default sparse config, retrieval prompts at max_num_batched_tokens 2048/4096/16384
+  sparse_mixed       default sparse config: 32 short requests beside one ~32K retrieval prompt
+  soak               a vllm serve subprocess under mixed load: failures, memory growth
+  sparse             = sparse_prefix,sparse_preemption,sparse_chunks,sparse_mixed
+Sparse parts check: every request completes; answers right wherever the dense control's
+(--dense-backend) are; no Triton/torch.compile compile inside a request; the sparse path ran;
+the density used is reported."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option; the parts list keeps its layout."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=PARTS_HELP,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="model folder (the soak may serve a weightless one)")
     ap.add_argument("--essays", required=True, help="directory of .txt files (prompt text)")
     ap.add_argument("--out", required=True, help="JSON report (rewritten after every step)")
@@ -173,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--append", action="store_true",
                     help="keep the parts of an existing --out that this run does not run")
     ap.add_argument("--parts", type=parse_parts, default=parse_parts(DEFAULT_PARTS),
-                    help=f"comma list of {', '.join(PARTS)}")
+                    help=f"comma list of {', '.join(PARTS)}; 'sparse' = the four sparse parts")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.12,
                     help="per engine; low so that other work can share the GPU")
     ap.add_argument("--dtype", default="bfloat16", help="model dtype of every engine")
@@ -225,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="more vllm serve arguments, e.g. '--load-format dummy' for a weightless model")
     ap.add_argument("--health-timeout-s", type=float, default=420.0,
                     help="seconds the soak server may take to answer /health")
+    sparse_scenarios.add_arguments(ap)
     ap.add_argument("--serve-cmd",
                     default=f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main serve",
                     help="the server command, before the model and its arguments")
@@ -242,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--timing-repeats, --preempt-prompts, --preempt-cache-prompts: positive")
     if args.near_tie_margin < 0:
         ap.error("--near-tie-margin: not negative")
+    sparse_scenarios.check_args(ap, args)
     args.logdir = args.logdir or os.path.dirname(os.path.abspath(args.out))
     return args
 
@@ -259,12 +290,7 @@ def config_backend(args, name: str) -> str:
 
 def default_block_size() -> int:
     """ProxyAttn's default selection block (tokens)."""
-    try:
-        from proxyattn_vllm.config import ProxyAttnConfig
-
-        return int(ProxyAttnConfig().block_size)
-    except Exception:  # noqa: BLE001 - the documented default
-        return 128
+    return int(proxyattn_default("block_size", 128))
 
 
 def identity_expected(config: dict | None) -> bool:
@@ -278,29 +304,6 @@ def identity_expected(config: dict | None) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Prompts (token ids, so that shared prefixes are exact)
-
-
-def load_essay_ids(tokenizer, essays_dir: str) -> list[int]:
-    names = sorted(n for n in os.listdir(essays_dir) if n.endswith(".txt"))
-    if not names:
-        raise RuntimeError(f"no .txt files in {essays_dir}")
-    text = "\n\n".join(open(os.path.join(essays_dir, n), encoding="utf-8").read() for n in names)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def take_tokens(ids: list[int], start: int, count: int) -> list[int]:
-    """``count`` tokens from ``start``, wrapping around (the essays may be shorter)."""
-    return [ids[(start + i) % len(ids)] for i in range(count)]
-
-
-def special_prefix(tokenizer) -> list[int]:
-    """What the tokenizer puts before any text (BOS for Llama, nothing for Qwen)."""
-    return list(tokenizer.encode("", add_special_tokens=True))
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def build_prefix_prompts(tokenizer, essay_ids: list[int], prefix_tokens: int, questions,
@@ -317,30 +320,6 @@ def build_prefix_prompts(tokenizer, essay_ids: list[int], prefix_tokens: int, qu
     timing = [prefix + piece + suffixes[0] for piece in slices]
     layout = prefix_layout(prefix, compare + timing, page)
     return {"warm": prefix, "compare": compare, "timing": timing, **layout}
-
-
-def prefix_layout(prefix: list[int], prompts: list[list[int]], page: int) -> dict:
-    """Where the cached part ends: every prompt shares ``prefix`` and nothing more than the rest
-    of its last, partial page with any other prompt, so each one's cache hit is exactly the
-    prefix's whole pages (a longer shared run would make the hits, and the timing, depend on
-    the order of the requests). Raises ValueError when that does not hold."""
-    shared = len(prefix)
-    expected = shared // page * page
-    longest = 0
-    for i, p in enumerate(prompts):
-        if p[:shared] != prefix or len(p) <= shared:
-            raise ValueError(f"prompt {i} does not extend the shared prefix")
-        for q in prompts[i + 1:]:
-            longest = max(longest, common_prefix_len(p, q))
-    if longest // page != shared // page:
-        raise ValueError(
-            f"prompts share {longest} tokens, past the prefix's last partial page "
-            f"({shared} tokens, pages of {page}): cache hits would exceed {expected} tokens")
-    if len(set(map(tuple, prompts))) != len(prompts):
-        raise ValueError("two prompts are identical")
-    return {"prefix_tokens": shared, "expected_cached_tokens": expected,
-            "prefix_ends_mid_page": shared % page != 0, "longest_shared_run": longest,
-            "prompt_tokens": [len(p) for p in prompts]}
 
 
 def build_long_prompts(tokenizer, essay_ids: list[int], count: int, tokens: int) -> list[list[int]]:
@@ -525,241 +504,7 @@ def agreement(rows: list[dict], length: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engines and instruments (in-process: the scheduler and the attention metadata are reachable)
-
-
-def engine_kwargs(args, *, proxyattn: dict | None, prefix_caching: bool, max_model_len: int,
-                  backend: str = "proxyattn", **extra) -> dict:
-    """vllm.LLM arguments; the proxyattn config goes to additional_config only for proxyattn
-    (the dense control runs vLLM's own ``backend`` with none)."""
-    kwargs = dict(
-        model=args.model, attention_backend=backend, dtype=args.dtype, seed=0,
-        enforce_eager=not args.cuda_graphs, max_model_len=max_model_len, block_size=args.page_size,
-        max_num_batched_tokens=args.chunk, enable_prefix_caching=prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=False,
-    )
-    if backend == "proxyattn":
-        kwargs["additional_config"] = {"proxyattn": dict(proxyattn or {})}
-    kwargs.update(extra)
-    kwargs.update(args.engine_args)
-    return kwargs
-
-
-def with_engine(kwargs: dict, fn):
-    """``fn(llm)`` on a new in-process ``vllm.LLM``, which is shut down and dropped afterwards
-    (also when construction or ``fn`` fails; no caller keeps a reference to it).
-
-    (``benchmarks/common/vllm_engine.py``: a deleted in-process engine keeps its GPU memory.)"""
-    from vllm import LLM
-
-    llm = None
-    try:
-        llm = LLM(**kwargs)
-        return fn(llm)
-    finally:
-        if llm is not None:
-            vllm_engine.shut_down(llm)
-        else:
-            vllm_engine.release_memory()
-        llm = None
-
-
-def engine_info(llm) -> dict:
-    try:
-        cache = llm.llm_engine.vllm_config.cache_config
-        blocks, page = cache.num_gpu_blocks, cache.block_size
-        return {"num_gpu_blocks": blocks, "page_size": page,
-                "kv_cache_tokens": blocks * page if blocks else None}
-    except AttributeError as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions")
-
-
-def counters(llm) -> dict:
-    """vLLM's Prometheus counters of this engine (needs ``disable_log_stats=False``)."""
-    try:
-        metrics = llm.get_metrics()
-    except Exception:  # noqa: BLE001 - stats off or API changed: report nothing
-        return {}
-    out = dict.fromkeys(COUNTERS, 0)
-    for m in metrics:
-        if m.name in out and hasattr(m, "value"):
-            out[m.name] += m.value
-    return out
-
-
-def counter_delta(before: dict, after: dict) -> dict:
-    return {k: after[k] - before.get(k, 0) for k in after}
-
-
-class _AttributePatch:
-    """While entered, ``owner.name`` (from :meth:`_target`) is replaced by
-    ``self._wrap(original)`` and restored on exit; ``available`` says whether the target existed
-    (if not, nothing is patched and the subclass records nothing)."""
-
-    def __init__(self):
-        self.available = False
-        self._owner = self._name = self._original = None
-
-    def _target(self) -> tuple[object, str] | None:
-        raise NotImplementedError
-
-    def _wrap(self, original):
-        raise NotImplementedError
-
-    def __enter__(self):
-        target = self._target()
-        original = getattr(*target, None) if target is not None else None
-        if original is None:
-            return self
-        self._owner, self._name = target
-        self._original = original
-        setattr(self._owner, self._name, self._wrap(original))
-        self.available = True
-        return self
-
-    def __exit__(self, *exc):
-        if self._owner is not None:
-            setattr(self._owner, self._name, self._original)
-
-
-def _scheduler_method(name: str) -> tuple[object, str] | None:
-    try:
-        from vllm.v1.core.sched.scheduler import Scheduler
-    except ImportError:
-        return None
-    return Scheduler, name
-
-
-class PlanRecorder(_AttributePatch):
-    """Wraps ``proxyattn_vllm.metadata.plan_batch`` (called once per scheduler step): records the
-    (ctx, q_len) of every sparse prefill chunk and counts prefill tokens, while ``active``."""
-
-    def __init__(self):
-        super().__init__()
-        self.active = False
-        self.sparse: list[tuple[int, int]] = []
-        self.prefill_tokens = 0
-
-    def _target(self):
-        try:
-            import proxyattn_vllm.metadata as module
-        except ImportError:
-            return None
-        return module, "plan_batch"
-
-    def _wrap(self, original):
-        def recording(*a, **k):
-            plan = original(*a, **k)
-            if self.active:
-                try:
-                    self.sparse.extend((int(r.ctx), int(r.q_len)) for r in plan.sparse_rows)
-                    self.prefill_tokens += int(plan.num_tokens) - int(plan.num_decode_tokens)
-                except (AttributeError, TypeError):
-                    pass
-            return plan
-
-        return recording
-
-    @contextlib.contextmanager
-    def recording(self):
-        self.sparse, self.prefill_tokens, self.active = [], 0, True
-        try:
-            yield self
-        finally:
-            self.active = False
-
-    def summary(self) -> dict:
-        if not self.available:
-            return {"available": False}
-        ctxs = sorted({c for c, _ in self.sparse})
-        return {"available": True, "sparse_chunks": len(self.sparse),
-                "sparse_ctx_values": ctxs[:32], "min_sparse_ctx": ctxs[0] if ctxs else None,
-                "max_sparse_q_len": max((q for _, q in self.sparse), default=None),
-                "prefill_tokens": self.prefill_tokens}
-
-
-class SchedulerRecorder(_AttributePatch):
-    """Wraps ``Scheduler._update_after_schedule`` (every backend): records the (ctx, q_len) of
-    every prefill chunk the scheduler sends (q_len > 1, as plan_batch counts prefill; ctx = the
-    request's computed tokens before it, so a cache hit or a recompute shows), while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.active = False
-        self.chunks: list[tuple[int, int]] = []
-
-    def _target(self):
-        return _scheduler_method("_update_after_schedule")
-
-    def _wrap(self, original):
-        def recording(sched, scheduler_output, *a, **k):
-            if self.active:
-                try:
-                    for req_id, n in scheduler_output.num_scheduled_tokens.items():
-                        if n > 1:
-                            self.chunks.append((int(sched.requests[req_id].num_computed_tokens), int(n)))
-                except (AttributeError, KeyError, TypeError):
-                    pass
-            return original(sched, scheduler_output, *a, **k)
-
-        return recording
-
-    @contextlib.contextmanager
-    def recording(self):
-        self.chunks, self.active = [], True
-        try:
-            yield self
-        finally:
-            self.active = False
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(q for _, q in self.chunks)
-
-    def summary(self) -> dict:
-        if not self.available:
-            return {"available": False}
-        return {"available": True, "prefill_chunks": len(self.chunks), "prefill_tokens": self.prefill_tokens,
-                "min_prefill_ctx": min((c for c, _ in self.chunks), default=None)}
-
-
-@contextlib.contextmanager
-def recording_both(recorder: PlanRecorder, scheduled: SchedulerRecorder | None):
-    with recorder.recording(), (scheduled.recording() if scheduled else contextlib.nullcontext()):
-        yield
-
-
-class PreemptionCounter(_AttributePatch):
-    """Counts ``Scheduler._preempt_request`` calls (the scheduler runs in this process)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def _target(self):
-        return _scheduler_method("_preempt_request")
-
-    def _wrap(self, original):
-        def counting(sched, *a, **k):
-            self.count += 1
-            return original(sched, *a, **k)
-
-        return counting
-
-
-def greedy(max_tokens: int, logprobs: int | None = None):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
-
-
-def token_prompts(prompts: list[list[int]]):
-    from vllm.inputs import TokensPrompt
-
-    return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+# Greedy rows of a batch
 
 
 def generate_rows(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
@@ -1246,6 +991,8 @@ def time_guard(seconds: float | None):
 def part_timeout(args, name: str) -> float:
     if name == "soak":
         return args.soak_s + args.health_timeout_s + 180
+    if name in sparse_scenarios.PARTS:
+        return args.sparse_part_timeout_s
     return args.part_timeout_s
 
 
@@ -1270,12 +1017,6 @@ def run_part(name: str, func, args, report: dict, write) -> None:
             vllm_engine.release_memory()
         except Exception:  # noqa: BLE001
             pass
-
-
-def fmt(value, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if spec else str(value)
 
 
 def greedy_of(name: str, res: dict, part: dict) -> dict:
@@ -1346,6 +1087,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
                              f"{fmt(s['preemptions'])} preemptions (metric {fmt(s['preemptions_metric'])}), "
                              f"{fmt(s['recomputed_tokens'])} prefill tokens recomputed"))
                 rows.append(tokens_row(label, res, "the ample run", cfg, part))
+        elif name in sparse_scenarios.PARTS:
+            rows += [(name, check, verdict, detail) for check, verdict, detail in part.get("checks", [])]
         elif name == "soak" and part.get("verdict"):
             v = part["verdict"]
             rows.append(("soak", "requests", pass_fail(v["failed"] == 0 and v["completed"]),
@@ -1413,7 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(jsonable(report), f, indent=1)
         os.replace(tmp, args.out)
 
-    funcs = {"prefix": run_prefix, "preemption": run_preemption, "soak": run_soak}
+    funcs = {"prefix": run_prefix, "preemption": run_preemption, "soak": run_soak,
+             **{name: sparse_scenarios.runner(name) for name in sparse_scenarios.PARTS}}
     for name in args.parts:
         log(f"=== {name} ===")
         run_part(name, funcs[name], args, report, write)
