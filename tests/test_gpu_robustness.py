@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.robustness import gpu_robustness as gr
+from benchmarks.robustness import cache_parts, gpu_robustness as gr
 
 FAKE_SERVER = os.path.join(os.path.dirname(__file__), "_fake_openai_server.py")
 BASE = ["--model", "m", "--essays", "e"]
@@ -544,7 +544,7 @@ def _tiny_model_and_essays(tmp_path, monkeypatch) -> str:
     (tmp_path / "essays").mkdir()
     (tmp_path / "essays" / "a.txt").write_text(prompt_words(0, 400))
     # The word-level tokenizer knows only its own words: questions made of them.
-    monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
+    monkeypatch.setattr(cache_parts, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     return model
 
@@ -557,8 +557,8 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
 
     model = _tiny_model_and_essays(tmp_path, monkeypatch)
     built = []
-    with_engine = gr.with_engine
-    monkeypatch.setattr(gr, "with_engine", lambda kwargs, fn: (built.append(kwargs), with_engine(kwargs, fn))[1])
+    with_engine = cache_parts.with_engine
+    monkeypatch.setattr(cache_parts, "with_engine", lambda kwargs, fn: (built.append(kwargs), with_engine(kwargs, fn))[1])
     out = tmp_path / "out.json"
     with kv_cache_layout_restored():
         rc = gr.main([
@@ -962,3 +962,77 @@ def test_compile_counter_counts_torch_compile_frames():
     assert new_shape["dynamo_frames"] >= 1
     merged = compiles.merge([first, again, new_shape])
     assert merged["dynamo_frames"] == first["dynamo_frames"] + new_shape["dynamo_frames"]
+
+
+def run_sparse_parts_on_tiny_model(tmp_path, monkeypatch, *options: str) -> tuple[int, dict]:
+    """gpu_robustness.main on the tiny CPU model with needle keys it knows (its word-level
+    tokenizer maps unknown words to one token), CPU_ATTN as the control, fp32, pages of 32 and
+    64-token selection blocks; the exit status and the report."""
+    from proxyattn_vllm.testing import prompt_words
+    from tests._vllm_cpu import kv_cache_layout_restored
+
+    model = _tiny_model_and_essays(tmp_path, monkeypatch)
+    monkeypatch.setattr(rp, "needle_key", lambda i: prompt_words(900 + 11 * i, 1))
+    out = tmp_path / "out.json"
+    with kv_cache_layout_restored():
+        rc = gr.main(["--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
+                      "--dense-backend", "CPU_ATTN", "--page-size", "32", "--max-model-len", "256",
+                      "--dtype", "float32", "--sparse-output-tokens", "4", *options])
+    return rc, json.loads(out.read_text())
+
+
+def test_sparse_prefix_and_mixed_parts_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """The sparse parts end to end on the tiny CPU model (fp32, pages of 32, selection blocks of
+    64, a 104-token document: its cached 96 tokens end mid-block): every request completes, the
+    hits are the document's whole pages and the first sparse chunk starts there, the sparse
+    path ran beside short requests, its density was recorded, and no request compiled anything
+    (the CPU runs Triton's interpreter). The random model knows no digits: answers are INFO."""
+    rc, report = run_sparse_parts_on_tiny_model(
+        tmp_path, monkeypatch, "--parts", "sparse_prefix,sparse_mixed", "--sparse-prefix-tokens", "104",
+        "--sparse-questions", "2", "--sparse-mixed-short", "3", "--sparse-mixed-short-range", "40:60",
+        "--sparse-mixed-short-output", "3", "--sparse-mixed-long-tokens", "200", "--chunk", "32",
+        "--proxyattn-overrides", '{"min_sparse_len": 96, "block_size": 64, "stride": 4}',
+        "--engine-args", json.dumps({"kv_cache_memory_bytes": 16 << 20, "max_num_seqs": 8,
+                                     "distributed_executor_backend": "uni"}))
+    for name in ("sparse_prefix", "sparse_mixed"):
+        part = report["parts"][name]
+        assert part["status"] == "ok", part.get("error")
+        checks = {c: v for c, v, _ in part["checks"]}
+        assert checks["all complete"] == "PASS" and checks["sparse path ran"] == "PASS", part["checks"]
+        assert checks["no compiles"] == "PASS" and checks["answers"] in ("PASS", "INFO"), part["checks"]
+        assert list(part["configs"]) == ["dense_fa", "sparse"]
+        assert part["configs"]["sparse"]["proxyattn"]["min_sparse_len"] == 96
+        for run_ in part["configs"]["sparse"]["runs"].values():
+            assert 0 < run_["density"]["density"] <= 1 and run_["density"]["chunks"] > 0
+    prefix = report["parts"]["sparse_prefix"]
+    assert prefix["expected_cached_tokens"] == 96 and prefix["hit_ends_mid_selection_block"]
+    checks = {c: v for c, v, _ in prefix["checks"]}
+    assert checks["cache hits dense_fa"] == checks["cache hits sparse"] == "PASS", prefix["checks"]
+    mixed = report["parts"]["sparse_mixed"]["configs"]["sparse"]["runs"]["mixed"]["batches"][0]
+    assert [r["output_tokens"] for r in mixed["rows"]] == [3, 4, 3, 3]
+    assert rc == 0
+
+
+def test_sparse_preemption_and_chunks_parts_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """Four 100-token retrieval prompts on a KV cache of 1.5 prompts are preempted and
+    recomputed on both configs, and prompts of 150-200 tokens run at chunk sizes 32 (half a
+    64-token selection block) and 64: every request completes, the sparse path ran in every
+    engine, no scheduled chunk exceeds its engine's limit, and no request compiled anything."""
+    rc, report = run_sparse_parts_on_tiny_model(
+        tmp_path, monkeypatch, "--parts", "sparse_preemption,sparse_chunks", "--sparse-preempt-prompts", "4",
+        "--sparse-preempt-tokens", "100", "--sparse-preempt-cache-prompts", "1.5", "--sparse-chunk-sizes", "32,64",
+        "--sparse-chunk-lengths", "150,200", "--chunk", "64",
+        "--proxyattn-overrides", '{"block_size": 64, "stride": 4}',
+        "--engine-args", json.dumps({"max_num_seqs": 4, "distributed_executor_backend": "uni"}))
+    for name in ("sparse_preemption", "sparse_chunks"):
+        part = report["parts"][name]
+        assert part["status"] == "ok", part.get("error")
+        checks = {c: v for c, v, _ in part["checks"]}
+        assert {v for c, v in checks.items() if c not in ("answers", "density")} == {"PASS"}, part["checks"]
+    # Prompts below the default min_sparse_len: lowered to the shortest, so the sparse path ran.
+    assert report["parts"]["sparse_preemption"]["configs"]["sparse"]["proxyattn"] == {
+        "block_size": 64, "stride": 4, "min_sparse_len": 100}
+    assert report["parts"]["sparse_chunks"]["configs"]["sparse"]["proxyattn"]["min_sparse_len"] == 150
+    pressured = report["parts"]["sparse_preemption"]["configs"]["sparse"]["runs"]["pressured"]
+    assert pressured["preemptions"] > 0
+    assert rc == 0

@@ -10,6 +10,7 @@ torch.compile: Dynamo counts each frame it converts (``counters["frames"]["total
 compile or a recompile) and each new graph (``counters["stats"]["unique_graphs"]``); the
 counter takes their growth over the measured window.
 
+(vLLM's own JIT monitor uses the other knob, ``jit_post_compile_hook``, after the compile.)
 Hooks are process-wide, so the engine must run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 A kernel variant compiled once stays cached for later engines of the process: a count is the
 compiles this window paid, not the compiles a fresh process would pay.

@@ -113,7 +113,9 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     if not 0 < lo <= hi:
         ap.error(f"--sparse-mixed-short-range {args.sparse_mixed_short_range!r}: LO:HI with 0 < LO <= HI")
     args.sparse_mixed_short_range = (lo, hi)
-    longest = max(args.sparse_prefix_tokens, args.sparse_mixed_long_tokens, *args.sparse_chunk_lengths)
+    lengths = {"sparse_prefix": [args.sparse_prefix_tokens], "sparse_chunks": args.sparse_chunk_lengths,
+               "sparse_mixed": [args.sparse_mixed_long_tokens]}
+    longest = max((n for p in args.parts for n in lengths.get(p, [])), default=0)
     if longest + args.sparse_output_tokens > args.max_model_len:
         ap.error(f"sparse prompts of {longest} tokens + --sparse-output-tokens exceed --max-model-len")
     if min(args.sparse_questions, args.sparse_preempt_prompts, args.sparse_output_tokens) < 1 \
