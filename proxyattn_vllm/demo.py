@@ -29,9 +29,10 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 import traceback
 import warnings
+
+from .demo_report import Progress, decode, report_stats, report_tokens
 
 EXIT_OK = 0
 EXIT_ENGINE_FAILED = 1
@@ -68,6 +69,28 @@ def _non_negative(text: str) -> int:
     return value
 
 
+#: (flag, type, default, help) of the demo's numeric options: the prompt, the chunking and the
+#: ProxyAttn selection (the latter go to the engine's proxyattn config).
+_NUMERIC_OPTIONS = (
+    ("--prompt-tokens", _positive, 256, "prompt length in tokens"),
+    ("--max-tokens", _positive, 8, "tokens to generate greedily after the prompt"),
+    ("--chunk-tokens", _positive, 64,
+     "chunked-prefill size (vLLM's max_num_batched_tokens): the prompt is prefilled in chunks of this "
+     "many tokens, each attending to the earlier ones in the paged KV cache"),
+    ("--block-size", _positive, 16,
+     "ProxyAttn selection block in tokens (a multiple of 16), also used as vLLM's KV-cache page size"),
+    ("--gamma", float, 0.9, "attention mass each head's budget must cover, in (0, 1]"),
+    ("--max-density", _density, 0.3,
+     "the most of a chunk's causal key blocks it computes (forced blocks and dense tail included), "
+     "in (0, 1], or 'none' for gamma budgets alone"),
+    ("--min-sparse-len", _non_negative, 64, "requests shorter than this many tokens run dense"),
+    ("--min-budget-tokens", _non_negative, 0,
+     "each head keeps at least this many tokens' worth of blocks per query block"),
+    ("--dense-tail-tokens", _non_negative, 16,
+     "the query blocks holding each chunk's last this-many tokens attend to every earlier block"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proxyattn-demo",
@@ -91,29 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
              "random weights (2 layers, 4 query / 2 KV heads, head size 32) written to a temporary "
              "folder",
     )
-    parser.add_argument("--prompt-tokens", type=_positive, default=256,
-                        help="prompt length in tokens")
-    parser.add_argument("--max-tokens", type=_positive, default=8,
-                        help="tokens to generate greedily after the prompt")
-    parser.add_argument("--chunk-tokens", type=_positive, default=64,
-                        help="chunked-prefill size (vLLM's max_num_batched_tokens): the prompt is "
-                             "prefilled in chunks of this many tokens, each attending to the earlier "
-                             "ones in the paged KV cache")
-    parser.add_argument("--block-size", type=_positive, default=16,
-                        help="ProxyAttn selection block in tokens (a multiple of 16), also used as "
-                             "vLLM's KV-cache page size")
-    parser.add_argument("--gamma", type=float, default=0.9,
-                        help="attention mass each head's budget must cover, in (0, 1]")
-    parser.add_argument("--max-density", type=_density, default=0.3,
-                        help="the most of a chunk's causal key blocks it computes (forced blocks and "
-                             "dense tail included), in (0, 1], or 'none' for gamma budgets alone")
-    parser.add_argument("--min-sparse-len", type=_non_negative, default=64,
-                        help="requests shorter than this many tokens run dense")
-    parser.add_argument("--min-budget-tokens", type=_non_negative, default=0,
-                        help="each head keeps at least this many tokens' worth of blocks per query block")
-    parser.add_argument("--dense-tail-tokens", type=_non_negative, default=16,
-                        help="the query blocks holding each chunk's last this-many tokens attend to "
-                             "every earlier block")
+    for flag, kind, default, text in _NUMERIC_OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the tiny model's random weights, of its prompt's words and of vLLM")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -126,24 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "PROXYATTN_STATS format) in this file")
     parser.add_argument("--verbose", action="store_true", help="show vLLM's own log lines")
     return parser
-
-
-class _Progress:
-    def __init__(self, total: int):
-        self.total, self.step, self.start = total, 0, time.perf_counter()
-        self._phase_start = self.start
-
-    def phase(self, text: str) -> None:
-        self.step += 1
-        self._phase_start = time.perf_counter()
-        print(f"[{self.step}/{self.total}] {text} ...", flush=True)
-
-    def done(self, text: str = "") -> None:
-        took = time.perf_counter() - self._phase_start
-        print(f"      done in {took:.1f} s{'; ' + text if text else ''}", flush=True)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 def _kv_cache_bytes(model_dir: str, max_model_len: int, block_size: int, dtype_bytes: int) -> int:
@@ -176,13 +160,6 @@ def _prompt_ids(model_dir: str, tiny: bool, n: int, seed: int) -> list[int]:
     return list(ids[:n])
 
 
-def _decode(model_dir: str, ids: list[int]) -> str:
-    from transformers import AutoTokenizer
-
-    text = AutoTokenizer.from_pretrained(model_dir).decode(ids)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
 def _generate(llm_kwargs: dict, prompt_ids: list[int], max_tokens: int, before_generate=None) -> list[int]:
     from vllm import LLM, SamplingParams
 
@@ -199,64 +176,6 @@ def _generate(llm_kwargs: dict, prompt_ids: list[int], max_tokens: int, before_g
     finally:
         del llm
         tear_down_engine()
-
-
-def _report_stats(lines: list[dict], proxyattn: dict, num_layers: int | None) -> None:
-    from . import stats
-
-    print("\nSelection statistics, per layer (density: key blocks computed / causal key blocks, averaged "
-          "over query heads; attention mass kept: the share of dense attention's softmax mass inside the "
-          "computed blocks, for sampled heads and queries):")
-    if not lines:
-        print("  no prefill chunk went through the sparse path")
-        return
-    by_layer: dict = {}
-    for line in lines:
-        by_layer.setdefault(line.get("layer"), []).append(line)
-    for summary in stats.summarize(lines):
-        layer = summary["layer"]
-        chunks = by_layer[layer]
-        fewer = sum(1 for c in chunks if c["density"] < 1.0)
-        with_ctx = sum(1 for c in chunks if c["ctx"] > 0)
-        causal = sum(c["causal_blocks"] for c in chunks)
-        computed = sum(c["density"] * c["causal_blocks"] for c in chunks)
-        kept = summary.get("kept_mass")
-        kept_text = "" if kept is None else f", dense attention mass kept {kept:.3f}"
-        print(f"  layer {layer}: {summary['chunks']} sparse chunks ({with_ctx} with ctx > 0, {fewer} "
-              f"computing fewer than all blocks), density {summary['density']:.3f} "
-              f"({computed:.1f} of {causal} causal blocks per head){kept_text}")
-    spans = ", ".join(f"{c['ctx']}+{c['q_len']}:{c['density']:.2f}" for c in by_layer[next(iter(by_layer))])
-    print(f"  chunks of layer {next(iter(by_layer))} (ctx+q_len:density): {spans}")
-    total = stats.overall(lines)
-    sparse_layers = len(by_layer)
-    layers_text = "" if num_layers is None else f" in {sparse_layers} of {num_layers} layers"
-    cap = proxyattn.get("max_density")
-    cap_text = "" if cap is None else f" (max_density {cap})"
-    print(f"  overall: {total['chunks']} sparse chunks{layers_text}, density {total['density']:.3f}{cap_text}")
-    if cap is not None and total["density"] > cap:
-        print("  (each query block always computes its forced blocks, the sink and the diagonal, and the "
-              "chunk's dense tail computes every block: with short contexts these alone exceed max_density)")
-
-
-def _report_tokens(model_dir: str, sparse: list[int], dense: list[int], dense_name: str, tiny: bool) -> None:
-    print("\nGreedy tokens:")
-    print(f"  proxyattn: {sparse}  {_decode(model_dir, sparse)!r}")
-    print(f"  {dense_name:<9}: {dense}  {_decode(model_dir, dense)!r}")
-    first = next((i for i, (a, b) in enumerate(zip(sparse, dense)) if a != b), None)
-    if first is None and len(sparse) == len(dense):
-        print(f"  identical: all {len(sparse)} generated tokens are the same")
-    elif first is None:
-        print(f"  the same up to the shorter output ({min(len(sparse), len(dense))} tokens), "
-              f"then of different lengths ({len(sparse)} vs {len(dense)})")
-    else:
-        same = "" if first == 0 else f"the first {first} are the same; "
-        print(f"  not identical: {same}they differ from generated token {first + 1} of {len(sparse)} on "
-              f"(proxyattn {sparse[first]}, {dense_name} {dense[first]}).")
-        print("  Sparse attention computes fewer blocks, so a different greedy choice is expected where the "
-              "top candidates are close" + (" (with random weights they are: attention is almost flat, so "
-                                             "skipped blocks carry much of its mass)" if tiny else "")
-              + ". At full density (--gamma 1 --max-density none) every block is computed and the tokens "
-              "match dense attention's (in float32; lower precision can tip near-ties).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,7 +219,7 @@ def _platform_patched():
 
 
 def _run(args: argparse.Namespace, undo: contextlib.ExitStack) -> int:
-    progress = _Progress(4 if args.no_dense else 5)
+    progress = Progress(4 if args.no_dense else 5)
     progress.phase("setting up")
     from .cpu_harness import engine_unavailable_reason, has_cuda, setup_cpu
 
@@ -439,11 +358,11 @@ def _run(args: argparse.Namespace, undo: contextlib.ExitStack) -> int:
             progress.done(f"{len(dense_tokens)} tokens")
 
         progress.phase("results")
-        _report_stats(lines, proxyattn, num_layers)
+        report_stats(lines, proxyattn, num_layers)
         if dense_tokens is not None:
-            _report_tokens(model_dir, sparse_tokens, dense_tokens, dense_backend, tiny)
+            report_tokens(model_dir, sparse_tokens, dense_tokens, dense_backend, tiny)
         else:
-            print(f"\nGreedy tokens (proxyattn): {sparse_tokens}  {_decode(model_dir, sparse_tokens)!r}")
+            print(f"\nGreedy tokens (proxyattn): {sparse_tokens}  {decode(model_dir, sparse_tokens)!r}")
 
     print(f"\nTotal wall time {progress.elapsed():.1f} s.", flush=True)
     if not lines:

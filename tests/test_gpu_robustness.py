@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.robustness import gpu_robustness as gr
+from benchmarks.robustness import cache_parts, gpu_robustness as gr
 
 FAKE_SERVER = os.path.join(os.path.dirname(__file__), "_fake_openai_server.py")
 BASE = ["--model", "m", "--essays", "e"]
@@ -544,7 +544,7 @@ def _tiny_model_and_essays(tmp_path, monkeypatch) -> str:
     (tmp_path / "essays").mkdir()
     (tmp_path / "essays" / "a.txt").write_text(prompt_words(0, 400))
     # The word-level tokenizer knows only its own words: questions made of them.
-    monkeypatch.setattr(gr, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
+    monkeypatch.setattr(cache_parts, "QUESTIONS", tuple(prompt_words(500 + 97 * i, 6) for i in range(8)))
     honour_custom_backend_on_cpu(monkeypatch.setattr)
     return model
 
@@ -557,8 +557,8 @@ def test_prefix_part_on_the_tiny_cpu_model(tmp_path, monkeypatch):
 
     model = _tiny_model_and_essays(tmp_path, monkeypatch)
     built = []
-    with_engine = gr.with_engine
-    monkeypatch.setattr(gr, "with_engine", lambda kwargs, fn: (built.append(kwargs), with_engine(kwargs, fn))[1])
+    with_engine = cache_parts.with_engine
+    monkeypatch.setattr(cache_parts, "with_engine", lambda kwargs, fn: (built.append(kwargs), with_engine(kwargs, fn))[1])
     out = tmp_path / "out.json"
     with kv_cache_layout_restored():
         rc = gr.main([
@@ -650,3 +650,389 @@ def test_recorders_patch_their_targets_while_entered_and_restore_them():
             metadata.plan_batch(torch.tensor([0, 1, 300], dtype=torch.int32), torch.tensor([10, 400]), 2, 64)
         assert plans.sparse == [(101, 299)] and plans.prefill_tokens == 299
     assert (metadata.plan_batch, Scheduler._preempt_request, Scheduler._update_after_schedule) == originals
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse scenarios: arguments, retrieval prompts, verdicts, the compile counter
+
+from benchmarks.robustness import compiles, prompts as rp, sparse_scenarios as ss  # noqa: E402
+
+
+def test_sparse_parts_are_selected_by_name_or_all_at_once(tmp_path):
+    out = ["--out", str(tmp_path / "r.json")]
+    args = gr.parse_args(BASE + out + ["--parts", "soak,sparse"])
+    assert args.parts == ["sparse_prefix", "sparse_preemption", "sparse_chunks", "sparse_mixed", "soak"]
+    args = gr.parse_args(BASE + out + ["--parts", "sparse_mixed,prefix"])
+    assert args.parts == ["prefix", "sparse_mixed"]
+    assert args.sparse_mixed_short_range == (200, 800) and args.sparse_chunk_sizes == [2048, 4096, 16384]
+    assert gr.part_timeout(args, "sparse_mixed") == args.sparse_part_timeout_s == 900
+    assert gr.part_timeout(args, "prefix") == args.part_timeout_s
+    # The default prefix document's whole pages end mid 256-token block and mid 8192-token chunk.
+    cached = args.sparse_prefix_tokens // args.page_size * args.page_size
+    assert args.sparse_prefix_tokens % args.page_size and cached % 256 and cached % args.chunk
+    for bad in (["--parts", "sparse_x"], ["--parts", "sparse", "--sparse-mixed-short-range", "9:8"],
+                ["--parts", "sparse", "--sparse-mixed-long-tokens", "40000"],
+                ["--parts", "sparse_chunks", "--sparse-chunk-sizes", "2048,0"],
+                ["--parts", "sparse", "--sparse-questions", "0"]):
+        with pytest.raises(SystemExit):
+            gr.parse_args(BASE + out + bad)
+    # The sparse options are checked only when a sparse part runs.
+    assert gr.parse_args(BASE + out + ["--parts", "soak", "--sparse-mixed-long-tokens", "40000"]).parts == ["soak"]
+
+
+def test_help_lists_every_part(capsys):
+    with pytest.raises(SystemExit):
+        gr.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in gr.PARTS + ("sparse",):
+        assert f"\n  {name} " in text, name
+    assert "--sparse-chunk-sizes" in text and "no Triton/torch.compile compile inside a request" in text
+
+
+def test_sparse_config_is_the_default_with_min_sparse_len_lowered_only_when_needed(tmp_path):
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json")])
+    assert ss.sparse_config(args, 16000) == {}  # the default config: no override at all
+    assert ss.sparse_config(args, 3000) == {"min_sparse_len": 3000}
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--proxyattn-overrides",
+                                 '{"min_sparse_len": 100, "sparse_kernel": "fa3"}'])
+    assert ss.sparse_config(args, 3000) == {"min_sparse_len": 100, "sparse_kernel": "fa3"}
+
+
+def decode_words(tok: WordTokenizer, ids: list[int]) -> str:
+    words = {v: k for k, v in tok.vocab.items()}
+    return " ".join(words.get(i, "?") for i in ids)
+
+
+def word_essay(tok: WordTokenizer, n: int = 3000) -> list[int]:
+    return tok.encode(" ".join(f"w{i % 997}" for i in range(n)), add_special_tokens=False)
+
+
+def test_retrieval_prompts_have_the_exact_length_and_their_needle_before_the_question():
+    tok = WordTokenizer()
+    essay = word_essay(tok)
+    prompts = rp.retrieval_prompts(tok, essay, [300, 450, 600, 301], seed=5)
+    assert [len(p["ids"]) for p in prompts] == [300, 450, 600, 301]
+    assert len({p["key"] for p in prompts}) == 4 and len({p["answer"] for p in prompts}) == 4
+    for p in prompts:
+        assert p["ids"][0] == 1  # the tokenizer's BOS (no chat template)
+        assert len(p["answer"]) == 7 and p["answer"].isdigit()
+        needle = tok.encode(rp.NEEDLE.format(key=p["key"], value=p["answer"]), add_special_tokens=False)
+        at = p["needle_position"]
+        assert p["ids"][at:at + len(needle)] == needle
+        text = decode_words(tok, p["ids"])
+        assert text.endswith(f"Answer: {rp.ANSWER_START.format(key=p['key'])}")
+        assert text.count(p["answer"]) == 1  # only the needle holds the number
+    depths = [p["needle_position"] / len(p["ids"]) for p in prompts[:3]]
+    assert depths[0] < depths[1] < depths[2]  # 0.2, 0.5, 0.8
+    with pytest.raises(ValueError, match="cannot hold"):
+        rp.retrieval_prompts(tok, essay, [20], seed=5)
+
+
+def test_shared_document_holds_every_needle_and_caches_its_whole_pages():
+    tok = WordTokenizer()
+    doc = rp.shared_document_prompts(tok, word_essay(tok), 16 * 20 + 5, questions=3, seed=1, page=16)
+    warm = doc["warm"]
+    assert len(warm) == 325 and doc["expected_cached_tokens"] == 320 and doc["prefix_ends_mid_page"]
+    assert len(doc["prompts"]) == 3 and len({p["key"] for p in doc["prompts"]}) == 3
+    for p in doc["prompts"]:
+        assert p["ids"][:325] == warm and p["needle_position"] < 325
+        assert p["answer"] in decode_words(tok, warm)
+        assert decode_words(tok, p["ids"][325:]).startswith(f"Question: What is the special magic number for {p['key']}")
+
+
+def test_chat_frame_wraps_the_document_in_the_template():
+    class ChatTokenizer(WordTokenizer):
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return f"<s> user: {messages[0]['content']} </s> assistant:\n"
+
+    tok = ChatTokenizer()
+    head, tail = rp.chat_frame(tok)
+    assert decode_words(tok, head) == "<s> user:" and tail == " </s> assistant:\n"
+    p = rp.retrieval_prompts(tok, word_essay(tok), [200], seed=2)[0]
+    text = decode_words(tok, p["ids"])
+    assert text.startswith("<s> user:") and len(p["ids"]) == 200
+    assert text.endswith(f"mentioned in the text above? </s> assistant: {rp.ANSWER_START.format(key=p['key'])}")
+
+
+def test_answer_check_takes_the_first_number():
+    assert rp.answer_correct(" 4417723.", "4417723")
+    assert rp.answer_correct("The number is 4417723, I think 12", "4417723")
+    assert not rp.answer_correct(" 12 or 4417723", "4417723")
+    assert not rp.answer_correct(" 44177230", "4417723")
+    assert not rp.answer_correct("", "4417723") and not rp.answer_correct(None, "1")
+    assert len({rp.needle_key(i) for i in range(64)}) == 64 and rp.needle_key(64) != rp.needle_key(0)
+
+
+def row(answer="1234567", correct=True, tokens=24, cached=0, max_tokens=24):
+    return {"answer": answer, "correct": correct, "output_tokens": tokens, "max_tokens": max_tokens,
+            "key": "k", "text": " 1234567" if correct else " 99", "num_cached_tokens": cached}
+
+
+def batch(rows, label="all", compiled=0, sparse_chunks=5, max_q=None, min_ctx=None, available=True):
+    summary = {"triton_available": available, "triton_compiles": compiled,
+               "triton_kernels": ["m.kern"] if compiled else [], "dynamo_frames": 0, "dynamo_graphs": 0,
+               "total": compiled}
+    return {"label": label, "rows": rows, "compiles": summary, "max_scheduled_q_len": max_q,
+            "plan": {"sparse_chunks": sparse_chunks, "min_sparse_ctx": min_ctx}}
+
+
+def run(*batches, preemptions=0, density=0.3):
+    return {"batches": list(batches), "compiles": compiles.merge([b["compiles"] for b in batches]),
+            "preemptions": preemptions, "density": {"density": density, "chunks": 48}}
+
+
+def part_of(control_runs, sparse_runs, **info):
+    return {"configs": {"dense_fa": {"runs": control_runs}, "sparse": {"runs": sparse_runs}}, **info}
+
+
+def verdicts(name, part):
+    return {check: (verdict, detail) for check, verdict, detail in ss.judge(name, part)}
+
+
+def test_sparse_verdicts_pass_and_each_check_can_fail():
+    good = lambda **kw: {"ample": run(batch([row(), row(correct=False)], **kw)),  # noqa: E731
+                         "pressured": run(batch([row(), row(correct=False)], **kw), preemptions=3)}
+    info = {"pressured_kv_tokens": 30000, "prompt_tokens_sum": 72000}
+    v = verdicts("sparse_preemption", part_of(good(sparse_chunks=0), good(), **info))
+    assert {k: x[0] for k, x in v.items()} == {"all complete": "PASS", "answers": "PASS", "no compiles": "PASS",
+                                              "sparse path ran": "PASS", "preempted dense_fa": "PASS",
+                                              "preempted sparse": "PASS", "density": "INFO"}
+    assert v["answers"][1] == "sparse 2/4 right, dense_fa 2/4"
+    # Wrong where the control is right; right where the control is wrong is fine.
+    sparse = good()
+    sparse["pressured"]["batches"][0]["rows"] = [row(correct=False), row(correct=True)]
+    assert verdicts("sparse_preemption", part_of(good(), sparse, **info))["answers"][0] == "FAIL"
+    none_right = {k: run(batch([row(correct=False)])) for k in ("ample", "pressured")}
+    assert verdicts("sparse_preemption", part_of(none_right, good(), **info))["answers"][0] == "INFO"
+    # A short request (of either config), a compile in a request, no sparse chunk, no preemption.
+    short = good()
+    short["ample"]["batches"][0]["rows"][0]["output_tokens"] = 3
+    assert verdicts("sparse_preemption", part_of(short, good(), **info))["all complete"][0] == "FAIL"
+    compiled = {"ample": run(batch([row()], compiled=2)), "pressured": run(batch([row()]), preemptions=1)}
+    v = verdicts("sparse_preemption", part_of(good(), compiled, **info))
+    assert v["no compiles"][0] == "FAIL" and "m.kern" in v["no compiles"][1]
+    # The control's compiles are reported, not judged.
+    assert verdicts("sparse_preemption", part_of(compiled, good(), **info))["no compiles"][0] == "PASS"
+    blind = {"ample": run(batch([row()], available=False)), "pressured": run(batch([row()]), preemptions=1)}
+    assert verdicts("sparse_preemption", part_of(good(), blind, **info))["no compiles"][0] == "FAIL"
+    dense_only = {"ample": run(batch([row()])), "pressured": run(batch([row()], sparse_chunks=0), preemptions=1)}
+    assert verdicts("sparse_preemption", part_of(good(), dense_only, **info))["sparse path ran"][0] == "FAIL"
+    calm = {"ample": run(batch([row()])), "pressured": run(batch([row()]), preemptions=0)}
+    assert verdicts("sparse_preemption", part_of(good(), calm, **info))["preempted sparse"][0] == "FAIL"
+
+
+def test_sparse_prefix_and_chunk_verdicts():
+    def cached(hit, min_ctx):
+        warm = batch([row(answer=None, correct=None, tokens=1, max_tokens=1)], label="warm", min_ctx=0)
+        return {"cached": run(warm, batch([row(cached=hit), row(cached=hit)], label="questions", min_ctx=min_ctx))}
+
+    info = {"expected_cached_tokens": 16512, "hit_ends_mid_selection_block": True, "hit_ends_mid_chunk": True}
+    v = verdicts("sparse_prefix", part_of(cached(16512, None), cached(16512, 16512), **info))
+    assert v["cache hits dense_fa"][0] == v["cache hits sparse"][0] == "PASS"
+    assert "first sparse chunk ctx 16512" in v["cache hits sparse"][1]
+    v = verdicts("sparse_prefix", part_of(cached(16512, None), cached(16512, 16384), **info))
+    assert v["cache hits sparse"][0] == "FAIL"  # the sparse chunk did not start at the hit
+    assert verdicts("sparse_prefix", part_of(cached(0, None), cached(16512, 16512), **info))[
+        "cache hits dense_fa"][0] == "FAIL"
+    chunks = lambda q: {"chunk2048": run(batch([row()], max_q=q)), "chunk4096": run(batch([row()], max_q=4096))}  # noqa: E731
+    assert verdicts("sparse_chunks", part_of(chunks(2048), chunks(2048)))["chunk sizes"][0] == "PASS"
+    assert verdicts("sparse_chunks", part_of(chunks(2048), chunks(2049)))["chunk sizes"][0] == "FAIL"
+    # The summary table shows a sparse part's checks, and a failed part as such.
+    report = {"parts": {"sparse_chunks": {"status": "ok", "checks": ss.judge("sparse_chunks",
+                                                                             part_of(chunks(2048), chunks(2048)))},
+                        "sparse_mixed": {"status": "timeout", "error": "ran past its time guard"}}}
+    rows = gr.summary_rows(report)
+    assert ("sparse_chunks", "chunk sizes", "PASS") in [r[:3] for r in rows]
+    assert ("sparse_mixed", "ran", "FAIL") in [r[:3] for r in rows]
+
+
+def test_mixed_scenario_puts_the_long_prompt_among_the_short_ones(tmp_path):
+    tok = WordTokenizer()
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--parts", "sparse_mixed",
+                                 "--sparse-mixed-short", "6", "--sparse-mixed-short-range", "100:150",
+                                 "--sparse-mixed-long-tokens", "900", "--sparse-mixed-short-output", "8"])
+    info, runs, shortest = ss.scenario_mixed(args, tok, word_essay(tok))
+    batch_ = runs[0]["batches"][0][1]
+    assert shortest == 900 and len(batch_) == 7 and info["long_request_index"] == 3
+    assert [len(p["ids"]) for p in batch_][3] == 900 and all(100 <= len(p["ids"]) <= 150 for p in batch_[:3])
+    assert [p["max_tokens"] for p in batch_] == [8, 8, 8, args.sparse_output_tokens, 8, 8, 8]
+    assert len({p["key"] for p in batch_}) == 7
+
+
+def test_chunk_and_preemption_scenarios_build_one_engine_per_setting(tmp_path):
+    tok = WordTokenizer()
+    args = gr.parse_args(BASE + ["--out", str(tmp_path / "r.json"), "--parts", "sparse",
+                                 "--sparse-chunk-lengths", "700,900", "--sparse-chunk-sizes", "64,128",
+                                 "--sparse-preempt-prompts", "4", "--sparse-preempt-tokens", "500",
+                                 "--sparse-preempt-cache-prompts", "1.5", "--page-size", "16"])
+    info, runs, shortest = ss.scenario_chunks(args, tok, word_essay(tok))
+    assert [r["key"] for r in runs] == ["chunk64", "chunk128"] and shortest == 700
+    assert [r["extra"] for r in runs] == [{"max_num_batched_tokens": 64}, {"max_num_batched_tokens": 128}]
+    info, runs, shortest = ss.scenario_preemption(args, tok, word_essay(tok))
+    pages = math.ceil((500 + args.sparse_output_tokens) / 16)
+    assert info["pressured_num_gpu_blocks"] == math.ceil(1.5 * pages)
+    assert info["pressured_kv_tokens"] < info["prompt_tokens_sum"]
+    assert runs[1]["extra"] == {"num_gpu_blocks_override": info["pressured_num_gpu_blocks"],
+                                "scheduler_reserve_full_isl": False}
+    assert runs[0]["batches"] == runs[1]["batches"] and not runs[0]["prefix_caching"]
+
+
+def test_triton_calls_the_counted_hook_before_compiling_a_new_specialization():
+    """The installed Triton's JITFunction consults the hook the counter replaces on every
+    in-memory cache miss, before compiling: the route it counts."""
+    pytest.importorskip("triton")
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    owner, attr = compiles._triton_hook_owner()
+    source = inspect.getsource(JITFunction._do_compile)
+    assert attr in source and source.index(attr) < source.index("self.compile(")
+    run_source = inspect.getsource(JITFunction.run)
+    assert "_do_compile" in run_source and "kernel_cache" in run_source
+
+
+def test_compile_counter_counts_real_hook_calls_only_while_measuring():
+    pytest.importorskip("triton")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.runtime.jit import JITFunction
+
+    def tiny_kernel(x_ptr, n):
+        pass
+
+    kernel = JITFunction(tiny_kernel)  # not launched: no GPU here; its hook call is real
+    owner, attr = compiles._triton_hook_owner()
+    previous_calls = []
+    original = getattr(owner, attr)
+
+    def previous(**kw):
+        previous_calls.append(kw["fn"].name)
+        return None
+
+    setattr(owner, attr, previous)
+    try:
+        def miss():
+            values = {"hook": getattr(owner, attr), "key": ("k", ("*fp32", "i32")), "signature": {"x_ptr": "*fp32"},
+                      "target": GPUTarget("cuda", 90, 32), "device": 0, "constants": {}, "options": CUDAOptions(),
+                      "configs": [{}], "is_warmup": False}
+            return kernel._call_hook(*[values[p] for p in inspect.signature(kernel._call_hook).parameters])
+
+        with compiles.CompileCounter() as counter:
+            assert counter.triton_available and getattr(owner, attr) == counter.hook
+            assert not miss()  # never tells Triton to skip the compile
+            with counter.measuring():
+                miss()
+                miss()
+            miss()
+            s = counter.summary()
+        assert getattr(owner, attr) is previous  # restored
+        assert s["triton_compiles"] == 2 and s["total"] == 2 + (s["dynamo_frames"] or 0)
+        [name] = s["triton_kernels"]  # module and qualified name
+        assert name.startswith(__name__ + ".") and name.endswith(".tiny_kernel")
+        assert len(previous_calls) == 4  # the earlier hook still sees every call
+    finally:
+        setattr(owner, attr, original)
+
+
+def test_compile_counter_counts_torch_compile_frames():
+    import torch
+
+    def f(x):
+        return x * 2 + 1
+
+    compiled = torch.compile(f, backend="eager", dynamic=False)
+    with compiles.CompileCounter() as counter:
+        with counter.measuring():
+            compiled(torch.ones(3))
+        first = counter.summary()
+        with counter.measuring():
+            compiled(torch.ones(3))  # cached: nothing compiles
+        again = counter.summary()
+        with counter.measuring():
+            compiled(torch.ones(3, 4))  # a new shape: a recompile
+        new_shape = counter.summary()
+    assert first["dynamo_frames"] >= 1 and first["total"] >= 1
+    assert again["dynamo_frames"] == 0 and again["total"] == 0
+    assert new_shape["dynamo_frames"] >= 1
+    merged = compiles.merge([first, again, new_shape])
+    assert merged["dynamo_frames"] == first["dynamo_frames"] + new_shape["dynamo_frames"]
+
+
+def run_sparse_parts_on_tiny_model(tmp_path, monkeypatch, *options: str) -> tuple[int, dict]:
+    """gpu_robustness.main on the tiny CPU model with needle keys it knows (its word-level
+    tokenizer maps unknown words to one token), CPU_ATTN as the control, fp32, pages of 32 and
+    64-token selection blocks; the exit status and the report."""
+    from proxyattn_vllm.testing import prompt_words
+    from tests._vllm_cpu import kv_cache_layout_restored
+
+    model = _tiny_model_and_essays(tmp_path, monkeypatch)
+    monkeypatch.setattr(rp, "needle_key", lambda i: prompt_words(900 + 11 * i, 1))
+    out = tmp_path / "out.json"
+    with kv_cache_layout_restored():
+        rc = gr.main(["--model", model, "--essays", str(tmp_path / "essays"), "--out", str(out),
+                      "--dense-backend", "CPU_ATTN", "--page-size", "32", "--max-model-len", "256",
+                      "--dtype", "float32", "--sparse-output-tokens", "4", *options])
+    return rc, json.loads(out.read_text())
+
+
+def test_sparse_prefix_and_mixed_parts_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """The sparse parts end to end on the tiny CPU model (fp32, pages of 32, selection blocks of
+    64, a 104-token document: its cached 96 tokens end mid-block): every request completes, the
+    hits are the document's whole pages and the first sparse chunk starts there, the sparse
+    path ran beside short requests, its density was recorded, and no request compiled anything
+    (the CPU runs Triton's interpreter). The random model knows no digits: answers are INFO."""
+    rc, report = run_sparse_parts_on_tiny_model(
+        tmp_path, monkeypatch, "--parts", "sparse_prefix,sparse_mixed", "--sparse-prefix-tokens", "104",
+        "--sparse-questions", "2", "--sparse-mixed-short", "3", "--sparse-mixed-short-range", "40:60",
+        "--sparse-mixed-short-output", "3", "--sparse-mixed-long-tokens", "200", "--chunk", "32",
+        "--proxyattn-overrides", '{"min_sparse_len": 96, "block_size": 64, "stride": 4}',
+        "--engine-args", json.dumps({"kv_cache_memory_bytes": 16 << 20, "max_num_seqs": 8,
+                                     "distributed_executor_backend": "uni"}))
+    for name in ("sparse_prefix", "sparse_mixed"):
+        part = report["parts"][name]
+        assert part["status"] == "ok", part.get("error")
+        checks = {c: v for c, v, _ in part["checks"]}
+        assert checks["all complete"] == "PASS" and checks["sparse path ran"] == "PASS", part["checks"]
+        assert checks["no compiles"] == "PASS" and checks["answers"] in ("PASS", "INFO"), part["checks"]
+        assert list(part["configs"]) == ["dense_fa", "sparse"]
+        assert part["configs"]["sparse"]["proxyattn"]["min_sparse_len"] == 96
+        for run_ in part["configs"]["sparse"]["runs"].values():
+            assert 0 < run_["density"]["density"] <= 1 and run_["density"]["chunks"] > 0
+    prefix = report["parts"]["sparse_prefix"]
+    assert prefix["expected_cached_tokens"] == 96 and prefix["hit_ends_mid_selection_block"]
+    checks = {c: v for c, v, _ in prefix["checks"]}
+    assert checks["cache hits dense_fa"] == checks["cache hits sparse"] == "PASS", prefix["checks"]
+    mixed = report["parts"]["sparse_mixed"]["configs"]["sparse"]["runs"]["mixed"]["batches"][0]
+    assert [r["output_tokens"] for r in mixed["rows"]] == [3, 4, 3, 3]
+    assert rc == 0
+
+
+def test_sparse_preemption_and_chunks_parts_on_the_tiny_cpu_model(tmp_path, monkeypatch):
+    """Four 100-token retrieval prompts on a KV cache of 1.5 prompts are preempted and
+    recomputed on both configs, and prompts of 150-200 tokens run at chunk sizes 32 (half a
+    64-token selection block) and 64: every request completes, the sparse path ran in every
+    engine, no scheduled chunk exceeds its engine's limit, and no request compiled anything."""
+    rc, report = run_sparse_parts_on_tiny_model(
+        tmp_path, monkeypatch, "--parts", "sparse_preemption,sparse_chunks", "--sparse-preempt-prompts", "4",
+        "--sparse-preempt-tokens", "100", "--sparse-preempt-cache-prompts", "1.5", "--sparse-chunk-sizes", "32,64",
+        "--sparse-chunk-lengths", "150,200", "--chunk", "64",
+        "--proxyattn-overrides", '{"block_size": 64, "stride": 4}',
+        "--engine-args", json.dumps({"max_num_seqs": 4, "distributed_executor_backend": "uni"}))
+    for name in ("sparse_preemption", "sparse_chunks"):
+        part = report["parts"][name]
+        assert part["status"] == "ok", part.get("error")
+        checks = {c: v for c, v, _ in part["checks"]}
+        assert {v for c, v in checks.items() if c not in ("answers", "density")} == {"PASS"}, part["checks"]
+    # Prompts below the default min_sparse_len: lowered to the shortest, so the sparse path ran.
+    assert report["parts"]["sparse_preemption"]["configs"]["sparse"]["proxyattn"] == {
+        "block_size": 64, "stride": 4, "min_sparse_len": 100}
+    assert report["parts"]["sparse_chunks"]["configs"]["sparse"]["proxyattn"]["min_sparse_len"] == 150
+    pressured = report["parts"]["sparse_preemption"]["configs"]["sparse"]["runs"]["pressured"]
+    assert pressured["preemptions"] > 0
+    assert rc == 0

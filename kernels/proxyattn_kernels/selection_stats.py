@@ -131,18 +131,8 @@ def kept_mass_per_query(
     return torch.stack(kept).clamp_(0.0, 1.0)
 
 
-def kept_attention_mass(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    ranking: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    ctx: int,
-    scale: float,
-    block_size: int,
-    heads: list[int],
-    num_queries: int = 128,
-) -> torch.Tensor:
+def kept_attention_mass(q: torch.Tensor, k: torch.Tensor, ranking: torch.Tensor, counts: torch.Tensor,
+                        **geometry) -> torch.Tensor:
     """Share of each head's dense causal attention mass inside the blocks it computes.
 
     For head ``h`` and each of ``min(num_queries, q_len)`` queries spread evenly over the whole
@@ -166,15 +156,15 @@ def kept_attention_mass(
         block_size: selection block size in tokens.
         heads: query heads to measure (indices into ``Hq``).
         num_queries: how many evenly spaced queries of the chunk to average over (all of them
-            when the chunk has no more).
+            when the chunk has no more; default 128).
+
+    ``ctx``, ``scale``, ``block_size``, ``heads`` and ``num_queries`` are keyword-only, exactly
+    as :func:`kept_mass_per_query` takes them.
 
     Returns:
         ``[len(heads)]`` float32 on ``q.device``, each in ``[0, 1]``.
     """
-    return kept_mass_per_query(
-        q, k, ranking, counts, ctx=ctx, scale=scale, block_size=block_size, heads=heads,
-        num_queries=num_queries,
-    ).mean(dim=-1)
+    return kept_mass_per_query(q, k, ranking, counts, **geometry).mean(dim=-1)
 
 
 def sample_heads(num_q_heads: int, num_samples: int) -> list[int]:
