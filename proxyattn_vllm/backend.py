@@ -127,7 +127,7 @@ class ProxyAttnBackend(FlashAttentionBackend):
             reasons.append(
                 "proxyattn (ProxyAttn sparse prefill) supports causal decoder self-attention "
                 "(not MLA) without attention sinks, with an auto/float16/bfloat16 KV cache, or fp8 "
-                "(e4m3) where FlashAttention takes it (FA3 on Hopper): serve this model with "
+                "(e4m3) where vLLM's dense kernels take it (FA3 on Hopper): serve this model with "
                 "--attention-backend FLASH_ATTN (dense) instead"
             )
         return reasons

@@ -6,10 +6,11 @@ layer (see ``_compat``): FlashAttention when vLLM's ``vllm_flash_attn`` is usabl
 vLLM's Triton ``unified_attention`` (CPU CI), which reads the same cache layout.
 
 An FP8 cache (``--kv-cache-dtype fp8``) is handled as ``FlashAttentionImpl.forward`` handles it:
-the cache (uint8 bytes as vLLM allocates it) is viewed as the platform's FP8 dtype and the
-layer's ``_k_scale``/``_v_scale`` go in as per-sequence, per-KV-head descales; a query that
-vLLM's attention layer quantized to FP8 (FlashAttention only, ``ProxyAttnImpl``) gets
-``_q_scale`` the same way.
+the cache (uint8 bytes as vLLM allocates it) is viewed as ``torch.float8_e4m3fn`` (``fp8_dtype``,
+vLLM's FP8 dtype on CUDA) and the layer's ``_k_scale``/``_v_scale`` go in as per-sequence,
+per-KV-head descales; a query that vLLM's attention layer quantized to FP8 (FlashAttention only,
+``ProxyAttnImpl``) gets ``_q_scale`` the same way. vLLM's Triton kernel is told the cache's
+quantization mode, as ``TritonAttentionImpl`` tells it.
 """
 from __future__ import annotations
 

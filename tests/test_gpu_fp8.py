@@ -115,7 +115,8 @@ def test_gpu_triton_kernel_with_the_fp8_query_of_flash_attention(page):
     params = ProxyAttnParams(gamma=0.9, block_size=BLOCK, min_sparse_len=0, dense_tail_tokens=128)
     out = torch.full((Q_LEN, HQ, D), float("nan"), dtype=torch.bfloat16, device="cuda")
     kv = raw.view(FP8_KV_DTYPE)
-    TritonSparseKernel(SparseLayer(HQ, HKV, D, D**-0.5, params, dense)).run(_Layer(), SparseChunk(q8, kv, table, out, CTX))
+    kernel = TritonSparseKernel(SparseLayer(HQ, HKV, D, D**-0.5, params, dense))
+    kernel.run(_Layer(), SparseChunk(q8, kv, table, out, CTX))
     sel = select_blocks_paged(q, kv, table, ctx=CTX, scale=D**-0.5, params=params,
                               k_scale=torch.tensor(K_SCALE, device="cuda"))
     mask = selection_block_mask(sel.ranking, sel.counts, sel.ranking.shape[-1])

@@ -115,6 +115,19 @@ def test_mixed_batch_on_fp8_matches_the_reference_on_the_dequantized_cache(vllm_
     assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
 
 
+def test_a_batch_without_sparse_rows_on_fp8(vllm_config):
+    """Decodes and short prefills only: one dense call over the batch, on the FP8 cache."""
+    batch = Fp8Batch([1, 9, 1], [37, 9, 60], torch.float32, pad_tokens=3, seed=25)
+    md = _builder(vllm_config).build(0, batch.common)
+    assert not md.plan.has_sparse
+    output = batch.run(_impl(kv_cache_dtype="fp8"), md, fp8_layer())
+    for r, tokens, ctx in batch.rows():
+        k, v = batch.expected_kv(r)
+        expected = dense_causal_attention(batch.query[tokens], k, v, ctx, SCALE)
+        torch.testing.assert_close(output[tokens], expected, atol=2e-5, rtol=1e-4, msg=f"row {r}")
+    assert (output[batch.qsl[-1]:] == 7.0).all(), "padded tokens were written"
+
+
 def test_fa3_union_kernel_on_fp8(vllm_config):
     """``sparse_kernel: "fa3"``: the union pseudo-requests go through the dense kernel with the
     FP8 cache and its descales (vLLM's Triton kernel here); the result is the union-mask
