@@ -126,12 +126,21 @@ class ProxyAttnBackend(FlashAttentionBackend):
         if reasons:
             reasons.append(
                 "proxyattn (ProxyAttn sparse prefill) supports causal decoder self-attention "
-                "(not MLA) without attention sinks, with an auto/float16/bfloat16 KV "
-                "cache: serve this model with --attention-backend FLASH_ATTN (dense) instead"
+                "(not MLA) without attention sinks, with an auto/float16/bfloat16 KV cache, or fp8 "
+                "(e4m3) where vLLM's dense kernels take it (FA3 on Hopper): serve this model with "
+                "--attention-backend FLASH_ATTN (dense) instead"
             )
         return reasons
 
     @classmethod
     def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
-        # No fp8 KV cache: the sparse prefill path reads the cache as the model dtype.
+        # FP8 (e4m3, not e5m2): the sparse kernels dequantize it (fp8e4nv, SM89+); the dense
+        # part is vLLM's, so FP8 needs what it needs there: FlashAttention's own answer (FA3 on
+        # Hopper), or for vLLM's Triton kernels (no FlashAttention) a device with native FP8.
+        if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+            if dense_kernel_is_flash_attn():
+                return super().supports_kv_cache_dtype(kv_cache_dtype)
+            from vllm.platforms import current_platform
+
+            return current_platform.is_cuda() and current_platform.has_device_capability(89)
         return kv_cache_dtype is None or kv_cache_dtype in ("auto", "float16", "bfloat16")

@@ -4,6 +4,13 @@ The impl sends decode rows, short prefill chunks and each sparse chunk's dense-t
 the "fa3" sparse kernel sends its union pseudo-requests here too. The kernel is chosen once per
 layer (see ``_compat``): FlashAttention when vLLM's ``vllm_flash_attn`` is usable (CUDA), else
 vLLM's Triton ``unified_attention`` (CPU CI), which reads the same cache layout.
+
+An FP8 cache (``--kv-cache-dtype fp8``) is handled as ``FlashAttentionImpl.forward`` handles it:
+the cache (uint8 bytes as vLLM allocates it) is viewed as ``torch.float8_e4m3fn`` (``fp8_dtype``,
+vLLM's FP8 dtype on CUDA) and the layer's ``_k_scale``/``_v_scale`` go in as per-sequence,
+per-KV-head descales; a query that vLLM's attention layer quantized to FP8 (FlashAttention only,
+``ProxyAttnImpl``) gets ``_q_scale`` the same way. vLLM's Triton kernel is told the cache's
+quantization mode, as ``TritonAttentionImpl`` tells it.
 """
 from __future__ import annotations
 
@@ -23,12 +30,14 @@ class DenseAttention:
             and returns their LSE. Without it (CPU) the sparse kernel keeps them.
     """
 
-    def __init__(self, *, head_size: int, num_kv_heads: int, scale: float, sliding_window, flash_attn_version):
+    def __init__(self, *, head_size: int, num_kv_heads: int, scale: float, sliding_window, flash_attn_version,
+                 kv_cache_dtype: str = "auto", fp8_dtype: torch.dtype | None = None):
         self.head_size = head_size
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
         self.flash_attn_version = flash_attn_version
+        self.fp8_dtype = fp8_dtype  # the FP8 cache's dtype, or None (cache in the model dtype)
         self.use_flash_attn = dense_kernel_is_flash_attn()
         self.tail_first = self.use_flash_attn
         if not self.use_flash_attn:
@@ -41,8 +50,11 @@ class DenseAttention:
                 triton_reshape_and_cache_flash,
             )
             from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+            from vllm.v1.kv_cache_interface import get_kv_quant_mode
 
             self.triton_attention = unified_attention
+            # As TritonAttentionImpl: the kernel dequantizes an FP8 cache only when told its mode.
+            self.triton_kv_quant_mode = get_kv_quant_mode(kv_cache_dtype)
             self.triton_kv_write = triton_reshape_and_cache_flash
 
     def varlen(
@@ -56,9 +68,15 @@ class DenseAttention:
         natural-log LSE; otherwise None. ``num_splits``: FlashAttention's split-KV count (0: its
         heuristic; the Triton kernel has no such choice)."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if self.fp8_dtype is not None:
+            key_cache, value_cache = key_cache.view(self.fp8_dtype), value_cache.view(self.fp8_dtype)
         descale_shape = (seq_lens.shape[0], self.num_kv_heads)
         k_descale = layer._k_scale.expand(descale_shape)
         v_descale = layer._v_scale.expand(descale_shape)
+        # vLLM's attention layer quantized the query (FlashAttention with an FP8 cache, as
+        # FlashAttentionImpl: FA3 takes Q, K and V in one dtype).
+        fp8_query = self.fp8_dtype is not None and query.dtype == self.fp8_dtype
+        q_descale = layer._q_scale.expand(descale_shape) if fp8_query else None
         if self.use_flash_attn:
             from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
             from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
@@ -73,7 +91,7 @@ class DenseAttention:
                 softmax_scale=self.scale, causal=True, block_table=block_table,
                 scheduler_metadata=None,  # an AOT schedule is built for the whole batch only
                 fa_version=self.flash_attn_version,
-                q_descale=None, k_descale=k_descale, v_descale=v_descale,
+                q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
                 return_softmax_lse=return_lse, num_splits=num_splits,
             )
             return result[1] if return_lse else None
@@ -83,7 +101,8 @@ class DenseAttention:
             seqused_k=seq_lens, max_seqlen_k=max_seq_len,
             softmax_scale=self.scale, causal=True, window_size=self.sliding_window,
             block_table=block_table, softcap=0,
-            q_descale=None, k_descale=k_descale, v_descale=v_descale,
+            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            kv_quant_mode=self.triton_kv_quant_mode,
         )
         return None
 

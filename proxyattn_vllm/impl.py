@@ -11,6 +11,12 @@ cache: ``do_kv_cache_update`` ran just before) and a :class:`~.metadata.ProxyAtt
   rows (with FlashAttention) then the layer's sparse kernel for the rest (``sparse/``: chosen
   once per layer from ``sparse_kernel``, ``sparse/choose.py``).
 
+An FP8 KV cache (``--kv-cache-dtype fp8`` / ``fp8_e4m3``) is taken as FlashAttentionImpl takes
+it: vLLM allocates it as bytes, the forward views it as ``torch.float8_e4m3fn``; the dense calls
+pass the layer's scales as descales and, with FlashAttention, vLLM's attention layer hands
+``forward`` an FP8 query (``supports_quant_query_input``); the sparse kernels read the cache
+with ``_k_scale``/``_v_scale`` and the query dequantized (``sparse/base.py``).
+
 Configurations the sparse path cannot honour fail here, at startup, with a message naming the
 feature and what to use instead.
 """
@@ -25,8 +31,10 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
 from proxyattn_kernels.common import SUPPORTED_HEAD_DIMS
+from proxyattn_kernels.paged import FP8_KV_DTYPE
 
 from . import stats, warmup
+from ._compat import dense_kernel_is_flash_attn
 from .config import ProxyAttnConfig, load_config
 from .dense import DenseAttention
 from .errors import ProxyAttnUnsupportedError
@@ -36,7 +44,9 @@ from .sparse.choose import check_configured, sparse_kernel_for_layer
 
 logger = init_logger("vllm.proxyattn")
 
-SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+#: ``--kv-cache-dtype`` values the backend takes; the last two are the FP8 (e4m3) cache.
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 __all__ = ["ProxyAttnImpl", "ProxyAttnUnsupportedError", "SUPPORTED_KV_CACHE_DTYPES"]
 
@@ -96,19 +106,32 @@ class ProxyAttnImpl(FlashAttentionImpl):
                 "layers only.", sliding_window,
             )
 
+        # FlashAttentionImpl refuses an FP8 cache that FlashAttention cannot read on this device.
+        # Without FlashAttention (vLLM's Triton kernels run the dense part) that check is not
+        # about this impl: the parent gets "auto", and the real value is set after it.
+        parent_kv_dtype = kv_cache_dtype if dense_kernel_is_flash_attn() else "auto"
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
-            kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
+            parent_kv_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )
+        self.kv_cache_dtype = kv_cache_dtype
         if getattr(self, "dcp_world_size", 1) > 1:
             raise ProxyAttnUnsupportedError(
                 "proxyattn: decode context parallelism (--decode-context-parallel-size > 1) is "
                 "not supported; run with --decode-context-parallel-size 1."
             )
+        # The FP8 cache's dtype (vLLM's cache tensor is uint8 bytes), or None.
+        self.fp8_dtype = FP8_KV_DTYPE if kv_cache_dtype in FP8_KV_CACHE_DTYPES else None
         self.dense = DenseAttention(
             head_size=self.head_size, num_kv_heads=self.num_kv_heads, scale=self.scale,
             sliding_window=self.sliding_window, flash_attn_version=getattr(self, "vllm_flash_attn_version", None),
+            kv_cache_dtype=kv_cache_dtype, fp8_dtype=self.fp8_dtype,
         )
+        # vLLM's attention layer quantizes the query to FP8 when the cache is FP8 and this is
+        # True (FlashAttentionImpl sets it: FA3 takes Q, K and V in one dtype). vLLM's Triton
+        # kernel, the dense kernel without FlashAttention, takes the model-dtype query.
+        self.supports_quant_query_input = bool(getattr(self, "supports_quant_query_input", False)
+                                               and self.dense.use_flash_attn)
         self.sparse_layer = SparseLayer(self.num_heads, self.num_kv_heads, self.head_size, self.scale,
                                         self.proxyattn_params, self.dense)
 
@@ -141,7 +164,7 @@ class ProxyAttnImpl(FlashAttentionImpl):
             self._attach_budget_profile(layer, query.device)
         if attn_metadata is None:  # memory-profiling run: compile the sparse kernels now
             if not dense_layer and not self.sliding_window_layer:
-                self._warm_up(query)
+                self._warm_up(output.dtype, query.device)
             return output.fill_(0)
 
         plan, dense = attn_metadata.plan, attn_metadata.dense
@@ -151,6 +174,8 @@ class ProxyAttnImpl(FlashAttentionImpl):
             self.dense.batch(layer, query, kv_cache, output, dense)
             return output
 
+        if self.fp8_dtype is not None:
+            kv_cache = kv_cache.view(self.fp8_dtype)  # a view of vLLM's uint8 bytes (no copy)
         self.dense.runs(layer, query, kv_cache, output, plan.dense_runs, dense)
         layer_index = stats.layer_index(layer) if stats.ENABLED else None
         kernel = self.sparse_kernel or self._choose_sparse_kernel(kv_cache)
@@ -167,29 +192,30 @@ class ProxyAttnImpl(FlashAttentionImpl):
         return output
 
     def _choose_sparse_kernel(self, kv_cache: torch.Tensor) -> SparseKernel:
-        """This layer's sparse kernel for the cache's page size and dtype (fixed for the layer's
-        lifetime, so decided once; ``sparse/choose.py``)."""
+        """This layer's sparse kernel for the cache's page size and dtype (``kv_cache``: the FP8
+        view for an FP8 cache; fixed for the layer's lifetime, so decided once; ``sparse/choose.py``)."""
         page_size = kv_cache.shape[2]
         warmup.check_page_size(self._warmed_page_size, page_size)
         self.sparse_kernel = sparse_kernel_for_layer(
             self.proxyattn_config.sparse_kernel, self.sparse_layer, page_size, kv_cache.dtype)
         return self.sparse_kernel
 
-    def _warm_up(self, query: torch.Tensor) -> None:
+    def _warm_up(self, dtype: torch.dtype, device: torch.device) -> None:
         """The memory-profiling run's part (``warmup.py``): compile, for the engine's page size
         and longest prompt as vLLM has settled them by now, what this layer's sparse kernel
-        runs. (A shape taken in ``__init__`` had a page of 16 where vLLM then served 128: H200,
+        runs, with queries in the model ``dtype`` and the cache in its own. (A shape taken in ``__init__`` had a page of 16 where vLLM then served 128: H200,
         TP=2, no --block-size, four kernels compiled inside the first long request.)"""
         shape = warmup.shape_from_vllm_config(
             self._vllm_config, self.num_heads, self.num_kv_heads, self.head_size, self.proxyattn_params)
         kernel = None
+        kv_dtype = self.fp8_dtype or dtype
         if shape is not None:
-            if query.is_cuda:
+            if device.type == "cuda":
                 self._warmed_page_size = shape.page_size
             # No warning here: the first sparse forward gives it, with the cache's real pages.
             kernel = sparse_kernel_for_layer(self.proxyattn_config.sparse_kernel, self.sparse_layer,
-                                             shape.page_size, query.dtype, warn=False)
-        warmup.warm_up_layer(shape, kernel, query.dtype, query.device, self.dense.tail_first)
+                                             shape.page_size, kv_dtype, warn=False)
+        warmup.warm_up_layer(shape, kernel, dtype, device, self.dense.tail_first, kv_dtype=kv_dtype)
 
     def _attach_budget_profile(self, layer: torch.nn.Module, device: torch.device) -> None:
         """This layer's rank of the ``budget_profile`` (benchmarks only; ``budget_profile.py``)."""
@@ -248,8 +274,8 @@ def _check_supported(attn_type, head_size, alibi_slopes, logits_soft_cap, kv_cac
         )
     if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise ProxyAttnUnsupportedError(
-            f"proxyattn: kv_cache_dtype={kv_cache_dtype!r} (quantized KV cache) is not "
-            f"supported; use --kv-cache-dtype auto (or bfloat16/float16), or {fallback}."
+            f"proxyattn: kv_cache_dtype={kv_cache_dtype!r} is not supported (accepted: "
+            f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}); use --kv-cache-dtype fp8 (e4m3) or auto, or {fallback}."
         )
     if sinks is not None:
         raise ProxyAttnUnsupportedError(

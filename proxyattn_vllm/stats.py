@@ -70,12 +70,12 @@ class _Collector:
         # 0-dim tensors (the latter NaN when no sampled query is before the tail) or None)
         self.pending: list[tuple[dict, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = []
 
-    def record(self, query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index):
+    def record(self, query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index, k_scale):
         q_len = query.shape[0]
         density = selection_density(selection.counts, ctx, q_len, block_size)
         kept = None
         if self.mass_heads > 0:
-            keys, _ = gather_paged_kv(kv_cache, block_table_row, ctx + q_len)
+            keys, _ = gather_paged_kv(kv_cache, block_table_row, ctx + q_len, k_scale)
             per_query = kept_mass_per_query(
                 query, keys, selection.ranking, selection.counts, ctx=ctx, scale=scale,
                 block_size=block_size, heads=sample_heads(query.shape[1], self.mass_heads),
@@ -133,18 +133,21 @@ def flush() -> None:
         _collector.flush()
 
 
-def record(query, kv_cache, block_table_row, selection, *, ctx, scale, block_size, layer_index) -> None:
+def record(query, kv_cache, block_table_row, selection, *, ctx, scale, block_size, layer_index,
+           k_scale=None) -> None:
     """Buffer the statistics of one sparse chunk (see the module docstring).
 
     Args:
-        query: ``[q_len, Hq, D]`` the chunk's queries.
+        query: ``[q_len, Hq, D]`` the chunk's queries (in the model dtype, as the kernels read them).
         kv_cache: the layer's paged cache ``[num_pages, Hkv, page_size, 2 * D]``.
+        k_scale: an FP8 cache's key scale (1-element float32 tensor): the kept mass is computed
+            on the dequantized keys; None for a cache in the model dtype.
         block_table_row: ``[max_pages]`` the request's physical pages.
         selection: the chunk's ``PagedSelection`` (``ranking [G, R, Kb]``, ``counts [Hq, R]``).
         ctx, scale, block_size: as in ``sparse_prefill``; ``layer_index``: int or None.
     """
     if _collector is not None:
-        _collector.record(query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index)
+        _collector.record(query, kv_cache, block_table_row, selection, ctx, scale, block_size, layer_index, k_scale)
 
 
 def layer_index(layer: torch.nn.Module) -> int | None:

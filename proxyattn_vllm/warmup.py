@@ -87,14 +87,16 @@ def reserve_copy_memory(shape: WarmupShape | None, dtype: torch.dtype, device: t
 
 
 def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.device, *,
-                 flashinfer: bool = False, union_plan: bool = False, budget_lse: bool = False) -> bool:
+                 flashinfer: bool = False, union_plan: bool = False, budget_lse: bool = False,
+                 kv_dtype: torch.dtype | None = None) -> bool:
     """Compile the kernels for ``shape`` unless done already in this process; True if it ran.
+    ``dtype``: the queries'; ``kv_dtype``: the cache's where it differs (FP8), else None.
     ``flashinfer``: FlashInfer's prefill kernel too (``sparse_kernel`` chose it); ``union_plan``:
     the union page plan of the "fa3" and "flashinfer" kernels; ``budget_lse``: the budget's
     pass from the dense tail's LSE (the tail goes to FlashAttention first)."""
     if shape is None or device.type != "cuda" or shape.max_seq_len < shape.params.min_sparse_len:
         return False
-    key = (shape, dtype, device)
+    key = (shape, dtype, kv_dtype, device)
     if key in _warmed:
         return False
     _warmed.add(key)
@@ -103,7 +105,7 @@ def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.de
         chunks = warm_up(
             num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
             page_size=shape.page_size, dtype=dtype, device=device, params=shape.params,
-            max_seq_len=shape.max_seq_len, union_plan=union_plan, budget_lse=budget_lse,
+            max_seq_len=shape.max_seq_len, union_plan=union_plan, budget_lse=budget_lse, kv_dtype=kv_dtype,
         )
         if flashinfer:
             fi.warm_up(device, dtype, shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
@@ -125,17 +127,19 @@ def warm_up_once(shape: WarmupShape | None, dtype: torch.dtype, device: torch.de
 
 
 def warm_up_layer(shape: WarmupShape | None, kernel: "SparseKernel | None", dtype: torch.dtype,
-                  device: torch.device, dense_tail_first: bool) -> None:
+                  device: torch.device, dense_tail_first: bool, kv_dtype: torch.dtype | None = None) -> None:
     """A sparse layer's part of the memory-profiling run: reserve the Triton kernel's copy and
     compile what ``kernel`` (the layer's sparse kernel at ``shape``'s page size; None: not known
     yet) runs. ``dense_tail_first``: the dense kernel takes the dense-tail rows first, so the
-    budget reads their LSE (``DenseAttention.tail_first``)."""
+    budget reads their LSE (``DenseAttention.tail_first``). ``kv_dtype``: the cache's dtype
+    (FP8) where it differs from the queries' ``dtype``."""
     if kernel is not None and kernel.copies_pages:
-        reserve_copy_memory(shape, dtype, device)
+        reserve_copy_memory(shape, kv_dtype or dtype, device)  # the copy is of the cache's bytes
     budget_lse = (dense_tail_first and kernel is not None and kernel.dense_tail_first
                   and shape is not None and shape.params.dense_tail_tokens > 0)
     warm_up_once(shape, dtype, device, flashinfer=kernel is not None and kernel.name == "flashinfer",
-                 union_plan=kernel is not None and kernel.union_pages, budget_lse=budget_lse)
+                 union_plan=kernel is not None and kernel.union_pages, budget_lse=budget_lse,
+                 kv_dtype=None if kv_dtype == dtype else kv_dtype)
 
 
 def check_page_size(warmed_page_size: int | None, page_size: int) -> None:

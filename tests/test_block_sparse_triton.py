@@ -10,7 +10,7 @@ import torch
 
 from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
-from proxyattn_kernels.block_sparse_attn import triton as bs_triton
+from proxyattn_kernels.block_sparse_attn import head_lists, triton as bs_triton
 from proxyattn_kernels.block_sparse_attn.triton import (
     TileConfig, block_sparse_attn, default_tile_config, head_block_lists, head_lists_and_tile_rows, ranked_tile_rows,
 )
@@ -190,8 +190,8 @@ def test_head_lists_beyond_the_triton_row_limit_use_the_torch_ops(rng_seed, monk
     ranking, counts, _ = select_blocks(scores, torch.full((2,), 5, dtype=torch.int32, device=DEVICE),
                                        96, 64, 16, 1, 1, 0)
     table = torch.arange(20, dtype=torch.int32, device=DEVICE)
-    monkeypatch.setattr(bs_triton, "MAX_TRITON_BLOCKS", 4)
-    monkeypatch.setattr(bs_triton, "_head_lists_kernel", None)  # must not be launched
+    monkeypatch.setattr(head_lists, "MAX_TRITON_BLOCKS", 4)
+    monkeypatch.setattr(head_lists, "_head_lists_kernel", None)  # must not be launched
     lists, rows = head_lists_and_tile_rows(ranking, counts, table, 16, 16, 16, True)
     assert torch.equal(lists, head_block_lists(ranking, counts))
     assert torch.equal(rows, ranked_tile_rows(lists, table, 16, 16, 16))

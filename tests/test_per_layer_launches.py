@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import proxyattn_kernels.block_sparse_attn.head_lists as head_lists
 import proxyattn_kernels.block_sparse_attn.triton as block_sparse_triton
 import proxyattn_kernels.block_sparse_attn.union_pages as union_pages
+import proxyattn_kernels.budget.gamma as budget_gamma
 import proxyattn_kernels.budget.triton as budget_triton
 import proxyattn_kernels.proxy_scores.triton as proxy_triton
 import proxyattn_kernels.select.triton as select_triton
@@ -40,7 +42,8 @@ class TorchOps(TorchDispatchMode):
 def triton_launches(monkeypatch):
     """Every Triton kernel of the selection and plan modules replaced by a launch recorder."""
     launched: list[str] = []
-    for module in (proxy_triton, budget_triton, select_triton, union_pages, block_sparse_triton):
+    for module in (proxy_triton, budget_triton, budget_gamma, select_triton, union_pages, block_sparse_triton,
+                   head_lists):
         for name, fn in list(vars(module).items()):
             if name.endswith("_kernel") and type(fn).__name__ in ("JITFunction", "InterpretedFunction"):
                 monkeypatch.setattr(module, name, _Recorder(name, launched))
@@ -103,3 +106,22 @@ def test_triton_path_launch_counts(triton_launches):
                                               ctx=ctx, scale=0.1, block_size=block, skip_rows=1)
     assert torch_ops.ops == [], torch_ops.ops
     assert triton_launches == ["_head_lists_kernel", "_block_sparse_attn_kernel"]
+
+
+def test_an_fp8_cache_adds_no_launch(triton_launches):
+    """With an FP8 cache the scales are read inside the kernels: the selection and the attention
+    launch what they launch on a model-dtype cache, and no torch op."""
+    ctx, q_len, hq, hkv, d, page, block = 4096, 1024, 8, 2, 32, 16, 128
+    q = torch.zeros(q_len, hq, d)
+    kv_cache = torch.zeros((ctx + q_len) // page, hkv, page, 2 * d, dtype=torch.float8_e4m3fn)
+    table = torch.arange((ctx + q_len) // page, dtype=torch.int32)
+    scale = torch.tensor(0.5)
+    params = ProxyAttnParams(num_groups=1, max_density=0.1, dense_tail_tokens=128, min_sparse_len=0)
+    with TorchOps() as torch_ops:
+        sel = select_blocks_paged(q, kv_cache, table, ctx=ctx, scale=0.1, params=params, k_scale=scale)
+    assert torch_ops.ops == ["full"] and len(triton_launches) == 8, (torch_ops.ops, triton_launches)
+    triton_launches.clear()
+    with TorchOps() as torch_ops:
+        block_sparse_triton.block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, torch.empty_like(q),
+                                              ctx=ctx, scale=0.1, block_size=block, k_scale=scale, v_scale=scale)
+    assert torch_ops.ops == [] and triton_launches == ["_head_lists_kernel", "_block_sparse_attn_kernel"]

@@ -40,14 +40,16 @@ def test_summary_sums_categories_and_measures_idle_time_across_streams():
 
 def test_every_package_kernel_has_its_own_category():
     """A renamed Triton kernel would silently land in "other" (or in FlashAttention's category)."""
+    import proxyattn_kernels.block_sparse_attn.head_lists as head_lists
     import proxyattn_kernels.block_sparse_attn.triton as attn
     import proxyattn_kernels.block_sparse_attn.union_pages as union
+    import proxyattn_kernels.budget.gamma as gamma
     import proxyattn_kernels.budget.triton as budget
     import proxyattn_kernels.proxy_scores.triton as proxy
     import proxyattn_kernels.select.triton as select
 
-    expected = {proxy: "proxy_scores", budget: "budget", select: "select", union: "union_plan",
-                attn: "triton_sparse_attention"}
+    expected = {proxy: "proxy_scores", budget: "budget", gamma: "budget", select: "select", union: "union_plan",
+                attn: "triton_sparse_attention", head_lists: "triton_sparse_attention"}
     names = 0
     for module, category in expected.items():
         for name, fn in vars(module).items():

@@ -190,6 +190,8 @@ def test_backend_capabilities():
     assert backend.supports_attn_type(AttentionType.DECODER)
     for t in (AttentionType.ENCODER, AttentionType.ENCODER_ONLY, AttentionType.ENCODER_DECODER):
         assert not backend.supports_attn_type(t)
+    # fp8 needs a dense kernel that stores it (FA3 on Hopper, or Triton on SM89+): not on this CPU
+    # (tests/test_vllm_impl_fp8.py checks both answers).
     assert not backend.supports_kv_cache_dtype("fp8")
     # KV layout is FLASH_ATTN's packed (blocks, Hkv, page, 2*D).
     from vllm.v1.kv_cache_interface import FullAttentionSpec

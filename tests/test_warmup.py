@@ -159,7 +159,9 @@ def test_engine_profiling_run_asks_for_the_warm_up_with_its_limits(tmp_path, mon
     shapes = {c[0] for c in calls}
     assert {(s.max_seq_len, s.page_size, s.params.block_size) for s in shapes} == {(192, 32, 32)}
     # (The budget's pass from the tail's LSE needs FlashAttention for the tail: not on CPU.)
-    assert all(c[3] == {"flashinfer": False, "union_plan": union_plan, "budget_lse": False} for c in calls)
+    # kv_dtype None: the cache is in the model dtype (an FP8 cache would name its dtype).
+    assert all(c[3] == {"flashinfer": False, "union_plan": union_plan, "budget_lse": False, "kv_dtype": None}
+               for c in calls)
 
 
 def test_warm_up_uses_the_page_size_vllm_settles_after_building_the_model(tmp_path, monkeypatch):

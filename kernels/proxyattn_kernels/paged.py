@@ -1,5 +1,14 @@
 """Helpers shared by the kernels that read vLLM's paged KV cache: its input checks, row
-addressing through the block table, tile loads, and a contiguous copy of one request."""
+addressing through the block table, tile loads, a contiguous copy of one request, and the FP8
+cache's dequantization.
+
+An FP8 cache (vLLM's ``--kv-cache-dtype fp8``, e4m3) holds ``round(x / scale)`` with one float32
+scale per layer for K and one for V (1-element device tensors). The kernels take it as a
+``torch.float8_e4m3fn`` view with ``k_scale``/``v_scale``, convert each loaded tile to the query's
+dtype (exact: every e4m3 value is a bf16/fp16 value) and apply the scales to the fp32 logits
+(``k_scale``) and to the fp32 output (``v_scale``), which equals attending the dequantized cache.
+Without scales (a bf16/fp16/fp32 cache) the ``None`` scale pointers compile the scale code away.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,6 +16,9 @@ import triton
 import triton.language as tl
 
 from .common import SUPPORTED_DTYPES, check_head_dim
+
+#: The FP8 cache dtype the kernels read (vLLM's "fp8" / "fp8_e4m3" on CUDA).
+FP8_KV_DTYPE = torch.float8_e4m3fn
 
 
 @triton.jit
@@ -48,12 +60,26 @@ def load_paged_tile(kv_base, block_table_ptr, pos, valid, offs_d, stride_page, s
         return k, v
 
 
-def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> None:
+def check_kv_scale(kv_cache: torch.Tensor, scale: torch.Tensor | None, name: str) -> None:
+    """Raise ``ValueError`` unless ``scale`` fits the cache: a 1-element float32 tensor on the
+    cache's device for an FP8 cache (:data:`FP8_KV_DTYPE`), None otherwise."""
+    if kv_cache.dtype != FP8_KV_DTYPE:
+        if scale is not None:
+            raise ValueError(f"{name} is only for an FP8 ({FP8_KV_DTYPE}) cache; got a {kv_cache.dtype} cache")
+        return
+    if scale is None or scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != kv_cache.device:
+        got = None if scale is None else f"{scale.dtype}{tuple(scale.shape)} on {scale.device}"
+        raise ValueError(f"an FP8 cache needs {name}: a 1-element float32 tensor on {kv_cache.device}; got {got}")
+
+
+def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                       k_scale: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` unless the inputs are what the selection kernels read: ``q``
-    ``[q_len, Hq, D]`` and ``kv_cache`` ``[num_pages, Hkv, page_size, 2 * D]`` in one of
-    :data:`~proxyattn_kernels.common.SUPPORTED_DTYPES` with a supported ``D``, ``Hkv`` dividing
-    ``Hq``, pages of a multiple of 16 tokens, contiguous last dimensions, and a 1-D int32
-    ``block_table`` covering ``seq_len`` tokens, all on one device."""
+    ``[q_len, Hq, D]`` in one of :data:`~proxyattn_kernels.common.SUPPORTED_DTYPES` and
+    ``kv_cache`` ``[num_pages, Hkv, page_size, 2 * D]`` in the same dtype, or in
+    :data:`FP8_KV_DTYPE` with ``k_scale`` (:func:`check_kv_scale`), with a supported ``D``,
+    ``Hkv`` dividing ``Hq``, pages of a multiple of 16 tokens, contiguous last dimensions, and a
+    1-D int32 ``block_table`` covering ``seq_len`` tokens, all on one device."""
     if q.dim() != 3 or kv_cache.dim() != 4:
         raise ValueError(f"q must be [q_len, Hq, D] and kv_cache [pages, Hkv, page_size, 2D]; got "
                          f"{tuple(q.shape)} and {tuple(kv_cache.shape)}")
@@ -61,8 +87,10 @@ def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     if kv_cache.shape[3] != 2 * head_dim:
         raise ValueError(f"kv_cache last dim {kv_cache.shape[3]} != 2 * head_dim {2 * head_dim}")
     check_head_dim(head_dim)
-    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"q and kv_cache must share one dtype among fp16/bf16/fp32; got {q.dtype}, {kv_cache.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype not in (q.dtype, FP8_KV_DTYPE):
+        raise ValueError(f"q and kv_cache must share one dtype among fp16/bf16/fp32 (or kv_cache {FP8_KV_DTYPE}); "
+                         f"got {q.dtype}, {kv_cache.dtype}")
+    check_kv_scale(kv_cache, k_scale, "k_scale")
     if q.shape[1] % kv_cache.shape[1]:
         raise ValueError(f"Hq={q.shape[1]} is not a multiple of Hkv={kv_cache.shape[1]}")
     if kv_cache.shape[2] % 16:
@@ -109,6 +137,17 @@ def contiguous_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len:
     pages = block_table[: num_out * per_page]
     if pages.numel() < num_out * per_page:  # the table ends inside the last copy page
         pages = torch.nn.functional.pad(pages, (0, num_out * per_page - pages.numel()))
-    copy = kv_cache.permute(0, 2, 1, 3).index_select(0, pages)  # [num_out * per_page, page, Hkv, 2D]
-    copy = copy.view(num_out, page_size, *copy.shape[2:]).permute(0, 2, 1, 3)
+    # Copied as raw bytes when FP8: index_select need not support float8 dtypes on every device.
+    raw = kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV_DTYPE else kv_cache
+    copy = raw.permute(0, 2, 1, 3).index_select(0, pages)  # [num_out * per_page, page, Hkv, 2D]
+    copy = copy.view(num_out, page_size, *copy.shape[2:]).permute(0, 2, 1, 3).view(kv_cache.dtype)
     return copy, torch.arange(num_out, dtype=torch.int32, device=kv_cache.device)
+
+
+@triton.jit
+def kv_scaled(x, scale_ptr):
+    """``x * scale`` with an FP8 cache's float32 scale read from ``scale_ptr`` (one load per
+    program); ``x`` itself when ``scale_ptr`` is None (compiled away)."""
+    if scale_ptr is not None:
+        x = x * tl.load(scale_ptr)
+    return x

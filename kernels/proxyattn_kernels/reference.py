@@ -72,8 +72,15 @@ class Selection:
         }
 
 
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (keys or values in the cache dtype) as the kernels read it: FP8 times ``scale`` in
+    float32, or ``x`` itself when ``scale`` is None."""
+    return x if scale is None else x.float() * scale.float().reshape(())
+
+
 def gather_paged_kv(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read keys and values ``[0, seq_len)`` of one request from a vLLM-0.26 paged cache.
 
@@ -81,6 +88,8 @@ def gather_paged_kv(
         kv_cache: ``[num_pages, Hkv, page_size, 2 * D]``, K in ``[..., :D]`` and V in ``[..., D:]``
             (any strides: vLLM hands a permuted view of an NHD tensor).
         block_table: ``[max_pages]`` int, the request's physical page per logical page.
+        k_scale, v_scale: an FP8 cache's 1-element float32 scales: keys and values come back
+            dequantized (:func:`dequantize_kv`), in float32.
 
     Returns:
         k, v: ``[seq_len, Hkv, D]`` contiguous.
@@ -90,7 +99,8 @@ def gather_paged_kv(
     pos = torch.arange(seq_len, device=kv_cache.device)
     pages = block_table.long()[pos // page_size]
     tokens = kv_cache[pages, :, pos % page_size]  # [seq_len, Hkv, 2D]
-    return tokens[..., :head_size].contiguous(), tokens[..., head_size:].contiguous()
+    return (dequantize_kv(tokens[..., :head_size], k_scale).contiguous(),
+            dequantize_kv(tokens[..., head_size:], v_scale).contiguous())
 
 
 def dense_causal_attention(
@@ -123,6 +133,8 @@ def proxyattn_prefill_reference(
     kv_cache: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     budget_fraction: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Selection]:
     """ProxyAttn prefill of one chunk.
 
@@ -136,6 +148,8 @@ def proxyattn_prefill_reference(
         block_table: ``[max_pages]`` the request's block-table row, with ``kv_cache``.
         budget_fraction: optional ``[Hq]`` share of the key blocks each head keeps per row,
             replacing the gamma budget (:func:`reference_selection`).
+        k_scale, v_scale: with an FP8 ``kv_cache``, its scales: the reference runs on the
+            dequantized cache (:func:`gather_paged_kv`).
 
     Returns:
         ``(out [q_len, Hq, D] in q.dtype, selection)``.
@@ -143,7 +157,7 @@ def proxyattn_prefill_reference(
     geo = ChunkGeometry(ctx, q.shape[0], params.block_size)
     if kv_cache is not None:
         assert k is None and v is None and block_table is not None
-        k, v = gather_paged_kv(kv_cache, block_table, geo.seq_len)
+        k, v = gather_paged_kv(kv_cache, block_table, geo.seq_len, k_scale, v_scale)
     assert k is not None and v is not None and k.shape[0] == geo.seq_len, (k.shape if k is not None else None, geo)
     scale = q.shape[2] ** -0.5 if scale is None else scale
     selection = reference_selection(q, k, ctx=ctx, params=params, scale=scale, budget_fraction=budget_fraction)

@@ -56,6 +56,7 @@ def select_blocks_paged(
     budget_tile: BudgetTileConfig | None = None,
     row_lse: torch.Tensor | None = None,
     budget_fraction: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
 ) -> PagedSelection:
     """Block selection of one prefill chunk.
 
@@ -63,8 +64,9 @@ def select_blocks_paged(
         q: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``
             (any strides with a contiguous last dim; fp16, bf16 or fp32).
         kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 cache view (K in ``[..., :D]``,
-            V in ``[..., D:]``), any strides with a contiguous last dim, same dtype as ``q``; must
-            already hold keys ``[0, ctx + q_len)``. ``page_size`` is a multiple of 16.
+            V in ``[..., D:]``), any strides with a contiguous last dim, same dtype as ``q`` or FP8
+            (``paged.FP8_KV_DTYPE``) with ``k_scale``; must already hold keys ``[0, ctx + q_len)``.
+            ``page_size`` is a multiple of 16.
         block_table: ``[max_pages]`` int32, the request's physical page per logical page.
         ctx: tokens before the chunk (host int).
         scale: softmax scale.
@@ -76,6 +78,8 @@ def select_blocks_paged(
         budget_fraction: optional ``[Hq]`` float32 share of the key blocks each head keeps per
             row, replacing the gamma budget (``budget.naive.fraction_budgets``: two small launches).
             The gamma budget is still computed, so the selection costs what it costs without it.
+        k_scale: an FP8 cache's 1-element float32 key scale (device tensor, read by the kernels),
+            else None.
 
     Returns:
         ``PagedSelection(ranking, counts, num_forced, budget, gamma_counts, scores)``, equal to
@@ -89,12 +93,12 @@ def select_blocks_paged(
     geo = ChunkGeometry(ctx, q_len, params.block_size)
     scores = proxy_block_scores_paged(
         q, kv_cache, block_table, ctx=ctx, scale=scale, num_groups=params.num_groups,
-        stride=params.stride, block_size=params.block_size, tile=proxy_tile,
+        stride=params.stride, block_size=params.block_size, tile=proxy_tile, k_scale=k_scale,
     )
     budget, gamma_counts = head_budgets_paged(
         q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=params.block_size,
         gamma=params.gamma, min_budget_blocks=params.min_budget_blocks,
-        max_blocks=params.budget_cap_blocks(geo), tile=budget_tile, row_lse=row_lse,
+        max_blocks=params.budget_cap_blocks(geo), tile=budget_tile, row_lse=row_lse, k_scale=k_scale,
     )
     if budget_fraction is not None:
         budget = fraction_budgets(budget_fraction, geo.num_k_blocks, params.min_budget_blocks,

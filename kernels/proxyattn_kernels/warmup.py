@@ -25,6 +25,7 @@ from .block_sparse_attn.triton import block_sparse_attn
 from .block_sparse_attn.union_pages import union_page_plan
 from .budget.triton import last_block_mass_paged
 from .common import MAX_TRITON_BLOCKS
+from .paged import FP8_KV_DTYPE
 from .params import ProxyAttnParams
 from .selection import select_blocks_paged
 
@@ -64,12 +65,14 @@ def warm_up(
     attention: bool = True,
     union_plan: bool = False,
     budget_lse: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> int:
     """Run the selection (and, with ``attention``, the block-sparse kernel; with ``union_plan``,
     the union page plan of the "fa3" / "flashinfer" paths, whose row also lives in registers;
     with ``budget_lse``, the budget's one-pass mass from a given LSE, used where a dense kernel
     attends the tail first) once per chunk of :func:`warmup_chunks` on zeros, with the layout of
-    vLLM's cache (NHD pages, K|V packed).
+    vLLM's cache (NHD pages, K|V packed). ``kv_dtype``: the cache's dtype when it differs from
+    the queries' ``dtype`` (``paged.FP8_KV_DTYPE``, read with unit scales).
 
     Returns the number of chunks run. Allocates O(heads * head_dim * block_size) for the
     queries and cache, plus the selection's ``[Hq, Kb, block]`` float32 workspace of the
@@ -79,20 +82,25 @@ def warm_up(
     block = params.block_size
     chunks = warmup_chunks(max_seq_len, block)
     num_pages = 2
-    physical = torch.zeros(num_pages, page_size, num_kv_heads, 2 * head_dim, dtype=dtype, device=device)
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    physical = torch.zeros(num_pages, page_size, num_kv_heads, 2 * head_dim, dtype=kv_dtype, device=device)
+    fp8 = kv_dtype == FP8_KV_DTYPE
+    k_scale = v_scale = torch.ones((), dtype=torch.float32, device=device) if fp8 else None
     kv_cache = physical.permute(0, 2, 1, 3)  # the logical [pages, Hkv, page, 2D] view vLLM passes
     max_pages = triton.cdiv(max(ctx + q_len for ctx, q_len in chunks), page_size)
     block_table = torch.zeros(max_pages, dtype=torch.int32, device=device)  # every page -> page 0
     scale = head_dim**-0.5
     for ctx, q_len in chunks:
         q = torch.zeros(q_len, num_q_heads, head_dim, dtype=dtype, device=device)
-        selection = select_blocks_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, params=params)
+        selection = select_blocks_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, params=params,
+                                        k_scale=k_scale)
         if attention:
             block_sparse_attn(q, kv_cache, block_table, selection.ranking, selection.counts,
-                              torch.empty_like(q), ctx=ctx, scale=scale, block_size=block)
+                              torch.empty_like(q), ctx=ctx, scale=scale, block_size=block, k_scale=k_scale,
+                              v_scale=v_scale)
         if budget_lse:
             last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block,
-                                  row_lse=torch.zeros(num_q_heads, min(q_len, block), device=device))
+                                  row_lse=torch.zeros(num_q_heads, min(q_len, block), device=device), k_scale=k_scale)
         if union_plan and block % page_size == 0:
             union_page_plan(selection.ranking, selection.counts, block_table, ctx=ctx, q_len=q_len,
                             block_size=block, page_size=page_size)

@@ -10,6 +10,10 @@ The dense-tail rows of a chunk (``dense_tail_tokens``) read every causal key. Wh
 kernel can take them (FlashAttention, ``DenseAttention.tail_first``) and the sparse kernel lets
 it (:attr:`SparseKernel.dense_tail_first`), the impl attends them densely first and passes
 ``tail_done`` and their LSE (``row_lse``, see :func:`budget_rows_lse`) to :meth:`SparseKernel.run`.
+
+With an FP8 cache the chunk's cache is the FP8 view and, with FlashAttention, its queries are
+FP8 too (vLLM's attention layer quantizes them for FA3): the Triton kernels take the queries in
+the model dtype (:func:`kernel_query`) and the cache with its scales (:func:`kv_scales`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from proxyattn_kernels import ProxyAttnParams
+from proxyattn_kernels.paged import FP8_KV_DTYPE
 
 from ..budget_profile import LayerBudgetProfile
 from ..dense import DenseAttention
@@ -57,12 +62,14 @@ class SparseChunk(NamedTuple):
     """One request's prefill chunk, views into the batch's tensors.
 
     Attributes:
-        query: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``.
+        query: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``
+            (FP8 where vLLM quantized them: :func:`kernel_query`).
         kv_cache: the layer's paged cache, logical ``[num_blocks, Hkv, page_size, 2 * D]`` (K in
-            ``[..., :D]``, V in ``[..., D:]``); keys and values ``[0, ctx + q_len)`` are written.
+            ``[..., :D]``, V in ``[..., D:]``; an FP8 cache as its ``FP8_KV_DTYPE`` view); keys
+            and values ``[0, ctx + q_len)`` are written.
         block_table_row: ``[max_pages]`` int32, the request's physical page per logical page.
-        output: ``[q_len, Hq, D]``; the kernel writes every token (but the dense tail's when
-            ``tail_done``).
+        output: ``[q_len, Hq, D]`` in the model dtype; the kernel writes every token (but the
+            dense tail's when ``tail_done``).
         ctx: tokens before the chunk (a Python int).
     """
 
@@ -71,6 +78,25 @@ class SparseChunk(NamedTuple):
     block_table_row: torch.Tensor
     output: torch.Tensor
     ctx: int
+
+
+def kernel_query(chunk: SparseChunk, attn_layer: torch.nn.Module) -> torch.Tensor:
+    """``[q_len, Hq, D]`` the chunk's queries in the output's (model) dtype, as the Triton kernels
+    read them: ``chunk.query`` itself, or, where vLLM's attention layer quantized it to FP8 (an
+    FP8 cache under FlashAttention), dequantized with the layer's ``_q_scale`` (one elementwise
+    op on the device, no host sync)."""
+    query, dtype = chunk.query, chunk.output.dtype
+    if query.dtype == dtype:
+        return query
+    return query.to(dtype).mul_(attn_layer._q_scale)
+
+
+def kv_scales(attn_layer: torch.nn.Module, kv_cache: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The kernels' ``k_scale``/``v_scale`` keywords: the layer's 1-element float32 device scales
+    for an FP8 cache view, None otherwise (a cache in the model dtype)."""
+    if kv_cache.dtype != FP8_KV_DTYPE:
+        return {"k_scale": None, "v_scale": None}
+    return {"k_scale": attn_layer._k_scale, "v_scale": attn_layer._v_scale}
 
 
 class SparseKernel(ABC):
@@ -99,7 +125,7 @@ class SparseKernel(ABC):
         """Attention of ``chunk`` into ``chunk.output``: kernel launches only, no host sync.
 
         Args:
-            attn_layer: vLLM's attention module (its KV scales, for the dense kernel).
+            attn_layer: vLLM's attention module (its Q/K/V scales: FP8 cache).
             chunk: the chunk.
             tail_done: the impl computed the dense-tail rows already: not written here.
             row_lse: optional ``[Hq, min(q_len, block_size)]`` float32 LSE of the chunk's last

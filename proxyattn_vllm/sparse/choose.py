@@ -8,7 +8,8 @@
   approaches dense.
 
 A union kernel ("fa3", "flashinfer") needs KV pages that divide the selection block, and
-FlashInfer needs to import and to support the head size and dtype. Where the chosen kernel
+FlashInfer needs to import and to support the head size and dtype; its path does not read an
+FP8 cache (``--kv-cache-dtype fp8``: it would need FlashInfer's FP8 plan and host-side scales). Where the chosen kernel
 cannot run, the layer falls back to Triton with one warning per reason and process.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from vllm.logger import init_logger
 
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.paged import FP8_KV_DTYPE
 
 from ..config import SPARSE_KERNELS, check_sparse_kernel
 from ..errors import ProxyAttnUnsupportedError
@@ -81,8 +83,9 @@ def check_configured(sparse_kernel: str) -> None:
 
 
 def choose(sparse_kernel: str, layer: SparseLayer, page_size: int, dtype: torch.dtype) -> tuple[str, str | None]:
-    """``(kernel, why it cannot run or None)`` for a layer of this page size and dtype, without
-    warning: ``sparse_kernel``, with "auto" looked up by shape."""
+    """``(kernel, why it cannot run or None)`` for a layer of this page size and KV-cache dtype
+    (``FP8_KV_DTYPE`` for an FP8 cache), without warning: ``sparse_kernel``, with "auto" looked
+    up by shape."""
     check_sparse_kernel(sparse_kernel)
     params = layer.params
     kernel = sparse_kernel
@@ -96,6 +99,9 @@ def choose(sparse_kernel: str, layer: SparseLayer, page_size: int, dtype: torch.
             f"needs KV pages that divide block_size={params.block_size}, got pages of {page_size} "
             f"tokens; set --block-size to a divisor of {params.block_size} to use {name}"
         )
+    elif kernel == "flashinfer" and dtype == FP8_KV_DTYPE:
+        reason = ("does not read an FP8 KV cache (--kv-cache-dtype fp8); serve with --kv-cache-dtype auto "
+                  "to use FlashInfer")
     elif kernel == "flashinfer" and not fi.flashinfer_available():
         reason = f"cannot import FlashInfer ({fi.flashinfer_import_error()}); {fi.INSTALL_HINT}"
     elif kernel == "flashinfer" and not fi.flashinfer_supports(dtype, layer.head_size):

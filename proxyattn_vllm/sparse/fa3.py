@@ -14,14 +14,15 @@ from .union import union_pages
 class FA3UnionKernel(SparseKernel):
     """The union page plan (``union.py``), then the layer's dense kernel
     (``DenseAttention.varlen``) over it; the dense-tail rows read every causal page: their own
-    call first (``tail_first_calls``), or the impl's dense tail already did them."""
+    call first (``tail_first_calls``), or the impl's dense tail already did them. An FP8 cache
+    goes to FA3 as the dense path gives it (the FP8 query and cache with their descales)."""
 
     name = "fa3"
     union_pages = True
 
     def run(self, attn_layer, chunk: SparseChunk, *, tail_done=False, row_lse=None, layer_index=None) -> None:
         layer, params = self.layer, self.layer.params
-        pages = union_pages(layer, chunk, row_lse, layer_index)
+        pages = union_pages(layer, attn_layer, chunk, row_lse, layer_index)
         query, kv_cache, _, output, ctx = chunk
         geometry = ChunkGeometry(ctx, query.shape[0], params.block_size)
         first_tail_row = geometry.first_tail_row(params.dense_tail_tokens)

@@ -18,7 +18,7 @@ class FlashInferUnionKernel(SparseKernel):
 
     def run(self, attn_layer, chunk: SparseChunk, *, tail_done=False, row_lse=None, layer_index=None) -> None:
         assert not tail_done, "FlashInfer computes the dense-tail rows itself"
-        pages = union_pages(self.layer, chunk, row_lse, layer_index)
+        pages = union_pages(self.layer, attn_layer, chunk, row_lse, layer_index)
         query, kv_cache, _, output, ctx = chunk
         fi.flashinfer_union_attention(
             query, kv_cache, pages, output, ctx=ctx, scale=self.layer.scale, block_size=self.layer.params.block_size

@@ -12,7 +12,7 @@ from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.selection import select_blocks_paged
 
 from .. import stats
-from .base import SparseChunk, SparseKernel
+from .base import SparseChunk, SparseKernel, kernel_query, kv_scales
 
 logger = init_logger("vllm.proxyattn")
 
@@ -33,6 +33,8 @@ def sparse_prefill(
     tail_done: bool = False,
     row_lse: torch.Tensor | None = None,
     budget_fraction: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
 
@@ -43,7 +45,8 @@ def sparse_prefill(
     tests/test_vllm_impl.py).
 
     Args:
-        query, kv_cache, block_table_row, output, ctx: the chunk (:class:`.base.SparseChunk`).
+        query, kv_cache, block_table_row, output, ctx: the chunk (:class:`.base.SparseChunk`),
+            ``query`` in the model dtype (:func:`.base.kernel_query`).
         scale: softmax scale.
         params: the layer's resolved ProxyAttn parameters.
         layer_index: the layer's index, only for the ``PROXYATTN_STATS`` diagnostics.
@@ -54,22 +57,24 @@ def sparse_prefill(
             queries from that dense kernel (:func:`.base.budget_rows_lse`): the budget then
             reuses it.
         budget_fraction: optional ``[Hq]`` prescribed budget fractions (``budget_profile.py``).
+        k_scale, v_scale: an FP8 cache's 1-element float32 device scales (:func:`.base.kv_scales`).
     """
     selection = select_blocks_paged(
         query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params, row_lse=row_lse,
-        budget_fraction=budget_fraction,
+        budget_fraction=budget_fraction, k_scale=k_scale,
     )
     if stats.ENABLED:  # diagnostic only (see stats.py); off: this one check
         stats.record(
             query, kv_cache, block_table_row, selection, ctx=ctx, scale=scale,
-            block_size=params.block_size, layer_index=layer_index,
+            block_size=params.block_size, layer_index=layer_index, k_scale=k_scale,
         )
     tail_rows = ChunkGeometry(ctx, query.shape[0], params.block_size).num_tail_rows(params.dense_tail_tokens)
     rows = {"skip_rows": tail_rows} if tail_done else {"heavy_rows": tail_rows}
 
     def attend(copy_page: int) -> None:
         block_sparse_attn(query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
-                          ctx=ctx, scale=scale, block_size=params.block_size, copy_page=copy_page, **rows)
+                          ctx=ctx, scale=scale, block_size=params.block_size, copy_page=copy_page,
+                          k_scale=k_scale, v_scale=v_scale, **rows)
 
     global _copy_out_of_memory
     copy_page = 0 if _copy_out_of_memory else default_copy_page(
@@ -90,7 +95,7 @@ def sparse_prefill(
             "same result, up to 1.4x slower). The KV cache left no room for the copy: without "
             "--kv-cache-memory-bytes vLLM reserves it at startup; or serve with --block-size %d, "
             "which needs no copy.", ctx + query.shape[0], copy_page,
-            copy_bytes(ctx + query.shape[0], kv_cache.shape[1], query.shape[-1], query.dtype, copy_page) / 2**30,
+            copy_bytes(ctx + query.shape[0], kv_cache.shape[1], query.shape[-1], kv_cache.dtype, copy_page) / 2**30,
             kv_cache.shape[2], copy_page,
         )
         attend(0)
@@ -104,5 +109,6 @@ class TritonSparseKernel(SparseKernel):
     copies_pages = True
 
     def run(self, attn_layer, chunk: SparseChunk, *, tail_done=False, row_lse=None, layer_index=None) -> None:
-        sparse_prefill(*chunk, self.layer.scale, self.layer.params, layer_index=layer_index,
-                       tail_done=tail_done, row_lse=row_lse, budget_fraction=self.layer.budget_fraction(chunk))
+        sparse_prefill(kernel_query(chunk, attn_layer), *chunk[1:], self.layer.scale, self.layer.params,
+                       layer_index=layer_index, tail_done=tail_done, row_lse=row_lse,
+                       budget_fraction=self.layer.budget_fraction(chunk), **kv_scales(attn_layer, chunk.kv_cache))

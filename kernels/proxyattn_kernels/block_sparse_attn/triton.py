@@ -11,6 +11,9 @@ read tile by tile with TMA instead; on Hopper, smaller pages (vLLM's 16) are fir
 contiguous 128-token pages for that (``copy_page``, :func:`default_copy_page`).
 
 Semantics: exactly ``block_sparse_attn/naive.py``; fp32 accumulation, output in the query dtype.
+An FP8 cache (``k_scale``/``v_scale``) is read as its dequantized values (``paged.py``): tiles
+converted to the query dtype, ``k_scale`` folded into the logits' scale and ``v_scale`` applied
+to the output once.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..common import LOG2E, MAX_TRITON_BLOCKS, check_head_dim, row_pad, row_warps
+from ..common import LOG2E, check_head_dim
 from ..device import has_tma
-from ..paged import contiguous_pages, load_paged_tile
+from ..paged import FP8_KV_DTYPE, check_kv_scale, contiguous_pages, kv_scaled, load_paged_tile
+from .head_lists import head_block_lists, head_lists_and_tile_rows, ranked_tile_rows  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ def _attend_tile(
     in_seq = k_pos < seq_len if MASKED else None
     k, v = load_paged_tile(kv_base, block_table_ptr, k_pos, in_seq, offs_d, stride_kv_page, stride_kv_tok,
                            PAGE_SIZE, HEAD_DIM)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # FP8 -> the query dtype (exact); no-op otherwise
     qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if MASKED:
         visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
@@ -135,8 +140,8 @@ def _attend_tile_tma(
 ):
     """Unmasked online-softmax update with the key tile at physical cache row ``row``, read by
     TMA from the cache viewed as ``[pages * page_size, Hkv * 2D]``."""
-    k = kv_desc.load([row, kv_col])
-    v = kv_desc.load([row, kv_col + HEAD_DIM])
+    k = kv_desc.load([row, kv_col]).to(q.dtype)
+    v = kv_desc.load([row, kv_col + HEAD_DIM]).to(q.dtype)
     return _online_softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)) * qk_scale, v)
 
 
@@ -149,7 +154,7 @@ def _attend_tile_tma(
                                "skip_rows", "stride_rank_group", "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(
     q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
-    ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, qk_scale,
+    k_scale_ptr, v_scale_ptr, ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, qk_scale,
     stride_q_tok, stride_q_head,
     stride_kv_page, stride_kv_head, stride_kv_tok,
     stride_rank_group, stride_rank_row,
@@ -198,6 +203,7 @@ def _block_sparse_attn_kernel(
         mask=q_valid[:, None], other=0.0,
     )
     kv_base = kv_ptr + (head // HEADS_PER_KV).to(tl.int64) * stride_kv_head
+    qk_scale = kv_scaled(qk_scale, k_scale_ptr)  # FP8: q . (k * k_scale) = (q . k) * k_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -238,40 +244,11 @@ def _block_sparse_attn_kernel(
                 seq_len, qk_scale, stride_kv_page, stride_kv_tok, HEAD_DIM, PAGE_SIZE, False,
             )
 
-    out = acc / l_i[:, None]
+    out = kv_scaled(acc, v_scale_ptr) / l_i[:, None]  # FP8: p . (v * v_scale) = (p . v) * v_scale
     tl.store(
         out_ptr + q_tok[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=q_valid[:, None],
     )
-
-
-def head_block_lists(ranking: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Each head's selected key blocks in descending key order: ``[Hq, R, Kb]`` int32.
-
-    Row ``[h, r]`` holds the first ``counts[h, r]`` blocks of ``ranking[group(h), r]`` sorted by
-    position, largest first (so the diagonal block stays first, as the kernel expects), then -1.
-    Softmax does not care about the visiting order, but the memory system does: when every
-    program walks its keys in the same direction, programs running at the same time read the
-    same K/V tiles and share them in L2, which a score-ordered walk does not (a few tensor ops,
-    no host sync)."""
-    num_q_heads, num_rows = counts.shape
-    per_head = ranking.repeat_interleave(num_q_heads // ranking.shape[0], dim=0)
-    in_prefix = torch.arange(ranking.shape[-1], device=ranking.device) < counts[..., None]
-    return torch.where(in_prefix, per_head, -1).sort(dim=-1, descending=True).values.to(torch.int32)
-
-
-def ranked_tile_rows(
-    ranking: torch.Tensor, block_table: torch.Tensor, block_size: int, block_n: int, page_size: int
-) -> torch.Tensor:
-    """Physical cache row of every key tile of the ranking: ``[G, R, Kb * (block_size // block_n)]``
-    int32 (``page * page_size + offset`` of the tile's first key). Entries the kernel never reads
-    (-1 padding; tiles of the partial last block, which is always a diagonal) are clamped into
-    the table. A few tensor ops, no host sync; requires ``page_size % block_n == 0``."""
-    sub = block_size // block_n
-    starts = ranking.clamp(min=0).long()[..., None] * block_size + torch.arange(
-        sub, device=ranking.device) * block_n
-    pages = block_table.long()[(starts // page_size).clamp(max=block_table.numel() - 1)]
-    return (pages * page_size + starts % page_size).to(torch.int32).flatten(-2)
 
 
 def _nhd_descriptor(kv_cache: torch.Tensor, tile: TileConfig) -> TensorDescriptor | None:
@@ -289,68 +266,6 @@ def _nhd_descriptor(kv_cache: torch.Tensor, tile: TileConfig) -> TensorDescripto
     )
 
 
-# Nothing that follows the chunk or the request's block-table row is specialized (see the
-# attention kernel above).
-@triton.jit(do_not_specialize=["block_table_ptr", "num_k_blocks", "last_page", "stride_rk_group", "stride_rk_row",
-                               "stride_cnt_head", "stride_list_head", "stride_list_row", "stride_tr_head",
-                               "stride_tr_row"])
-def _head_lists_kernel(
-    ranking_ptr, counts_ptr, block_table_ptr, lists_ptr, tile_rows_ptr,
-    num_k_blocks, last_page,
-    stride_rk_group, stride_rk_row, stride_cnt_head, stride_list_head, stride_list_row,
-    stride_tr_head, stride_tr_row,
-    HEADS_PER_GROUP: tl.constexpr, KB_PAD: tl.constexpr, WITH_TILE_ROWS: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    cols = tl.arange(0, KB_PAD)
-    in_range = cols < num_k_blocks
-    count = tl.load(counts_ptr + head * stride_cnt_head + row)
-    blocks = tl.load(ranking_ptr + (head // HEADS_PER_GROUP) * stride_rk_group + row * stride_rk_row + cols,
-                     mask=in_range & (cols < count), other=-1)
-    blocks = tl.sort(blocks, descending=True)  # the head's prefix by position, largest first, then -1
-    tl.store(lists_ptr + head * stride_list_head + row * stride_list_row + cols, blocks, mask=in_range)
-    if WITH_TILE_ROWS:  # as ranked_tile_rows: the cache row of each key tile's first key
-        start = tl.maximum(blocks, 0) * BLOCK_SIZE
-        out_row = tile_rows_ptr + head * stride_tr_head + row * stride_tr_row + cols * TILES_PER_BLOCK
-        for sub in tl.static_range(TILES_PER_BLOCK):
-            key = start + sub * BLOCK_N
-            page = tl.load(block_table_ptr + tl.minimum(key // PAGE_SIZE, last_page), mask=in_range, other=0)
-            tl.store(out_row + sub, page * PAGE_SIZE + key % PAGE_SIZE, mask=in_range)
-
-
-def head_lists_and_tile_rows(
-    ranking: torch.Tensor, counts: torch.Tensor, block_table: torch.Tensor, block_size: int, block_n: int,
-    page_size: int, with_tile_rows: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`head_block_lists` and, with ``with_tile_rows``, :func:`ranked_tile_rows` of those
-    lists, in one launch (one program per row and head) instead of a dozen tensor ops over
-    ``[Hq, R, Kb]`` int64 temporaries. Same results; rows longer than ``MAX_TRITON_BLOCKS`` key
-    blocks use the torch functions. Returns ``(lists [Hq, R, Kb], tile_rows or None)``."""
-    num_q_heads, num_rows = counts.shape
-    num_groups, _, num_k_blocks = ranking.shape
-    if num_k_blocks > MAX_TRITON_BLOCKS:
-        lists = head_block_lists(ranking, counts)
-        rows = ranked_tile_rows(lists, block_table, block_size, block_n, page_size) if with_tile_rows else None
-        return lists, rows
-    tiles_per_block = block_size // block_n
-    lists = torch.empty(num_q_heads, num_rows, num_k_blocks, dtype=torch.int32, device=ranking.device)
-    rows = (torch.empty(num_q_heads, num_rows, num_k_blocks * tiles_per_block, dtype=torch.int32,
-                        device=ranking.device) if with_tile_rows else lists)
-    kb_pad = row_pad(num_k_blocks)
-    block_table = block_table.contiguous()  # itself when it is already
-    _head_lists_kernel[(num_rows, num_q_heads)](
-        ranking, counts, block_table, lists, rows, num_k_blocks, block_table.numel() - 1,
-        ranking.stride(0), ranking.stride(1), counts.stride(0), lists.stride(0), lists.stride(1),
-        rows.stride(0), rows.stride(1),
-        HEADS_PER_GROUP=num_q_heads // num_groups, KB_PAD=kb_pad, WITH_TILE_ROWS=with_tile_rows,
-        TILES_PER_BLOCK=tiles_per_block, BLOCK_SIZE=block_size, BLOCK_N=block_n, PAGE_SIZE=page_size,
-        num_warps=row_warps(kb_pad),
-    )
-    return lists, (rows if with_tile_rows else None)
-
-
 def block_sparse_attn(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -366,6 +281,8 @@ def block_sparse_attn(
     heavy_rows: int = 0,
     skip_rows: int = 0,
     copy_page: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of one prefill chunk, written into ``out``.
 
@@ -374,7 +291,8 @@ def block_sparse_attn(
             contiguous; fp16 or bf16, or fp32).
         kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 paged cache view, K in
             ``[..., :D]`` and V in ``[..., D:]``, any strides with a contiguous last dim;
-            must hold keys ``[0, ctx + q_len)``.
+            must hold keys ``[0, ctx + q_len)``. Same dtype as ``q``, or FP8
+            (``paged.FP8_KV_DTYPE``) with ``k_scale`` and ``v_scale``.
         block_table: ``[max_pages]`` int32, the request's physical page per logical page.
         ranking: ``[G, R, Kb]`` int32 selection ranking, the diagonal block first in each row.
         counts: ``[Hq, R]`` int32 number of ranking entries each head computes per row.
@@ -397,6 +315,8 @@ def block_sparse_attn(
             :func:`copy_bytes` for the call. None: :func:`default_copy_page` (a copy into
             128-token pages for vLLM's 16-token pages on Hopper, none on larger pages or on
             CPU); 0: never copy. ``tile`` defaults to the copy's page size.
+        k_scale, v_scale: an FP8 cache's 1-element float32 dequantization scales (device
+            tensors, read by the kernel: no host sync); None for a cache in the query dtype.
 
     Returns:
         ``out``.
@@ -413,11 +333,13 @@ def block_sparse_attn(
         raise ValueError(f"heads must nest: Hq={num_q_heads}, Hkv={num_kv_heads}, groups={num_groups}")
     if page_size % 16 or block_size % 16:
         raise ValueError(f"page_size={page_size} and block_size={block_size} must be multiples of 16")
-    if kv_cache.dtype != q.dtype or out.dtype != q.dtype or out.shape != q.shape:
+    if kv_cache.dtype not in (q.dtype, FP8_KV_DTYPE) or out.dtype != q.dtype or out.shape != q.shape:
         raise ValueError(f"dtype/shape mismatch: q {q.dtype}{tuple(q.shape)}, kv_cache {kv_cache.dtype}, "
                          f"out {out.dtype}{tuple(out.shape)}")
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("q, kv_cache and out need a contiguous last dimension")
+    check_kv_scale(kv_cache, k_scale, "k_scale")
+    check_kv_scale(kv_cache, v_scale, "v_scale")
     if num_rows != (seq_len - 1) // block_size - first_q_block + 1 or num_k_blocks != -(-seq_len // block_size):
         raise ValueError(f"ranking shape {tuple(ranking.shape)} does not match ctx={ctx}, q_len={q_len}, "
                          f"block_size={block_size}")
@@ -456,7 +378,7 @@ def block_sparse_attn(
     if grid[0] == 0:
         return out
     _block_sparse_attn_kernel[grid](
-        q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out,
+        q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out, k_scale, v_scale,
         ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),

@@ -14,7 +14,7 @@ streamed in one pass over the keys plus a small reduction, instead of the classi
 2. ``_block_mass_kernel``: ``mass[h, b] = mean_q exp2(blse[h, b, q] - lse[h, q])`` with the row's
    total ``lse`` combined from the split partials. Deterministic (no atomics).
 
-3. ``_gamma_budget_kernel``: one program per head sorts its ``[Kb]`` mass row in registers,
+3. ``_gamma_budget_kernel`` (``budget/gamma.py``): one program per head sorts its ``[Kb]`` mass row in registers,
    counts the blocks whose cumulative share stays below gamma and applies the budget limits:
    one launch where the torch spec takes about ten (sort, sum, divide, cumsum, compare, sum,
    clamps and casts), which matters because the selection runs for every layer of every chunk
@@ -26,6 +26,9 @@ backend sends the dense tail, which covers the chunk's last ``block_size`` queri
 to FlashAttention before the selection), steps 1-2 become one pass,
 ``_block_mass_from_lse_kernel``: ``exp2(s - lse)`` summed per key block over the rows, with no
 row maximum, no workspace and no reduction launch (``row_lse`` of :func:`last_block_mass_paged`).
+
+An FP8 cache (``k_scale``) is read as its dequantized keys: key tiles converted to the query
+dtype, ``k_scale`` folded into the logits' scale (``paged.py``).
 
 This computes each logit once instead of twice (the QK^T of the last ``n`` queries against all
 keys at full resolution is the most expensive part of the whole selection), at the price of an
@@ -44,12 +47,11 @@ import triton
 import triton.language as tl
 
 from ..common import (
-    LOG2E, LOG2E_JIT, MAX_TRITON_BLOCKS, even_splits, input_precision, lse_merge, lse_tile_update, row_pad,
-    row_warps, safe_max, target_programs, workspace,
+    LOG2E, LOG2E_JIT, even_splits, input_precision, lse_merge, lse_tile_update, safe_max, target_programs, workspace,
 )
-from ..paged import check_paged_inputs, load_paged_tile
+from ..paged import check_paged_inputs, kv_scaled, load_paged_tile
 from ..params import ChunkGeometry
-from .naive import budget_bounds, gamma_block_counts, limit_budget
+from .gamma import gamma_budgets
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def _logits_tile(q, kv_base, block_table_ptr, key_start, q_pos, seq_len, qk_scal
     k_pos = key_start + offs_n
     in_seq = k_pos < seq_len if MASKED else None
     k = load_paged_tile(kv_base, block_table_ptr, k_pos, in_seq, offs_d, stride_kv_page, stride_kv_tok, PAGE_SIZE)
+    k = k.to(q.dtype)  # FP8 -> the query dtype (exact); no-op otherwise
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :], s, float("-inf"))
@@ -144,7 +147,7 @@ def _block_lse_step(m_b, l_b, m_r, l_r, t, q, kv_base, block_table_ptr, blse_bas
 
 @triton.jit(do_not_specialize=["block_table_ptr", "q_tok0", "q_pos0", "n_last", "seq_len", "blocks_per_split"])
 def _block_lse_kernel(
-    q_ptr, kv_ptr, block_table_ptr, blse_ptr, lse_part_ptr,
+    q_ptr, kv_ptr, block_table_ptr, blse_ptr, lse_part_ptr, k_scale_ptr,
     q_tok0, q_pos0, n_last, seq_len, blocks_per_split, qk_scale,
     stride_q_tok, stride_q_head,
     stride_kv_page, stride_kv_head, stride_kv_tok,
@@ -170,6 +173,7 @@ def _block_lse_kernel(
         mask=row_valid[:, None], other=0.0,
     )
     kv_base = kv_ptr + kv_head.to(tl.int64) * stride_kv_head
+    qk_scale = kv_scaled(qk_scale, k_scale_ptr)  # FP8: q . (k * k_scale) = (q . k) * k_scale
     blse_base = blse_ptr + head.to(tl.int64) * stride_blse_head + rows
 
     # This split's key tiles (whole key blocks); tiles up to the tile's first query need no mask.
@@ -247,7 +251,7 @@ def _rows_block_mass(q, lse2, kv_base, block_table_ptr, block_start, q_pos, seq_
 @triton.jit(do_not_specialize=["block_table_ptr", "lse_ptr", "q_tok0", "q_pos0", "n_last", "seq_len",
                                "num_k_blocks", "blocks_per_split", "stride_lse_head", "stride_mass_head"])
 def _block_mass_from_lse_kernel(
-    q_ptr, kv_ptr, block_table_ptr, lse_ptr, mass_ptr,
+    q_ptr, kv_ptr, block_table_ptr, lse_ptr, mass_ptr, k_scale_ptr,
     q_tok0, q_pos0, n_last, seq_len, num_k_blocks, blocks_per_split, qk_scale, inv_n,
     stride_q_tok, stride_q_head, stride_kv_page, stride_kv_head, stride_kv_tok,
     stride_lse_head, stride_mass_head,
@@ -265,6 +269,7 @@ def _block_mass_from_lse_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_base = kv_ptr + tl.program_id(2).to(tl.int64) * stride_kv_head
+    qk_scale = kv_scaled(qk_scale, k_scale_ptr)  # FP8: as in _block_lse_kernel
     q_head_ptr = q_ptr + head * stride_q_head + offs_d[None, :]
     lse_head_ptr = lse_ptr + head * stride_lse_head
 
@@ -301,60 +306,6 @@ def _block_mass_from_lse_kernel(
             tl.store(mass_ptr + head * stride_mass_head + b, total * inv_n)
 
 
-@triton.jit(do_not_specialize=["num_k_blocks", "min_blocks", "max_blocks", "stride_mass_head"])
-def _gamma_budget_kernel(
-    mass_ptr, budget_ptr, counts_ptr,
-    num_k_blocks, gamma, min_blocks, max_blocks, stride_mass_head,
-    KB_PAD: tl.constexpr, EVERY_BLOCK: tl.constexpr,
-):
-    head = tl.program_id(0)
-    if EVERY_BLOCK:  # gamma >= 1
-        count = num_k_blocks
-    else:
-        cols = tl.arange(0, KB_PAD)
-        valid = cols < num_k_blocks
-        mass = tl.load(mass_ptr + head * stride_mass_head + cols, mask=valid, other=0.0)
-        # Padding (0) sorts behind every real block; positions past the row are not counted.
-        share = tl.sort(mass, descending=True)
-        share = share / tl.sum(share, 0)
-        below = tl.sum(((tl.cumsum(share, 0) < gamma) & valid).to(tl.int32), 0)
-        count = tl.minimum(below + 1, num_k_blocks)
-    tl.store(counts_ptr + head, count)
-    tl.store(budget_ptr + head, tl.minimum(tl.maximum(count, min_blocks), max_blocks))
-
-
-def gamma_budgets(
-    mass: torch.Tensor, gamma: float, min_budget_blocks: int, max_blocks: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``limit_budget(gamma_block_counts(mass, gamma), ...)`` in one launch.
-
-    Args:
-        mass: ``[Hq, Kb]`` float32 block mass per head (rows sum to 1, contiguous last dim).
-        gamma, min_budget_blocks, max_blocks: as ``budget/naive.py``.
-
-    Returns:
-        ``(budget [Hq], gamma_counts [Hq])`` int32 on ``mass.device``, no host sync. A count can
-        differ from the torch spec's only where a cumulative share lies within float rounding of
-        ``gamma`` (the sums run in a different order).
-    """
-    if mass.dim() != 2 or mass.dtype != torch.float32 or mass.stride(-1) != 1:
-        raise ValueError(f"mass must be float32 [Hq, Kb] with a contiguous last dim; got "
-                         f"{mass.dtype}{tuple(mass.shape)}")
-    num_q_heads, num_k_blocks = mass.shape
-    if num_k_blocks > MAX_TRITON_BLOCKS:
-        counts = gamma_block_counts(mass, gamma)
-        return limit_budget(counts, num_k_blocks, min_budget_blocks, max_blocks), counts
-    lower, upper = budget_bounds(num_k_blocks, min_budget_blocks, max_blocks)
-    budget = torch.empty(num_q_heads, dtype=torch.int32, device=mass.device)
-    counts = torch.empty_like(budget)
-    kb_pad = row_pad(num_k_blocks)
-    _gamma_budget_kernel[(num_q_heads,)](
-        mass, budget, counts, num_k_blocks, float(gamma), lower, upper, mass.stride(0),
-        KB_PAD=kb_pad, EVERY_BLOCK=gamma >= 1.0, num_warps=row_warps(kb_pad),
-    )
-    return budget, counts
-
-
 def last_block_mass_paged(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -366,13 +317,15 @@ def last_block_mass_paged(
     out: torch.Tensor | None = None,
     tile: BudgetTileConfig | None = None,
     row_lse: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass per key block of the chunk's last ``min(q_len, block_size)`` queries.
 
     Args:
         q: ``[q_len, Hq, D]`` queries at absolute positions ``[ctx, ctx + q_len)`` (any strides
             with a contiguous last dim; fp16, bf16 or fp32).
-        kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 cache view, same dtype as ``q``.
+        kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 cache view, same dtype as ``q``
+            or FP8 with ``k_scale`` (a 1-element float32 device tensor; else None).
         block_table: ``[max_pages]`` int32 physical page per logical page.
         ctx: tokens before the chunk. scale: softmax scale.
         block_size: selection block size (a multiple of 16).
@@ -393,7 +346,7 @@ def last_block_mass_paged(
     if block_size % 16 or block_size < 16:
         raise ValueError(f"block_size={block_size} must be a positive multiple of 16")
     geo = ChunkGeometry(ctx, q_len, block_size)
-    check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
+    check_paged_inputs(q, kv_cache, block_table, geo.seq_len, k_scale)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[1]
     device = q.device
@@ -423,7 +376,7 @@ def last_block_mass_paged(
     splits, blocks_per_split = even_splits(num_k_blocks, splits)
     if row_lse is not None:
         _block_mass_from_lse_kernel[(num_q_heads // num_kv_heads, splits, num_kv_heads)](
-            q, kv_cache, block_table, row_lse, out,
+            q, kv_cache, block_table, row_lse, out, k_scale,
             q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, num_k_blocks, blocks_per_split,
             scale * LOG2E, 1.0 / n_last,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -439,7 +392,7 @@ def last_block_mass_paged(
     blse = workspace((num_q_heads, num_k_blocks, n_pad), device)
     lse_part = workspace((num_q_heads, splits, n_pad), device)
     _block_lse_kernel[(num_m_tiles * (num_q_heads // num_kv_heads), splits, num_kv_heads)](
-        q, kv_cache, block_table, blse, lse_part,
+        q, kv_cache, block_table, blse, lse_part, k_scale,
         q_len - n_last, geo.seq_len - n_last, n_last, geo.seq_len, blocks_per_split, scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -459,27 +412,16 @@ def last_block_mass_paged(
 
 
 def head_budgets_paged(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    *,
-    ctx: int,
-    scale: float,
-    block_size: int,
-    gamma: float,
-    min_budget_blocks: int,
-    max_blocks: int | None,
-    tile: BudgetTileConfig | None = None,
-    row_lse: torch.Tensor | None = None,
+    q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, *, gamma: float, min_budget_blocks: int,
+    max_blocks: int | None, **mass_args,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head block budgets of one chunk, keys from the paged cache.
-
-    Same arguments as :func:`last_block_mass_paged` plus the budget limits (see
+    """Per-head block budgets of one chunk, keys from the paged cache: the block mass
+    (:func:`last_block_mass_paged`, which takes ``mass_args``: ``ctx``, ``scale``,
+    ``block_size``, optional ``tile``, ``row_lse``, ``k_scale``), then the budget limits (see
     ``budget/naive.py``). Returns ``(budget [Hq], gamma_counts [Hq])`` int32, on the device,
     without any host synchronisation.
     """
-    mass = last_block_mass_paged(q, kv_cache, block_table, ctx=ctx, scale=scale, block_size=block_size,
-                                 tile=tile, row_lse=row_lse)
+    mass = last_block_mass_paged(q, kv_cache, block_table, **mass_args)
     return gamma_budgets(mass, gamma, min_budget_blocks, max_blocks)
 
 

@@ -23,6 +23,9 @@ the four kernels below), all on the device, no host sync:
 Extra memory: the proxies (O(tokens / stride)), the row statistics (O(strided queries x
 splits)) and the output grid (O(blocks^2)); never O(tokens^2).
 
+An FP8 cache (``k_scale``) is read as its dequantized keys: each group's key mean is taken in
+fp32 from the FP8 values and multiplied by ``k_scale`` before it is stored (``paged.py``).
+
 Tiles are aligned to absolute strided positions, so a tile covers whole selection blocks, or
 lies inside one, whenever the strided block size ``block_size // stride`` divides the tile size
 or is a multiple of it (pooling by reshape and reduce); other ratios (e.g. block 48, stride 4)
@@ -37,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..common import LOG2E, even_splits, input_precision, lse_merge, lse_tile_update, target_programs, workspace
-from ..paged import check_paged_inputs, paged_row_offsets
+from ..paged import check_paged_inputs, kv_scaled, paged_row_offsets
 from ..params import ChunkGeometry
 
 
@@ -81,7 +84,7 @@ def _nests(strided_block: int, tile: int) -> bool:
 
 @triton.jit(do_not_specialize=["block_table_ptr", "base", "lo", "hi", "ctx"])
 def _proxy_heads_kernel(
-    src_ptr, block_table_ptr, out_ptr,
+    src_ptr, block_table_ptr, out_ptr, scale_ptr,
     base, lo, hi, ctx,
     stride_src_page, stride_src_head, stride_src_tok,
     stride_out_group, stride_out_row,
@@ -93,7 +96,8 @@ def _proxy_heads_kernel(
 
     ``PAGED``: ``src`` is the paged cache ``[pages, Hkv, page, 2D]`` (K half) and ``pos`` goes
     through the block table; otherwise ``src`` is ``q [q_len, Hq, D]`` and the token is
-    ``pos - ctx`` (``stride_src_page`` unused).
+    ``pos - ctx`` (``stride_src_page`` unused). ``scale_ptr``: an FP8 cache's scale (the mean
+    is of the dequantized keys), or None.
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -114,7 +118,7 @@ def _proxy_heads_kernel(
     # a 128K prompt's profile on the H200.
     for h in tl.static_range(HEADS):
         acc += tl.load(ptrs + h * stride_src_head, mask=valid[:, None], other=0.0).to(tl.float32)
-    acc = acc / HEADS
+    acc = kv_scaled(acc / HEADS, scale_ptr)
     out_ptrs = out_ptr + g.to(tl.int64) * stride_out_group + rows.to(tl.int64)[:, None] * stride_out_row + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
@@ -122,6 +126,26 @@ def _proxy_heads_kernel(
 # --------------------------------------------------------------------------------------------
 # Pass 1: row log-sum-exp (log2 domain), split over the key range.
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pass_program(a0, a_last, a_base, tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where a program of either pass works: its query tile ``mt``, key split and group ``g``
+    (the grid's three axes), the tile's first strided query ``tile_a``, its strided query
+    indices ``a [BLOCK_M]`` (position ``a * stride``), its key tiles ``[t_lo, t_hi)`` (empty
+    past the tile's last real query) and ``t_full``: tiles before it are seen entirely by every
+    real query of the tile (no causal mask)."""
+    mt = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    tile_a = a_base + mt * BLOCK_M
+    a = tile_a + tl.arange(0, BLOCK_M)
+    a_lo = tl.maximum(tile_a, a0)
+    a_hi = tl.minimum(tile_a + BLOCK_M - 1, a_last)
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, a_hi // BLOCK_N + 1)
+    t_full = tl.minimum(t_hi, (a_lo + 1) // BLOCK_N)
+    return mt, split, g, tile_a, a, t_lo, t_hi, t_full
 
 
 @triton.jit
@@ -142,19 +166,10 @@ def _proxy_lse_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    mt = tl.program_id(0)
-    split = tl.program_id(1)
-    g = tl.program_id(2)
+    mt, split, g, tile_a, a, t_lo, t_hi, t_full = _pass_program(a0, a_last, a_base, tiles_per_split, BLOCK_M, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    tile_a = a_base + mt * BLOCK_M
-    a = tile_a + offs_m  # absolute strided query index (position a * stride)
-    a_lo = tl.maximum(tile_a, a0)
-    a_hi = tl.minimum(tile_a + BLOCK_M - 1, a_last)
-    t_lo = split * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, a_hi // BLOCK_N + 1)
-    t_full = tl.minimum(t_hi, (a_lo + 1) // BLOCK_N)  # tiles every real query sees entirely
 
     q_rows = (mt * BLOCK_M + offs_m).to(tl.int64)
     q = tl.load(pq_ptr + g.to(tl.int64) * stride_pq_group + q_rows[:, None] * stride_pq_row + offs_d[None, :])
@@ -222,21 +237,12 @@ def _proxy_pool_kernel(
     POOL_GENERIC: tl.constexpr, NUM_ROW_BLOCKS: tl.constexpr, NUM_COL_BLOCKS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    mt = tl.program_id(0)
-    split = tl.program_id(1)
-    g = tl.program_id(2)
+    mt, split, g, tile_a, a, t_lo, t_hi, t_full = _pass_program(a0, a_last, a_base, tiles_per_split, BLOCK_M, BLOCK_N)
+    if t_lo >= t_hi:
+        return
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    tile_a = a_base + mt * BLOCK_M
-    a = tile_a + offs_m
-    a_lo = tl.maximum(tile_a, a0)
-    a_hi = tl.minimum(tile_a + BLOCK_M - 1, a_last)
-    t_lo = split * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, a_hi // BLOCK_N + 1)
-    if t_lo >= t_hi:
-        return
-    t_full = tl.minimum(t_hi, (a_lo + 1) // BLOCK_N)
 
     # Combine the row statistics of every split (log2 domain).
     lse_rows = lse_ptr + g * stride_lse_group + mt * BLOCK_M + offs_m
@@ -281,6 +287,7 @@ def proxy_block_scores_paged(
     stride: int,
     block_size: int,
     tile: ProxyTileConfig | None = None,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Max-pooled strided proxy attention of one chunk, keys from the paged cache.
 
@@ -288,14 +295,15 @@ def proxy_block_scores_paged(
         q: ``[q_len, Hq, D]`` post-RoPE queries at absolute positions ``[ctx, ctx + q_len)``
             (any strides with a contiguous last dim; fp16, bf16 or fp32).
         kv_cache: ``[num_pages, Hkv, page_size, 2 * D]`` vLLM-0.26 cache view (K in ``[..., :D]``),
-            any strides with a contiguous last dim, same dtype as ``q``; holds keys
-            ``[0, ctx + q_len)``.
+            any strides with a contiguous last dim, same dtype as ``q`` or FP8 with ``k_scale``;
+            holds keys ``[0, ctx + q_len)``.
         block_table: ``[max_pages]`` int32, the request's physical page per logical page.
         ctx: tokens before the chunk. scale: softmax scale.
         num_groups: proxy heads ``G``; divides ``Hkv``.
         stride: sampling stride; divides ``block_size``.
         block_size: selection block size (a multiple of 16).
         tile: launch parameters; default :func:`default_proxy_tile_config`.
+        k_scale: an FP8 cache's 1-element float32 key scale (device tensor), else None.
 
     Returns:
         ``[G, num_q_blocks, num_k_blocks]`` float32, as ``proxy_scores.naive.proxy_block_scores``.
@@ -304,7 +312,7 @@ def proxy_block_scores_paged(
     if q_len < 1 or ctx < 0:
         raise ValueError(f"need q_len >= 1 and ctx >= 0; got q {tuple(q.shape)}, ctx={ctx}")
     geo = ChunkGeometry(ctx, q_len, block_size)
-    check_paged_inputs(q, kv_cache, block_table, geo.seq_len)
+    check_paged_inputs(q, kv_cache, block_table, geo.seq_len, k_scale)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[1]
     if num_groups < 1 or num_kv_heads % num_groups:
@@ -341,14 +349,14 @@ def proxy_block_scores_paged(
     # The strided queries are few (2048 for an 8K chunk at stride 4): 8 rows per program always
     # (one compiled variant, whatever the chunk's length).
     _proxy_heads_kernel[(nq_pad // 8, num_groups)](
-        q, block_table, pq, a_base, a0, a_last, ctx,
+        q, block_table, pq, None, a_base, a0, a_last, ctx,
         0, q.stride(1), q.stride(0), pq.stride(0), pq.stride(1),
         STRIDE=stride, PAGE_SIZE=kv_cache.shape[2], PAGED=False,
         HEADS=num_q_heads // num_groups, HEAD_DIM=head_dim, BLOCK_T=8, num_warps=4,
     )
     k_rows_t = _heads_tile(nk_pad, num_groups, min(bm, bn), device)
     _proxy_heads_kernel[(nk_pad // k_rows_t, num_groups)](
-        kv_cache, block_table, pk, 0, 0, a_last, 0,
+        kv_cache, block_table, pk, k_scale, 0, 0, a_last, 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), pk.stride(0), pk.stride(1),
         STRIDE=stride, PAGE_SIZE=kv_cache.shape[2], PAGED=True,
         HEADS=num_kv_heads // num_groups, HEAD_DIM=head_dim, BLOCK_T=k_rows_t, num_warps=4,
