@@ -28,7 +28,7 @@ from proxyattn_kernels.reference import dequantize_kv, gather_paged_kv
 from proxyattn_kernels.selection import select_blocks_paged
 from proxyattn_kernels.warmup import warm_up
 
-from tests._paged import make_paged
+from tests._paged import ATTN_TOL, make_paged
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K_SCALE, V_SCALE = 0.37, 2.5
@@ -38,8 +38,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # Tolerances of the bf16/fp16/fp32 tests of the same kernels (test_block_sparse_triton.py,
 # test_selection_triton.py): the kernels see the same values as the spec, only rounded to the
 # query dtype where the spec keeps float32.
-ATTN_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-SCORE_TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-2, 1e-4), torch.bfloat16: (5e-2, 1e-3)}
+# float32 on CUDA: TF32 dots (see ATTN_TOL), held to the float16 bound.
+SCORE_TOL = {torch.float32: (2e-2, 1e-4) if torch.cuda.is_available() else (1e-5, 1e-6), torch.float16: (2e-2, 1e-4), torch.bfloat16: (5e-2, 1e-3)}
 
 # (Hq, Hkv, D, ctx, q_len, block, page): GQA 1/2/4/7, chunks that start and end inside blocks
 # and pages, pages smaller, equal to and larger than the block.
@@ -180,7 +180,7 @@ def test_budget_mass_on_fp8_matches_naive(rng_seed, hq, hkv, d, ctx, q_len, bloc
     kd, _ = dequantized(kv_cache, table, ctx + q_len)
     scale = d**-0.5
     lse = last_rows_lse(q, kd, ctx, scale, block).contiguous() if given_lse else None
-    out = torch.full((hq, ChunkGeometry(ctx, q_len, block).num_k_blocks), float("nan"))
+    out = torch.full((hq, ChunkGeometry(ctx, q_len, block).num_k_blocks), float("nan"), device=DEVICE)
     mass = last_block_mass_paged(q, kv_cache, table, ctx=ctx, scale=scale, block_size=block, out=out, row_lse=lse,
                                  k_scale=scale_tensor(K_SCALE))
     assert not mass.isnan().any()

@@ -211,3 +211,20 @@ def test_in_process_dense_and_proxyattn_on_gpu(tmp_path):
     assert all(c["density"] is None for (label, _), c in cells.items() if label == "dense")
     assert all(0.0 < c["density"] <= 1.0 for (label, _), c in cells.items() if label != "dense")
     assert sum(c["score"] for (label, _), c in cells.items() if label == "dense") > 0
+
+
+def test_prompts_over_the_context_are_left_out_and_counted(capsys):
+    """A prompt that leaves no room for one generated token would fail its whole cell in vLLM:
+    it is left out, counted per task and length, and said in one line."""
+    import types
+
+    from benchmarks.quality import ruler
+
+    samples = [types.SimpleNamespace(task=t, length=32768, prompt_token_ids=[0] * n)
+               for t, n in (("fwe", 32768), ("fwe", 32700), ("vt", 32767), ("vt", 40000))]
+    doc = {"config": {}}
+    kept = ruler.drop_over_length(samples, 32768, doc)
+    assert [len(s.prompt_token_ids) for s in kept] == [32700, 32767]
+    assert doc["config"]["dropped_over_length"] == {"fwe@32768": 1, "vt@32768": 1}
+    assert "2 prompts leave no room" in capsys.readouterr().out
+    assert ruler.drop_over_length(kept, 32768, {"config": {}}) == kept

@@ -288,6 +288,7 @@ def run_in_process(args, samples, doc, out: Path) -> None:
     context = run_eval.model_context(args.model_path)
     longest = max(len(s.prompt_token_ids) + s.max_tokens for s in samples)
     max_model_len = min(longest, context) if context else longest
+    samples = drop_over_length(samples, max_model_len, doc)
     doc["config"].update({
         "mode": "in-process", "max_model_len": max_model_len,
         "engine": {"enforce_eager": args.enforce_eager, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -336,6 +337,24 @@ def run_in_process(args, samples, doc, out: Path) -> None:
             run_eval.free_engine(llm)
             del llm
         save(doc, out)
+
+
+def drop_over_length(samples, max_model_len: int, doc) -> list:
+    """The samples whose prompt leaves room for one generated token. The generators count a
+    length with the tokenizer alone; the encoded prompt can come out a few tokens longer, and one
+    prompt over the model's context would fail its whole task-length cell. The dropped ones are
+    counted per task and length in ``doc["config"]["dropped_over_length"]``, and said."""
+    kept = [s for s in samples if len(s.prompt_token_ids) < max_model_len]
+    dropped: dict = {}
+    for s in samples:
+        if len(s.prompt_token_ids) >= max_model_len:
+            key = f"{s.task}@{s.length}"
+            dropped[key] = dropped.get(key, 0) + 1
+    if dropped:
+        doc["config"]["dropped_over_length"] = dropped
+        print(f"[ruler] {len(samples) - len(kept)} prompts leave no room to answer within the model's "
+              f"{max_model_len} tokens and are left out: {dropped}", flush=True)
+    return kept
 
 
 def _slug(text: str) -> str:
