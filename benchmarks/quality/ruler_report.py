@@ -50,6 +50,12 @@ def table(doc) -> str:
     return "\n".join(lines)
 
 
+def point_label(doc, label: str) -> str:
+    """A plot point's short name: the gamma of a proxyattn configuration, else its label."""
+    gamma = next((c["gamma"] for c in doc["cells"] if c["label"] == label), None)
+    return f"g={gamma:g}" if gamma is not None else label
+
+
 def plot(doc, png: Path) -> None:
     """Average score against density, one line per length (dense at density 1.0)."""
     try:
@@ -72,7 +78,7 @@ def plot(doc, png: Path) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                 label=f"{length // 1024}K" if length % 1024 == 0 else str(length))
         for x, y, label in points:
-            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(point_label(doc, label), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("mean selection density (dense = 1.0)")
     ax.set_ylabel("RULER average score")
     ax.set_title(f"RULER: score against density ({doc.get('device', '')}, {doc.get('date', '')[:10]})", fontsize=9)
