@@ -344,10 +344,11 @@ def drop_over_length(samples, max_model_len: int, doc) -> list:
     length with the tokenizer alone; the encoded prompt can come out a few tokens longer, and one
     prompt over the model's context would fail its whole task-length cell. The dropped ones are
     counted per task and length in ``doc["config"]["dropped_over_length"]``, and said."""
-    kept = [s for s in samples if len(s.prompt_token_ids) < max_model_len]
-    dropped: dict = {}
+    kept, dropped = [], {}
     for s in samples:
-        if len(s.prompt_token_ids) >= max_model_len:
+        if len(s.prompt_token_ids) < max_model_len:
+            kept.append(s)
+        else:
             key = f"{s.task}@{s.length}"
             dropped[key] = dropped.get(key, 0) + 1
     if dropped:

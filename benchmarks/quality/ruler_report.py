@@ -146,7 +146,6 @@ def merge(paths: list[Path]) -> dict:
     merged = {key: value for key, value in first.items() if key not in ("cells", "errors", "command")}
     merged["config"] = dict(first["config"])
     merged["config"]["lengths"] = sorted({n for d in docs for n in d["config"]["lengths"]})
-    merged["config"].pop("backends", None)
     merged["config"]["backends"] = [b for d in docs for b in d["config"].get("backends", [])]
     merged["parts"] = [{"file": Path(p).name, "date": d.get("date"), "device": d.get("device"),
                         "command": d.get("command")} for p, d in zip(paths, docs)]
