@@ -143,6 +143,27 @@ def test_comparison_with_dense():
     assert ruler_report.compare({"cells": [cell("a", "vt", 1.0)]}) == []
 
 
+def test_kv_cache_dtype_runs_compare_with_their_twin():
+    """An engine run with another KV-cache dtype is labelled with it, named by it in the plot, and
+    compared cell by cell with the same configuration on the model's dtype."""
+    p = "proxyattn:gamma=0.95"
+    assert ruler_report.with_kv_dtype(p, "auto") == p
+    fp8 = ruler_report.with_kv_dtype(p, "fp8")
+    assert fp8 == "proxyattn:gamma=0.95 kv=fp8"
+
+    def cell(label, task, score):
+        return {"label": label, "backend": "x", "gamma": None if label == "dense" else 0.95, "task": task,
+                "length": 32768, "score": score, "n": 50, "prompt_tokens": 1.0, "density": 0.4}
+
+    doc = {"cells": [cell("dense", "vt", 90.0), cell(p, "vt", 88.0), cell(p, "qa_1", 50.0),
+                     cell(fp8, "vt", 80.0), cell(fp8, "qa_1", 52.0)]}
+    assert ruler_report.point_label(doc, fp8) == "g=0.95 fp8" and ruler_report.point_label(doc, p) == "g=0.95"
+    [table] = ruler_report.kv_dtype_tables(doc)
+    assert table.splitlines()[0].startswith(f"against {p} ")
+    assert table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "-3.00", "vt", "-8.0", "MISSED"]
+    assert ruler_report.kv_dtype_tables({"cells": [cell(fp8, "vt", 1.0)]}) == []  # no twin
+
+
 def test_merge_joins_parts_of_one_run(tmp_path, capsys):
     """Parts with the same prompts join into one document (cells, errors, each part's command);
     parts built from other prompts, or the same configuration twice, are refused."""

@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--dense-backend", default="auto", help="auto: FLASH_ATTN with CUDA, else CPU_ATTN")
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="(default: %(default)s)")
     eng.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="instead of the utilization")
+    eng.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype of every engine, e.g. fp8 (default: %(default)s)")
     eng.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                      help="skip torch.compile and CUDA graphs (default: on)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=8192, help="(default: %(default)s)")
@@ -283,6 +284,8 @@ def run_in_process(args, samples, doc, out: Path) -> None:
     on_cuda = torch.cuda.is_available()
     dense_backend = args.dense_backend if args.dense_backend != "auto" else ("FLASH_ATTN" if on_cuda else "CPU_ATTN")
     configs = parse_configs(args.configs, dense_backend)
+    for cfg in configs:
+        cfg["label"] = ruler_report.with_kv_dtype(cfg["label"], args.kv_cache_dtype)
     if not on_cuda:  # CPU_ATTN switches the process-wide KV layout: proxyattn runs first (run_eval.engine_configs)
         configs = [c for c in configs if c["proxyattn"] is not None] + [c for c in configs if c["proxyattn"] is None]
     context = run_eval.model_context(args.model_path)
@@ -292,7 +295,8 @@ def run_in_process(args, samples, doc, out: Path) -> None:
     doc["config"].update({
         "mode": "in-process", "max_model_len": max_model_len,
         "engine": {"enforce_eager": args.enforce_eager, "max_num_batched_tokens": args.max_num_batched_tokens,
-                   "block_size": args.kv_block_size, "dtype": args.dtype, "enable_prefix_caching": False},
+                   "block_size": args.kv_block_size, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+                   "enable_prefix_caching": False},
         "backends": [{"label": c["label"], "backend": c["backend"], "gamma": c["gamma"],
                       "proxyattn": None if c["proxyattn"] is None else run_eval.effective_proxyattn(c["proxyattn"])}
                      for c in configs],
@@ -388,10 +392,6 @@ def _maybe_progress(iterable, total, desc, args):
 
 
 # --------------------------------------------------------------------------------------------
-# Table and plot
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -448,8 +448,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(doc) -> str:
-    """The table of scores, then the comparison with dense when the run has dense cells."""
-    return "\n\n".join(t for t in (ruler_report.table(doc), ruler_report.comparison_table(doc)) if t)
+    """The table of scores, the comparison with dense when the run has dense cells, and each
+    configuration run with another KV-cache dtype against its twin."""
+    parts = [ruler_report.table(doc), ruler_report.comparison_table(doc), *ruler_report.kv_dtype_tables(doc)]
+    return "\n\n".join(t for t in parts if t)
 
 
 if __name__ == "__main__":

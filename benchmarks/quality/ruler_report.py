@@ -17,6 +17,13 @@ SAME_PROMPTS = ("model", "tokenizer", "samples", "seed", "template", "max_tokens
 #: Targets of the comparison with dense (RULER points, 0-100).
 MAX_AVERAGE_DROP = 1.0
 MAX_CELL_DROP = 5.0
+#: How a configuration label names a KV-cache dtype other than the model's (``--kv-cache-dtype``).
+KV_TAG = " kv="
+
+
+def with_kv_dtype(label: str, kv_cache_dtype: str) -> str:
+    """``label`` of an engine whose KV cache is ``kv_cache_dtype`` ("auto": the label as is)."""
+    return label if kv_cache_dtype == "auto" else f"{label}{KV_TAG}{kv_cache_dtype}"
 
 
 def averages(doc) -> list[dict]:
@@ -51,9 +58,13 @@ def table(doc) -> str:
 
 
 def point_label(doc, label: str) -> str:
-    """A plot point's short name: the gamma of a proxyattn configuration, else its label."""
+    """A plot point's short name: the gamma of a proxyattn configuration, else its label (with
+    the KV-cache dtype when the label names one)."""
     gamma = next((c["gamma"] for c in doc["cells"] if c["label"] == label), None)
-    return f"g={gamma:g}" if gamma is not None else label
+    if gamma is None:
+        return label
+    kv = label.partition(KV_TAG)[2]
+    return f"g={gamma:g}" + (f" {kv}" if kv else "")
 
 
 def plot(doc, png: Path) -> None:
@@ -89,14 +100,15 @@ def plot(doc, png: Path) -> None:
     print(f"[ruler] plot: {png}")
 
 
-def compare(doc, reference: str = "dense") -> list[dict]:
-    """Per configuration other than ``reference`` and length: the average score minus the
-    reference's over the tasks both ran, the worst task's difference, and whether both stay
-    within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`. Empty without reference cells."""
+def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
+    """Per configuration other than ``reference`` (or only those in ``labels``) and length: the
+    average score minus the reference's over the tasks both ran, the worst task's difference, and
+    whether both stay within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`. Empty without
+    reference cells."""
     ref = {(c["length"], c["task"]): c["score"] for c in doc["cells"] if c["label"] == reference}
     rows = []
     for row in averages(doc):
-        if row["label"] == reference:
+        if row["label"] == reference or (labels is not None and row["label"] not in labels):
             continue
         cells = [c for c in doc["cells"] if (c["label"], c["length"]) == (row["label"], row["length"])
                  and (c["length"], c["task"]) in ref]
@@ -111,8 +123,8 @@ def compare(doc, reference: str = "dense") -> list[dict]:
     return rows
 
 
-def comparison_table(doc, reference: str = "dense") -> str:
-    rows = compare(doc, reference)
+def comparison_table(doc, reference: str = "dense", labels=None) -> str:
+    rows = compare(doc, reference, labels)
     if not rows:
         return ""
     width = max(len("config"), *(len(r["label"]) for r in rows))
@@ -152,3 +164,15 @@ def merge(paths: list[Path]) -> dict:
     merged["cells"] = [c for d in docs for c in d["cells"]]
     merged["errors"] = [e for d in docs for e in d.get("errors", [])]
     return merged
+
+
+def kv_dtype_tables(doc) -> list[str]:
+    """For each configuration run with another KV-cache dtype (label ``X kv=DTYPE``) beside its
+    twin ``X``: the comparison of the two, cell by cell (what the KV dtype costs)."""
+    labels = list(dict.fromkeys(c["label"] for c in doc["cells"]))
+    tables = []
+    for label in labels:
+        twin = label.partition(KV_TAG)[0]
+        if KV_TAG in label and twin in labels:
+            tables.append(comparison_table(doc, reference=twin, labels=[label]))
+    return [t for t in tables if t]

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="vLLM gpu_memory_utilization of each engine (default: %(default)s)")
     eng.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                      help="vLLM kv_cache_memory_bytes of each engine, instead of the utilization")
+    eng.add_argument("--kv-cache-dtype", default="auto",
+                     help="vLLM kv_cache_dtype of every engine, dense and proxyattn alike (e.g. fp8)")
     eng.add_argument("--no-dense", action="store_true",
                      help="skip the dense engine (its cells come from an earlier run of the same prompts: "
                           "join them with merge.py); fidelity rows then carry density and kept mass only")
@@ -270,6 +272,8 @@ def make_llm(path: str, cfg: dict, args: argparse.Namespace, max_model_len: int)
         kwargs["additional_config"] = {"proxyattn": cfg["proxyattn"]}
     if args.kv_cache_memory_bytes:
         kwargs["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
+    if args.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     if args.max_num_seqs:
         kwargs["max_num_seqs"] = args.max_num_seqs
     return LLM(**kwargs)
