@@ -1,6 +1,6 @@
 """A torch stand-in for ``flashinfer``'s paged prefill wrapper (CPU tests only), in the two API
-variants of the releases ``proxyattn_kernels/block_sparse_attn/flashinfer.py`` accepts: 0.6.14 and
-0.7.x (0.7.0.post1, 0.7.2.post1 and 0.7.4 read the same on everything below; 0.7.4's keywords).
+variants of the releases ``proxyattn_kernels/block_sparse_attn/flashinfer_release.py`` accepts:
+0.6.14 and 0.7.x (0.7.0.post1, 0.7.2.post1 and 0.7.4 read the same on everything below; 0.7.4's keywords).
 
 It keeps the wrapper's Python-side contract that the module relies on, each variant with its
 release's keyword names (an unknown keyword is a TypeError, as in the real signature), and
@@ -187,24 +187,26 @@ def _kv_lens(indptr, last_page_len, page_size):
 def fake_flashinfer(monkeypatch, request):
     """The stand-in as ``flashinfer`` for one test; import the fixture into a test module. Its
     release is ``RELEASES[0]`` unless the test parametrises it (``indirect=True``)."""
-    from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+    from proxyattn_kernels.block_sparse_attn import flashinfer_plan as fi_plan
+    from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 
     yield install(monkeypatch, getattr(request, "param", RELEASES[0]))
-    fi._import_result.cache_clear()  # before monkeypatch puts the real import state back
-    fi.clear_plan_cache()
+    fi_release._import_result.cache_clear()  # before monkeypatch puts the real import state back
+    fi_plan.clear_plan_cache()
 
 
 def install(monkeypatch, release: str = RELEASES[0]) -> type[Counters]:
     """Make ``import flashinfer`` return a stand-in of ``release`` (its API variant is that of
     its minor series) for the test; returns fresh counters."""
-    from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+    from proxyattn_kernels.block_sparse_attn import flashinfer_plan as fi_plan
+    from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 
     module = types.ModuleType("flashinfer")
     module.__version__ = release
     module.BatchPrefillWithPagedKVCacheWrapper = _WRAPPERS[".".join(release.split(".")[:2])]
     monkeypatch.setitem(sys.modules, "flashinfer", module)
-    fi._import_result.cache_clear()
-    fi.clear_plan_cache()
+    fi_release._import_result.cache_clear()
+    fi_plan.clear_plan_cache()
     monkeypatch.setattr(Counters, "plans", 0)
     monkeypatch.setattr(Counters, "runs", 0)
     monkeypatch.setattr(Counters, "wrappers", 0)

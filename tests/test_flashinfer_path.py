@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.block_sparse_attn import flashinfer_plan as fi_plan
+from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 
 from tests._union_cases import CASE_IDS, CASES, random_cache, random_selection, union_reference
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available() or not fi.flashinfer_available(),
-        reason=f"needs CUDA and {fi.FLASHINFER_REQUIREMENT}"
-        + (f" ({fi.flashinfer_import_error()})" if fi.flashinfer_import_error() else ""),
+        not torch.cuda.is_available() or not fi_release.flashinfer_available(),
+        reason=f"needs CUDA and {fi_release.FLASHINFER_REQUIREMENT}"
+        + (f" ({fi_release.flashinfer_import_error()})" if fi_release.flashinfer_import_error() else ""),
     ),
 ]
 
@@ -40,7 +42,7 @@ def _chunk(ctx, q_len, page, hq, hkv, d, seed):
     return q, kv_cache, table, gen
 
 
-@pytest.mark.parametrize("backend", fi.BACKENDS)
+@pytest.mark.parametrize("backend", fi_plan.BACKENDS)
 @pytest.mark.parametrize("ctx,q_len,block,page,hq,hkv,groups", CASES, ids=CASE_IDS)
 def test_flashinfer_equals_the_union_reference(backend, ctx, q_len, block, page, hq, hkv, groups):
     d = _head_dim(hq)
@@ -56,11 +58,11 @@ def test_flashinfer_equals_the_union_reference(backend, ctx, q_len, block, page,
                                    msg=f"{backend} density {density}")
 
 
-@pytest.mark.parametrize("backend", fi.BACKENDS)
+@pytest.mark.parametrize("backend", fi_plan.BACKENDS)
 def test_plan_reuse_across_layers(backend):
     """Layers 1..3 of one step: the same chunk shape over other caches and selections. Every
     result is right; "fa2" planned once and its later layers run with no host sync at all."""
-    fi.clear_plan_cache()
+    fi_plan.clear_plan_cache()
     ctx, q_len, block, page, hq, hkv, groups = 4133, 2051, 128, 16, 32, 8, 1
     d = 128
     layers = []
@@ -80,5 +82,5 @@ def test_plan_reuse_across_layers(backend):
     for q, kv_cache, table, ranking, counts, out in layers:
         ref = union_reference(q, kv_cache, table, ranking, counts, ctx, block, d**-0.5)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-    (plan,) = fi._STATES[q.device].plans.values()
+    (plan,) = fi_plan._STATES[q.device].plans.values()
     assert plan.plans == (1 if backend == "fa2" else 3)

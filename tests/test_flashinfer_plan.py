@@ -1,4 +1,4 @@
-"""proxyattn_kernels/block_sparse_attn/flashinfer.py on CPU, without FlashInfer: the inputs it builds
+"""proxyattn_kernels/block_sparse_attn/flashinfer*.py on CPU, without FlashInfer: the inputs it builds
 (FlashInfer's CSR page lists) against an independent construction from the naive selection
 masks, the host plan, plan reuse across layers, and the import error. The kernel itself runs
 on the GPU (tests/test_flashinfer_path.py); here a torch stand-in (tests/_fake_flashinfer.py)
@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.block_sparse_attn import flashinfer_plan as fi_plan
+from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 from proxyattn_kernels.block_sparse_attn.naive import selection_block_mask
 from proxyattn_kernels.block_sparse_attn.union_pages import row_bounds, union_page_plan
 from proxyattn_kernels.params import ChunkGeometry
@@ -49,7 +51,7 @@ def expected_page_lists(ranking, counts, table, ctx, q_len, block_size, page_siz
 
 
 def shape(backend, ctx, q_len, block, page, hq, hkv, dtype=torch.float32):
-    return fi.ChunkShape(backend, ctx, q_len, block, page, hq, hkv, D, dtype, D**-0.5)
+    return fi_plan.ChunkShape(backend, ctx, q_len, block, page, hq, hkv, D, dtype, D**-0.5)
 
 
 @pytest.mark.parametrize("ctx,q_len,block,page,hq,hkv,groups", CASES, ids=CASE_IDS)
@@ -64,7 +66,7 @@ def test_page_lists_equal_the_naive_construction(rng_seed, ctx, q_len, block, pa
         union = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q_len, block_size=block, page_size=page)
         if int(extents.max()) <= 6 or int(union.union_blocks.sum()) < int(extents.sum()):
             break
-    plan = fi._ChunkPlan(None, shape("fa2", ctx, q_len, block, page, hq, hkv), torch.device("cpu"))
+    plan = fi_plan._ChunkPlan(None, shape("fa2", ctx, q_len, block, page, hq, hkv), torch.device("cpu"))
     plan.write_pages(union)
 
     qo_indptr, kv_indptr, indices, last_page_len = expected_page_lists(
@@ -87,7 +89,7 @@ def test_page_lists_equal_the_naive_construction(rng_seed, ctx, q_len, block, pa
 def test_host_bounds_are_the_dense_rows():
     """The upper bound planned once per chunk is the dense causal row: keys [0, row_end)."""
     ctx, q_len, block, page = 300, 1000, 128, 16
-    plan = fi._ChunkPlan(None, shape("fa2", ctx, q_len, block, page, 4, 1), torch.device("cpu"))
+    plan = fi_plan._ChunkPlan(None, shape("fa2", ctx, q_len, block, page, 4, 1), torch.device("cpu"))
     _, row_end = row_bounds(ChunkGeometry(ctx, q_len, block), "cpu")
     lens = (plan.max_kv_indptr_host[1:] - plan.max_kv_indptr_host[:-1] - 1) * page + plan.max_last_page_len_host
     assert lens.tolist() == row_end.tolist()
@@ -95,7 +97,7 @@ def test_host_bounds_are_the_dense_rows():
 
 
 @each_api
-@pytest.mark.parametrize("backend", fi.BACKENDS)
+@pytest.mark.parametrize("backend", fi_plan.BACKENDS)
 @pytest.mark.parametrize("ctx,q_len,block,page,hq,hkv,groups", [CASES[0], CASES[2]], ids=[CASE_IDS[0], CASE_IDS[2]])
 def test_plan_reuse_across_layers(fake_flashinfer, backend, rng_seed, ctx, q_len, block, page, hq, hkv, groups):
     """Two layers of one step: same chunk, other caches and selections. "fa2" plans once and
@@ -121,7 +123,7 @@ def test_plan_reuse_across_layers(fake_flashinfer, backend, rng_seed, ctx, q_len
 
 @each_api
 def test_lru_reuses_wrappers_and_stays_correct(fake_flashinfer, monkeypatch, rng_seed):
-    monkeypatch.setattr(fi, "PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(fi_plan, "PLAN_CACHE_SIZE", 2)
     scale = D**-0.5
     hq, hkv, block, page = 4, 2, 64, 16
     for ctx in (10, 100, 300, 10):  # the third shape evicts the first, which then comes back
@@ -134,7 +136,7 @@ def test_lru_reuses_wrappers_and_stays_correct(fake_flashinfer, monkeypatch, rng
         torch.testing.assert_close(out, union_reference(q, kv_cache, table, ranking, counts, ctx, block, scale),
                                    atol=2e-5, rtol=1e-4)
     assert fake_flashinfer.wrappers == 2 and fake_flashinfer.plans == 4
-    assert len(fi._STATES[torch.device("cpu")].plans) == 2
+    assert len(fi_plan._STATES[torch.device("cpu")].plans) == 2
 
 
 @each_api
@@ -154,24 +156,24 @@ def test_non_contiguous_output_is_written(fake_flashinfer, rng_seed):
 
 def test_missing_flashinfer_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # `import flashinfer` raises ImportError
-    fi._import_result.cache_clear()
+    fi_release._import_result.cache_clear()
     try:
-        assert not fi.flashinfer_available() and fi.installed_flashinfer_version() is None
+        assert not fi_release.flashinfer_available() and fi_release.installed_flashinfer_version() is None
         with pytest.raises(ImportError, match=r"pip install 'proxyattn-vllm\[flashinfer\]'") as err:
-            fi.import_flashinfer()
+            fi_release.import_flashinfer()
         message = str(err.value)
         assert "\n" not in message and "flashinfer-python is not installed" in message
         assert "flashinfer-python 0.6.14, 0.7.0.post1, 0.7.2.post1, 0.7.3 or 0.7.4" in message
         with pytest.raises(ImportError, match="flashinfer"):
-            fi.chunk_plan(torch.zeros(64, 4, D), torch.zeros(8, 2, 16, 2 * D), ctx=0, scale=1.0, block_size=64)
+            fi_plan.chunk_plan(torch.zeros(64, 4, D), torch.zeros(8, 2, 16, 2 * D), ctx=0, scale=1.0, block_size=64)
     finally:
-        fi._import_result.cache_clear()
-        fi.clear_plan_cache()
+        fi_release._import_result.cache_clear()
+        fi_plan.clear_plan_cache()
 
 
 def _with_version(monkeypatch, version):
     monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(__version__=version))
-    fi._import_result.cache_clear()
+    fi_release._import_result.cache_clear()
 
 
 @pytest.mark.parametrize("version", ["0.6.13", "0.6.15", "0.6.18.post1", "0.7.0", "0.7.1", "0.7.2",
@@ -179,27 +181,27 @@ def _with_version(monkeypatch, version):
 def test_other_flashinfer_versions_are_refused(monkeypatch, version):
     _with_version(monkeypatch, version)
     try:
-        assert fi.flashinfer_import_error() == f"flashinfer-python {version} is installed"
-        assert fi.installed_flashinfer_version() == version
+        assert fi_release.flashinfer_import_error() == f"flashinfer-python {version} is installed"
+        assert fi_release.installed_flashinfer_version() == version
         with pytest.raises(ImportError) as err:
-            fi.import_flashinfer()
+            fi_release.import_flashinfer()
         message = str(err.value)
         # One line: what is installed, what is accepted, what to do.
         assert "\n" not in message
         assert f"flashinfer-python {version} is installed" in message
-        assert fi.FLASHINFER_REQUIREMENT in message and fi.INSTALL_HINT in message
+        assert fi_release.FLASHINFER_REQUIREMENT in message and fi_release.INSTALL_HINT in message
     finally:
-        fi._import_result.cache_clear()
+        fi_release._import_result.cache_clear()
 
 
 @pytest.mark.parametrize("version", ["0.6.14", "0.7.0.post1", "0.7.2.post1", "0.7.3", "0.7.4", "0.7.4+cu130"])
 def test_each_supported_vllms_flashinfer_is_accepted(monkeypatch, version):
     _with_version(monkeypatch, version)
     try:
-        assert fi.flashinfer_import_error() is None
-        assert fi.import_flashinfer() is sys.modules["flashinfer"]
+        assert fi_release.flashinfer_import_error() is None
+        assert fi_release.import_flashinfer() is sys.modules["flashinfer"]
     finally:
-        fi._import_result.cache_clear()
+        fi_release._import_result.cache_clear()
 
 
 def test_the_extra_admits_exactly_the_accepted_releases():
@@ -217,11 +219,12 @@ def test_the_extra_admits_exactly_the_accepted_releases():
                 "0.7.3", "0.7.4", "0.7.5", "0.8.0"]
     assert isinstance(requirement.specifier, specifiers.SpecifierSet)
     admitted = [v for v in releases if requirement.specifier.contains(v)]
-    assert admitted == list(fi.SUPPORTED_FLASHINFER_VERSIONS)
+    assert admitted == list(fi_release.SUPPORTED_FLASHINFER_VERSIONS)
 
 
 def test_module_imports_without_flashinfer():
     code = ("import sys; import proxyattn_kernels.block_sparse_attn.flashinfer as m; "
+            "import proxyattn_kernels.block_sparse_attn.flashinfer_release; "
             "assert 'flashinfer' not in sys.modules, 'imported eagerly'; print(m.DEFAULT_BACKEND)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "fa2", result.stderr

@@ -321,12 +321,12 @@ def test_union_kernels_match_the_union_reference(vllm_config, tmp_path, kernel, 
     from proxyattn_vllm.sparse import fa3 as fa3_module
 
     if kernel == "flashinfer":
-        from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+        from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 
         counters = request.getfixturevalue("fake_flashinfer")
         # The stand-in takes any dtype and head size; the real kernels' limits are tested below.
-        monkeypatch.setattr(fi, "SUPPORTED_DTYPES", (torch.float32,))
-        monkeypatch.setattr(fi, "SUPPORTED_HEAD_DIMS", (HEAD_DIM,))
+        monkeypatch.setattr(fi_release, "SUPPORTED_DTYPES", (torch.float32,))
+        monkeypatch.setattr(fi_release, "SUPPORTED_HEAD_DIMS", (HEAD_DIM,))
     # Two proxy groups rank blocks differently, so the union exceeds what each head selected.
     # Without the dense tail row all three rows have room for the groups to differ.
     config = {**SPARSE, "sparse_kernel": kernel, "num_proxy_groups": 2, "max_density": 0.6, "dense_tail_tokens": tail}
@@ -386,12 +386,12 @@ def no_flashinfer(monkeypatch):
     """``import flashinfer`` fails, whatever is installed."""
     import sys
 
-    from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+    from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 
     monkeypatch.setitem(sys.modules, "flashinfer", None)
-    fi._import_result.cache_clear()
+    fi_release._import_result.cache_clear()
     yield
-    fi._import_result.cache_clear()
+    fi_release._import_result.cache_clear()
 
 
 def test_explicit_flashinfer_without_flashinfer_fails_at_init(no_flashinfer):

@@ -195,13 +195,13 @@ def test_stats_on_fp8_measure_the_dequantized_keys(vllm_config, tmp_path, monkey
 
 
 def test_flashinfer_on_fp8_falls_back_to_triton_with_one_warning(fake_flashinfer, monkeypatch):
-    from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+    from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi_release
 
     from proxyattn_vllm import impl as impl_module
     from proxyattn_vllm.sparse import choose
 
-    monkeypatch.setattr(fi, "SUPPORTED_DTYPES", (torch.float32,))  # the stand-in takes the rest
-    monkeypatch.setattr(fi, "SUPPORTED_HEAD_DIMS", (HEAD_DIM,))
+    monkeypatch.setattr(fi_release, "SUPPORTED_DTYPES", (torch.float32,))  # the stand-in takes the rest
+    monkeypatch.setattr(fi_release, "SUPPORTED_HEAD_DIMS", (HEAD_DIM,))
     warnings = []
     monkeypatch.setattr(choose, "_warned_fallbacks", set())
     monkeypatch.setattr(impl_module.logger, "warning", lambda msg, *args: warnings.append(msg % args))

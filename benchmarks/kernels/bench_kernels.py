@@ -36,6 +36,7 @@ import torch
 import triton
 
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
+from proxyattn_kernels.block_sparse_attn import flashinfer_plan, flashinfer_release  # neither imports flashinfer
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.block_sparse_attn.triton import (
     TileConfig, block_sparse_attn, default_copy_page, default_tile_config,
@@ -231,7 +232,7 @@ class FlashInferBench:
         try:
             from proxyattn_kernels.block_sparse_attn import flashinfer as fi
 
-            fi.import_flashinfer()
+            flashinfer_release.import_flashinfer()
         except Exception as exc:  # noqa: BLE001 - report why and go on without it
             self.skipped = f"unavailable: {type(exc).__name__}: {exc}"
             log(f"FlashInfer {self.skipped}; flashinfer rows skipped")
@@ -264,14 +265,14 @@ class FlashInferBench:
         device-to-host copy of the lengths, a sync, and a plan)."""
         union = union_page_plan(ranking, counts, table, ctx=ctx, q_len=q.shape[0], block_size=block,
                                 page_size=kv.shape[2])
-        plan = self.fi.chunk_plan(q, kv, ctx=ctx, scale=scale, block_size=block, backend=backend)
+        plan = flashinfer_plan.chunk_plan(q, kv, ctx=ctx, scale=scale, block_size=block, backend=backend)
         plan.write_pages(union)
         if backend == "fa3":
             plan.plan_from_device()
 
     def plan_ms(self, backend, q, kv, ctx, block, scale) -> float:
         """Host time of one ``plan()`` of this chunk (once per chunk and step for "fa2")."""
-        plan = self.fi.chunk_plan(q, kv, ctx=ctx, scale=scale, block_size=block, backend=backend)
+        plan = flashinfer_plan.chunk_plan(q, kv, ctx=ctx, scale=scale, block_size=block, backend=backend)
         torch.cuda.synchronize()
         start = time.perf_counter()
         plan.plan_upper_bound()
@@ -915,7 +916,7 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
-                     "flashinfer": fib.fi.installed_flashinfer_version() if fib.fi is not None else None,
+                     "flashinfer": flashinfer_release.installed_flashinfer_version() if fib.fi is not None else None,
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "timing": "triton.testing.do_bench median (warmup 50 ms, rep 300 ms), CUDA events; p10/p90 spread",

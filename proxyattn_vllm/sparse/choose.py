@@ -22,7 +22,7 @@ import torch
 
 from vllm.logger import init_logger
 
-from proxyattn_kernels.block_sparse_attn import flashinfer as fi
+from proxyattn_kernels.block_sparse_attn import flashinfer_release as fi
 from proxyattn_kernels.paged import FP8_KV_DTYPE
 
 from ..config import SPARSE_KERNELS, check_sparse_kernel

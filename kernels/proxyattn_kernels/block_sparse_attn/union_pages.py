@@ -15,7 +15,7 @@ and for the reference that tests this path.
 plan is built for every layer of every chunk, and 30 small launches cost a fixed GPU time per
 chunk that showed up end to end in the H200 TTFT fit. No host sync either way;
 requires ``block_size % page_size == 0`` (a selection block is a whole number of pages).
-``flashinfer.py`` packs the same plan into FlashInfer's CSR page lists.
+``flashinfer_plan.py`` packs the same plan into FlashInfer's CSR page lists.
 """
 from __future__ import annotations
 
@@ -77,6 +77,20 @@ def row_bounds(geo: ChunkGeometry, device: torch.device | str | None = None) -> 
     return row_block, row_end
 
 
+def _check_plan_args(ranking: torch.Tensor, counts: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                     page_size: int) -> None:
+    """ValueError unless the arguments fit :func:`union_page_plan_torch` and :func:`union_page_plan`:
+    ``ranking [G, R, Kb]`` and ``counts [Hq, R]`` int32 with ``Hq % G == 0``, a 1-D block table,
+    and a selection block that is a whole number of pages."""
+    if block_size % page_size:
+        raise ValueError(f"block_size={block_size} must be a multiple of page_size={page_size}")
+    if (ranking.dim() != 3 or counts.dim() != 2 or ranking.dtype != torch.int32 or counts.dtype != torch.int32
+            or counts.shape[1] != ranking.shape[1] or counts.shape[0] % ranking.shape[0] or block_table.dim() != 1):
+        raise ValueError(f"need ranking [G, R, Kb] and counts [Hq, R] int32 with G dividing Hq and a 1-D block "
+                         f"table; got {ranking.dtype}{tuple(ranking.shape)}, {counts.dtype}{tuple(counts.shape)}, "
+                         f"block_table {tuple(block_table.shape)}")
+
+
 def union_page_plan_torch(
     ranking: torch.Tensor,
     counts: torch.Tensor,
@@ -98,8 +112,7 @@ def union_page_plan_torch(
         block_size: selection block size, a multiple of ``page_size``.
         page_size: KV-cache page size.
     """
-    if block_size % page_size:
-        raise ValueError(f"block_size={block_size} must be a multiple of page_size={page_size}")
+    _check_plan_args(ranking, counts, block_table, block_size, page_size)
     geo = ChunkGeometry(ctx, q_len, block_size)
     num_rows, num_k_blocks = ranking.shape[1], ranking.shape[2]
     device = ranking.device
@@ -198,15 +211,9 @@ def union_page_plan(
     key blocks use the torch ops. Needs ``ranking`` as ``select`` produces it (each row lists
     every causal key block exactly once, then ``-1``), and int32 ``ranking`` and ``counts``.
     """
-    if block_size % page_size:
-        raise ValueError(f"block_size={block_size} must be a multiple of page_size={page_size}")
+    _check_plan_args(ranking, counts, block_table, block_size, page_size)
     num_groups, num_rows, num_k_blocks = ranking.shape
     num_q_heads = counts.shape[0]
-    if (ranking.dtype != torch.int32 or counts.dtype != torch.int32 or counts.shape[1] != num_rows
-            or num_q_heads % num_groups or block_table.dim() != 1):
-        raise ValueError(f"need ranking [G, R, Kb] and counts [Hq, R] int32 with G dividing Hq and a 1-D block "
-                         f"table; got {ranking.dtype}{tuple(ranking.shape)}, {counts.dtype}{tuple(counts.shape)}, "
-                         f"block_table {tuple(block_table.shape)}")
     if num_k_blocks > MAX_TRITON_BLOCKS:
         return union_page_plan_torch(ranking, counts, block_table, ctx=ctx, q_len=q_len, block_size=block_size,
                                      page_size=page_size)

@@ -42,6 +42,30 @@ NOT_FORCED = 1 << 30
 NOT_CAUSAL = NOT_FORCED + 1
 
 
+def check_select_args(
+    scores: torch.Tensor, budget: torch.Tensor, geo: ChunkGeometry, sink_blocks: int, local_blocks: int,
+    dense_tail_tokens: int,
+) -> None:
+    """ValueError unless the arguments fit :func:`select_blocks` (``select/triton.py`` takes the
+    same): ``scores [G, num_q_blocks, num_k_blocks]`` float32 of ``geo``, ``budget [Hq]`` int32
+    on the same device with ``Hq % G == 0``, ``sink_blocks >= 0``, ``local_blocks >= 1`` (the
+    diagonal is always forced) and ``dense_tail_tokens >= 0``."""
+    if scores.dim() != 3 or scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32 [G, R, Kb]; got {scores.dtype}{tuple(scores.shape)}")
+    num_groups = scores.shape[0]
+    if scores.shape[1:] != (geo.num_q_blocks, geo.num_k_blocks):
+        raise ValueError(f"scores shape {tuple(scores.shape)} does not match ctx={geo.ctx}, q_len={geo.q_len}, "
+                         f"block_size={geo.block_size}: expected [G, {geo.num_q_blocks}, {geo.num_k_blocks}]")
+    if budget.dim() != 1 or budget.dtype != torch.int32 or budget.shape[0] % max(num_groups, 1):
+        raise ValueError(f"budget must be int32 [Hq] with Hq a multiple of G={num_groups}; "
+                         f"got {budget.dtype}{tuple(budget.shape)}")
+    if budget.device != scores.device:
+        raise ValueError(f"scores and budget on different devices: {scores.device}, {budget.device}")
+    if sink_blocks < 0 or local_blocks < 1 or dense_tail_tokens < 0:
+        raise ValueError(f"need sink_blocks >= 0, local_blocks >= 1 and dense_tail_tokens >= 0; "
+                         f"got {sink_blocks}, {local_blocks}, {dense_tail_tokens}")
+
+
 def select_blocks(
     scores: torch.Tensor,
     budget: torch.Tensor,
@@ -64,10 +88,9 @@ def select_blocks(
         counts ``[Hq, num_q_blocks]`` int32, num_forced ``[num_q_blocks]`` int32.
     """
     geo = ChunkGeometry(ctx, q_len, block_size)
+    check_select_args(scores, budget, geo, sink_blocks, local_blocks, dense_tail_tokens)
     num_groups = scores.shape[0]
     num_q_heads = budget.shape[0]
-    assert scores.shape[1:] == (geo.num_q_blocks, geo.num_k_blocks), (scores.shape, geo)
-    assert num_q_heads % num_groups == 0
 
     rank = forced_rank(geo, sink_blocks, local_blocks, scores.device)  # [R, Kb]
     # Lexicographic sort (forced rank asc, score desc, index asc) by chained stable sorts.

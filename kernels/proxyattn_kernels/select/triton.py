@@ -117,20 +117,8 @@ def select_blocks(
         ``select.naive.select_blocks``.
     """
     geo = ChunkGeometry(ctx, q_len, block_size)
-    if scores.dim() != 3 or scores.dtype != torch.float32:
-        raise ValueError(f"scores must be float32 [G, R, Kb]; got {scores.dtype}{tuple(scores.shape)}")
+    naive.check_select_args(scores, budget, geo, sink_blocks, local_blocks, dense_tail_tokens)
     num_groups = scores.shape[0]
-    if scores.shape[1:] != (geo.num_q_blocks, geo.num_k_blocks):
-        raise ValueError(f"scores shape {tuple(scores.shape)} does not match ctx={ctx}, q_len={q_len}, "
-                         f"block_size={block_size}: expected [G, {geo.num_q_blocks}, {geo.num_k_blocks}]")
-    if budget.dim() != 1 or budget.dtype != torch.int32 or budget.shape[0] % max(num_groups, 1):
-        raise ValueError(f"budget must be int32 [Hq] with Hq a multiple of G={num_groups}; "
-                         f"got {budget.dtype}{tuple(budget.shape)}")
-    if budget.device != scores.device:
-        raise ValueError(f"scores and budget on different devices: {scores.device}, {budget.device}")
-    if sink_blocks < 0 or local_blocks < 1 or dense_tail_tokens < 0:
-        raise ValueError(f"need sink_blocks >= 0, local_blocks >= 1 and dense_tail_tokens >= 0; "
-                         f"got {sink_blocks}, {local_blocks}, {dense_tail_tokens}")
     if geo.num_k_blocks >= 1 << _INDEX_BITS:
         raise ValueError(f"{geo.num_k_blocks} key blocks: at most {(1 << _INDEX_BITS) - 1} supported")
     num_q_heads = budget.shape[0]
