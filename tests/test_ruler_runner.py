@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -189,8 +190,15 @@ def test_merge_joins_parts_of_one_run(tmp_path, capsys):
     assert "p2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="samples=20.*share their prompts"):
         ruler.main(["--merge", a, part("c", ["p3"], samples=20), "--out", str(tmp_path / "x.json")])
-    with pytest.raises(SystemExit, match="'p1' is in both"):
+    with pytest.raises(SystemExit, match="'p1' vt at 4096 is in both"):
         ruler.main(["--merge", a, part("d", ["p1"]), "--out", str(tmp_path / "x.json")])
+    # The same configuration's other tasks, from a run of its own, join it.
+    rest = json.loads(Path(part("e", ["p1"])).read_text())
+    rest["cells"][0]["task"] = "qa_1"
+    (tmp_path / "e.json").write_text(json.dumps(rest))
+    doc = ruler.main(["--merge", a, str(tmp_path / "e.json"), "--out", str(tmp_path / "y.json")])
+    assert sorted((c["label"], c["task"]) for c in doc["cells"]) == [("dense", "vt"), ("p1", "qa_1"), ("p1", "vt")]
+    assert [b["label"] for b in doc["config"]["backends"]] == ["dense", "p1"]
     with pytest.raises(SystemExit):
         ruler.parse_args(["--merge", a])  # no --out
 

@@ -139,8 +139,9 @@ def comparison_table(doc, reference: str = "dense", labels=None) -> str:
 
 def merge(paths: list[Path]) -> dict:
     """One document from the parts of a run (each a ``ruler.py`` JSON): their cells, errors and
-    commands. Parts must have built the same prompts (:data:`SAME_PROMPTS`), and a configuration
-    label may come from one part only."""
+    commands. Parts must have built the same prompts (:data:`SAME_PROMPTS`); a configuration may
+    come from several parts (e.g. a run stopped early, then the other tasks with ``--tasks``), but
+    each of its task-length cells from one only."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     if not docs:
         raise SystemExit("--merge: give the result files of the parts")
@@ -152,13 +153,16 @@ def merge(paths: list[Path]) -> dict:
                                  f"{first['config'].get(key)!r}: the parts must share their prompts")
     owner: dict = {}
     for path, doc in zip(paths, docs):
-        for label in dict.fromkeys(c["label"] for c in doc["cells"]):
-            if owner.setdefault(label, path) != path:
-                raise SystemExit(f"--merge: configuration {label!r} is in both {owner[label]} and {path}")
+        for cell in doc["cells"]:
+            key = (cell["label"], cell["length"], cell["task"])
+            if owner.setdefault(key, path) != path:
+                raise SystemExit(f"--merge: {cell['label']!r} {cell['task']} at {cell['length']} is in both "
+                                 f"{owner[key]} and {path}")
     merged = {key: value for key, value in first.items() if key not in ("cells", "errors", "command")}
     merged["config"] = dict(first["config"])
     merged["config"]["lengths"] = sorted({n for d in docs for n in d["config"]["lengths"]})
-    merged["config"]["backends"] = [b for d in docs for b in d["config"].get("backends", [])]
+    backends = {b["label"]: b for d in docs for b in d["config"].get("backends", [])}
+    merged["config"]["backends"] = list(backends.values())
     merged["parts"] = [{"file": Path(p).name, "date": d.get("date"), "device": d.get("device"),
                         "command": d.get("command")} for p, d in zip(paths, docs)]
     merged["cells"] = [c for d in docs for c in d["cells"]]
