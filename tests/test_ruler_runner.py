@@ -174,7 +174,8 @@ def test_merge_joins_parts_of_one_run(tmp_path, capsys):
         doc = {"device": "gpu", "date": "2026-01-01", "command": f"run {name}",
                "config": {"model": "m", "tokenizer": "t", "samples": samples, "seed": 42, "template": "base",
                           "max_tokens_cap": None, "sentence_splitter": "fallback-regex", "lengths": [4096],
-                          "backends": [{"label": label} for label in labels]},
+                          "backends": [{"label": label} for label in labels],
+                          "engine": {"kv_cache_dtype": "fp8" if name == "b" else "auto"}},
                "cells": [{"label": label, "backend": "x", "gamma": None, "task": "vt", "length": 4096,
                           "score": 50.0, "n": samples, "prompt_tokens": 1.0, "density": None} for label in labels],
                "errors": [{"label": labels[0], "stage": "generate", "error": name}]}
@@ -186,6 +187,8 @@ def test_merge_joins_parts_of_one_run(tmp_path, capsys):
     doc = ruler.main(["--merge", a, b, "--out", str(tmp_path / "all.json")])
     assert [c["label"] for c in doc["cells"]] == ["dense", "p1", "p2"]
     assert [p["command"] for p in doc["parts"]] == ["run a", "run b"] and len(doc["errors"]) == 2
+    assert [p["engine"] for p in doc["parts"]] == [{"kv_cache_dtype": "auto"}, {"kv_cache_dtype": "fp8"}]
+    assert "engine" not in doc["config"]
     assert json.loads((tmp_path / "all.json").read_text())["cells"] == doc["cells"]
     assert "p2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="samples=20.*share their prompts"):

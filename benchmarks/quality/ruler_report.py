@@ -163,8 +163,11 @@ def merge(paths: list[Path]) -> dict:
     merged["config"]["lengths"] = sorted({n for d in docs for n in d["config"]["lengths"]})
     backends = {b["label"]: b for d in docs for b in d["config"].get("backends", [])}
     merged["config"]["backends"] = list(backends.values())
+    # Engine settings may differ between parts (e.g. --kv-cache-dtype): each part keeps its own.
+    merged["config"].pop("engine", None)
     merged["parts"] = [{"file": Path(p).name, "date": d.get("date"), "device": d.get("device"),
-                        "command": d.get("command")} for p, d in zip(paths, docs)]
+                        "command": d.get("command"), "engine": d["config"].get("engine")}
+                       for p, d in zip(paths, docs)]
     merged["cells"] = [c for d in docs for c in d["cells"]]
     merged["errors"] = [e for d in docs for e in d.get("errors", [])]
     return merged
