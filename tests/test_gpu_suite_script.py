@@ -456,6 +456,25 @@ def test_dummy_128k_runs_sparse_at_the_requested_tp(monkeypatch):
         assert report["dummy_8b_128k"]["tensor_parallel_size"] == 2
 
 
+def test_backend_check_report_names_gpu_and_versions(monkeypatch, tmp_path):
+    """The report says where it ran (GPU, package versions) beside each check's result, and a
+    check that raises is recorded as its error while the next still runs."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+    from benchmarks.robustness import gpu_backend_check
+
+    def failing(args, report):
+        raise RuntimeError("no engine")
+
+    monkeypatch.setattr(gpu_backend_check, "check_equivalence", failing)
+    monkeypatch.setattr(gpu_backend_check, "check_cudagraphs", lambda args, report: report.update(cudagraphs={"ok": 1}))
+    monkeypatch.setattr(gpu_backend_check, "gpu_name", lambda: "Test GPU")
+    out = tmp_path / "backend.json"
+    gpu_backend_check.main(["--model", "m", "--essays", "e", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["gpu"] == "Test GPU" and set(report["versions"]) == {"vllm", "torch", "triton", "proxyattn-vllm"}
+    assert report["equivalence"] == {"error": "RuntimeError: no engine"} and report["cudagraphs"] == {"ok": 1}
+
+
 def test_serve_check_asks_through_the_openai_client(monkeypatch, tmp_path):
     """The serve check's requests go through the official ``openai`` client (completions and chat,
     streamed and not) and judge the passkey prompt by its answer: found when the server says it,

@@ -125,6 +125,35 @@ def test_plot_and_table_from_a_results_file(tmp_path, capsys):
     assert out[-1] == ["proxyattn:gamma=0.9", "8192", "0.300", "-10.00", "vt", "-10.0", "MISSED"]
 
 
+def test_rows_with_fewer_tasks_are_named_and_left_out_of_the_plot(tmp_path, capsys, monkeypatch):
+    """A configuration that ran only some of its length's tasks: the table says its average is
+    over its own tasks, the plot leaves it out; a KV-cache dtype gets a line of its own."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    def cell(label, task, score, density):
+        return {"label": label, "backend": "FLASH_ATTN" if density is None else "proxyattn",
+                "gamma": None if density is None else 0.95, "task": task, "length": 32768,
+                "score": score, "n": 30, "prompt_tokens": 1.0, "density": density}
+
+    p, fp8 = "proxyattn:gamma=0.95", "proxyattn:gamma=0.95 kv=fp8"
+    cells = [cell(label, task, 50.0, density) for label, density in (("dense", None), (p, 0.4), (fp8, 0.4))
+             for task in ("vt", "qa_1", "cwe")]
+    cells += [cell("dense kv=fp8", "vt", 90.0, None)]
+    doc = {"device": "cpu", "date": "2026-01-01", "cells": cells}
+    partial = ruler_report.partial_rows(ruler_report.averages(doc))
+    assert [(r["label"], r["tasks"], r["of"]) for r in partial] == [("dense kv=fp8", 1, 3)]
+    assert ruler_report.table(doc).splitlines()[-1].endswith("dense kv=fp8 32768 (1 of 3)")
+
+    lines = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: lines.append((list(x), list(y), kw["label"])) or real_plot(self, x, y, **kw))
+    ruler_report.plot(doc, tmp_path / "r.png")
+    assert sorted(lines, key=lambda line: line[2]) == [([0.4, 1.0], [50.0, 50.0], "32K"), ([0.4], [50.0], "32K kv=fp8")]
+    assert "leaves out rows with fewer tasks: dense kv=fp8 32768 (1 of 3)" in capsys.readouterr().out
+
+
 def test_comparison_with_dense():
     """The average and the worst task against dense, per length; the verdict follows both targets
     (average within 1 point, no task more than 5 below) and ignores tasks dense did not run."""
@@ -163,6 +192,14 @@ def test_kv_cache_dtype_runs_compare_with_their_twin():
     assert table.splitlines()[0].startswith(f"against {p} ")
     assert table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "-3.00", "vt", "-8.0", "MISSED"]
     assert ruler_report.kv_dtype_tables({"cells": [cell(fp8, "vt", 1.0)]}) == []  # no twin
+    # With dense on the same cache, the sparse FP8 run is also compared with it.
+    dense_fp8 = ruler_report.with_kv_dtype("dense", "fp8")
+    doc["cells"] += [cell(dense_fp8, "vt", 79.0)]
+    twin_table, same_cache_table = ruler_report.kv_dtype_tables(doc)  # dense kv=fp8 vs dense: in the main table
+    assert twin_table == table
+    assert same_cache_table.splitlines()[0].startswith(f"against {dense_fp8} ")
+    assert same_cache_table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "+1.00", "vt", "+1.0", "within"]
+    assert dense_fp8 in ruler_report.comparison_table(doc)
 
 
 def test_merge_joins_parts_of_one_run(tmp_path, capsys):

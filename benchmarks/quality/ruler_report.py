@@ -47,14 +47,28 @@ def table(doc) -> str:
     width = max([len("config")] + [len(c["label"]) for c in doc["cells"]])
     head = f"{'config':<{width}} {'length':>6} " + " ".join(f"{short[t]:>6}" for t in tasks) + f" {'avg':>6} {'density':>7}"
     lines = [f"RULER scores (0-100), {doc.get('device', '')}, {doc.get('date', '')[:10]}", head]
-    for row in averages(doc):
+    rows = averages(doc)
+    for row in rows:
         scores = []
         for t in tasks:
             cell = next((c for c in doc["cells"] if (c["label"], c["length"], c["task"]) == (row["label"], row["length"], t)), None)
             scores.append(f"{cell['score']:>6.1f}" if cell else f"{'-':>6}")
         density = "-" if row["density"] is None else f"{row['density']:.3f}"
         lines.append(f"{row['label']:<{width}} {row['length']:>6} " + " ".join(scores) + f" {row['score']:>6.1f} {density:>7}")
+    partial = partial_rows(rows)
+    if partial:
+        lines.append("avg of a row with fewer tasks than its length's others is over its own tasks only: "
+                     + "; ".join(f"{r['label']} {r['length']} ({r['tasks']} of {r['of']})" for r in partial))
     return "\n".join(lines)
+
+
+def partial_rows(rows: list[dict]) -> list[dict]:
+    """The rows of :func:`averages` that ran fewer tasks than the most any row ran at their length
+    (their average is not comparable with the others'), each with ``of``: that most."""
+    most = {}
+    for r in rows:
+        most[r["length"]] = max(most.get(r["length"], 0), r["tasks"])
+    return [{**r, "of": most[r["length"]]} for r in rows if r["tasks"] < most[r["length"]]]
 
 
 def point_label(doc, label: str) -> str:
@@ -68,7 +82,9 @@ def point_label(doc, label: str) -> str:
 
 
 def plot(doc, png: Path) -> None:
-    """Average score against density, one line per length (dense at density 1.0)."""
+    """Average score against density, one line per length and KV-cache dtype (dense at density
+    1.0). Rows with fewer tasks than others at their length are left out (their average is over
+    other tasks), and named on stdout."""
     try:
         import matplotlib
 
@@ -77,17 +93,25 @@ def plot(doc, png: Path) -> None:
     except ImportError as exc:
         raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({exc})") from exc
     rows = averages(doc)
+    partial = partial_rows(rows)
+    if partial:
+        print("[ruler] plot leaves out rows with fewer tasks: "
+              + "; ".join(f"{r['label']} {r['length']} ({r['tasks']} of {r['of']})" for r in partial))
+    skipped = {(r["label"], r["length"]) for r in partial}
+    rows = [r for r in rows if (r["label"], r["length"]) not in skipped]
+    series = dict.fromkeys((r["length"], r["label"].partition(KV_TAG)[2]) for r in rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for length in sorted({r["length"] for r in rows}):
+    for length, kv in sorted(series):
         # Dense engines have no density: they compute every block. A server without
         # --server-stats has none either and is left out.
         points = sorted((1.0 if r["density"] is None else r["density"], r["score"], r["label"])
-                        for r in rows if r["length"] == length
+                        for r in rows if r["length"] == length and r["label"].partition(KV_TAG)[2] == kv
                         and (r["density"] is not None or r["backend"] not in ("proxyattn", "server")))
         if not points:
             continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                label=f"{length // 1024}K" if length % 1024 == 0 else str(length))
+        name = f"{length // 1024}K" if length % 1024 == 0 else str(length)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if not kv else "s",
+                linestyle="-" if not kv else "--", label=name + (f" kv={kv}" if kv else ""))
         for x, y, label in points:
             ax.annotate(point_label(doc, label), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("mean selection density (dense = 1.0)")
@@ -174,12 +198,18 @@ def merge(paths: list[Path]) -> dict:
 
 
 def kv_dtype_tables(doc) -> list[str]:
-    """For each configuration run with another KV-cache dtype (label ``X kv=DTYPE``) beside its
-    twin ``X``: the comparison of the two, cell by cell (what the KV dtype costs)."""
+    """For each configuration run with another KV-cache dtype (label ``X kv=DTYPE``): the
+    comparison with its twin ``X`` (what the KV dtype costs this configuration) and, for a
+    sparse one, with ``dense kv=DTYPE`` where that ran (what sparsity costs on that cache). Dense
+    on another cache against dense is left to ``comparison_table(doc)``, which has it."""
     labels = list(dict.fromkeys(c["label"] for c in doc["cells"]))
     tables = []
     for label in labels:
-        twin = label.partition(KV_TAG)[0]
-        if KV_TAG in label and twin in labels:
-            tables.append(comparison_table(doc, reference=twin, labels=[label]))
+        twin, tag, dtype = label.partition(KV_TAG)
+        if not tag:
+            continue
+        dense_same_cache = f"dense{KV_TAG}{dtype}"
+        for reference in (twin, dense_same_cache):
+            if reference in labels and reference not in (label, "dense"):
+                tables.append(comparison_table(doc, reference=reference, labels=[label]))
     return [t for t in tables if t]

@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.common import vllm_engine  # noqa: E402
+from benchmarks.e2e.ttft_sweep import gpu_name, versions  # noqa: E402
 
 
 def log(msg):
@@ -361,7 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     args.logdir = os.path.dirname(args.out) or "."
-    report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
+    report = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "versions": versions(), "command": " ".join(sys.argv)}
     skip = set(filter(None, args.skip.split(",")))
     steps = [("equivalence", check_equivalence), ("cudagraphs", check_cudagraphs)]
     if args.dummy_8b:
