@@ -32,3 +32,20 @@ def test_table_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--help"])
     assert exc.value.code == 0 and "--layer-stride" in capsys.readouterr().out
+
+
+def test_heaviest_first_kernel_runs_the_backend_path_with_that_launch_order(monkeypatch):
+    """"triton-heaviest-first" is the backend's own Triton path (sparse_prefill) with only the
+    launch order changed; "triton" passes no tile (the kernel's default)."""
+    from proxyattn_vllm.sparse import triton as sparse_triton
+
+    calls = []
+    monkeypatch.setattr(bench, "tail_lse_rows", lambda *a, **k: None)
+    monkeypatch.setattr(sparse_triton, "sparse_prefill", lambda *a, **k: calls.append(k))
+    params = bench.ProxyAttnParams(block_size=128, num_groups=1, min_budget_blocks=16, dense_tail_tokens=128)
+    q, kv = torch.zeros(8, 32, 128), torch.zeros(4, 8, 128, 256)
+    for kernel in ("triton", "triton-heaviest-first"):
+        bench.sparse_chunk(kernel, None, q, kv, None, 0, 1.0, params, q, None)
+    default = bench.default_tile_config(128, 128, False, 128)
+    assert calls[0]["tile"] is None
+    assert calls[1]["tile"] == bench.dataclasses.replace(default, launch_heaviest_first=True)

@@ -5,6 +5,8 @@ run real sizes in bf16.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ from proxyattn_kernels import ProxyAttnParams, proxyattn_prefill_reference
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention
 from proxyattn_kernels.block_sparse_attn import head_lists, triton as bs_triton
 from proxyattn_kernels.block_sparse_attn.triton import (
-    TileConfig, block_sparse_attn, default_tile_config, head_block_lists, head_lists_and_tile_rows, ranked_tile_rows,
+    TileConfig, block_sparse_attn, default_tile_config, head_block_lists, head_lists_and_tile_rows, heaviest_first,
+    ranked_tile_rows,
 )
 from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.paged import contiguous_pages
@@ -114,6 +117,47 @@ def test_heavy_rows_first_covers_every_tile_once(rng_seed, tail_tokens, heavy_ro
     geometry_rows = (61 + 67 - 1) // 32 - 61 // 32 + 1
     run_case(6, 2, 16, 61, 67, 32, 16, torch.float32, groups=2, tile=tile, tail_tokens=tail_tokens,
              heavy_rows=geometry_rows if heavy_rows is None else heavy_rows)
+
+
+def test_heaviest_first_orders_programs_by_their_blocks(rng_seed):
+    """Every (head, query tile) program once, in descending order of its row's block count for
+    that head, ties by program id; only the first ``num_rows`` rows (the rest are skipped)."""
+    hq, rows, tiles_per_row = 5, 4, 3
+    counts = torch.randint(1, 9, (hq, rows), dtype=torch.int32, device=DEVICE)
+    order = heaviest_first(counts, rows - 1, tiles_per_row).tolist()
+    per_head = (rows - 1) * tiles_per_row
+    work = {h * per_head + t: int(counts[h, t // tiles_per_row]) for h in range(hq) for t in range(per_head)}
+    assert order == sorted(work, key=lambda p: (-work[p], p))
+
+
+@pytest.mark.parametrize("hq,hkv,groups,ctx,q_len,tail_tokens,skip_rows",
+                         [(6, 2, 2, 61, 67, 20, 0), (6, 2, 2, 61, 67, 20, 1), (7, 1, 1, 300, 45, 0, 0),
+                          (4, 2, 1, 0, 70, 40, 0)])
+def test_heaviest_first_launch_equals_naive_and_the_default_order(rng_seed, hq, hkv, groups, ctx, q_len,
+                                                                   tail_tokens, skip_rows):
+    """The heaviest-first launch order changes only when each program runs: with unequal budgets
+    per head (gamma 0.6), several query tiles per block, a dense tail and skipped rows, every
+    written token equals the spec and, bitwise, the default order's output."""
+    block, d = 32, 16
+    q = torch.randn(q_len, hq, d, device=DEVICE)
+    k, v = torch.randn(2, ctx + q_len, hkv, d, device=DEVICE)
+    params = ProxyAttnParams(gamma=0.6, block_size=block, num_groups=groups, min_budget_blocks=1, sink_blocks=1,
+                             local_blocks=1, min_sparse_len=0, dense_tail_tokens=tail_tokens)
+    _, sel = proxyattn_prefill_reference(q, k, v, ctx=ctx, params=params)
+    assert len(set(sel.counts[:, : sel.geometry.num_q_blocks - skip_rows].flatten().tolist())) > 1, "budgets must differ"
+    kv_cache, table = make_paged(k, v, 16)
+    base = TileConfig(16, 16, 4, 1, use_tma=False)
+    outs = []
+    for tile in (base, replace(base, launch_heaviest_first=True)):
+        out = torch.full_like(q, float("nan"))
+        block_sparse_attn(q, kv_cache, table, sel.ranking, sel.counts, out, ctx=ctx, scale=d**-0.5, block_size=block,
+                          tile=tile, skip_rows=skip_rows)
+        outs.append(out)
+    split = sel.geometry.row_token_start(sel.geometry.num_q_blocks - skip_rows)
+    assert outs[1][split:].isnan().all() and not outs[1][:split].isnan().any()
+    expected = block_sparse_attention(q, k, v, ctx, sel.block_mask(), d**-0.5, block)
+    torch.testing.assert_close(outs[1][:split], expected[:split], rtol=ATTN_TOL[torch.float32], atol=ATTN_TOL[torch.float32])
+    assert torch.equal(outs[0][:split], outs[1][:split])
 
 
 @pytest.mark.parametrize("ctx,q_len,skip_rows", [(61, 67, 1), (61, 67, 2), (64, 64, 1), (61, 67, 3), (0, 30, 1)])

@@ -43,11 +43,14 @@ from benchmarks.kernels.bench_kernels import (  # noqa: E402
 )
 from benchmarks.profiles.density_profiles import PROFILES_JSON  # noqa: E402
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams  # noqa: E402
+from proxyattn_kernels.block_sparse_attn.triton import default_tile_config  # noqa: E402
 from proxyattn_kernels.selection import select_blocks_paged  # noqa: E402
 
 NUM_LAYERS = 32
 PAGE = 128
-KERNELS = ("triton", "fa3")
+#: "triton-heaviest-first": the Triton kernel launching its programs heaviest first
+#: (``TileConfig.launch_heaviest_first``), an A/B of the launch order under unequal budgets.
+KERNELS = ("triton", "fa3", "triton-heaviest-first")
 PAPER = {"attention_speedup_up_to": 10.3, "prefill_speedup_up_to": 2.4,
          "source": "ProxyAttn (ICLR 2026), Llama-3.1-8B, abstract and speed figures"}
 
@@ -87,8 +90,13 @@ def sparse_chunk(kernel, fa3, q, kv, table, ctx, scale, params, out, fraction):
 
     block = params.block_size
     lse = tail_lse_rows(fa3, q, kv, table, ctx, block, scale, out)
-    if kernel == "triton":
-        sparse_prefill(q, kv, table, out, ctx, scale, params, tail_done=True, row_lse=lse, budget_fraction=fraction)
+    if kernel.startswith("triton"):
+        tile = None
+        if kernel == "triton-heaviest-first":
+            tile = dataclasses.replace(default_tile_config(block, q.shape[-1], False, kv.shape[2]),
+                                       launch_heaviest_first=True)
+        sparse_prefill(q, kv, table, out, ctx, scale, params, tail_done=True, row_lse=lse, budget_fraction=fraction,
+                       tile=tile)
     else:
         sel = select_blocks_paged(q, kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse,
                                   budget_fraction=fraction)
@@ -158,7 +166,7 @@ def measure(variant: Variant, length: int, kernel: str, fa3, q, kv, table, scale
             sel = select_blocks_paged(q[:q_len], kv, table, ctx=ctx, scale=scale, params=params,
                                       budget_fraction=variant.fraction(layer, ctx + q_len))
             rows_causal = float((geo.first_q_block + 1 + torch.arange(geo.num_q_blocks)).sum())
-            if kernel == "triton":
+            if kernel.startswith("triton"):
                 selected += float(sel.counts.sum()) / sel.counts.shape[0]
             else:
                 selected += union_density(sel.ranking, sel.counts, ctx, q_len, params.block_size) * rows_causal
@@ -247,10 +255,11 @@ def _write(path: str, result: dict) -> None:
 
 def format_table(result: dict) -> str:
     """One row per length, variant and kernel: summed attention time, density, speedup."""
-    head = f"{'length':>7} | {'variant':<28} | {'kernel':<6} | {'sparse ms':>9} | {'FA3 ms':>9} | {'density':>7} | {'speedup':>7}"
+    kw = max([len("kernel")] + [len(r["kernel"]) for r in result["rows"]])
+    head = f"{'length':>7} | {'variant':<28} | {'kernel':<{kw}} | {'sparse ms':>9} | {'FA3 ms':>9} | {'density':>7} | {'speedup':>7}"
     lines = [f" Attention over a chunked prefill, all layers, {result['gpu']} ".center(len(head), "="), head]
     for r in result["rows"]:
-        lines.append(f"{r['length'] // 1024:>6}K | {r['variant']:<28} | {r['kernel']:<6} | {r['median_ms']:>9.1f} | "
+        lines.append(f"{r['length'] // 1024:>6}K | {r['variant']:<28} | {r['kernel']:<{kw}} | {r['median_ms']:>9.1f} | "
                      f"{r['fa3_dense']['median_ms']:>9.1f} | {r['density']:>7.3f} | {r['speedup']:>6.2f}x")
     lines.append(f"paper: up to {PAPER['attention_speedup_up_to']}x attention, {PAPER['prefill_speedup_up_to']}x prefill")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import torch
 from vllm.logger import init_logger
 
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams
-from proxyattn_kernels.block_sparse_attn.triton import block_sparse_attn, copy_bytes, default_copy_page
+from proxyattn_kernels.block_sparse_attn.triton import TileConfig, block_sparse_attn, copy_bytes, default_copy_page
 from proxyattn_kernels.device import has_tma
 from proxyattn_kernels.selection import select_blocks_paged
 
@@ -35,6 +35,7 @@ def sparse_prefill(
     budget_fraction: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tile: TileConfig | None = None,
 ) -> None:
     """ProxyAttn attention of one request's prefill chunk, written into ``output`` in place.
 
@@ -58,6 +59,8 @@ def sparse_prefill(
             reuses it.
         budget_fraction: optional ``[Hq]`` prescribed budget fractions (``budget_profile.py``).
         k_scale, v_scale: an FP8 cache's 1-element float32 device scales (:func:`.base.kv_scales`).
+        tile: the block-sparse kernel's launch parameters, for benchmarks (default: the
+            kernel's own for the pages it reads).
     """
     selection = select_blocks_paged(
         query, kv_cache, block_table_row, ctx=ctx, scale=scale, params=params, row_lse=row_lse,
@@ -74,7 +77,7 @@ def sparse_prefill(
     def attend(copy_page: int) -> None:
         block_sparse_attn(query, kv_cache, block_table_row, selection.ranking, selection.counts, output,
                           ctx=ctx, scale=scale, block_size=params.block_size, copy_page=copy_page,
-                          k_scale=k_scale, v_scale=v_scale, **rows)
+                          k_scale=k_scale, v_scale=v_scale, tile=tile, **rows)
 
     global _copy_out_of_memory
     copy_page = 0 if _copy_out_of_memory else default_copy_page(

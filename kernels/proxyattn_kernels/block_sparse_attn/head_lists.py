@@ -101,4 +101,18 @@ def head_lists_and_tile_rows(
     return lists, (rows if with_tile_rows else None)
 
 
-__all__ = ["head_block_lists", "head_lists_and_tile_rows", "ranked_tile_rows"]
+def heaviest_first(counts: torch.Tensor, num_rows: int, tiles_per_row: int) -> torch.Tensor:
+    """The block-sparse kernel's programs in descending order of work: ``[Hq * num_rows *
+    tiles_per_row]`` int32 ids ``head * (num_rows * tiles_per_row) + tile`` (query tile ``tile``
+    of row ``tile // tiles_per_row``), sorted by the blocks the head computes in that row
+    (``counts [Hq, >= num_rows]``), ties in id order.
+
+    Why: programs start roughly in launch order, so with per-head budgets of 0.5% to 97% of the
+    blocks, a heavy head launched last runs alone while the rest of the GPU idles; heaviest first
+    is the classic longest-processing-time rule. A few tensor ops on the device, no host sync."""
+    num_q_heads = counts.shape[0]
+    work = counts[:, :num_rows].repeat_interleave(tiles_per_row, dim=1).reshape(num_q_heads * num_rows * tiles_per_row)
+    return torch.sort(work, descending=True, stable=True).indices.to(torch.int32)
+
+
+__all__ = ["head_block_lists", "head_lists_and_tile_rows", "heaviest_first", "ranked_tile_rows"]

@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..common import LOG2E, check_head_dim
 from ..device import has_tma
 from ..paged import FP8_KV_DTYPE, check_kv_scale, contiguous_pages, kv_scaled, load_paged_tile
-from .head_lists import head_block_lists, head_lists_and_tile_rows, ranked_tile_rows  # noqa: F401 (re-exported)
+from .head_lists import head_block_lists, head_lists_and_tile_rows, heaviest_first, ranked_tile_rows  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class TileConfig:
     # Benchmark baseline only: visit key blocks 0, 1, ... in order instead of through the
     # ranking (equal results at full density); measures the cost of the ranking indirection.
     sequential_keys: bool = False
+    # Launch the programs heaviest first (head_lists.heaviest_first: by the blocks each computes)
+    # instead of the heavy rows first and then head by head. Same result; off until measured.
+    launch_heaviest_first: bool = False
 
 
 def default_tile_config(block_size: int, head_dim: int, on_cpu: bool, page_size: int = 16) -> TileConfig:
@@ -153,7 +156,7 @@ def _attend_tile_tma(
 @triton.jit(do_not_specialize=["block_table_ptr", "ctx", "seq_len", "first_q_block", "num_rows", "heavy_rows",
                                "skip_rows", "stride_rank_group", "stride_rank_row", "stride_count_head"])
 def _block_sparse_attn_kernel(
-    q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr,
+    q_ptr, kv_ptr, kv_desc, block_table_ptr, ranking_ptr, tile_rows_ptr, counts_ptr, out_ptr, order_ptr,
     k_scale_ptr, v_scale_ptr, ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, qk_scale,
     stride_q_tok, stride_q_head,
     stride_kv_page, stride_kv_head, stride_kv_tok,
@@ -163,7 +166,7 @@ def _block_sparse_attn_kernel(
     NUM_Q_HEADS: tl.constexpr, HEADS_PER_KV: tl.constexpr, HEADS_PER_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    SEQUENTIAL_KEYS: tl.constexpr,
+    SEQUENTIAL_KEYS: tl.constexpr, HEAVIEST_FIRST: tl.constexpr,
 ):
     SUB_M: tl.constexpr = BLOCK_SIZE // BLOCK_M  # query tiles per query block
     SUB_N: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key tiles per key block
@@ -173,11 +176,16 @@ def _block_sparse_attn_kernel(
     # computes every causal block, ~1/density times the others' work) left at its natural place
     # would start when the GPU is nearly done and run alone; first, it overlaps with the rest.
     # The chunk's last ``skip_rows`` rows get no program at all (a dense kernel computes them).
+    # HEAVIEST_FIRST: the order comes from ``order_ptr`` (head_lists.heaviest_first) instead.
     pid = tl.program_id(0)
     tiles_per_head = (num_rows - skip_rows) * SUB_M
     heavy_tiles = heavy_rows * SUB_M
     num_heavy = heavy_tiles * NUM_Q_HEADS
-    if pid < num_heavy:
+    if HEAVIEST_FIRST:
+        program = tl.load(order_ptr + pid)
+        head = program // tiles_per_head
+        tile = program % tiles_per_head
+    elif pid < num_heavy:
         head = pid % NUM_Q_HEADS
         tile = tiles_per_head - 1 - pid // NUM_Q_HEADS
     else:
@@ -304,7 +312,8 @@ def block_sparse_attn(
         heavy_rows: the chunk's last ``heavy_rows`` query-block rows are launched before the
             others (rows that compute far more blocks, e.g. the dense tail of
             ``dense_tail_tokens``: ``num_rows - geometry.first_tail_row(...)``). Only the order
-            of the programs changes, not the result.
+            of the programs changes, not the result. Not used with ``tile.launch_heaviest_first``,
+            whose order puts those rows first anyway.
         skip_rows: the chunk's last ``skip_rows`` query-block rows are not computed: their
             tokens in ``out`` are left as they are (for a caller that runs the dense tail with a
             dense split-KV kernel). Not combined with ``heavy_rows``.
@@ -377,8 +386,11 @@ def block_sparse_attn(
     grid = ((num_rows - skip_rows) * (block_size // tile.block_m) * num_q_heads,)
     if grid[0] == 0:
         return out
+    # The programs' order, or any int32 tensor as an unread placeholder.
+    order = (heaviest_first(counts, num_rows - skip_rows, block_size // tile.block_m)
+             if tile.launch_heaviest_first else counts)
     _block_sparse_attn_kernel[grid](
-        q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out, k_scale, v_scale,
+        q, kv_cache, kv_desc, block_table, ranking, tile_rows, counts, out, order, k_scale, v_scale,
         ctx, seq_len, first_q_block, num_rows, heavy_rows, skip_rows, scale * LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -390,7 +402,7 @@ def block_sparse_attn(
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         USE_TMA=kv_desc is not None, WARP_SPECIALIZE=tile.warp_specialize,
-        SEQUENTIAL_KEYS=tile.sequential_keys,
+        SEQUENTIAL_KEYS=tile.sequential_keys, HEAVIEST_FIRST=tile.launch_heaviest_first,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
