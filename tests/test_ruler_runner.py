@@ -122,7 +122,7 @@ def test_plot_and_table_from_a_results_file(tmp_path, capsys):
     out = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["proxyattn:gamma=0.9", "8192", "80.0", "80.0", "80.0", "0.300"] in out
     # 10 points below dense in every task: both targets missed.
-    assert out[-1] == ["proxyattn:gamma=0.9", "8192", "0.300", "-10.00", "vt", "-10.0", "MISSED"]
+    assert out[-1] == ["proxyattn:gamma=0.9", "8192", "0.300", "-10.00", "vt", "-10.0", "25.0", "MISSED"]
 
 
 def test_rows_with_fewer_tasks_are_named_and_left_out_of_the_plot(tmp_path, capsys, monkeypatch):
@@ -169,6 +169,7 @@ def test_comparison_with_dense():
     rows = {r["label"]: r for r in ruler_report.compare({"cells": cells})}
     assert (rows["a"]["average_delta"], rows["a"]["worst_delta"], rows["a"]["within_targets"]) == (-0.75, -1.5, True)
     assert (rows["b"]["worst_task"], rows["b"]["worst_delta"], rows["b"]["within_targets"]) == ("qa_1", -6.0, False)
+    assert rows["b"]["sample_points"] == 10.0  # one sample of the 10 in each qa_1 cell
     assert (rows["c"]["average_delta"], rows["c"]["within_targets"]) == (-1.5, False)
     assert ruler_report.compare({"cells": [cell("a", "vt", 1.0)]}) == []
 
@@ -190,7 +191,7 @@ def test_kv_cache_dtype_runs_compare_with_their_twin():
     assert ruler_report.point_label(doc, fp8) == "g=0.95 fp8" and ruler_report.point_label(doc, p) == "g=0.95"
     [table] = ruler_report.kv_dtype_tables(doc)
     assert table.splitlines()[0].startswith(f"against {p} ")
-    assert table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "-3.00", "vt", "-8.0", "MISSED"]
+    assert table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "-3.00", "vt", "-8.0", "2.0", "MISSED"]
     assert ruler_report.kv_dtype_tables({"cells": [cell(fp8, "vt", 1.0)]}) == []  # no twin
     # With dense on the same cache, the sparse FP8 run is also compared with it.
     dense_fp8 = ruler_report.with_kv_dtype("dense", "fp8")
@@ -198,7 +199,8 @@ def test_kv_cache_dtype_runs_compare_with_their_twin():
     twin_table, same_cache_table = ruler_report.kv_dtype_tables(doc)  # dense kv=fp8 vs dense: in the main table
     assert twin_table == table
     assert same_cache_table.splitlines()[0].startswith(f"against {dense_fp8} ")
-    assert same_cache_table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "+1.00", "vt", "+1.0", "within"]
+    assert same_cache_table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "+1.00", "vt", "+1.0", "2.0",
+                                                        "within"]
     assert dense_fp8 in ruler_report.comparison_table(doc)
 
 

@@ -127,9 +127,11 @@ def plot(doc, png: Path) -> None:
 def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
     """Per configuration other than ``reference`` (or only those in ``labels``) and length: the
     average score minus the reference's over the tasks both ran, the worst task's difference, and
-    whether both stay within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`. Empty without
-    reference cells."""
+    whether both stay within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`, and ``sample_points``:
+    what one sample weighs in the worst task (100 / the fewer samples of its two cells), the
+    resolution a task's difference has. Empty without reference cells."""
     ref = {(c["length"], c["task"]): c["score"] for c in doc["cells"] if c["label"] == reference}
+    ref_n = {(c["length"], c["task"]): c["n"] for c in doc["cells"] if c["label"] == reference}
     rows = []
     for row in averages(doc):
         if row["label"] == reference or (labels is not None and row["label"] not in labels):
@@ -140,9 +142,11 @@ def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
             continue
         deltas = {c["task"]: c["score"] - ref[(c["length"], c["task"])] for c in cells}
         worst = min(deltas, key=deltas.get)
+        worst_n = min(next(c["n"] for c in cells if c["task"] == worst), ref_n[(row["length"], worst)])
         average = sum(deltas.values()) / len(deltas)
         rows.append({"label": row["label"], "length": row["length"], "density": row["density"],
                      "average_delta": round(average, 2), "worst_task": worst, "worst_delta": round(deltas[worst], 2),
+                     "sample_points": round(100 / worst_n, 2) if worst_n else None,
                      "within_targets": average >= -MAX_AVERAGE_DROP and deltas[worst] >= -MAX_CELL_DROP})
     return rows
 
@@ -153,11 +157,14 @@ def comparison_table(doc, reference: str = "dense", labels=None) -> str:
         return ""
     width = max(len("config"), *(len(r["label"]) for r in rows))
     lines = [f"against {reference} (targets: average >= -{MAX_AVERAGE_DROP:g}, every task >= -{MAX_CELL_DROP:g} points)",
-             f"{'config':<{width}} {'length':>6} {'density':>7} {'avg diff':>8} {'worst task':>16} {'diff':>6}  verdict"]
+             f"{'config':<{width}} {'length':>6} {'density':>7} {'avg diff':>8} {'worst task':>16} {'diff':>6} "
+             f"{'1 sample':>8}  verdict"]
     for r in rows:
         density = "-" if r["density"] is None else f"{r['density']:.3f}"
+        sample = "-" if r["sample_points"] is None else f"{r['sample_points']:.1f}"
         lines.append(f"{r['label']:<{width}} {r['length']:>6} {density:>7} {r['average_delta']:>+8.2f} "
-                     f"{r['worst_task']:>16} {r['worst_delta']:>+6.1f}  {'within' if r['within_targets'] else 'MISSED'}")
+                     f"{r['worst_task']:>16} {r['worst_delta']:>+6.1f} {sample:>8}  "
+                     f"{'within' if r['within_targets'] else 'MISSED'}")
     return "\n".join(lines)
 
 
