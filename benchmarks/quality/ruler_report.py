@@ -58,7 +58,7 @@ def table(doc) -> str:
     partial = partial_rows(rows)
     if partial:
         lines.append("avg of a row with fewer tasks than its length's others is over its own tasks only: "
-                     + "; ".join(f"{r['label']} {r['length']} ({r['tasks']} of {r['of']})" for r in partial))
+                     + describe_partial(partial))
     return "\n".join(lines)
 
 
@@ -69,6 +69,11 @@ def partial_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         most[r["length"]] = max(most.get(r["length"], 0), r["tasks"])
     return [{**r, "of": most[r["length"]]} for r in rows if r["tasks"] < most[r["length"]]]
+
+
+def describe_partial(partial: list[dict]) -> str:
+    """:func:`partial_rows` as one line: ``LABEL LENGTH (TASKS of MOST); ...``."""
+    return "; ".join(f"{r['label']} {r['length']} ({r['tasks']} of {r['of']})" for r in partial)
 
 
 def point_label(doc, label: str) -> str:
@@ -95,8 +100,7 @@ def plot(doc, png: Path) -> None:
     rows = averages(doc)
     partial = partial_rows(rows)
     if partial:
-        print("[ruler] plot leaves out rows with fewer tasks: "
-              + "; ".join(f"{r['label']} {r['length']} ({r['tasks']} of {r['of']})" for r in partial))
+        print("[ruler] plot leaves out rows with fewer tasks: " + describe_partial(partial))
     skipped = {(r["label"], r["length"]) for r in partial}
     rows = [r for r in rows if (r["label"], r["length"]) not in skipped]
     series = dict.fromkeys((r["length"], r["label"].partition(KV_TAG)[2]) for r in rows)
@@ -130,8 +134,7 @@ def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
     whether both stay within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`, and ``sample_points``:
     what one sample weighs in the worst task (100 / the fewer samples of its two cells), the
     resolution a task's difference has. Empty without reference cells."""
-    ref = {(c["length"], c["task"]): c["score"] for c in doc["cells"] if c["label"] == reference}
-    ref_n = {(c["length"], c["task"]): c["n"] for c in doc["cells"] if c["label"] == reference}
+    ref = {(c["length"], c["task"]): c for c in doc["cells"] if c["label"] == reference}
     rows = []
     for row in averages(doc):
         if row["label"] == reference or (labels is not None and row["label"] not in labels):
@@ -140,9 +143,9 @@ def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
                  and (c["length"], c["task"]) in ref]
         if not cells:
             continue
-        deltas = {c["task"]: c["score"] - ref[(c["length"], c["task"])] for c in cells}
+        deltas = {c["task"]: c["score"] - ref[(c["length"], c["task"])]["score"] for c in cells}
         worst = min(deltas, key=deltas.get)
-        worst_n = min(next(c["n"] for c in cells if c["task"] == worst), ref_n[(row["length"], worst)])
+        worst_n = min(next(c["n"] for c in cells if c["task"] == worst), ref[(row["length"], worst)]["n"])
         average = sum(deltas.values()) / len(deltas)
         rows.append({"label": row["label"], "length": row["length"], "density": row["density"],
                      "average_delta": round(average, 2), "worst_task": worst, "worst_delta": round(deltas[worst], 2),
