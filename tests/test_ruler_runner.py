@@ -81,6 +81,7 @@ def test_server_right_answers_score_100_with_density(tmp_path_factory, tmp_path,
     for task, cell in cells.items():
         assert cell["label"] == "proxyattn-0.95" and cell["length"] == LENGTH and cell["n"] == SAMPLES
         assert cell["score"] == 100.0, task
+        assert cell["per_sample"] == [[i, 100.0] for i in range(SAMPLES)], task
         # The fake server writes density 1.0 for the first 1024-token chunk, 0.25 after it; the
         # prompts are ~4K bytes at least (it counts text as bytes): the mean lies strictly between.
         assert 0.25 < cell["density"] < 1.0, task
@@ -122,7 +123,7 @@ def test_plot_and_table_from_a_results_file(tmp_path, capsys):
     out = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["proxyattn:gamma=0.9", "8192", "80.0", "80.0", "80.0", "0.300"] in out
     # 10 points below dense in every task: both targets missed.
-    assert out[-1] == ["proxyattn:gamma=0.9", "8192", "0.300", "-10.00", "vt", "-10.0", "25.0", "MISSED"]
+    assert out[-1] == ["proxyattn:gamma=0.9", "8192", "0.300", "-10.00", "vt", "-10.0", "25.0", "-", "-", "MISSED"]
 
 
 def test_rows_with_fewer_tasks_are_named_and_left_out_of_the_plot(tmp_path, capsys, monkeypatch):
@@ -172,6 +173,34 @@ def test_comparison_with_dense():
     assert rows["b"]["sample_points"] == 10.0  # one sample of the 10 in each qa_1 cell
     assert (rows["c"]["average_delta"], rows["c"]["within_targets"]) == (-1.5, False)
     assert ruler_report.compare({"cells": [cell("a", "vt", 1.0)]}) == []
+    assert rows["b"]["worst_pairs"] is None  # cells without per-sample scores (older runs)
+
+
+def test_worst_task_is_compared_prompt_by_prompt():
+    """With per-sample scores, the worst task is paired prompt by prompt (by sample index, in any
+    order; prompts only one side scored are left out): how many scored lower / higher than dense,
+    and the exact two-sided sign-test p-value over those, which the table prints."""
+    def cell(label, per_sample):
+        scores = [x for _, x in per_sample]
+        return {"label": label, "backend": "x", "gamma": None, "task": "mk_1", "length": 4096,
+                "score": sum(scores) / len(scores), "n": len(scores), "prompt_tokens": 1.0,
+                "density": None if label == "dense" else 0.4, "per_sample": per_sample}
+
+    dense = [[i, 100.0] for i in range(10)]
+    six_worse = [[i, 0.0 if i < 6 else 100.0] for i in reversed(range(10))]
+    split = [[0, 0.0], [1, 0.0], [2, 0.0], [3, 100.0], [4, 50.0], [5, 100.0], [6, 100.0], [7, 100.0], [8, 100.0],
+             [99, 0.0]]
+    dense_split = dense[:4] + [[4, 0.0]] + dense[5:9]
+    cells = [cell("dense", dense + [[20, 100.0]]), cell("a", six_worse)]
+    pairs = ruler_report.compare({"cells": cells})[0]["worst_pairs"]
+    assert pairs == {"worse": 6, "better": 0, "p": 0.0312}  # 2 * (1/2)**6
+    cells = [cell("dense", dense_split), cell("b", split)]
+    pairs = ruler_report.compare({"cells": cells})[0]["worst_pairs"]
+    assert pairs == {"worse": 3, "better": 1, "p": 0.625}  # 2 * (1 + 4) / 16; index 99 unpaired
+    assert ruler_report.sign_test_p(0, 0) == 1.0 and ruler_report.sign_test_p(5, 5) == 1.0
+    table = ruler_report.comparison_table({"cells": cells})
+    assert table.splitlines()[2].split()[-3:] == ["3/1", "0.625", "MISSED"]
+    assert "sign test" in table.splitlines()[-1]
 
 
 def test_kv_cache_dtype_runs_compare_with_their_twin():
@@ -191,7 +220,7 @@ def test_kv_cache_dtype_runs_compare_with_their_twin():
     assert ruler_report.point_label(doc, fp8) == "g=0.95 fp8" and ruler_report.point_label(doc, p) == "g=0.95"
     [table] = ruler_report.kv_dtype_tables(doc)
     assert table.splitlines()[0].startswith(f"against {p} ")
-    assert table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "-3.00", "vt", "-8.0", "2.0", "MISSED"]
+    assert table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "-3.00", "vt", "-8.0", "2.0", "-", "-", "MISSED"]
     assert ruler_report.kv_dtype_tables({"cells": [cell(fp8, "vt", 1.0)]}) == []  # no twin
     # With dense on the same cache, the sparse FP8 run is also compared with it.
     dense_fp8 = ruler_report.with_kv_dtype("dense", "fp8")
@@ -200,7 +229,7 @@ def test_kv_cache_dtype_runs_compare_with_their_twin():
     assert twin_table == table
     assert same_cache_table.splitlines()[0].startswith(f"against {dense_fp8} ")
     assert same_cache_table.splitlines()[2].split() == [*fp8.split(), "32768", "0.400", "+1.00", "vt", "+1.0", "2.0",
-                                                        "within"]
+                                                        "-", "-", "within"]
     assert dense_fp8 in ruler_report.comparison_table(doc)
 
 

@@ -218,6 +218,9 @@ def add_cells(doc, cfg, samples, texts, density_by_task) -> None:
             "length": samples[0].length, "score": round(sum(scores) / len(scores), 2), "n": len(scores),
             "prompt_tokens": round(sum(len(samples[i].prompt_token_ids) for i in idx) / len(idx), 1),
             "density": density_by_task.get(task),
+            # [sample index, score]: pairs one configuration's answers with another's on the same
+            # prompts (ruler_report.paired_counts).
+            "per_sample": [[samples[i].index, round(x, 2)] for i, x in zip(idx, scores)],
         })
 
 

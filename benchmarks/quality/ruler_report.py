@@ -5,11 +5,13 @@ dense, the score-density plot, and joining the parts of a run split over process
     python benchmarks/quality/ruler.py --merge part_a.json part_b.json --out results.json [--plot]
 
 A document holds ``cells``: one per configuration label, length and task, with the mean score
-(0-100), the number of samples ``n`` and the density the sparse prefill used.
+(0-100), the number of samples ``n``, the density the sparse prefill used and (newer runs) each
+sample's score, ``per_sample``.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 #: Keys of ``config`` that must agree for parts to be joined: the same prompts and scoring.
@@ -128,12 +130,36 @@ def plot(doc, png: Path) -> None:
     print(f"[ruler] plot: {png}")
 
 
+def paired_counts(cell: dict, reference: dict) -> dict | None:
+    """``cell`` against ``reference`` prompt by prompt (their ``per_sample`` scores, matched by
+    sample index; both configurations ran the same prompts): ``worse`` / ``better``, the prompts
+    that scored lower / higher than the reference, and ``p``, the two-sided exact sign test over
+    those (ties dropped): how often a split at least this uneven comes from a configuration that
+    answers like the reference with flips both ways equally likely. None where either cell has
+    no per-sample scores (older runs)."""
+    ours, theirs = (dict(map(tuple, c.get("per_sample") or ())) for c in (cell, reference))
+    common = ours.keys() & theirs.keys()
+    if not common:
+        return None
+    worse = sum(ours[i] < theirs[i] for i in common)
+    better = sum(ours[i] > theirs[i] for i in common)
+    return {"worse": worse, "better": better, "p": round(sign_test_p(worse, better), 4)}
+
+
+def sign_test_p(worse: int, better: int) -> float:
+    """Two-sided exact sign-test p-value of ``worse`` against ``better`` paired outcomes."""
+    n = worse + better
+    tail = sum(math.comb(n, k) for k in range(min(worse, better) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
     """Per configuration other than ``reference`` (or only those in ``labels``) and length: the
     average score minus the reference's over the tasks both ran, the worst task's difference, and
     whether both stay within :data:`MAX_AVERAGE_DROP` / :data:`MAX_CELL_DROP`, and ``sample_points``:
     what one sample weighs in the worst task (100 / the fewer samples of its two cells), the
-    resolution a task's difference has. Empty without reference cells."""
+    resolution a task's difference has, and ``worst_pairs``: :func:`paired_counts` of the worst
+    task (None without per-sample scores). Empty without reference cells."""
     ref = {(c["length"], c["task"]): c for c in doc["cells"] if c["label"] == reference}
     rows = []
     for row in averages(doc):
@@ -145,11 +171,14 @@ def compare(doc, reference: str = "dense", labels=None) -> list[dict]:
             continue
         deltas = {c["task"]: c["score"] - ref[(c["length"], c["task"])]["score"] for c in cells}
         worst = min(deltas, key=deltas.get)
-        worst_n = min(next(c["n"] for c in cells if c["task"] == worst), ref[(row["length"], worst)]["n"])
+        worst_cell = next(c for c in cells if c["task"] == worst)
+        worst_ref = ref[(row["length"], worst)]
+        worst_n = min(worst_cell["n"], worst_ref["n"])
         average = sum(deltas.values()) / len(deltas)
         rows.append({"label": row["label"], "length": row["length"], "density": row["density"],
                      "average_delta": round(average, 2), "worst_task": worst, "worst_delta": round(deltas[worst], 2),
                      "sample_points": round(100 / worst_n, 2) if worst_n else None,
+                     "worst_pairs": paired_counts(worst_cell, worst_ref),
                      "within_targets": average >= -MAX_AVERAGE_DROP and deltas[worst] >= -MAX_CELL_DROP})
     return rows
 
@@ -161,13 +190,18 @@ def comparison_table(doc, reference: str = "dense", labels=None) -> str:
     width = max(len("config"), *(len(r["label"]) for r in rows))
     lines = [f"against {reference} (targets: average >= -{MAX_AVERAGE_DROP:g}, every task >= -{MAX_CELL_DROP:g} points)",
              f"{'config':<{width}} {'length':>6} {'density':>7} {'avg diff':>8} {'worst task':>16} {'diff':>6} "
-             f"{'1 sample':>8}  verdict"]
+             f"{'1 sample':>8} {'worse/better':>12} {'p':>6}  verdict"]
     for r in rows:
         density = "-" if r["density"] is None else f"{r['density']:.3f}"
         sample = "-" if r["sample_points"] is None else f"{r['sample_points']:.1f}"
+        pairs = r.get("worst_pairs")
+        split, p = ("-", "-") if pairs is None else (f"{pairs['worse']}/{pairs['better']}", f"{pairs['p']:.3f}")
         lines.append(f"{r['label']:<{width}} {r['length']:>6} {density:>7} {r['average_delta']:>+8.2f} "
-                     f"{r['worst_task']:>16} {r['worst_delta']:>+6.1f} {sample:>8}  "
+                     f"{r['worst_task']:>16} {r['worst_delta']:>+6.1f} {sample:>8} {split:>12} {p:>6}  "
                      f"{'within' if r['within_targets'] else 'MISSED'}")
+    if any(r.get("worst_pairs") for r in rows):
+        lines.append("worse/better: the worst task's prompts that scored below / above the reference on the "
+                     "same prompt; p: two-sided exact sign test over them (small p: not a chance split)")
     return "\n".join(lines)
 
 
