@@ -26,9 +26,12 @@ def test_variants_set_a_cap_or_per_head_fractions():
 
 def test_table_and_help(capsys):
     row = {"length": 131072, "variant": "density0.1", "kernel": "triton", "median_ms": 900.0, "density": 0.1,
-           "fa3_dense": {"median_ms": 8100.0}, "speedup": 9.0}
-    table = bench.format_table({"gpu": "G", "rows": [row]})
-    assert table.splitlines()[-2].split("|")[-1].strip() == "9.00x" and "paper: up to 10.3x" in table
+           "fa3_dense": {"median_ms": 8100.0}, "speedup": 9.0, "selection_share": 0.045}
+    older = {**row, "selection_share": None}  # a result written before the selection was timed
+    table = bench.format_table({"gpu": "G", "rows": [row, older]})
+    cells = [c.strip() for c in table.splitlines()[-3].split("|")]
+    assert cells[-1] == "9.00x" and cells[4] == "4.5" and "paper: up to 10.3x" in table
+    assert [c.strip() for c in table.splitlines()[-2].split("|")][4] == "-"
     with pytest.raises(SystemExit) as exc:
         bench.main(["--help"])
     assert exc.value.code == 0 and "--layer-stride" in capsys.readouterr().out
@@ -49,3 +52,20 @@ def test_heaviest_first_kernel_runs_the_backend_path_with_that_launch_order(monk
     default = bench.default_tile_config(128, 128, False, 128)
     assert calls[0]["tile"] is None
     assert calls[1]["tile"] == bench.dataclasses.replace(default, launch_heaviest_first=True)
+
+
+def test_selection_is_timed_alone_per_chunk_and_layer_with_its_tail_lse(monkeypatch):
+    """The selection's share: select_blocks_paged once per chunk and timed layer, as the backend
+    calls it (the chunk's dense-tail LSE, the layer's budget fractions), nothing else timed."""
+    calls = []
+    monkeypatch.setattr(bench, "tail_lse_rows", lambda fa3, q, kv, table, ctx, *a: f"lse@{ctx}")
+    monkeypatch.setattr(bench, "select_blocks_paged", lambda q, *a, **k: calls.append((len(q), k)))
+    monkeypatch.setattr(bench, "time_passes", lambda fn, repeats: fn() or [2.0, 4.0, 3.0])
+    params = bench.ProxyAttnParams(block_size=128, min_budget_blocks=16, dense_tail_tokens=128)
+    variant = bench.Variant("paper-llama8b-gamma0.95", "cpu", params)
+    args = bench.argparse.Namespace(chunk=8192, layer_stride=8, repeats=3)
+    result = bench.measure_selection(variant, 20000, None, torch.zeros(8192, 32, 128), None, None, 1.0, args)
+    assert result == {"median_ms": 24.0, "min_ms": 16.0, "max_ms": 32.0, "n": 3}  # scaled by the stride
+    assert [(n, k["ctx"], k["row_lse"]) for n, k in calls] == [
+        (n, ctx, f"lse@{ctx}") for ctx, n in ((0, 8192), (8192, 8192), (16384, 3616)) for _ in range(4)]
+    torch.testing.assert_close(calls[5][1]["budget_fraction"], variant.fraction(8, 8192 + 8192))  # chunk 2, layer 8

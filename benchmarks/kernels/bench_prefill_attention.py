@@ -12,8 +12,9 @@ cost does not depend on the layer, so one layer's chunks are timed and multiplie
 count (the sparse side times every layer, or every ``--layer-stride``-th, scaled back).
 
 Order: a correctness gate (full density equals FA3 dense to bf16 tolerance, per kernel); then
-per length and variant the timed sums (CUDA events, ``--repeats`` passes, median and range),
-and an untimed pass that counts the blocks actually computed (density). Writes JSON and prints
+per length and variant the selection alone (its share of the sparse path's time) and the timed
+sums (CUDA events, ``--repeats`` passes, median and range), and an untimed pass that counts the
+blocks actually computed (density). Writes JSON and prints
 the table last::
 
     python benchmarks/kernels/bench_prefill_attention.py --lengths 128K,256K \\
@@ -174,6 +175,26 @@ def measure(variant: Variant, length: int, kernel: str, fa3, q, kv, table, scale
     return {**summary(times, args.layer_stride), "density": round(selected / causal, 4)}
 
 
+def measure_selection(variant: Variant, length: int, fa3, q, kv, table, scale, args) -> dict:
+    """The selection alone (proxy scores, budgets and ranking: ``select_blocks_paged`` as the
+    backend calls it, with the dense tail's LSE), summed over the prompt's chunks and the layers
+    and timed like :func:`measure`: the part of the sparse path that is not attention."""
+    params = variant.params
+    layers = range(0, NUM_LAYERS, args.layer_stride)
+    out = torch.empty_like(q)
+    # The tail's LSE depends on the chunk only (every layer reads the same cache here): once, untimed.
+    lse = {ctx: tail_lse_rows(fa3, q[:q_len], kv, table, ctx, params.block_size, scale, out[:q_len])
+           for ctx, q_len in chunks(length, args.chunk)}
+
+    def whole_prompt():
+        for ctx, q_len in chunks(length, args.chunk):
+            for layer in layers:
+                select_blocks_paged(q[:q_len], kv, table, ctx=ctx, scale=scale, params=params, row_lse=lse[ctx],
+                                    budget_fraction=variant.fraction(layer, ctx + q_len))
+
+    return summary(time_passes(whole_prompt, args.repeats), args.layer_stride)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -225,10 +246,13 @@ def main(argv=None) -> int:
         dense = summary(time_passes(dense_prompt, args.repeats), NUM_LAYERS)
         log(f"{length // 1024}K FA3 dense, {NUM_LAYERS} layers: {dense['median_ms']:.1f} ms")
         for variant in variants:
+            selection = measure_selection(variant, length, fa3, q, kv, table, scale, args)
+            log(f"{length // 1024}K {variant.name} selection alone: {selection['median_ms']:.1f} ms")
             for kernel in kernels:
                 row = measure(variant, length, kernel, fa3, q, kv, table, scale, args)
                 row.update(length=length, variant=variant.name, kernel=kernel, fa3_dense=dense,
-                           speedup=round(dense["median_ms"] / row["median_ms"], 2))
+                           speedup=round(dense["median_ms"] / row["median_ms"], 2), selection=selection,
+                           selection_share=round(selection["median_ms"] / row["median_ms"], 3))
                 result["rows"].append(row)
                 log(f"{length // 1024}K {variant.name} {kernel}: {row['median_ms']:.1f} ms, density "
                     f"{row['density']:.3f}, {row['speedup']:.2f}x FA3")
@@ -254,13 +278,16 @@ def _write(path: str, result: dict) -> None:
 
 
 def format_table(result: dict) -> str:
-    """One row per length, variant and kernel: summed attention time, density, speedup."""
+    """One row per length, variant and kernel: summed attention time, the selection's share of
+    it, density, speedup."""
     kw = max([len("kernel")] + [len(r["kernel"]) for r in result["rows"]])
-    head = f"{'length':>7} | {'variant':<28} | {'kernel':<{kw}} | {'sparse ms':>9} | {'FA3 ms':>9} | {'density':>7} | {'speedup':>7}"
+    head = (f"{'length':>7} | {'variant':<28} | {'kernel':<{kw}} | {'sparse ms':>9} | {'select %':>8} | "
+            f"{'FA3 ms':>9} | {'density':>7} | {'speedup':>7}")
     lines = [f" Attention over a chunked prefill, all layers, {result['gpu']} ".center(len(head), "="), head]
     for r in result["rows"]:
+        share = "-" if r.get("selection_share") is None else f"{100 * r['selection_share']:.1f}"
         lines.append(f"{r['length'] // 1024:>6}K | {r['variant']:<28} | {r['kernel']:<{kw}} | {r['median_ms']:>9.1f} | "
-                     f"{r['fa3_dense']['median_ms']:>9.1f} | {r['density']:>7.3f} | {r['speedup']:>6.2f}x")
+                     f"{share:>8} | {r['fa3_dense']['median_ms']:>9.1f} | {r['density']:>7.3f} | {r['speedup']:>6.2f}x")
     lines.append(f"paper: up to {PAPER['attention_speedup_up_to']}x attention, {PAPER['prefill_speedup_up_to']}x prefill")
     return "\n".join(lines)
 
