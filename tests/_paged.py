@@ -2,6 +2,8 @@
 a torch emulation of a dense varlen paged kernel (FA3's ``flash_attn_varlen_func``)."""
 from __future__ import annotations
 
+import types
+
 import torch
 
 
@@ -56,6 +58,19 @@ def varlen_paged_causal(q, kv_cache, plan, scale):
         visible = pos[None, :] <= torch.arange(n)[:, None] + used[r] - n  # bottom-right causal
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         out[cu[r]:cu[r + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+
+def torch_fa3_varlen(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                     causal, block_table, fa_version, num_splits=0):
+    """vLLM's flash_attn_varlen_func over several paged sequences, through the torch emulation
+    above (sequence ``i``: queries ``q[cu[i]:cu[i+1]]``, its last tokens; keys
+    through ``block_table[i]`` up to ``seqused_k[i]``; causal aligned to the end)."""
+    assert causal and fa_version == 3 and num_splits >= 0
+    kv = torch.cat([k, v], dim=-1).transpose(1, 2)  # back to the logical [pages, Hkv, page, 2D] view
+    plan = types.SimpleNamespace(cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, block_table=block_table)
+    out.copy_(varlen_paged_causal(q, kv, plan, softmax_scale))
     return out
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import types
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from proxyattn_kernels import ChunkGeometry
 from proxyattn_kernels.block_sparse_attn.naive import block_sparse_attention, selection_block_mask
 from proxyattn_kernels.reference import dense_causal_attention, gather_paged_kv
 
-from tests._paged import varlen_paged_causal
+from tests._paged import torch_fa3_varlen, varlen_paged_causal
 
 
 def torch_fa3(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
@@ -183,18 +182,6 @@ def test_host_launch_time_counts_the_host_work_per_call():
     assert len(calls) == 5 and 2.0 <= ms < 50
 
 
-def torch_fa3_varlen(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
-                     causal, block_table, fa_version, num_splits=0):
-    """vLLM's flash_attn_varlen_func over several paged sequences, through the torch emulation
-    of tests/_paged.py (sequence ``i``: queries ``q[cu[i]:cu[i+1]]``, its last tokens; keys
-    through ``block_table[i]`` up to ``seqused_k[i]``; causal aligned to the end)."""
-    assert causal and fa_version == 3 and num_splits >= 0
-    kv = torch.cat([k, v], dim=-1).transpose(1, 2)  # back to the logical [pages, Hkv, page, 2D] view
-    plan = types.SimpleNamespace(cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, block_table=block_table)
-    out.copy_(varlen_paged_causal(q, kv, plan, softmax_scale))
-    return out
-
-
 @pytest.mark.parametrize("ctx,q_len", [(96, 70), (0, 64), (33, 100)])
 def test_union_call_probes_compute_the_selection(rng_seed, ctx, q_len):
     """Each probe of the union call computes its selection exactly: the call alone, with one
@@ -311,3 +298,29 @@ def test_auto_table_from_the_cases_of_a_run(tmp_path):
     assert auto_sparse_kernel(128, 128, 32, 8, table=loaded) == "triton"
     with pytest.raises(SystemExit):
         bench_kernels.parse_args(["--auto-table", str(path)])  # no union ratio
+
+
+@pytest.mark.parametrize("ctx,q_len,hq,hkv,groups", [(96, 70, 4, 2, 1), (33, 100, 6, 2, 2), (0, 64, 4, 1, 4)])
+def test_fa3_per_head_computes_each_heads_own_blocks(rng_seed, ctx, q_len, hq, hkv, groups):
+    """The per-head FA3 candidate (one call per KV head, pseudo-requests per query head and row)
+    computes each head over exactly its own selected blocks, not its row's union, with heads of
+    unequal budgets, GQA, chunks that start mid-block; the dense-tail rows are left untouched."""
+    d, block, page = 16, 16, 16
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    k, v = gather_paged_kv(kv, table, ctx + q_len)
+    ranking, counts, _ = bench_kernels.synthetic_selection(hq, groups, ctx, q_len, block, 0.4, "cpu",
+                                                           tail_tokens=block, spread=0.5)
+    assert len(set(counts.sum(dim=1).tolist())) > 1, "the heads' budgets differ"
+    out = torch.full_like(q, float("nan"))
+    bench_kernels.fa3_per_head(torch_fa3_varlen, q, kv, table, ranking, counts, ctx, block, d**-0.5, out,
+                               tail_tokens=block)
+    geo = ChunkGeometry(ctx, q_len, block)
+    tokens = geo.row_token_start(geo.first_tail_row(block))
+    mask = selection_block_mask(ranking, counts, ranking.shape[-1])
+    expected = block_sparse_attention(q, k, v, ctx, mask, d**-0.5, block)
+    torch.testing.assert_close(out[:tokens], expected[:tokens], atol=2e-5, rtol=1e-4)
+    assert out[tokens:].isnan().all(), "the tail rows belong to the dense tail call"
+    union = bench_kernels.union_block_mask(ranking, counts, ranking.shape[-1])
+    assert (mask[:, : geo.first_tail_row(block)] != union[: geo.first_tail_row(block)]).any(), \
+        "a case where the union would compute other blocks"

@@ -2,6 +2,8 @@
 and its table (the timings themselves need CUDA and vLLM's FA3)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -69,3 +71,19 @@ def test_selection_is_timed_alone_per_chunk_and_layer_with_its_tail_lse(monkeypa
     assert [(n, k["ctx"], k["row_lse"]) for n, k in calls] == [
         (n, ctx, f"lse@{ctx}") for ctx, n in ((0, 8192), (8192, 8192), (16384, 3616)) for _ in range(4)]
     torch.testing.assert_close(calls[5][1]["budget_fraction"], variant.fraction(8, 8192 + 8192))  # chunk 2, layer 8
+
+
+def test_fa3_kernels_route_to_the_union_or_to_each_heads_own_blocks(monkeypatch):
+    """"fa3" computes each row's union over heads (density counted as the union), "fa3-heads"
+    each head's own blocks (density counted per head, as Triton's)."""
+    calls = []
+    monkeypatch.setattr(bench, "tail_lse_rows", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "select_blocks_paged", lambda *a, **k: SimpleNamespace(ranking=None, counts=None))
+    monkeypatch.setattr(bench, "fa3_union", lambda *a, **k: calls.append("union"))
+    monkeypatch.setattr(bench, "fa3_per_head", lambda *a, **k: calls.append("per head"))
+    params = bench.ProxyAttnParams(block_size=128, num_groups=1, min_budget_blocks=16, dense_tail_tokens=128)
+    q = torch.zeros(8, 32, 128)
+    for kernel in ("fa3", "fa3-heads"):
+        bench.sparse_chunk(kernel, None, q, None, None, 0, 1.0, params, q, None)
+    assert calls == ["union", "per head"]
+    assert "fa3-heads" in bench.KERNELS and "fa3-heads" in bench.EXACT_KERNELS and "fa3" not in bench.EXACT_KERNELS

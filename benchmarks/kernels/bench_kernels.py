@@ -174,6 +174,46 @@ def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_t
     return out
 
 
+def fa3_per_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=TAIL_TOKENS):
+    """The selection through FA3 with every query head over exactly its own blocks (no union):
+    one FA3 varlen call per KV head, whose pseudo-requests are the (query head of its group, row)
+    pairs, each with that head's own page list (:func:`union_page_plan` of the head alone). The
+    rows of ``tail_tokens`` are left out: the backend's dense tail attends them first.
+
+    A pseudo-request's queries must be contiguous, so each group's queries go through a head-major
+    copy and its outputs back. Benchmark only: the plans are one launch per head (a backend path
+    would plan all heads in one)."""
+    q_len, num_q_heads, head_dim = q.shape
+    num_kv_heads, page = kv.shape[1], kv.shape[2]
+    per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
+    geo = ChunkGeometry(ctx, q_len, block)
+    first_tail_row = geo.first_tail_row(tail_tokens)
+    tokens = geo.row_token_start(first_tail_row)
+    if first_tail_row == 0:
+        return out
+    rows = slice(0, first_tail_row)
+    plans = []
+    for head in range(num_q_heads):
+        g = head // per_group
+        plan = union_page_plan(ranking[g : g + 1], counts[head : head + 1], table, ctx=ctx, q_len=q_len,
+                               block_size=block, page_size=page)
+        plans.append(plan._replace(cu_seqlens_q=plan.cu_seqlens_q[: first_tail_row + 1],
+                                   seqused_k=plan.seqused_k[rows], block_table=plan.block_table[rows]))
+    splits = union_call_num_splits(per_kv * first_tail_row, 1, sm_count(q.device))
+    for kv_head in range(num_kv_heads):
+        heads = slice(kv_head * per_kv, (kv_head + 1) * per_kv)
+        group = plans[heads]
+        cu = torch.cat([p.cu_seqlens_q[:-1] + i * tokens for i, p in enumerate(group)]
+                       + [group[-1].cu_seqlens_q[-1:] + (per_kv - 1) * tokens])
+        call = group[0]._replace(cu_seqlens_q=cu, seqused_k=torch.cat([p.seqused_k for p in group]),
+                                 block_table=torch.cat([p.block_table for p in group]))
+        q_heads = q[:tokens, heads].transpose(0, 1).reshape(per_kv * tokens, 1, head_dim)
+        out_heads = torch.empty_like(q_heads)
+        fa3_union_call(fa3, q_heads, kv[:, kv_head : kv_head + 1], call, scale, out_heads, splits)
+        out[:tokens, heads] = out_heads.view(per_kv, tokens, head_dim).transpose(0, 1)
+    return out
+
+
 def reversed_rows(plan):
     """``(plan, token order)``: the plan's pseudo-requests in reverse order, and the chunk's token
     indices in that order (queries ``q[order]``; outputs back with ``out[order] = ...``). A probe of
