@@ -61,7 +61,6 @@ def varlen_paged_causal(q, kv_cache, plan, scale):
     return out
 
 
-
 def torch_fa3_varlen(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
                      causal, block_table, fa_version, num_splits=0):
     """vLLM's flash_attn_varlen_func over several paged sequences, through the torch emulation

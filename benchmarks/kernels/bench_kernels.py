@@ -188,17 +188,16 @@ def fa3_per_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tai
     per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
     geo = ChunkGeometry(ctx, q_len, block)
     first_tail_row = geo.first_tail_row(tail_tokens)
-    tokens = geo.row_token_start(first_tail_row)
     if first_tail_row == 0:
         return out
-    rows = slice(0, first_tail_row)
+    tokens = geo.row_token_start(first_tail_row)
     plans = []
     for head in range(num_q_heads):
         g = head // per_group
         plan = union_page_plan(ranking[g : g + 1], counts[head : head + 1], table, ctx=ctx, q_len=q_len,
                                block_size=block, page_size=page)
-        plans.append(plan._replace(cu_seqlens_q=plan.cu_seqlens_q[: first_tail_row + 1],
-                                   seqused_k=plan.seqused_k[rows], block_table=plan.block_table[rows]))
+        [(_, rows)] = tail_first_calls(plan, geo, first_tail_row, tail_done=True)  # the rows before the tail
+        plans.append(rows)
     splits = union_call_num_splits(per_kv * first_tail_row, 1, sm_count(q.device))
     for kv_head in range(num_kv_heads):
         heads = slice(kv_head * per_kv, (kv_head + 1) * per_kv)
