@@ -324,3 +324,44 @@ def test_fa3_per_head_computes_each_heads_own_blocks(rng_seed, ctx, q_len, hq, h
     union = bench_kernels.union_block_mask(ranking, counts, ranking.shape[-1])
     assert (mask[:, : geo.first_tail_row(block)] != union[: geo.first_tail_row(block)]).any(), \
         "a case where the union would compute other blocks"
+
+
+@pytest.mark.parametrize("ctx,q_len,hq,hkv,groups", [(96, 70, 4, 2, 1), (33, 100, 6, 2, 2), (0, 64, 4, 1, 1),
+                                                     (40, 90, 8, 4, 2)])
+def test_fa3_per_kv_head_computes_each_kv_heads_union(rng_seed, ctx, q_len, hq, hkv, groups):
+    """The per-KV-head FA3 candidate (one call per KV head, its query heads packed as GQA)
+    computes every query head over the union of its KV head's query heads' blocks: more than a
+    head's own blocks, less than the all-heads union; its density helper counts just that.
+    The dense-tail rows are left untouched."""
+    d, block, page = 16, 16, 16
+    per_kv = hq // hkv
+    q = torch.randn(q_len, hq, d)
+    kv, table = bench_kernels.make_cache(ctx + q_len, hkv, d, page, torch.float32, "cpu")
+    k, v = gather_paged_kv(kv, table, ctx + q_len)
+    ranking, counts, _ = bench_kernels.synthetic_selection(hq, groups, ctx, q_len, block, 0.4, "cpu",
+                                                           tail_tokens=block, spread=0.5)
+    # Budgets that make the three block sets differ whatever the seed: the first KV head's heads
+    # keep at most two blocks, the last head every block, the one before it only the diagonal.
+    extents = (ranking >= 0).sum(dim=-1, dtype=torch.int32)[torch.arange(hq) // (hq // groups)]  # [Hq, R]
+    counts[:per_kv] = counts[:per_kv].clamp(max=2)
+    counts[0], counts[-2], counts[-1] = 1, 1, extents[-1]
+    out = torch.full_like(q, float("nan"))
+    bench_kernels.fa3_per_kv_head(torch_fa3_varlen, q, kv, table, ranking, counts, ctx, block, d**-0.5, out,
+                                  tail_tokens=block)
+    geo = ChunkGeometry(ctx, q_len, block)
+    rows = geo.first_tail_row(block)
+    tokens = geo.row_token_start(rows)
+    own = selection_block_mask(ranking, counts, ranking.shape[-1])  # [Hq, R, Kb]
+    kv_union = own.view(hkv, per_kv, *own.shape[1:]).any(dim=1).repeat_interleave(per_kv, dim=0)
+    expected = block_sparse_attention(q, k, v, ctx, kv_union, d**-0.5, block)
+    torch.testing.assert_close(out[:tokens], expected[:tokens], atol=2e-5, rtol=1e-4)
+    assert out[tokens:].isnan().all(), "the tail rows belong to the dense tail call"
+    assert (kv_union[:, :rows] != own[:, :rows]).any(), "more than each head's own blocks"
+    all_heads = bench_kernels.union_block_mask(ranking, counts, ranking.shape[-1])
+    if hkv > 1:
+        assert (kv_union[:, :rows] != all_heads[:rows]).any(), "less than the all-heads union"
+    causal = float((geo.first_q_block + 1 + torch.arange(geo.num_q_blocks)).sum())
+    density = bench_kernels.kv_head_union_density(ranking, counts, ctx, q_len, block, hkv)
+    assert density == pytest.approx(float(kv_union.sum()) / (hq * causal))
+    assert float(own.sum()) / (hq * causal) < density <= bench_kernels.union_density(ranking, counts, ctx, q_len,
+                                                                                      block)

@@ -75,15 +75,18 @@ def test_selection_is_timed_alone_per_chunk_and_layer_with_its_tail_lse(monkeypa
 
 def test_fa3_kernels_route_to_the_union_or_to_each_heads_own_blocks(monkeypatch):
     """"fa3" computes each row's union over heads (density counted as the union), "fa3-heads"
-    each head's own blocks (density counted per head, as Triton's)."""
+    each head's own blocks (density counted per head, as Triton's), "fa3-kvheads" each KV head's
+    union over its query heads."""
     calls = []
     monkeypatch.setattr(bench, "tail_lse_rows", lambda *a, **k: None)
     monkeypatch.setattr(bench, "select_blocks_paged", lambda *a, **k: SimpleNamespace(ranking=None, counts=None))
     monkeypatch.setattr(bench, "fa3_union", lambda *a, **k: calls.append("union"))
     monkeypatch.setattr(bench, "fa3_per_head", lambda *a, **k: calls.append("per head"))
+    monkeypatch.setattr(bench, "fa3_per_kv_head", lambda *a, **k: calls.append("per KV head"))
     params = bench.ProxyAttnParams(block_size=128, num_groups=1, min_budget_blocks=16, dense_tail_tokens=128)
     q = torch.zeros(8, 32, 128)
-    for kernel in ("fa3", "fa3-heads"):
+    for kernel in ("fa3", "fa3-heads", "fa3-kvheads"):
         bench.sparse_chunk(kernel, None, q, None, None, 0, 1.0, params, q, None)
-    assert calls == ["union", "per head"]
+    assert calls == ["union", "per head", "per KV head"]
     assert "fa3-heads" in bench.KERNELS and "fa3-heads" in bench.EXACT_KERNELS and "fa3" not in bench.EXACT_KERNELS
+    assert "fa3-kvheads" in bench.KERNELS and "fa3-kvheads" not in bench.EXACT_KERNELS

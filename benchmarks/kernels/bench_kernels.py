@@ -213,6 +213,42 @@ def fa3_per_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tai
     return out
 
 
+def kv_head_groups(kv_head: int, per_kv: int, per_group: int) -> tuple[slice, slice]:
+    """``(query heads, ranking group)`` of one KV head as slices: its GQA query heads and the one
+    proxy group that ranks them (proxy groups divide the KV heads, ``resolve_num_groups``)."""
+    group = kv_head * per_kv // per_group
+    return slice(kv_head * per_kv, (kv_head + 1) * per_kv), slice(group, group + 1)
+
+
+def fa3_per_kv_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=TAIL_TOKENS):
+    """The selection through FA3 with each KV head's query heads over their own union: one FA3
+    varlen call per KV head, a pseudo-request per row over the blocks any of its query heads
+    chose (:func:`union_page_plan` of those heads). Between the all-heads union (:func:`fa3_union`)
+    and each head's own blocks (:func:`fa3_per_head`): a GQA group reads its key tiles once for
+    all its query heads, and a row computes what its group chose, not what all heads chose.
+    The rows of ``tail_tokens`` are left out, as in :func:`fa3_per_head`. Benchmark only (one plan
+    launch per KV head)."""
+    q_len, num_q_heads, _ = q.shape
+    num_kv_heads = kv.shape[1]
+    per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
+    geo = ChunkGeometry(ctx, q_len, block)
+    first_tail_row = geo.first_tail_row(tail_tokens)
+    if first_tail_row == 0:
+        return out
+    tokens = geo.row_token_start(first_tail_row)
+    splits = union_call_num_splits(first_tail_row, per_kv, sm_count(q.device))
+    for kv_head in range(num_kv_heads):
+        heads, groups = kv_head_groups(kv_head, per_kv, per_group)
+        plan = union_page_plan(ranking[groups], counts[heads], table, ctx=ctx, q_len=q_len, block_size=block,
+                               page_size=kv.shape[2])
+        [(_, rows)] = tail_first_calls(plan, geo, first_tail_row, tail_done=True)  # the rows before the tail
+        out_heads = torch.empty_like(q[:tokens, heads])
+        fa3_union_call(fa3, q[:tokens, heads].contiguous(), kv[:, kv_head : kv_head + 1], rows, scale, out_heads,
+                       splits)
+        out[:tokens, heads] = out_heads
+    return out
+
+
 def reversed_rows(plan):
     """``(plan, token order)``: the plan's pseudo-requests in reverse order, and the chunk's token
     indices in that order (queries ``q[order]``; outputs back with ``out[order] = ...``). A probe of
@@ -254,6 +290,18 @@ def union_density(ranking, counts, ctx, q_len, block):
     num_rows = union.shape[0]
     extents = ctx // block + 1 + torch.arange(num_rows, device=union.device)
     return float(union.sum() / extents.sum())
+
+
+def kv_head_union_density(ranking, counts, ctx, q_len, block, num_kv_heads):
+    """Density :func:`fa3_per_kv_head` computes: each KV head's union over its query heads,
+    averaged over the KV heads."""
+    num_q_heads = counts.shape[0]
+    per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
+    total = 0.0
+    for kv_head in range(num_kv_heads):
+        heads, groups = kv_head_groups(kv_head, per_kv, per_group)
+        total += union_density(ranking[groups], counts[heads], ctx, q_len, block)
+    return total / num_kv_heads
 
 
 class FlashInferBench:

@@ -4,8 +4,9 @@ The paper's attention speedup, measured as the backend computes it: a prompt of 
 prefilled in 8192-token chunks over a paged cache (pages of 128), Llama-3.1-8B shape (32
 layers, 32 query / 8 KV heads, head dim 128, bf16). Per chunk and layer the sparse path is the
 backend's own (``proxyattn_vllm.sparse``): the dense tail by FA3 first (its LSE to the budget),
-then the selection and the block-sparse kernel ("triton"), the union through FA3 ("fa3"), or FA3
-with each head over its own blocks, one call per KV head ("fa3-heads", a candidate).
+then the selection and the block-sparse kernel ("triton"), the union through FA3 ("fa3"), or one
+FA3 call per KV head, with each head over its own blocks ("fa3-heads") or each KV head's query
+heads over their union ("fa3-kvheads"), two candidates.
 Each head's budget comes from a density profile (``budget_profile``, per layer and head at the
 chunk's length, ``benchmarks/profiles/profiles.json``) or from a flat cap (``densityX``:
 ``max_density`` X, every head the same, the best case). Dense is FA3 over the same chunks; its
@@ -41,7 +42,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, REPO)
 
 from benchmarks.kernels.bench_kernels import (  # noqa: E402
-    SHAPES, fa3_dense, fa3_per_head, fa3_union, load_fa3, make_cache, tail_lse_rows, union_density,
+    SHAPES, fa3_dense, fa3_per_head, fa3_per_kv_head, fa3_union, kv_head_union_density, load_fa3, make_cache,
+    tail_lse_rows, union_density,
 )
 from benchmarks.profiles.density_profiles import PROFILES_JSON  # noqa: E402
 from proxyattn_kernels import ChunkGeometry, ProxyAttnParams  # noqa: E402
@@ -54,8 +56,10 @@ PAGE = 128
 #: (``TileConfig.launch_heaviest_first``), an A/B of the launch order under unequal budgets.
 #: "fa3-heads": FA3 with each head over exactly its own blocks, one call per KV head
 #: (``bench_kernels.fa3_per_head``), a candidate against the per-block cost of Triton and the
-#: union's extra blocks.
-KERNELS = ("triton", "fa3", "triton-heaviest-first", "fa3-heads")
+#: union's extra blocks. "fa3-kvheads": FA3, one call per KV head over the union of its query
+#: heads' blocks (``bench_kernels.fa3_per_kv_head``): fewer extra blocks than the all-heads union,
+#: key tiles read once per GQA group.
+KERNELS = ("triton", "fa3", "triton-heaviest-first", "fa3-heads", "fa3-kvheads")
 #: Kernels that compute each head's own blocks (the others, its row's union over heads).
 EXACT_KERNELS = ("triton", "triton-heaviest-first", "fa3-heads")
 PAPER = {"attention_speedup_up_to": 10.3, "prefill_speedup_up_to": 2.4,
@@ -109,6 +113,9 @@ def sparse_chunk(kernel, fa3, q, kv, table, ctx, scale, params, out, fraction):
                                   budget_fraction=fraction)
         if kernel == "fa3-heads":
             fa3_per_head(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out, params.dense_tail_tokens)
+        elif kernel == "fa3-kvheads":
+            fa3_per_kv_head(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out,
+                            params.dense_tail_tokens)
         else:
             fa3_union(fa3, q, kv, table, sel.ranking, sel.counts, ctx, block, scale, out,
                       params.dense_tail_tokens, skip_tail=True)
@@ -178,6 +185,9 @@ def measure(variant: Variant, length: int, kernel: str, fa3, q, kv, table, scale
             rows_causal = float((geo.first_q_block + 1 + torch.arange(geo.num_q_blocks)).sum())
             if kernel in EXACT_KERNELS:
                 selected += float(sel.counts.sum()) / sel.counts.shape[0]
+            elif kernel == "fa3-kvheads":
+                selected += kv_head_union_density(sel.ranking, sel.counts, ctx, q_len, params.block_size,
+                                                  kv.shape[1]) * rows_causal
             else:
                 selected += union_density(sel.ranking, sel.counts, ctx, q_len, params.block_size) * rows_causal
             causal += rows_causal
