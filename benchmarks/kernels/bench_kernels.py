@@ -174,6 +174,34 @@ def fa3_union(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_t
     return out
 
 
+def kv_head_groups(kv_head: int, per_kv: int, per_group: int) -> tuple[slice, slice]:
+    """``(query heads, ranking group)`` of one KV head as slices: its GQA query heads and the one
+    proxy group that ranks them (proxy groups divide the KV heads, ``resolve_num_groups``)."""
+    group = kv_head * per_kv // per_group
+    return slice(kv_head * per_kv, (kv_head + 1) * per_kv), slice(group, group + 1)
+
+
+def kv_head_shares(num_q_heads: int, num_kv_heads: int, num_groups: int) -> tuple[int, int]:
+    """``(query heads per KV head, query heads per proxy group)``."""
+    return num_q_heads // num_kv_heads, num_q_heads // num_groups
+
+
+def before_tail(ctx: int, q_len: int, block: int, tail_tokens: int) -> tuple[ChunkGeometry, int, int]:
+    """``(geometry, first dense-tail row, chunk tokens before that row)`` of a chunk."""
+    geo = ChunkGeometry(ctx, q_len, block)
+    first_tail_row = geo.first_tail_row(tail_tokens)
+    return geo, first_tail_row, geo.row_token_start(first_tail_row)
+
+
+def rows_before_tail(ranking, counts, table, kv, geo, first_tail_row):
+    """The :func:`union_page_plan` of these heads (their union) over the rows before the dense
+    tail (attended already, :func:`tail_lse_rows`)."""
+    plan = union_page_plan(ranking, counts, table, ctx=geo.ctx, q_len=geo.q_len, block_size=geo.block_size,
+                           page_size=kv.shape[2])
+    [(_, rows)] = tail_first_calls(plan, geo, first_tail_row, tail_done=True)
+    return rows
+
+
 def fa3_per_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=TAIL_TOKENS):
     """The selection through FA3 with every query head over exactly its own blocks (no union):
     one FA3 varlen call per KV head, whose pseudo-requests are the (query head of its group, row)
@@ -183,24 +211,16 @@ def fa3_per_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tai
     A pseudo-request's queries must be contiguous, so each group's queries go through a head-major
     copy and its outputs back. Benchmark only: the plans are one launch per head (a backend path
     would plan all heads in one)."""
-    q_len, num_q_heads, head_dim = q.shape
-    num_kv_heads, page = kv.shape[1], kv.shape[2]
-    per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
-    geo = ChunkGeometry(ctx, q_len, block)
-    first_tail_row = geo.first_tail_row(tail_tokens)
+    head_dim = q.shape[-1]
+    per_kv, per_group = kv_head_shares(q.shape[1], kv.shape[1], ranking.shape[0])
+    geo, first_tail_row, tokens = before_tail(ctx, q.shape[0], block, tail_tokens)
     if first_tail_row == 0:
         return out
-    tokens = geo.row_token_start(first_tail_row)
-    plans = []
-    for head in range(num_q_heads):
-        g = head // per_group
-        plan = union_page_plan(ranking[g : g + 1], counts[head : head + 1], table, ctx=ctx, q_len=q_len,
-                               block_size=block, page_size=page)
-        [(_, rows)] = tail_first_calls(plan, geo, first_tail_row, tail_done=True)  # the rows before the tail
-        plans.append(rows)
+    plans = [rows_before_tail(ranking[h // per_group : h // per_group + 1], counts[h : h + 1], table, kv, geo,
+                              first_tail_row) for h in range(q.shape[1])]
     splits = union_call_num_splits(per_kv * first_tail_row, 1, sm_count(q.device))
-    for kv_head in range(num_kv_heads):
-        heads = slice(kv_head * per_kv, (kv_head + 1) * per_kv)
+    for kv_head in range(kv.shape[1]):
+        heads, _ = kv_head_groups(kv_head, per_kv, per_group)
         group = plans[heads]
         cu = torch.cat([p.cu_seqlens_q[:-1] + i * tokens for i, p in enumerate(group)]
                        + [group[-1].cu_seqlens_q[-1:] + (per_kv - 1) * tokens])
@@ -213,13 +233,6 @@ def fa3_per_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tai
     return out
 
 
-def kv_head_groups(kv_head: int, per_kv: int, per_group: int) -> tuple[slice, slice]:
-    """``(query heads, ranking group)`` of one KV head as slices: its GQA query heads and the one
-    proxy group that ranks them (proxy groups divide the KV heads, ``resolve_num_groups``)."""
-    group = kv_head * per_kv // per_group
-    return slice(kv_head * per_kv, (kv_head + 1) * per_kv), slice(group, group + 1)
-
-
 def fa3_per_kv_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, tail_tokens=TAIL_TOKENS):
     """The selection through FA3 with each KV head's query heads over their own union: one FA3
     varlen call per KV head, a pseudo-request per row over the blocks any of its query heads
@@ -228,20 +241,14 @@ def fa3_per_kv_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, 
     all its query heads, and a row computes what its group chose, not what all heads chose.
     The rows of ``tail_tokens`` are left out, as in :func:`fa3_per_head`. Benchmark only (one plan
     launch per KV head)."""
-    q_len, num_q_heads, _ = q.shape
-    num_kv_heads = kv.shape[1]
-    per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
-    geo = ChunkGeometry(ctx, q_len, block)
-    first_tail_row = geo.first_tail_row(tail_tokens)
+    per_kv, per_group = kv_head_shares(q.shape[1], kv.shape[1], ranking.shape[0])
+    geo, first_tail_row, tokens = before_tail(ctx, q.shape[0], block, tail_tokens)
     if first_tail_row == 0:
         return out
-    tokens = geo.row_token_start(first_tail_row)
     splits = union_call_num_splits(first_tail_row, per_kv, sm_count(q.device))
-    for kv_head in range(num_kv_heads):
+    for kv_head in range(kv.shape[1]):
         heads, groups = kv_head_groups(kv_head, per_kv, per_group)
-        plan = union_page_plan(ranking[groups], counts[heads], table, ctx=ctx, q_len=q_len, block_size=block,
-                               page_size=kv.shape[2])
-        [(_, rows)] = tail_first_calls(plan, geo, first_tail_row, tail_done=True)  # the rows before the tail
+        rows = rows_before_tail(ranking[groups], counts[heads], table, kv, geo, first_tail_row)
         out_heads = torch.empty_like(q[:tokens, heads])
         fa3_union_call(fa3, q[:tokens, heads].contiguous(), kv[:, kv_head : kv_head + 1], rows, scale, out_heads,
                        splits)
@@ -295,8 +302,7 @@ def union_density(ranking, counts, ctx, q_len, block):
 def kv_head_union_density(ranking, counts, ctx, q_len, block, num_kv_heads):
     """Density :func:`fa3_per_kv_head` computes: each KV head's union over its query heads,
     averaged over the KV heads."""
-    num_q_heads = counts.shape[0]
-    per_kv, per_group = num_q_heads // num_kv_heads, num_q_heads // ranking.shape[0]
+    per_kv, per_group = kv_head_shares(counts.shape[0], num_kv_heads, ranking.shape[0])
     total = 0.0
     for kv_head in range(num_kv_heads):
         heads, groups = kv_head_groups(kv_head, per_kv, per_group)
