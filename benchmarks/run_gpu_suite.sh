@@ -9,7 +9,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Plan steps in the order they run. "tests" comes first: a failing GPU test stops the sparse
 # path's timings (a wrong kernel's speed means nothing). "kernels" runs before any vLLM server.
-STEPS=(tests kernels host_launch ttft density ttft_page16 profile ttft_qwen backend tp2 robustness soak quality)
+STEPS=(tests kernels host_launch ttft density ttft_page16 profile ttft_qwen backend tp2 pp2 robustness soak quality)
 DEFAULT_PLAN=tests,kernels,ttft
 LLAMA_CONFIG=serve_configs/llama3.1-8b-dummy-256k-proxyattn.yaml
 QWEN_CONFIG=serve_configs/qwen2.5-coder-0.5b-32k-proxyattn.yaml
@@ -44,9 +44,11 @@ Options:
                           backend      benchmarks/robustness/gpu_backend_check.py: full-density
                                        equivalence, CUDA graphs, the OpenAI server, the dummy 8B
                                        at 128K (needs --smollm-model, --essays)
-                          tp2          gpu_backend_check.py at tensor parallelism 2: TP=2 vs TP=1,
-                                       and the dummy 8B at 128K (needs --qwen-model, --essays and
-                                       two GPUs; skipped with one)
+                          tp2          gpu_backend_check.py at tensor parallelism 2: TP=2 vs one
+                                       GPU, and the dummy 8B at 128K (needs --qwen-model, --essays
+                                       and two GPUs; skipped with one)
+                          pp2          the same at pipeline parallelism 2 (each GPU runs half the
+                                       layers)
                           robustness   benchmarks/robustness/gpu_robustness.py: prefix caching,
                                        preemption (needs --qwen-model, --essays)
                           soak         gpu_robustness.py --parts soak: 600 s of mixed load on a
@@ -139,9 +141,9 @@ needs_dir() {  # needs_dir OPTION VALUE STEP...: the steps of the plan that need
     [ -d "$value" ] || die "$option: '$value' is not a directory"
   done
 }
-needs_dir --qwen-model "$QWEN" ttft_qwen tp2 robustness quality
+needs_dir --qwen-model "$QWEN" ttft_qwen tp2 pp2 robustness quality
 needs_dir --smollm-model "$SMOLLM" backend quality
-needs_dir --essays "$ESSAYS" ttft_qwen backend tp2 robustness soak quality
+needs_dir --essays "$ESSAYS" ttft_qwen backend tp2 pp2 robustness soak quality
 if [ -n "$TIME_LIMIT" ]; then
   [[ $TIME_LIMIT =~ ^[0-9]+$ ]] && [ "$TIME_LIMIT" -gt 0 ] || die "--time-limit-s must be a positive whole number of seconds, got '$TIME_LIMIT'"
 fi
@@ -271,7 +273,7 @@ fi
 wants kernels && step kernels 300 "$PY" benchmarks/kernels/bench_kernels.py --out "$OUT/$(name kernels)"
 wants host_launch && step host_launch 60 "$PY" benchmarks/kernels/host_launch_probe.py --out "$OUT/$(name host_launch)"
 
-if [ -z "$DUMMY8B" ] && { wants ttft || wants density || wants ttft_page16 || wants profile || wants backend || wants tp2 || wants soak; }; then
+if [ -z "$DUMMY8B" ] && { wants ttft || wants density || wants ttft_page16 || wants profile || wants backend || wants tp2 || wants pp2 || wants soak; }; then
   DUMMY8B=$OUT/dummy8b
   step dummy_model 30 "$PY" benchmarks/common/dummy_llama.py "$DUMMY8B"
 fi
@@ -323,14 +325,18 @@ if wants ttft_qwen && timing_allowed ttft_qwen; then
 fi
 wants backend && step backend 300 "$PY" benchmarks/robustness/gpu_backend_check.py --model "$SMOLLM" --essays "$ESSAYS" \
   --dummy-8b "$DUMMY8B" --serve --out "$OUT/$(name backend)"
-if wants tp2; then
+# Two GPUs: the equivalence check and the dummy 8B at TP=2, then at PP=2.
+for layout in "tp2 2 1" "pp2 1 2"; do
+  read -r two tp pp <<< "$layout"
+  wants "$two" || continue
   if [ "$DRY_RUN" = 0 ] && [ "$NUM_GPUS" -lt 2 ]; then
-    say "skip tp2: needs 2 GPUs, $NUM_GPUS visible"
+    say "skip $two: needs 2 GPUs, $NUM_GPUS visible"
   else
-    step tp2 420 "$PY" benchmarks/robustness/gpu_backend_check.py --model "$QWEN" --essays "$ESSAYS" --tensor-parallel 2 \
-      --skip cudagraphs --dummy-8b "$DUMMY8B" --out "$OUT/$(name backend_tp2)"
+    step "$two" 600 "$PY" benchmarks/robustness/gpu_backend_check.py --model "$QWEN" --essays "$ESSAYS" \
+      --tensor-parallel "$tp" --pipeline-parallel "$pp" --skip cudagraphs --dummy-8b "$DUMMY8B" \
+      --out "$OUT/$(name "backend_$two")"
   fi
-fi
+done
 ROBUSTNESS_JSON=$OUT/$(name robustness)
 wants robustness && step robustness 300 "$PY" benchmarks/robustness/gpu_robustness.py --model "$QWEN" --essays "$ESSAYS" \
   --parts prefix,preemption --prefix-configs dense_fa,full,full_block256 --preempt-configs dense_fa,full \

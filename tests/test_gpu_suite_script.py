@@ -17,10 +17,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "run_gpu_suite.sh"
 ALL_STEPS = ["tests", "kernels", "host_launch", "ttft", "density", "ttft_page16", "profile", "ttft_qwen",
-             "backend", "tp2", "robustness", "soak", "quality"]
+             "backend", "tp2", "pp2", "robustness", "soak", "quality"]
 #: The commands of --plan all, in the order they run (steps with two commands have two names).
 ALL_COMMANDS = ["tests", "kernels", "host_launch", "dummy_model", "ttft_dense", "ttft_sparse", "density",
-                "ttft_page16", "profile_dense", "profile_sparse", "ttft_qwen", "backend", "tp2", "robustness",
+                "ttft_page16", "profile_dense", "profile_sparse", "ttft_qwen", "backend", "tp2", "pp2", "robustness",
                 "soak", "quality"]
 
 
@@ -160,8 +160,11 @@ def test_each_step_expands_to_its_commands(tmp_path, dirs):
     backend = command(commands, "backend")
     assert option(backend, "--model") == str(dirs["smollm"]) and "--serve" in backend
     assert option(backend, "--dummy-8b") == dummy and option(backend, "--out") == f"{out}/backend_h200.json"
-    tp2 = command(commands, "tp2")
-    assert option(tp2, "--tensor-parallel") == "2" and option(tp2, "--model") == str(dirs["qwen"])
+    tp2, pp2 = command(commands, "tp2"), command(commands, "pp2")
+    assert option(tp2, "--tensor-parallel") == "2" and option(tp2, "--pipeline-parallel") == "1"
+    assert option(pp2, "--tensor-parallel") == "1" and option(pp2, "--pipeline-parallel") == "2"
+    assert option(tp2, "--model") == option(pp2, "--model") == str(dirs["qwen"])
+    assert (option(tp2, "--out"), option(pp2, "--out")) == (f"{out}/backend_tp2_h200.json", f"{out}/backend_pp2_h200.json")
     robustness, soak = command(commands, "robustness"), command(commands, "soak")
     assert option(robustness, "--parts") == "prefix,preemption" and option(soak, "--parts") == "soak"
     assert option(robustness, "--out") == option(soak, "--out") == f"{out}/robustness_h200.json"
@@ -363,17 +366,19 @@ def test_the_time_limit_skips_what_does_not_fit_and_says_so(tmp_path, stub):
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
-def test_tp2_runs_only_with_two_gpus(tmp_path, stub, dirs, gpus):
+def test_two_gpu_steps_run_only_with_two_gpus(tmp_path, stub, dirs, gpus):
     python, env, calls = stub
-    result = suite("--out", tmp_path / "out", "--python", python, "--plan", "tp2", *model_args(dirs),
+    result = suite("--out", tmp_path / "out", "--python", python, "--plan", "tp2,pp2", *model_args(dirs),
                    env={**env, "STUB_GPUS": str(gpus)})
     assert result.returncode == 0, result.stdout + result.stderr
     if gpus == 1:
         assert "[suite] skip tp2: needs 2 GPUs, 1 visible" in result.stdout
+        assert "[suite] skip pp2: needs 2 GPUs, 1 visible" in result.stdout
         assert scripts_run(calls) == ["dummy_llama"]
     else:
-        assert scripts_run(calls) == ["dummy_llama", "gpu_backend_check"]
-        assert option(calls()[-1][1], "--tensor-parallel") == "2"
+        assert scripts_run(calls) == ["dummy_llama", "gpu_backend_check", "gpu_backend_check"]
+        layouts = [(option(argv, "--tensor-parallel"), option(argv, "--pipeline-parallel")) for _, argv in calls()[-2:]]
+        assert layouts == [("2", "1"), ("1", "2")]
 
 
 @pytest.mark.parametrize("stub_env,message", [
@@ -420,6 +425,25 @@ def test_tp_engines_stay_off_nvlink_multicast(monkeypatch):
     assert CompilationConfig(**kwargs["compilation_config"]).pass_config.fuse_allreduce_rms is False
 
 
+def test_parallel_engines_pair_every_config_with_its_one_gpu_run(monkeypatch):
+    """TP x PP engines: FLASH_ATTN (the reference on one GPU), proxyattn at full density and at
+    the default gamma, each on one GPU and on the requested layout, the latter compared with its
+    one-GPU twin; every engine starts with the layout it names."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+    from benchmarks.robustness import gpu_backend_check
+
+    engines = gpu_backend_check.parallel_engines(1, 2)
+    assert [e.label for e in engines] == [
+        "FLASH_ATTN 1 GPU (reference)", "FLASH_ATTN TP1xPP2", "proxyattn full density 1 GPU",
+        "proxyattn full density TP1xPP2", "proxyattn gamma 0.95 1 GPU", "proxyattn gamma 0.95 TP1xPP2"]
+    assert [(e.tp, e.pp) for e in engines] == [(1, 1), (1, 2)] * 3
+    assert [e.twin for e in engines[1::2]] == [e.label for e in engines[::2]]
+    assert all(e.twin is None for e in engines[::2])
+    assert engines[3].extra == gpu_backend_check.FULL_DENSITY
+    assert engines[5].extra == {"proxyattn": {"min_sparse_len": 1024}}  # default gamma, every prompt sparse
+    assert gpu_backend_check.parse_args(["--model", "m", "--essays", "e", "--out", "o"]).pipeline_parallel == 1
+
+
 def test_dummy_128k_runs_sparse_at_the_requested_tp(monkeypatch):
     """The 128K check of the dummy 8B caps the density (random weights make gamma budgets dense,
     so without a cap the "sparse" prompt would compute every block), runs at the requested TP
@@ -444,12 +468,14 @@ def test_dummy_128k_runs_sparse_at_the_requested_tp(monkeypatch):
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
     monkeypatch.setattr(gpu_backend_check.vllm_engine, "shut_down", lambda llm: None)
     for density, expected in ((0.1, {"max_density": 0.1}), (0.0, {})):
-        args = types.SimpleNamespace(dummy_8b="/m", eager=False, tensor_parallel=2, dummy_max_density=density)
+        args = types.SimpleNamespace(dummy_8b="/m", eager=False, tensor_parallel=2, pipeline_parallel=1,
+                                     dummy_max_density=density)
         report = {}
         gpu_backend_check.check_dummy_128k(args, report)
         kwargs = engines[-1]
         assert kwargs["additional_config"] == {"proxyattn": expected}
-        assert kwargs["tensor_parallel_size"] == 2 and kwargs["attention_backend"] == "proxyattn"
+        assert kwargs["tensor_parallel_size"] == 2 and kwargs["pipeline_parallel_size"] == 1
+        assert kwargs["attention_backend"] == "proxyattn"
         assert kwargs["compilation_config"]["pass_config"]["fuse_allreduce_rms"] is False
         assert report["dummy_8b_128k"]["completed"] is True
         assert report["dummy_8b_128k"]["config"] == (expected or "default")

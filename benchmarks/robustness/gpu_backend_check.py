@@ -18,9 +18,13 @@
    prompt that runs sparse (``min_sparse_len`` 1024 on the server; its selection statistics say
    how many chunks ran sparse and at what density).
 
-Tensor parallelism (needs N GPUs): ``--tensor-parallel 2 --model /tmp/models/qwen05b
---skip cudagraphs --dummy-8b DIR`` compares TP=2 with TP=1 instead (FLASH_ATTN TP=2 vs TP=1 is the
-noise floor: the all-reduce changes the summation order), and runs the 128K prompt at TP=2.
+Tensor and pipeline parallelism (needs N x M GPUs): ``--tensor-parallel 2 --model
+/tmp/models/qwen05b --skip cudagraphs --dummy-8b DIR`` compares TP=2 with one GPU instead
+(FLASH_ATTN TP=2 vs one GPU is the noise floor: the all-reduce changes the summation order), for
+FLASH_ATTN and proxyattn at full density and at gamma 0.95 (each against its own one-GPU run too),
+and runs the 128K prompt at TP=2; ``--pipeline-parallel 2`` the same with the layers split over
+two ranks (``--tensor-parallel 1 --pipeline-parallel 2`` against ``--tensor-parallel 2``: the
+two layouts of two GPUs).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import NamedTuple
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: count impl calls
 
@@ -60,17 +65,33 @@ def essay_prompts(tokenizer, essays_dir, lengths):
 
 
 FULL_DENSITY = {"proxyattn": {"gamma": 1.0, "min_budget_tokens": 0, "min_sparse_len": 1024}}
+#: The default config (gamma 0.95), sparse from 1024 tokens so that every prompt here runs sparse.
+DEFAULT_SPARSE = {"proxyattn": {"min_sparse_len": 1024}}
 EQUIVALENCE_LENGTHS = [2048, 2500, 3000, 3500, 4096, 5000, 6000, 7000, 7600, 8100]
 EQUIVALENCE_TOKENS = 32
+
+
+class Engine(NamedTuple):
+    """One engine of the equivalence check. ``twin``: the label of the one-GPU engine of the
+    same backend and config that a multi-GPU engine is compared with as well."""
+
+    label: str
+    backend: str
+    chunk: int
+    extra: dict | None
+    tp: int = 1
+    pp: int = 1
+    twin: str | None = None
+
 
 # Engines compared with the reference (FLASH_ATTN, 2048-token chunks). The two dense variants
 # measure how identical dense bf16 attention is to itself when only the summation order changes
 # (a different chunking, a different kernel): the noise floor for "identical greedy tokens".
 EQUIVALENCE_ENGINES = [
-    ("FLASH_ATTN chunk 2048 (reference)", "FLASH_ATTN", 2048, None, 1),
-    ("FLASH_ATTN chunk 8192", "FLASH_ATTN", 8192, None, 1),
-    ("TRITON_ATTN chunk 2048", "TRITON_ATTN", 2048, None, 1),
-    ("proxyattn full density chunk 2048", "proxyattn", 2048, FULL_DENSITY, 1),
+    Engine("FLASH_ATTN chunk 2048 (reference)", "FLASH_ATTN", 2048, None),
+    Engine("FLASH_ATTN chunk 8192", "FLASH_ATTN", 8192, None),
+    Engine("TRITON_ATTN chunk 2048", "TRITON_ATTN", 2048, None),
+    Engine("proxyattn full density chunk 2048", "proxyattn", 2048, FULL_DENSITY),
 ]
 
 
@@ -84,15 +105,20 @@ def no_multicast_kwargs(tp: int) -> dict:
     return {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}} if tp > 1 else {}
 
 
-def tensor_parallel_engines(tp: int) -> list[tuple]:
-    """``--tensor-parallel N``: TP=N against TP=1, for FLASH_ATTN (the noise floor: the
-    all-reduce sums in another order) and for proxyattn at full density."""
-    return [
-        ("FLASH_ATTN TP1 (reference)", "FLASH_ATTN", 2048, None, 1),
-        (f"FLASH_ATTN TP{tp}", "FLASH_ATTN", 2048, None, tp),
-        ("proxyattn full density TP1", "proxyattn", 2048, FULL_DENSITY, 1),
-        (f"proxyattn full density TP{tp}", "proxyattn", 2048, FULL_DENSITY, tp),
-    ]
+def parallel_engines(tp: int, pp: int) -> list[Engine]:
+    """``--tensor-parallel N --pipeline-parallel M``: each engine on one GPU and on TP=N x PP=M:
+    FLASH_ATTN (the noise floor: the all-reduce, or the stage split, sums in another order),
+    proxyattn at full density (must agree as FLASH_ATTN does) and at the default gamma 0.95
+    (compared with its own one-GPU run: the same selection on every rank's heads and layers)."""
+    layout = f"TP{tp}xPP{pp}"
+    configs = [("FLASH_ATTN", "FLASH_ATTN", None), ("proxyattn full density", "proxyattn", FULL_DENSITY),
+               ("proxyattn gamma 0.95", "proxyattn", DEFAULT_SPARSE)]
+    engines = []
+    for name, backend, extra in configs:
+        single = f"{name} 1 GPU" + (" (reference)" if not engines else "")
+        engines += [Engine(single, backend, 2048, extra),
+                    Engine(f"{name} {layout}", backend, 2048, extra, tp, pp, twin=single)]
+    return engines
 
 
 def _greedy_with_margins(llm, prompts, max_tokens):
@@ -141,13 +167,15 @@ def check_equivalence(args, report):
     prompts = essay_prompts(tok, args.essays, EQUIVALENCE_LENGTHS)
     prompt_ids = [tok.encode(p) for p in prompts]
     token_prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-    results, reference = {}, None
-    engines = tensor_parallel_engines(args.tensor_parallel) if args.tensor_parallel > 1 else EQUIVALENCE_ENGINES
-    for label, backend, chunk, extra, tp in engines:
+    results, reference, tokens_of = {}, None, {}
+    multi_gpu = args.tensor_parallel > 1 or args.pipeline_parallel > 1
+    engines = parallel_engines(args.tensor_parallel, args.pipeline_parallel) if multi_gpu else EQUIVALENCE_ENGINES
+    for label, backend, chunk, extra, tp, pp, twin in engines:
         llm = LLM(model=args.model, attention_backend=backend, dtype="bfloat16", seed=0,
                   additional_config=extra or {}, enforce_eager=True, max_model_len=8192,
                   enable_prefix_caching=False, max_num_batched_tokens=chunk,
-                  gpu_memory_utilization=0.2, tensor_parallel_size=tp, **no_multicast_kwargs(tp))
+                  gpu_memory_utilization=0.2, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                  **no_multicast_kwargs(tp))
         t0 = time.perf_counter()
         tokens, margins, lens = _greedy_with_margins(llm, token_prompts, EQUIVALENCE_TOKENS)
         seconds = time.perf_counter() - t0
@@ -171,13 +199,17 @@ def check_equivalence(args, report):
             })
         identical = sum(r["identical"] for r in rows)
         worst = max(r["teacher_forced_max_abs_logprob_diff"] for r in rows)
-        log(f"equivalence {label}: {identical}/{len(rows)} identical to the reference; "
+        tokens_of[label] = tokens
+        twin_identical = None if twin is None else sum(a == b for a, b in zip(tokens_of[twin], tokens))
+        log(f"equivalence {label}: {identical}/{len(rows)} identical to the reference"
+            + ("" if twin is None else f", {twin_identical}/{len(rows)} to {twin}") + "; "
             f"first differences {[r['first_difference'] for r in rows if not r['identical']]}; "
             f"margins there {[round(r['reference_margin_at_difference'], 4) for r in rows if not r['identical']]}; "
             f"teacher-forced max |d logprob| {worst:.4f} ({seconds:.1f} s)")
         results[label] = {"backend": backend, "max_num_batched_tokens": chunk, "additional_config": extra,
-                          "tensor_parallel_size": tp, "identical": identical, "n": len(rows), "rows": rows,
-                          "generate_seconds": seconds}
+                          "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "identical": identical,
+                          "n": len(rows), "rows": rows, "generate_seconds": seconds,
+                          **({} if twin is None else {"one_gpu_twin": twin, "identical_to_twin": twin_identical})}
     report["equivalence"] = {"model": args.model, "output_tokens": EQUIVALENCE_TOKENS,
                              "reference": engines[0][0], "engines": results}
 
@@ -229,8 +261,8 @@ def check_dummy_128k(args, report):
     llm = LLM(model=args.dummy_8b, load_format="dummy", attention_backend="proxyattn", dtype="bfloat16",
               max_model_len=131072, enable_prefix_caching=False, max_num_batched_tokens=8192,
               gpu_memory_utilization=0.45, enforce_eager=args.eager,
-              additional_config={"proxyattn": overrides},
-              tensor_parallel_size=args.tensor_parallel, **no_multicast_kwargs(args.tensor_parallel))
+              additional_config={"proxyattn": overrides}, tensor_parallel_size=args.tensor_parallel,
+              pipeline_parallel_size=args.pipeline_parallel, **no_multicast_kwargs(args.tensor_parallel))
     rng = random.Random(0)
     prompt = TokensPrompt(prompt_token_ids=[rng.randrange(3, 250) for _ in range(n)])
     llm.generate([TokensPrompt(prompt_token_ids=[5] * 32)], SamplingParams(max_tokens=2))
@@ -239,10 +271,11 @@ def check_dummy_128k(args, report):
     ttft = time.perf_counter() - t0
     ok = len(out[0].outputs[0].token_ids) == 1
     log(f"dummy 8B: {n} prompt tokens -> {'completed' if ok else 'FAILED'} in {ttft:.2f} s (1 output token, "
-        f"TP={args.tensor_parallel}, proxyattn {overrides or 'defaults'})")
+        f"TP={args.tensor_parallel} x PP={args.pipeline_parallel}, proxyattn {overrides or 'defaults'})")
     report["dummy_8b_128k"] = {"prompt_tokens": n, "completed": ok, "seconds_to_first_token": ttft,
                                "config": overrides or "default", "enforce_eager": args.eager,
-                               "tensor_parallel_size": args.tensor_parallel}
+                               "tensor_parallel_size": args.tensor_parallel,
+                               "pipeline_parallel_size": args.pipeline_parallel}
     vllm_engine.shut_down(llm)
     del llm
 
@@ -352,9 +385,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also start `vllm serve --attention-backend proxyattn` and query its OpenAI endpoints")
     ap.add_argument("--skip", default="", help="comma list of: equivalence,cudagraphs")
     ap.add_argument("--tensor-parallel", type=int, default=1,
-                    help="N > 1: the equivalence check compares TP=N with TP=1 (FLASH_ATTN and "
-                         "proxyattn at full density; the model's KV heads must divide by N, e.g. "
-                         "Qwen2.5-0.5B for N=2), and the dummy 8B runs at TP=N")
+                    help="N > 1: the equivalence check compares TP=N (times --pipeline-parallel) with one "
+                         "GPU (FLASH_ATTN, proxyattn at full density and at gamma 0.95; the model's KV heads "
+                         "must divide by N, e.g. Qwen2.5-0.5B for N=2), and the dummy 8B runs at TP=N")
+    ap.add_argument("--pipeline-parallel", type=int, default=1,
+                    help="M > 1: the same with pipeline parallelism, each rank running its share of the "
+                         "layers (TP=N x PP=M uses N*M GPUs)")
     ap.add_argument("--out", required=True, help="JSON file of the results (rewritten after every check)")
     return ap.parse_args(argv)
 

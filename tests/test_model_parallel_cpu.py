@@ -1,4 +1,5 @@
-"""CPU analogue of the GPU tensor-parallel check: tensor parallelism with the proxyattn backend.
+"""CPU analogue of the GPU tensor-parallel check: tensor and pipeline parallelism with the
+proxyattn backend.
 
 The real check (TP=2 on two H200s) needs GPUs. Here vLLM's CPU build runs the tiny Llama (4
 query heads, 2 KV heads: each of 2 ranks gets 2 query heads and 1 KV head) with
@@ -8,6 +9,8 @@ executor and model sharding as on GPUs. At full density (gamma 1, no minimum bud
 path must reproduce dense attention, so TP=2 must give the greedy tokens of TP=1.
 ``max_num_batched_tokens = 32`` splits every prompt into several chunks, so both ranks run
 sparse chunks with ``ctx > 0`` (most of them starting mid-way through a 32-token block).
+``pipeline_parallel_size=2`` puts one of the tiny Llama's two layers on each rank, through the
+same executor.
 
 Worker processes are fresh interpreters: they see neither ``conftest.py``'s CPU setup (Triton
 interpreter fixes, the CPU platform) nor the TEST-ONLY platform patch of ``tests/_vllm_cpu.py``
@@ -96,13 +99,14 @@ def tp_workers_on_cpu(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def _proxyattn_llm(model_dir: str, proxyattn: dict, tp: int):
-    """A proxyattn ``LLM`` on ``tp`` ranks (TP=1: in this process), shut down on exit.
+def _proxyattn_llm(model_dir: str, proxyattn: dict, tp: int, pp: int = 1):
+    """A proxyattn ``LLM`` on ``tp`` x ``pp`` ranks (one: in this process), shut down on exit.
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, conftest.py) and
-    gc-freezes what it built, so dropping the ``LLM`` does not stop its TP workers: its
+    gc-freezes what it built, so dropping the ``LLM`` does not stop its workers: its
     ``shutdown`` does (the worker processes exit, ``gc.unfreeze``)."""
-    parallel = {} if tp == 1 else dict(tensor_parallel_size=tp, distributed_executor_backend="mp")
+    parallel = {} if tp * pp == 1 else dict(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                            distributed_executor_backend="mp")
     with tiny_llm(model_dir, attention_backend="proxyattn", additional_config={"proxyattn": proxyattn},
                   **parallel, **ENGINE) as llm:
         try:
@@ -189,3 +193,52 @@ def test_num_proxy_groups_checked_against_kv_heads_per_rank(model_dir, tp_worker
     assert message is not None, log[-6000:]
     for part in ("num_proxy_groups=2", "1 KV heads per rank", "[1]"):
         assert part in message, message
+
+
+
+def _pipeline_rank_report(worker) -> dict:
+    """This rank's pipeline coordinates, its attention layers' names, its recorded sparse calls."""
+    import proxyattn_vllm.sparse.triton as triton_module
+    from vllm.distributed import get_pp_group
+
+    layers = worker.model_runner.compilation_config.static_forward_context
+    return {
+        "pp": (get_pp_group().rank_in_group, get_pp_group().world_size),
+        "layers": sorted(name for name, layer in layers.items() if hasattr(layer, "impl")),
+        "sparse_calls": list(getattr(triton_module, "_test_recorded_sparse_calls", [])),
+    }
+
+
+def _why_no_pp_on_cpu() -> str | None:
+    """vLLM 0.26's CPU build fails pipeline parallelism with its own attention backend too (the
+    first rank's worker: "'_StreamPlaceholder' object has no attribute 'record_event'"); 0.32's runs it."""
+    from proxyattn_vllm.vllm_version import installed_vllm_version
+
+    version = installed_vllm_version()
+    if version.startswith("0.26."):
+        return f"vLLM {version}'s CPU build cannot run pipeline parallelism (its own backend fails alike)"
+    return None
+
+
+@pytest.mark.skipif(_why_no_pp_on_cpu() is not None, reason=_why_no_pp_on_cpu() or "")
+def test_pp2_ranks_run_their_layers_by_the_models_layer_index(model_dir, prompts, tp_workers_on_cpu):
+    """Pipeline parallelism: each of 2 ranks holds one of the 2 layers, under its index in the
+    whole model, so ``dense_layers`` [1] makes rank 1's only layer dense and leaves rank 0's
+    sparse (an index counted per rank would make both sparse). At full density PP=2 gives the
+    greedy tokens of one rank."""
+    proxyattn = {**PROXYATTN, "dense_layers": [1]}
+    with _proxyattn_llm(model_dir, proxyattn, tp=1) as llm:
+        single = _generate(llm, prompts)
+    with _proxyattn_llm(model_dir, proxyattn, tp=1, pp=2) as llm:
+        pids = llm.collective_rpc(_start_recording_sparse_calls)
+        pp2 = _generate(llm, prompts)
+        reports = llm.collective_rpc(_pipeline_rank_report)
+
+    assert len(set(pids) | {os.getpid()}) == 2 + 1  # really separate worker processes
+    assert all(len(tokens) == MAX_TOKENS for tokens in single)
+    assert pp2 == single
+    assert [(r["pp"], r["layers"]) for r in reports] == [
+        ((rank, 2), [f"model.layers.{rank}.self_attn.attn"]) for rank in range(2)]
+    ctxs = {ctx for ctx, _ in reports[0]["sparse_calls"]}
+    assert ctxs and min(ctxs) > 0 and any(ctx % PROXYATTN["block_size"] for ctx in ctxs), reports[0]
+    assert reports[1]["sparse_calls"] == [], "layer 1 is in dense_layers"
