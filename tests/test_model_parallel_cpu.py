@@ -140,15 +140,19 @@ def _start_recording_sparse_calls(worker) -> int:
 
 
 def _rank_report(worker) -> dict:
-    """This rank's TP coordinates, its attention impls' head counts, its recorded sparse calls."""
+    """This rank's TP and PP coordinates, its attention layers' names and impls' head counts,
+    its recorded sparse calls."""
     import proxyattn_vllm.sparse.triton as triton_module
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    layers = worker.model_runner.compilation_config.static_forward_context.values()
+    layers = {name: layer for name, layer in worker.model_runner.compilation_config.static_forward_context.items()
+              if hasattr(layer, "impl")}
     return {
         "tp": (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()),
+        "pp": (get_pp_group().rank_in_group, get_pp_group().world_size),
+        "layers": sorted(layers),
         "impls": [(type(layer.impl).__name__, layer.impl.num_heads, layer.impl.num_kv_heads)
-                  for layer in layers if hasattr(layer, "impl")],
+                  for layer in layers.values()],
         "sparse_calls": list(getattr(triton_module, "_test_recorded_sparse_calls", [])),
     }
 
@@ -195,20 +199,6 @@ def test_num_proxy_groups_checked_against_kv_heads_per_rank(model_dir, tp_worker
         assert part in message, message
 
 
-
-def _pipeline_rank_report(worker) -> dict:
-    """This rank's pipeline coordinates, its attention layers' names, its recorded sparse calls."""
-    import proxyattn_vllm.sparse.triton as triton_module
-    from vllm.distributed import get_pp_group
-
-    layers = worker.model_runner.compilation_config.static_forward_context
-    return {
-        "pp": (get_pp_group().rank_in_group, get_pp_group().world_size),
-        "layers": sorted(name for name, layer in layers.items() if hasattr(layer, "impl")),
-        "sparse_calls": list(getattr(triton_module, "_test_recorded_sparse_calls", [])),
-    }
-
-
 def _why_no_pp_on_cpu() -> str | None:
     """vLLM 0.26's CPU build fails pipeline parallelism with its own attention backend too (the
     first rank's worker: "'_StreamPlaceholder' object has no attribute 'record_event'"); 0.32's runs it."""
@@ -220,7 +210,10 @@ def _why_no_pp_on_cpu() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_why_no_pp_on_cpu() is not None, reason=_why_no_pp_on_cpu() or "")
+_NO_PP = _why_no_pp_on_cpu()
+
+
+@pytest.mark.skipif(_NO_PP is not None, reason=_NO_PP or "")
 def test_pp2_ranks_run_their_layers_by_the_models_layer_index(model_dir, prompts, tp_workers_on_cpu):
     """Pipeline parallelism: each of 2 ranks holds one of the 2 layers, under its index in the
     whole model, so ``dense_layers`` [1] makes rank 1's only layer dense and leaves rank 0's
@@ -232,7 +225,7 @@ def test_pp2_ranks_run_their_layers_by_the_models_layer_index(model_dir, prompts
     with _proxyattn_llm(model_dir, proxyattn, tp=1, pp=2) as llm:
         pids = llm.collective_rpc(_start_recording_sparse_calls)
         pp2 = _generate(llm, prompts)
-        reports = llm.collective_rpc(_pipeline_rank_report)
+        reports = llm.collective_rpc(_rank_report)
 
     assert len(set(pids) | {os.getpid()}) == 2 + 1  # really separate worker processes
     assert all(len(tokens) == MAX_TOKENS for tokens in single)

@@ -249,9 +249,9 @@ def fa3_per_kv_head(fa3, q, kv, table, ranking, counts, ctx, block, scale, out, 
     for kv_head in range(kv.shape[1]):
         heads, groups = kv_head_groups(kv_head, per_kv, per_group)
         rows = rows_before_tail(ranking[groups], counts[heads], table, kv, geo, first_tail_row)
-        out_heads = torch.empty_like(q[:tokens, heads])
-        fa3_union_call(fa3, q[:tokens, heads].contiguous(), kv[:, kv_head : kv_head + 1], rows, scale, out_heads,
-                       splits)
+        q_heads = q[:tokens, heads].contiguous()
+        out_heads = torch.empty_like(q_heads)
+        fa3_union_call(fa3, q_heads, kv[:, kv_head : kv_head + 1], rows, scale, out_heads, splits)
         out[:tokens, heads] = out_heads
     return out
 

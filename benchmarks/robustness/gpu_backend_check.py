@@ -211,7 +211,7 @@ def check_equivalence(args, report):
                           "n": len(rows), "rows": rows, "generate_seconds": seconds,
                           **({} if twin is None else {"one_gpu_twin": twin, "identical_to_twin": twin_identical})}
     report["equivalence"] = {"model": args.model, "output_tokens": EQUIVALENCE_TOKENS,
-                             "reference": engines[0][0], "engines": results}
+                             "reference": engines[0].label, "engines": results}
 
 
 def check_cudagraphs(args, report):
